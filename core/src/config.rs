@@ -1,0 +1,501 @@
+//! Layered configuration: the built-in defaults (`config/dmp.toml`, compiled in), then an optional
+//! file, then `DMP__SECTION__KEY` environment variables. Unknown keys are rejected and every
+//! error names the key at fault.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The built-in defaults, fully commented.
+pub const DEFAULT_TOML: &str = include_str!("../../config/dmp.toml");
+
+/// A configuration error. The message always names the key or the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A file is not valid TOML.
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax {
+        /// The file.
+        path: String,
+        /// The parser's message.
+        message: String,
+    },
+    /// A key is unknown or has a value of the wrong type.
+    #[error("config key `{key}`: {message}")]
+    Key {
+        /// The dotted key.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    fn key(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError::Key {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the embedded backends keep their data.
+    pub data_dir: PathBuf,
+    /// Which backend serves each layer, by URL.
+    pub backends: Backends,
+    /// Topic names and the shape dmp creates them with.
+    pub topics: Topics,
+    /// The embedded database shared by the embedded bus and store.
+    pub embedded: Embedded,
+    /// The embedded bus.
+    pub bus: BusConfig,
+    /// The Kafka backend.
+    pub kafka: KafkaConfig,
+    /// The user store.
+    pub store: StoreConfig,
+    /// The HTTP API.
+    pub api: ApiConfig,
+    /// Logs and metrics.
+    pub telemetry: TelemetryConfig,
+}
+
+/// `[backends]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backends {
+    /// `embedded` or `kafka://host:port[,host:port]`.
+    pub bus: String,
+    /// `embedded` or `hbase://host:port`.
+    pub store: String,
+    /// `embedded` or `redis://host:port`.
+    pub stats: String,
+}
+
+/// `[topics]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Topics {
+    /// Raw events.
+    pub events: String,
+    /// Changed user ids.
+    pub user_changes: String,
+    /// Segment records for partners.
+    pub segments: String,
+    /// Segment records of rules in shadow mode.
+    pub segments_shadow: String,
+    /// Rejected records with their reason.
+    pub dead_letter: String,
+    /// Partitions of each topic dmp creates.
+    pub partitions: u32,
+    /// Replication factor on Kafka.
+    pub replication: u32,
+}
+
+impl Topics {
+    /// Every topic dmp uses.
+    pub fn all(&self) -> [&str; 5] {
+        [
+            &self.events,
+            &self.user_changes,
+            &self.segments,
+            &self.segments_shadow,
+            &self.dead_letter,
+        ]
+    }
+}
+
+/// `[embedded]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Embedded {
+    /// Block cache, MiB.
+    pub cache_mb: u64,
+    /// All memtables together, MiB.
+    pub write_buffer_mb: u64,
+    /// Journal size before forced flushes, MiB.
+    pub journal_mb: u64,
+    /// 0 = fsync every batch; N = fsync every N ms.
+    pub fsync_interval_ms: u64,
+}
+
+/// `[bus]`: the embedded bus.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BusConfig {
+    /// Age retention, hours.
+    pub retention_hours: u64,
+    /// Size retention per partition, bytes.
+    pub retention_bytes: u64,
+    /// Records per retention segment.
+    pub segment_records: u64,
+}
+
+/// `[kafka]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Buffered records per consumer before it pauses.
+    pub max_buffered_records: usize,
+    /// Produce acknowledgement timeout, ms.
+    pub produce_timeout_ms: u64,
+    /// librdkafka properties for both sides.
+    #[serde(default)]
+    pub common: BTreeMap<String, String>,
+    /// librdkafka properties for producers.
+    #[serde(default)]
+    pub producer: BTreeMap<String, String>,
+    /// librdkafka properties for consumers.
+    #[serde(default)]
+    pub consumer: BTreeMap<String, String>,
+}
+
+/// `[store]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Cap on cells of a whole-row read.
+    pub max_row_cells: usize,
+    /// Repack a row when a read finds more unpacked writes than this.
+    pub repack_after_deltas: usize,
+    /// Column families.
+    pub families: BTreeMap<String, FamilyConfig>,
+}
+
+/// `[store.families.NAME]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FamilyConfig {
+    /// Days a cell lives after its version time; 0 = forever.
+    pub ttl_days: u64,
+    /// Versions kept per qualifier.
+    pub max_versions: u32,
+}
+
+/// `[api]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Listen address.
+    pub listen: String,
+}
+
+/// `[telemetry]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// Log filter.
+    pub log_level: String,
+    /// `text` or `json`.
+    pub log_format: String,
+}
+
+impl Config {
+    /// Loads the layers: defaults, then `file` if given, then the `DMP__…` variables of `env`.
+    pub fn load<I>(file: Option<&Path>, env: I) -> Result<Config, ConfigError>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        let mut root = parse_toml(DEFAULT_TOML, "<built-in defaults>")?;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            let layer = parse_toml(&text, &path.display().to_string())?;
+            merge(&mut root, layer);
+        }
+        for (name, raw) in env {
+            let Some(rest) = name.strip_prefix("DMP__") else {
+                continue;
+            };
+            let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+            if path.iter().any(|p| p.is_empty()) {
+                return Err(ConfigError::key(name, "empty path segment in variable name"));
+            }
+            set_path(&mut root, &path, env_value(&raw))
+                .map_err(|m| ConfigError::key(path.join("."), m))?;
+        }
+        Config::from_table(root)
+    }
+
+    /// Loads from the process's environment.
+    pub fn load_from_env(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Config::load(file, std::env::vars())
+    }
+
+    /// The built-in defaults alone.
+    pub fn defaults() -> Config {
+        Config::load(None, std::iter::empty()).expect("the built-in defaults are valid")
+    }
+
+    fn from_table(root: toml::Table) -> Result<Config, ConfigError> {
+        let de = toml::Value::Table(root);
+        let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            ConfigError::key(path, e.into_inner().to_string())
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks the limits of every key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_backend("backends.bus", &self.backends.bus, &["kafka"])?;
+        check_backend("backends.store", &self.backends.store, &["hbase"])?;
+        check_backend("backends.stats", &self.backends.stats, &["redis"])?;
+        range("topics.partitions", self.topics.partitions as u64, 1, 1024)?;
+        range("topics.replication", self.topics.replication as u64, 1, 16)?;
+        for (key, name) in [
+            ("topics.events", &self.topics.events),
+            ("topics.user_changes", &self.topics.user_changes),
+            ("topics.segments", &self.topics.segments),
+            ("topics.segments_shadow", &self.topics.segments_shadow),
+            ("topics.dead_letter", &self.topics.dead_letter),
+        ] {
+            check_topic_name(key, name)?;
+        }
+        range("embedded.cache_mb", self.embedded.cache_mb, 8, 1 << 20)?;
+        range("embedded.write_buffer_mb", self.embedded.write_buffer_mb, 8, 65_536)?;
+        range("embedded.journal_mb", self.embedded.journal_mb, 32, 65_536)?;
+        range("embedded.fsync_interval_ms", self.embedded.fsync_interval_ms, 0, 3_600_000)?;
+        range("bus.retention_hours", self.bus.retention_hours, 1, 87_600)?;
+        range("bus.retention_bytes", self.bus.retention_bytes, 1 << 20, u64::MAX)?;
+        range("bus.segment_records", self.bus.segment_records, 1024, 1 << 24)?;
+        range(
+            "kafka.max_buffered_records",
+            self.kafka.max_buffered_records as u64,
+            100,
+            10_000_000,
+        )?;
+        range("kafka.produce_timeout_ms", self.kafka.produce_timeout_ms, 100, 600_000)?;
+        range("store.max_row_cells", self.store.max_row_cells as u64, 1, 10_000_000)?;
+        range("store.repack_after_deltas", self.store.repack_after_deltas as u64, 1, 1024)?;
+        if self.store.families.is_empty() {
+            return Err(ConfigError::key("store.families", "at least one family is required"));
+        }
+        for (name, fam) in &self.store.families {
+            if name.is_empty() || name.len() > 16 || !name.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                return Err(ConfigError::key(
+                    format!("store.families.{name}"),
+                    "a family name is 1 to 16 ASCII letters or digits",
+                ));
+            }
+            range(
+                &format!("store.families.{name}.max_versions"),
+                fam.max_versions as u64,
+                1,
+                100_000,
+            )?;
+            range(&format!("store.families.{name}.ttl_days"), fam.ttl_days, 0, 36_500)?;
+        }
+        self.api
+            .listen
+            .parse::<std::net::SocketAddr>()
+            .map_err(|e| ConfigError::key("api.listen", format!("not a socket address: {e}")))?;
+        if !matches!(self.telemetry.log_format.as_str(), "text" | "json") {
+            return Err(ConfigError::key(
+                "telemetry.log_format",
+                format!("must be \"text\" or \"json\", not {:?}", self.telemetry.log_format),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn parse_toml(text: &str, origin: &str) -> Result<toml::Table, ConfigError> {
+    text.parse::<toml::Table>().map_err(|e| ConfigError::Syntax {
+        path: origin.to_string(),
+        message: e.to_string(),
+    })
+}
+
+/// Later layers win; tables merge key by key.
+fn merge(base: &mut toml::Table, layer: toml::Table) {
+    for (k, v) in layer {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(l)) => merge(b, l),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+fn set_path(root: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
+    let (last, parents) = path.split_last().expect("path is never empty");
+    let mut table = root;
+    for p in parents {
+        let entry = table
+            .entry(p.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = match entry {
+            toml::Value::Table(t) => t,
+            _ => return Err(format!("`{p}` is a value, not a section")),
+        };
+    }
+    table.insert(last.clone(), value);
+    Ok(())
+}
+
+/// An environment value is TOML when it parses as a TOML value (numbers, booleans, arrays),
+/// otherwise a plain string.
+fn env_value(raw: &str) -> toml::Value {
+    format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+}
+
+fn range(key: &str, v: u64, lo: u64, hi: u64) -> Result<(), ConfigError> {
+    if v < lo || v > hi {
+        return Err(ConfigError::key(key, format!("{v} is outside {lo}..={hi}")));
+    }
+    Ok(())
+}
+
+fn check_backend(key: &str, url: &str, schemes: &[&str]) -> Result<(), ConfigError> {
+    if url == "embedded" {
+        return Ok(());
+    }
+    match url.split_once("://") {
+        Some((scheme, rest)) if schemes.contains(&scheme) && !rest.is_empty() => Ok(()),
+        _ => Err(ConfigError::key(
+            key,
+            format!(
+                "{url:?} is not \"embedded\" or a URL with scheme {}",
+                schemes
+                    .iter()
+                    .map(|s| format!("{s}://"))
+                    .collect::<Vec<_>>()
+                    .join(" or ")
+            ),
+        )),
+    }
+}
+
+/// Kafka's topic name rule: 1..=249 of `[a-zA-Z0-9._-]`.
+pub fn check_topic_name(key: &str, name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 249
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::key(
+            key,
+            format!("{name:?} is not a valid topic name (1 to 249 of a-z A-Z 0-9 . _ -)"),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn given_no_layers_when_loaded_then_defaults_are_valid() {
+        let c = Config::defaults();
+        assert_eq!(c.backends.bus, "embedded");
+        assert_eq!(c.topics.events, "dmp.events");
+        assert_eq!(c.store.families["e"].max_versions, 1000);
+        assert_eq!(c.kafka.producer["compression.type"], "zstd");
+    }
+
+    #[test]
+    fn given_file_and_env_when_loaded_then_env_wins_over_file_over_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[topics]\npartitions = 4\nevents = \"file.events\"\n[kafka.common]\n\"sasl.username\" = \"u\"\n",
+        )
+        .unwrap();
+        let c = Config::load(
+            Some(&path),
+            env(&[
+                ("DMP__TOPICS__PARTITIONS", "16"),
+                ("DMP__BACKENDS__BUS", "kafka://127.0.0.1:9092"),
+                ("DMP__STORE__FAMILIES__E__TTL_DAYS", "30"),
+                ("DMP__DATA_DIR", "/tmp/x y"),
+                ("OTHER", "ignored"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.topics.partitions, 16);
+        assert_eq!(c.topics.events, "file.events");
+        assert_eq!(c.topics.segments, "dmp.segments");
+        assert_eq!(c.backends.bus, "kafka://127.0.0.1:9092");
+        assert_eq!(c.store.families["e"].ttl_days, 30);
+        assert_eq!(c.store.families["e"].max_versions, 1000);
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/x y"));
+        assert_eq!(c.kafka.common["sasl.username"], "u");
+    }
+
+    #[test]
+    fn given_unknown_key_when_loaded_then_error_names_it() {
+        let err = Config::load(None, env(&[("DMP__BUS__RETENTION_HOURZ", "5")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bus"), "{err}");
+        assert!(err.contains("retention_hourz"), "{err}");
+        let err = Config::load(None, env(&[("DMP__COLOUR", "red")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn given_out_of_range_or_wrong_type_when_loaded_then_error_names_the_key() {
+        let cases = [
+            ("DMP__TOPICS__PARTITIONS", "0", "topics.partitions"),
+            ("DMP__TOPICS__PARTITIONS", "many", "topics.partitions"),
+            ("DMP__BACKENDS__BUS", "rabbitmq://x", "backends.bus"),
+            ("DMP__TOPICS__EVENTS", "bad topic!", "topics.events"),
+            ("DMP__API__LISTEN", "nowhere", "api.listen"),
+            ("DMP__STORE__FAMILIES__E__MAX_VERSIONS", "0", "store.families.e.max_versions"),
+            ("DMP__TELEMETRY__LOG_FORMAT", "xml", "telemetry.log_format"),
+        ];
+        for (k, v, key) in cases {
+            let err = Config::load(None, env(&[(k, v)])).unwrap_err().to_string();
+            assert!(err.contains(key), "{k}={v}: {err}");
+        }
+    }
+
+    #[test]
+    fn given_bad_toml_file_when_loaded_then_error_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, "[topics\n").unwrap();
+        let err = Config::load(Some(&path), env(&[])).unwrap_err().to_string();
+        assert!(err.contains("bad.toml"), "{err}");
+        let err = Config::load(Some(&dir.path().join("missing.toml")), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing.toml"), "{err}");
+    }
+}

@@ -1,0 +1,463 @@
+//! The public ingest format (JSON), and its validation.
+//!
+//! ```json
+//! {"uid":"u1","ts":"2026-11-22T10:00:00Z","type":"search","q":"ипотека","url":"https://bank.example/",
+//!  "ip":"203.0.113.7","ua":"Mozilla/5.0 …","src":"pixel","attrs":{"gender":"f"}}
+//! ```
+//! `ts` is epoch milliseconds or RFC 3339 and defaults to the arrival time. Every error names the
+//! field at fault, so an HTTP 4xx or a dead-letter record can say exactly what was wrong.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock::DAY_MS;
+
+/// Bounds on an event, checked by [`Event::parse`]. The defaults suit web and app events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventLimits {
+    /// Longest uid, in bytes.
+    pub max_uid_bytes: usize,
+    /// Most entries in `attrs`.
+    pub max_attrs: usize,
+    /// Longest attribute name, in bytes.
+    pub max_attr_key_bytes: usize,
+    /// Longest attribute value, in bytes.
+    pub max_attr_value_bytes: usize,
+    /// Longest value of any other string field (url, ref, q, ua, …), in bytes.
+    pub max_field_bytes: usize,
+    /// Largest whole event, in bytes of JSON.
+    pub max_event_bytes: usize,
+    /// How far in the future `ts` may be, in milliseconds.
+    pub max_future_ms: i64,
+}
+
+impl Default for EventLimits {
+    fn default() -> Self {
+        EventLimits {
+            max_uid_bytes: 256,
+            max_attrs: 64,
+            max_attr_key_bytes: 128,
+            max_attr_value_bytes: 4096,
+            max_field_bytes: 8192,
+            max_event_bytes: 65_536,
+            max_future_ms: DAY_MS,
+        }
+    }
+}
+
+/// A validated event. `ts` is epoch milliseconds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// The user id (1..=256 bytes).
+    pub uid: String,
+    /// Event time, epoch milliseconds.
+    pub ts: i64,
+    /// Event type: pageview, search, click, purchase, … (free text).
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// Page URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Referrer URL.
+    #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+    pub referrer: Option<String>,
+    /// Search query.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub q: Option<String>,
+    /// Client IP address (v4 or v6, as text).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    /// User agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ua: Option<String>,
+    /// Source or partner id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src: Option<String>,
+    /// Custom attributes.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attrs: BTreeMap<String, String>,
+}
+
+/// Why an event was rejected. The message always names the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EventError {
+    /// The bytes are not UTF-8.
+    #[error("event is not valid UTF-8 (first bad byte at offset {offset})")]
+    NotUtf8 {
+        /// Offset of the first invalid byte.
+        offset: usize,
+    },
+    /// The event is larger than allowed.
+    #[error("event is {size} bytes, over the limit of {limit}")]
+    TooLarge {
+        /// Size of the event.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// Not JSON, or not a JSON object of the expected shape.
+    #[error("malformed JSON: {0}")]
+    Malformed(String),
+    /// `uid` is absent or empty.
+    #[error("missing field `uid`")]
+    MissingUid,
+    /// `uid` is too long.
+    #[error("field `uid` is {len} bytes, over the limit of {limit}")]
+    UidTooLong {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// A field has the wrong JSON type.
+    #[error("field `{field}` must be {expected}")]
+    WrongType {
+        /// The field.
+        field: &'static str,
+        /// What it should be.
+        expected: &'static str,
+    },
+    /// `ts` could not be understood.
+    #[error("field `ts` is not epoch milliseconds or RFC 3339: {value}")]
+    BadTs {
+        /// The offending value (shortened).
+        value: String,
+    },
+    /// `ts` is too far in the future.
+    #[error("field `ts` is {ahead_ms} ms in the future (at most {limit_ms} allowed)")]
+    TsInFuture {
+        /// How far ahead.
+        ahead_ms: i64,
+        /// The limit.
+        limit_ms: i64,
+    },
+    /// A string field is too long.
+    #[error("field `{field}` is {len} bytes, over the limit of {limit}")]
+    FieldTooLong {
+        /// The field.
+        field: String,
+        /// Its length.
+        len: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// `attrs` has too many entries.
+    #[error("field `attrs` has {count} entries, over the limit of {limit}")]
+    TooManyAttrs {
+        /// How many.
+        count: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// A field that is not part of the format.
+    #[error("unknown field `{0}` (custom data goes into `attrs`)")]
+    UnknownField(String),
+}
+
+impl EventError {
+    /// A short stable reason code, for metric labels and dead-letter records.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            EventError::NotUtf8 { .. } => "not_utf8",
+            EventError::TooLarge { .. } => "too_large",
+            EventError::Malformed(_) => "malformed_json",
+            EventError::MissingUid => "missing_uid",
+            EventError::UidTooLong { .. } => "uid_too_long",
+            EventError::WrongType { .. } => "wrong_type",
+            EventError::BadTs { .. } => "bad_ts",
+            EventError::TsInFuture { .. } => "ts_in_future",
+            EventError::FieldTooLong { .. } => "field_too_long",
+            EventError::TooManyAttrs { .. } => "too_many_attrs",
+            EventError::UnknownField(_) => "unknown_field",
+        }
+    }
+}
+
+const STRING_FIELDS: [&str; 7] = ["type", "url", "ref", "q", "ip", "ua", "src"];
+
+impl Event {
+    /// Parses and validates one event from raw bytes. `now_ms` is the arrival time: the default
+    /// `ts`, and the reference for the "not too far in the future" check.
+    pub fn parse(bytes: &[u8], now_ms: i64, limits: &EventLimits) -> Result<Event, EventError> {
+        if bytes.len() > limits.max_event_bytes {
+            return Err(EventError::TooLarge {
+                size: bytes.len(),
+                limit: limits.max_event_bytes,
+            });
+        }
+        let text = std::str::from_utf8(bytes).map_err(|e| EventError::NotUtf8 {
+            offset: e.valid_up_to(),
+        })?;
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| EventError::Malformed(e.to_string()))?;
+        Event::from_json(value, now_ms, limits)
+    }
+
+    /// Validates one event already parsed as JSON.
+    pub fn from_json(
+        value: serde_json::Value,
+        now_ms: i64,
+        limits: &EventLimits,
+    ) -> Result<Event, EventError> {
+        let serde_json::Value::Object(mut obj) = value else {
+            return Err(EventError::Malformed("an event must be a JSON object".into()));
+        };
+        let uid = match obj.remove("uid") {
+            None | Some(serde_json::Value::Null) => return Err(EventError::MissingUid),
+            Some(serde_json::Value::String(s)) => s,
+            Some(_) => {
+                return Err(EventError::WrongType {
+                    field: "uid",
+                    expected: "a string",
+                })
+            }
+        };
+        if uid.is_empty() {
+            return Err(EventError::MissingUid);
+        }
+        if uid.len() > limits.max_uid_bytes {
+            return Err(EventError::UidTooLong {
+                len: uid.len(),
+                limit: limits.max_uid_bytes,
+            });
+        }
+        let ts = match obj.remove("ts") {
+            None | Some(serde_json::Value::Null) => now_ms,
+            Some(v) => parse_ts(&v)?,
+        };
+        if ts - now_ms > limits.max_future_ms {
+            return Err(EventError::TsInFuture {
+                ahead_ms: ts - now_ms,
+                limit_ms: limits.max_future_ms,
+            });
+        }
+        let mut strings: [Option<String>; 7] = Default::default();
+        for (i, field) in STRING_FIELDS.iter().enumerate() {
+            strings[i] = match obj.remove(*field) {
+                None | Some(serde_json::Value::Null) => None,
+                Some(serde_json::Value::String(s)) => {
+                    if s.len() > limits.max_field_bytes {
+                        return Err(EventError::FieldTooLong {
+                            field: (*field).to_string(),
+                            len: s.len(),
+                            limit: limits.max_field_bytes,
+                        });
+                    }
+                    Some(s)
+                }
+                Some(_) => {
+                    return Err(EventError::WrongType {
+                        field,
+                        expected: "a string",
+                    })
+                }
+            };
+        }
+        let attrs = match obj.remove("attrs") {
+            None | Some(serde_json::Value::Null) => BTreeMap::new(),
+            Some(serde_json::Value::Object(map)) => {
+                if map.len() > limits.max_attrs {
+                    return Err(EventError::TooManyAttrs {
+                        count: map.len(),
+                        limit: limits.max_attrs,
+                    });
+                }
+                let mut attrs = BTreeMap::new();
+                for (k, v) in map {
+                    if k.is_empty() || k.len() > limits.max_attr_key_bytes {
+                        return Err(EventError::FieldTooLong {
+                            field: format!("attrs.{}", shorten(&k)),
+                            len: k.len(),
+                            limit: limits.max_attr_key_bytes,
+                        });
+                    }
+                    let v = match v {
+                        serde_json::Value::String(s) => s,
+                        serde_json::Value::Number(n) => n.to_string(),
+                        serde_json::Value::Bool(b) => b.to_string(),
+                        _ => {
+                            return Err(EventError::WrongType {
+                                field: "attrs",
+                                expected: "an object of strings, numbers or booleans",
+                            })
+                        }
+                    };
+                    if v.len() > limits.max_attr_value_bytes {
+                        return Err(EventError::FieldTooLong {
+                            field: format!("attrs.{k}"),
+                            len: v.len(),
+                            limit: limits.max_attr_value_bytes,
+                        });
+                    }
+                    attrs.insert(k, v);
+                }
+                attrs
+            }
+            Some(_) => {
+                return Err(EventError::WrongType {
+                    field: "attrs",
+                    expected: "an object",
+                })
+            }
+        };
+        if let Some((k, _)) = obj.into_iter().next() {
+            return Err(EventError::UnknownField(shorten(&k)));
+        }
+        let [kind, url, referrer, q, ip, ua, src] = strings;
+        Ok(Event {
+            uid,
+            ts,
+            kind,
+            url,
+            referrer,
+            q,
+            ip,
+            ua,
+            src,
+            attrs,
+        })
+    }
+
+    /// The canonical JSON of this event (what dmp itself puts on `dmp.events`).
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("an Event always serialises")
+    }
+}
+
+fn parse_ts(v: &serde_json::Value) -> Result<i64, EventError> {
+    let bad = || EventError::BadTs {
+        value: shorten(&v.to_string()),
+    };
+    match v {
+        serde_json::Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                if i >= 0 {
+                    return Ok(i);
+                }
+            }
+            Err(bad())
+        }
+        serde_json::Value::String(s) => {
+            if let Ok(i) = s.parse::<i64>() {
+                if i >= 0 {
+                    return Ok(i);
+                }
+                return Err(bad());
+            }
+            chrono::DateTime::parse_from_rfc3339(s)
+                .map(|d| d.timestamp_millis())
+                .map_err(|_| bad())
+        }
+        _ => Err(bad()),
+    }
+}
+
+fn shorten(s: &str) -> String {
+    if s.len() <= 64 {
+        return s.to_string();
+    }
+    let mut end = 64;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_795_341_600_000;
+
+    fn parse(s: &str) -> Result<Event, EventError> {
+        Event::parse(s.as_bytes(), NOW, &EventLimits::default())
+    }
+
+    #[test]
+    fn given_full_event_when_parsed_then_every_field_is_kept() {
+        let e = parse(
+            r#"{"uid":"u1","ts":"2026-11-22T10:00:00Z","type":"search","url":"https://a.example/x",
+                "ref":"https://r.example/","q":"ипотека","ip":"203.0.113.7","ua":"Mozilla/5.0",
+                "src":"pixel","attrs":{"gender":"f","age":31,"vip":true}}"#,
+        )
+        .unwrap();
+        assert_eq!(e.uid, "u1");
+        assert_eq!(e.ts, 1_795_341_600_000);
+        assert_eq!(e.kind.as_deref(), Some("search"));
+        assert_eq!(e.q.as_deref(), Some("ипотека"));
+        assert_eq!(e.referrer.as_deref(), Some("https://r.example/"));
+        assert_eq!(e.attrs["age"], "31");
+        assert_eq!(e.attrs["vip"], "true");
+        let round = Event::parse(&e.to_json(), NOW, &EventLimits::default()).unwrap();
+        assert_eq!(round, e);
+    }
+
+    #[test]
+    fn given_no_ts_when_parsed_then_arrival_time_is_used() {
+        assert_eq!(parse(r#"{"uid":"u"}"#).unwrap().ts, NOW);
+        assert_eq!(parse(r#"{"uid":"u","ts":12345}"#).unwrap().ts, 12345);
+        assert_eq!(parse(r#"{"uid":"u","ts":"12345"}"#).unwrap().ts, 12345);
+    }
+
+    #[test]
+    fn given_bad_events_when_parsed_then_error_names_the_field() {
+        let cases = [
+            (r#"{"ts":1}"#, "missing field `uid`"),
+            (r#"{"uid":""}"#, "missing field `uid`"),
+            (r#"{"uid":7}"#, "field `uid` must be a string"),
+            (r#"{"uid":"u","ts":"yesterday"}"#, "field `ts` is not epoch"),
+            (r#"{"uid":"u","ts":-5}"#, "field `ts` is not epoch"),
+            (r#"{"uid":"u","ts":1.5}"#, "field `ts` is not epoch"),
+            (r#"{"uid":"u","url":5}"#, "field `url` must be a string"),
+            (r#"{"uid":"u","attrs":[1]}"#, "field `attrs` must be an object"),
+            (r#"{"uid":"u","attrs":{"a":{"b":1}}}"#, "field `attrs` must be"),
+            (r#"{"uid":"u","colour":"red"}"#, "unknown field `colour`"),
+            (r#"[1,2]"#, "malformed JSON"),
+            (r#"{"uid":"u""#, "malformed JSON"),
+        ];
+        for (input, want) in cases {
+            let err = parse(input).unwrap_err().to_string();
+            assert!(err.contains(want), "{input}: got {err:?}, want {want:?}");
+        }
+    }
+
+    #[test]
+    fn given_uid_over_256_bytes_when_parsed_then_rejected_as_too_long() {
+        let ok = format!(r#"{{"uid":"{}"}}"#, "x".repeat(256));
+        assert!(parse(&ok).is_ok());
+        let long = format!(r#"{{"uid":"{}"}}"#, "x".repeat(257));
+        assert_eq!(
+            parse(&long).unwrap_err(),
+            EventError::UidTooLong { len: 257, limit: 256 }
+        );
+    }
+
+    #[test]
+    fn given_ts_more_than_a_day_ahead_when_parsed_then_rejected() {
+        let ok = format!(r#"{{"uid":"u","ts":{}}}"#, NOW + DAY_MS);
+        assert!(parse(&ok).is_ok());
+        let bad = format!(r#"{{"uid":"u","ts":{}}}"#, NOW + DAY_MS + 1);
+        assert_eq!(parse(&bad).unwrap_err().reason(), "ts_in_future");
+    }
+
+    #[test]
+    fn given_invalid_utf8_when_parsed_then_offset_is_named() {
+        let bytes = b"{\"uid\":\"a\xff\"}";
+        assert_eq!(
+            Event::parse(bytes, NOW, &EventLimits::default()).unwrap_err(),
+            EventError::NotUtf8 { offset: 9 }
+        );
+    }
+
+    #[test]
+    fn given_oversized_attrs_when_parsed_then_rejected_with_the_limit() {
+        let many: Vec<String> = (0..65).map(|i| format!(r#""k{i}":"v""#)).collect();
+        let e = parse(&format!(r#"{{"uid":"u","attrs":{{{}}}}}"#, many.join(","))).unwrap_err();
+        assert_eq!(e, EventError::TooManyAttrs { count: 65, limit: 64 });
+        let big = format!(r#"{{"uid":"u","attrs":{{"k":"{}"}}}}"#, "v".repeat(4097));
+        assert!(parse(&big).unwrap_err().to_string().contains("attrs.k"));
+        let huge = format!(r#"{{"uid":"u","q":"{}"}}"#, "v".repeat(70_000));
+        assert_eq!(parse(&huge).unwrap_err().reason(), "too_large");
+    }
+}
