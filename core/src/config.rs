@@ -123,8 +123,8 @@ impl Topics {
 pub struct Embedded {
     /// Block cache, MiB.
     pub cache_mb: u64,
-    /// All memtables together, MiB.
-    pub write_buffer_mb: u64,
+    /// Memtable of each keyspace, MiB.
+    pub memtable_mb: u64,
     /// Journal size before forced flushes, MiB.
     pub journal_mb: u64,
     /// 0 = fsync every batch; N = fsync every N ms.
@@ -268,8 +268,8 @@ impl Config {
             check_topic_name(key, name)?;
         }
         range("embedded.cache_mb", self.embedded.cache_mb, 8, 1 << 20)?;
-        range("embedded.write_buffer_mb", self.embedded.write_buffer_mb, 8, 65_536)?;
-        range("embedded.journal_mb", self.embedded.journal_mb, 32, 65_536)?;
+        range("embedded.memtable_mb", self.embedded.memtable_mb, 1, 4096)?;
+        range("embedded.journal_mb", self.embedded.journal_mb, 64, 65_536)?;
         range("embedded.fsync_interval_ms", self.embedded.fsync_interval_ms, 0, 3_600_000)?;
         range("bus.retention_hours", self.bus.retention_hours, 1, 87_600)?;
         range("bus.retention_bytes", self.bus.retention_bytes, 1 << 20, u64::MAX)?;

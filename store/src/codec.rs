@@ -1,0 +1,143 @@
+//! The packed encoding of cells in one value of the embedded store.
+//!
+//! ```text
+//! value := 0x01 cell*
+//! cell  := family_len:u8 family qualifier_len:varint qualifier ts:zigzag-varint value_len:varint value
+//! ```
+//! A 6-cell pageview costs about 6 * (2 + 4 + 6 + 1) bytes of framing plus its strings, before
+//! the block compression of the LSM.
+
+use dmp_core::Cell;
+
+const FORMAT: u8 = 1;
+
+/// Encodes cells into one packed value.
+pub fn encode(cells: &[Cell]) -> Vec<u8> {
+    let size: usize = cells
+        .iter()
+        .map(|c| 1 + c.family.len() + 5 + c.qualifier.len() + 10 + 5 + c.value.len())
+        .sum();
+    let mut out = Vec::with_capacity(1 + size);
+    out.push(FORMAT);
+    for c in cells {
+        encode_cell(&mut out, c);
+    }
+    out
+}
+
+/// Appends one cell.
+pub fn encode_cell(out: &mut Vec<u8>, c: &Cell) {
+    debug_assert!(c.family.len() <= 255);
+    out.push(c.family.len() as u8);
+    out.extend_from_slice(c.family.as_bytes());
+    put_varint(out, c.qualifier.len() as u64);
+    out.extend_from_slice(c.qualifier.as_bytes());
+    put_varint(out, zigzag(c.ts));
+    put_varint(out, c.value.len() as u64);
+    out.extend_from_slice(&c.value);
+}
+
+/// Decodes a packed value, calling `f` for each cell.
+pub fn decode(mut buf: &[u8], mut f: impl FnMut(Cell)) -> Result<(), String> {
+    match buf.split_first() {
+        Some((&FORMAT, rest)) => buf = rest,
+        Some((v, _)) => return Err(format!("unknown value format {v}")),
+        None => return Err("empty value".into()),
+    }
+    while !buf.is_empty() {
+        let flen = buf[0] as usize;
+        buf = &buf[1..];
+        let family = take_str(&mut buf, flen)?;
+        let qlen = get_varint(&mut buf)? as usize;
+        let qualifier = take_str(&mut buf, qlen)?;
+        let ts = unzigzag(get_varint(&mut buf)?);
+        let vlen = get_varint(&mut buf)? as usize;
+        if buf.len() < vlen {
+            return Err("truncated cell value".into());
+        }
+        let value = buf[..vlen].to_vec();
+        buf = &buf[vlen..];
+        f(Cell {
+            family,
+            qualifier,
+            ts,
+            value,
+        });
+    }
+    Ok(())
+}
+
+fn take_str(buf: &mut &[u8], len: usize) -> Result<String, String> {
+    if buf.len() < len {
+        return Err("truncated cell".into());
+    }
+    let s = std::str::from_utf8(&buf[..len])
+        .map_err(|_| "family or qualifier is not UTF-8".to_string())?
+        .to_string();
+    *buf = &buf[len..];
+    Ok(s)
+}
+
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+fn unzigzag(v: u64) -> i64 {
+    ((v >> 1) as i64) ^ -((v & 1) as i64)
+}
+
+/// Appends an unsigned LEB128 varint.
+pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Reads an unsigned LEB128 varint.
+pub fn get_varint(buf: &mut &[u8]) -> Result<u64, String> {
+    let mut v: u64 = 0;
+    for i in 0..10 {
+        let Some((&b, rest)) = buf.split_first() else {
+            return Err("truncated varint".into());
+        };
+        *buf = rest;
+        v |= ((b & 0x7f) as u64) << (7 * i);
+        if b < 0x80 {
+            return Ok(v);
+        }
+    }
+    Err("varint too long".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn given_any_cells_when_encoded_then_decode_returns_them(
+            cells in proptest::collection::vec(
+                ("[a-z]{1,3}", "[a-z.]{0,12}", any::<i64>(), proptest::collection::vec(any::<u8>(), 0..40)),
+                0..20)
+        ) {
+            let cells: Vec<Cell> = cells.into_iter().map(|(f, q, ts, v)| Cell::new(f, q, ts, v)).collect();
+            let mut back = Vec::new();
+            decode(&encode(&cells), |c| back.push(c)).unwrap();
+            prop_assert_eq!(back, cells);
+        }
+    }
+
+    #[test]
+    fn given_truncated_value_when_decoded_then_error_not_panic() {
+        let v = encode(&[Cell::new("e", "url", 5, b"https://x".to_vec())]);
+        for cut in 0..v.len() {
+            let r = decode(&v[..cut], |_| {});
+            if cut < v.len() {
+                assert!(r.is_err() || cut == 1, "cut {cut}");
+            }
+        }
+    }
+}

@@ -1,0 +1,513 @@
+//! The embedded store on fjall, and the embedded database the bus and the store share.
+//!
+//! Layout, in keyspace `store.rows` (keys sort by uid, as HBase rows do):
+//! ```text
+//! uid 0x00 0x00            -> packed cells of the row's base (everything repacked so far)
+//! uid 0x00 0x01 seq:u64be  -> packed cells of one later write (a "delta")
+//! ```
+//! A put appends one delta per row and never reads, so writes cost what the new cells cost. A read
+//! takes the row's prefix (base plus a few deltas), merges them (a later write of the same cell
+//! wins), then applies TTL, versions and the read's filters. When a read finds more than
+//! `repack_after_deltas` deltas it repacks the row into one base, under a per-row lock striped over
+//! 1024 mutexes, dropping expired cells and surplus versions. A compaction filter drops expired
+//! cells from values it rewrites, so TTL is enforced on disk, not only at read.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fjall::compaction::filter::{CompactionFilter, Context, Factory, ItemAccessor, Verdict};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use parking_lot::Mutex;
+
+use dmp_core::config::{Embedded, StoreConfig};
+use dmp_core::{Cell, Row};
+
+use crate::{check_row_key, codec, Get, Put, Result, Schema, StoreError, UserStore};
+
+/// Name of the keyspace holding rows.
+pub const ROWS_KEYSPACE: &str = "store.rows";
+const META_KEYSPACE: &str = "store.meta";
+const SEQ_KEY: &[u8] = b"seq.reserved";
+const SEQ_BLOCK: u64 = 1 << 24;
+const LOCK_STRIPES: usize = 1024;
+
+/// The embedded fjall database shared by the embedded bus and store, with its fsync policy.
+/// Cloning is cheap; the periodic fsync stops when the last clone is dropped.
+#[derive(Clone)]
+pub struct EmbeddedDatabase {
+    db: Database,
+    memtable_bytes: u64,
+    sync_each_batch: bool,
+    _syncer: Arc<Syncer>,
+}
+
+struct Syncer {
+    stop: Arc<AtomicBool>,
+    handle: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for Syncer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(h) = self.handle.lock().take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl EmbeddedDatabase {
+    /// Opens (or creates) the database at `path` with the memory bounds of `cfg` and the store's
+    /// TTL compaction filter for `schema`.
+    pub fn open(path: &std::path::Path, cfg: &Embedded, schema: &Schema) -> Result<Self> {
+        std::fs::create_dir_all(path).map_err(|e| StoreError::Backend(fjall::Error::from(e)))?;
+        let ttl = Arc::new(TtlFactory {
+            schema: schema.clone(),
+        });
+        let db = Database::builder(path)
+            .cache_size(cfg.cache_mb * 1024 * 1024)
+            .max_journaling_size(cfg.journal_mb * 1024 * 1024)
+            .with_compaction_filter_factories(Arc::new(move |keyspace: &str| {
+                (keyspace == ROWS_KEYSPACE).then(|| ttl.clone() as Arc<dyn Factory>)
+            }))
+            .open()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let handle = if cfg.fsync_interval_ms > 0 {
+            let (db2, stop2) = (db.clone(), stop.clone());
+            let every = Duration::from_millis(cfg.fsync_interval_ms);
+            Some(
+                std::thread::Builder::new()
+                    .name("dmp-fsync".into())
+                    .spawn(move || {
+                        while !stop2.load(Ordering::Acquire) {
+                            std::thread::sleep(every.min(Duration::from_millis(100)));
+                            if let Err(e) = db2.persist(PersistMode::SyncData) {
+                                tracing::error!(error = %e, "periodic fsync failed");
+                            }
+                        }
+                    })
+                    .expect("spawning a thread"),
+            )
+        } else {
+            None
+        };
+        Ok(EmbeddedDatabase {
+            db,
+            memtable_bytes: cfg.memtable_mb * 1024 * 1024,
+            sync_each_batch: cfg.fsync_interval_ms == 0,
+            _syncer: Arc::new(Syncer {
+                stop,
+                handle: Mutex::new(handle),
+            }),
+        })
+    }
+
+    /// The fjall database.
+    pub fn db(&self) -> &Database {
+        &self.db
+    }
+
+    /// Opens (or creates) a keyspace with the configured memtable bound.
+    pub fn keyspace(&self, name: &str) -> Result<Keyspace, fjall::Error> {
+        let bytes = self.memtable_bytes;
+        self.db
+            .keyspace(name, || KeyspaceCreateOptions::default().max_memtable_size(bytes))
+    }
+
+    /// Whether every batch is fsynced before it is acknowledged.
+    pub fn sync_each_batch(&self) -> bool {
+        self.sync_each_batch
+    }
+
+    /// The durability to request for an acknowledged batch.
+    pub fn batch_durability(&self) -> Option<PersistMode> {
+        self.sync_each_batch.then_some(PersistMode::SyncData)
+    }
+
+    /// Bytes on disk (journal and tables).
+    pub fn disk_space(&self) -> u64 {
+        self.db.disk_space().unwrap_or(0)
+    }
+
+    /// Bytes of block cache in use, and its capacity.
+    pub fn cache_usage(&self) -> (u64, u64) {
+        (self.db.cache_size(), self.db.cache_capacity())
+    }
+
+    /// Bytes in memtables now.
+    pub fn write_buffer_size(&self) -> u64 {
+        self.db.write_buffer_size()
+    }
+}
+
+/// The embedded store.
+pub struct EmbeddedStore {
+    db: EmbeddedDatabase,
+    rows: Keyspace,
+    meta: Keyspace,
+    schema: Schema,
+    max_row_cells: usize,
+    repack_after: usize,
+    seq: AtomicU64,
+    seq_reserved: Mutex<u64>,
+    locks: Vec<Mutex<()>>,
+}
+
+impl EmbeddedStore {
+    /// Opens the store's keyspaces in the shared database.
+    pub fn open(db: &EmbeddedDatabase, cfg: &StoreConfig) -> Result<EmbeddedStore> {
+        let rows = db.keyspace(ROWS_KEYSPACE)?;
+        let meta = db.keyspace(META_KEYSPACE)?;
+        let reserved = match meta.get(SEQ_KEY)? {
+            Some(v) if v.len() == 8 => u64::from_be_bytes(v[..8].try_into().expect("8 bytes")),
+            _ => 0,
+        };
+        let now_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        let start = reserved.max(now_ns);
+        Ok(EmbeddedStore {
+            db: db.clone(),
+            rows,
+            meta,
+            schema: Schema::new(cfg.families.clone()),
+            max_row_cells: cfg.max_row_cells,
+            repack_after: cfg.repack_after_deltas,
+            seq: AtomicU64::new(start),
+            seq_reserved: Mutex::new(reserved),
+            locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+        })
+    }
+
+    /// Cells physically stored for a row (before merging, TTL and versions): for tests and ops.
+    pub fn stored_cells(&self, row: &str) -> Result<usize> {
+        Ok(self.read_parts(row)?.cells.len())
+    }
+
+    fn lock_for(&self, row: &str) -> &Mutex<()> {
+        let h = dmp_core::partition::uid_hash(row.as_bytes());
+        &self.locks[(h % LOCK_STRIPES as u64) as usize]
+    }
+
+    /// Scans the raw parts of a row: (base cells, [(delta key, delta cells)]), merged in write order.
+    fn read_parts(&self, row: &str) -> Result<RawRow> {
+        let mut prefix = Vec::with_capacity(row.len() + 1);
+        prefix.extend_from_slice(row.as_bytes());
+        prefix.push(0);
+        let mut raw = RawRow::default();
+        for kv in self.rows.prefix(&prefix) {
+            let (key, value) = kv.into_inner()?;
+            let order = raw.parts;
+            raw.parts += 1;
+            codec::decode(&value, |c| raw.cells.push((c, order))).map_err(|reason| {
+                StoreError::Corrupt {
+                    row: row.to_string(),
+                    reason,
+                }
+            })?;
+            if key.get(prefix.len()) == Some(&1) {
+                raw.delta_keys.push(key.to_vec());
+            }
+        }
+        Ok(raw)
+    }
+
+    /// Merges raw parts: the latest write of each coordinate wins; TTL and versions applied.
+    fn merge(&self, raw: RawRow, now: i64) -> Vec<Cell> {
+        let mut cells = raw.cells;
+        cells.sort_unstable_by(|(a, ao), (b, bo)| {
+            (a.family.as_str(), a.qualifier.as_str(), std::cmp::Reverse(a.ts), std::cmp::Reverse(*ao))
+                .cmp(&(b.family.as_str(), b.qualifier.as_str(), std::cmp::Reverse(b.ts), std::cmp::Reverse(*bo)))
+        });
+        let mut out: Vec<Cell> = Vec::with_capacity(cells.len());
+        let mut versions = 0u32;
+        for (c, _) in cells {
+            let Some(fam) = self.schema.family(&c.family) else {
+                continue; // a family removed from the schema: invisible, as in HBase
+            };
+            if let Some(last) = out.last() {
+                if last.family == c.family && last.qualifier == c.qualifier {
+                    if last.ts == c.ts {
+                        continue; // an older write of the same cell
+                    }
+                    versions += 1;
+                } else {
+                    versions = 1;
+                }
+            } else {
+                versions = 1;
+            }
+            if versions > fam.max_versions {
+                continue;
+            }
+            if fam.ttl_days > 0 && c.ts < now - fam.ttl_days as i64 * dmp_core::clock::DAY_MS {
+                continue;
+            }
+            out.push(c);
+        }
+        out
+    }
+
+    fn repack(&self, row: &str) -> Result<()> {
+        let _guard = self.lock_for(row).lock();
+        let raw = self.read_parts(row)?;
+        if raw.delta_keys.is_empty() {
+            return Ok(());
+        }
+        let delta_keys = raw.delta_keys.clone();
+        let cells = self.merge(raw, dmp_core::clock::now_ms());
+        let mut base_key = row.as_bytes().to_vec();
+        base_key.extend_from_slice(&[0, 0]);
+        let mut batch = self.db.db.batch().durability(self.db.batch_durability());
+        if cells.is_empty() {
+            batch.remove(&self.rows, base_key);
+        } else {
+            batch.insert(&self.rows, base_key, codec::encode(&cells));
+        }
+        for k in delta_keys {
+            batch.remove(&self.rows, k);
+        }
+        batch.commit()?;
+        metrics::counter!(crate::metrics::REPACKS).increment(1);
+        Ok(())
+    }
+
+    fn next_seqs(&self, n: u64, batch: &mut fjall::OwnedWriteBatch) -> u64 {
+        let start = self.seq.fetch_add(n, Ordering::Relaxed);
+        let end = start + n;
+        let mut reserved = self.seq_reserved.lock();
+        if end > *reserved {
+            *reserved = end + SEQ_BLOCK;
+            batch.insert(&self.meta, SEQ_KEY, reserved.to_be_bytes().to_vec());
+        }
+        start
+    }
+
+    fn filter(&self, get: &Get, cells: Vec<Cell>) -> Vec<Cell> {
+        let cap = get.max_cells.unwrap_or(self.max_row_cells);
+        let mut out = Vec::with_capacity(cells.len().min(cap));
+        let mut versions = 0u32;
+        let mut prev: Option<(String, String)> = None;
+        for c in cells {
+            if out.len() >= cap {
+                break;
+            }
+            if !get.selects(&c) {
+                continue;
+            }
+            if let Some(max) = get.max_versions {
+                let same = prev
+                    .as_ref()
+                    .is_some_and(|(f, q)| *f == c.family && *q == c.qualifier);
+                versions = if same { versions + 1 } else { 1 };
+                if !same {
+                    prev = Some((c.family.clone(), c.qualifier.clone()));
+                }
+                if versions > max {
+                    continue;
+                }
+            }
+            out.push(c);
+        }
+        out
+    }
+}
+
+#[derive(Default)]
+struct RawRow {
+    cells: Vec<(Cell, u32)>,
+    delta_keys: Vec<Vec<u8>>,
+    parts: u32,
+}
+
+impl UserStore for EmbeddedStore {
+    fn put(&self, puts: &[Put]) -> Result<()> {
+        for p in puts {
+            check_row_key(&p.row)?;
+            for c in &p.cells {
+                if self.schema.family(&c.family).is_none() {
+                    return Err(StoreError::Rejected(format!(
+                        "unknown column family {:?} in row {:?}",
+                        c.family, p.row
+                    )));
+                }
+            }
+        }
+        let mut batch = self
+            .db
+            .db
+            .batch()
+            .durability(self.db.batch_durability());
+        let mut seq = self.next_seqs(puts.len() as u64, &mut batch);
+        for p in puts {
+            if p.cells.is_empty() {
+                continue;
+            }
+            let mut key = Vec::with_capacity(p.row.len() + 10);
+            key.extend_from_slice(p.row.as_bytes());
+            key.extend_from_slice(&[0, 1]);
+            key.extend_from_slice(&seq.to_be_bytes());
+            seq += 1;
+            batch.insert(&self.rows, key, codec::encode(&p.cells));
+        }
+        batch.commit()?;
+        Ok(())
+    }
+
+    fn get(&self, get: &Get) -> Result<Option<Row>> {
+        check_row_key(&get.row)?;
+        let raw = self.read_parts(&get.row)?;
+        let needs_repack = raw.delta_keys.len() > self.repack_after;
+        let cells = self.merge(raw, dmp_core::clock::now_ms());
+        if needs_repack {
+            self.repack(&get.row)?;
+        }
+        let cells = self.filter(get, cells);
+        Ok((!cells.is_empty()).then(|| Row {
+            key: get.row.clone(),
+            cells,
+        }))
+    }
+
+    fn delete_row(&self, row: &str) -> Result<()> {
+        check_row_key(row)?;
+        let _guard = self.lock_for(row).lock();
+        let mut prefix = row.as_bytes().to_vec();
+        prefix.push(0);
+        let mut batch = self.db.db.batch().durability(self.db.batch_durability());
+        for kv in self.rows.prefix(&prefix) {
+            batch.remove(&self.rows, kv.key()?);
+        }
+        batch.commit()?;
+        Ok(())
+    }
+
+    fn scan(&self, start_after: Option<&str>, limit: usize, template: &Get) -> Result<Vec<Row>> {
+        let mut out = Vec::new();
+        // Keys are `uid 0x00 …`; the first key after every key of `start_after` is `start_after 0x01`.
+        let start: Vec<u8> = match start_after {
+            Some(r) => {
+                let mut k = r.as_bytes().to_vec();
+                k.push(1);
+                k
+            }
+            None => Vec::new(),
+        };
+        let mut last: Option<Vec<u8>> = None;
+        for kv in self.rows.range(start..) {
+            if out.len() >= limit {
+                break;
+            }
+            let key = kv.key()?;
+            let Some(end) = key.iter().position(|b| *b == 0) else {
+                continue;
+            };
+            let row = &key[..end];
+            if last.as_deref() == Some(row) {
+                continue;
+            }
+            last = Some(row.to_vec());
+            let row = String::from_utf8_lossy(row).into_owned();
+            let get = Get {
+                row,
+                ..template.clone()
+            };
+            if let Some(r) = self.get(&get)? {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.db.db.persist(PersistMode::SyncAll)?;
+        Ok(())
+    }
+
+    fn schema(&self) -> &Schema {
+        &self.schema
+    }
+
+    fn backend_name(&self) -> &'static str {
+        "embedded"
+    }
+}
+
+/// Drops expired cells from the values compaction rewrites.
+struct TtlFactory {
+    schema: Schema,
+}
+
+impl Factory for TtlFactory {
+    fn name(&self) -> &str {
+        "dmp-store-ttl"
+    }
+
+    fn make_filter(&self, _ctx: &Context) -> Box<dyn CompactionFilter> {
+        Box::new(TtlFilter {
+            schema: self.schema.clone(),
+            now: dmp_core::clock::now_ms(),
+            dropped: 0,
+        })
+    }
+}
+
+struct TtlFilter {
+    schema: Schema,
+    now: i64,
+    dropped: u64,
+}
+
+impl CompactionFilter for TtlFilter {
+    fn filter_item(
+        &mut self,
+        item: ItemAccessor<'_>,
+        _ctx: &Context,
+    ) -> fjall::compaction::filter::CompactionFilterResult {
+        let value = item.value()?;
+        let mut keep = Vec::new();
+        let mut dropped = 0u64;
+        let decoded = codec::decode(&value, |c| {
+            let expired = self
+                .schema
+                .ttl_ms(&c.family)
+                .is_some_and(|ttl| c.ts < self.now - ttl);
+            if expired {
+                dropped += 1;
+            } else {
+                keep.push(c);
+            }
+        });
+        if decoded.is_err() || dropped == 0 {
+            return Ok(Verdict::Keep); // never drop what we cannot read
+        }
+        self.dropped += dropped;
+        if keep.is_empty() {
+            Ok(Verdict::Remove)
+        } else {
+            Ok(Verdict::ReplaceValue(codec::encode(&keep).into()))
+        }
+    }
+
+    fn finish(self: Box<Self>) {
+        if self.dropped > 0 {
+            metrics::counter!(crate::metrics::TTL_DROPPED_CELLS).increment(self.dropped);
+        }
+    }
+}
+
+/// Opens a store in `dir` with default settings, for tests and benches.
+pub fn open_temp(dir: &std::path::Path) -> Result<(EmbeddedDatabase, EmbeddedStore)> {
+    let cfg = dmp_core::Config::defaults();
+    let db = EmbeddedDatabase::open(dir, &cfg.embedded, &Schema::new(cfg.store.families.clone()))?;
+    let store = EmbeddedStore::open(&db, &cfg.store)?;
+    Ok((db, store))
+}
+
+/// Forces compaction of the rows keyspace (runs the TTL filter over everything).
+pub fn major_compact(store: &EmbeddedStore) -> Result<()> {
+    store.rows.rotate_memtable_and_wait()?;
+    store.rows.major_compact()?;
+    Ok(())
+}

@@ -1,0 +1,16 @@
+//! The store's metrics, declared once. Labels: `backend`, `op`, `kind` (all bounded).
+
+/// Cells written (counter).
+pub const WRITE_CELLS: &str = "dmp_store_write_cells_total";
+/// Rows written (counter).
+pub const WRITE_ROWS: &str = "dmp_store_write_rows_total";
+/// Duration of an operation, by `op` (histogram, seconds).
+pub const OP_DURATION: &str = "dmp_store_operation_duration_seconds";
+/// Cells returned per row read (histogram).
+pub const READ_CELLS: &str = "dmp_store_read_cells";
+/// Rows repacked into one value (counter).
+pub const REPACKS: &str = "dmp_store_repacks_total";
+/// Errors by `op` and `kind` (counter).
+pub const ERRORS: &str = "dmp_store_errors_total";
+/// Cells dropped by TTL during compaction (counter).
+pub const TTL_DROPPED_CELLS: &str = "dmp_store_ttl_dropped_cells_total";
