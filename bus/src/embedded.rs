@@ -1,0 +1,838 @@
+//! The embedded bus: topics, partitions and consumer groups on the fjall database the store
+//! shares, for one process.
+//!
+//! Keyspaces:
+//! ```text
+//! bus.log   topic_id:u32 partition:u32 offset:u64          -> ts:i64 key_len:varint key value
+//! bus.tidx  topic_id:u32 partition:u32 ts:u64 offset:u64   -> ()   (only records that raise the
+//!                                                                   partition's max timestamp)
+//! bus.meta  "t" name                                        -> topic_id:u32 partitions:u32
+//!           "s" topic_id partition base_offset              -> bytes:u64 max_ts:i64 (a segment)
+//!           "l" topic_id partition                          -> low offset:u64
+//!           "g" group_len:u16 group topic_id partition      -> committed offset:u64
+//! ```
+//! A produce writes its records, their index entries and segment totals in one atomic batch
+//! (fsynced first when `fsync_interval_ms = 0`), then publishes the new high offsets and wakes
+//! consumers. Retention deletes whole segments (never the newest) past the age or size bound.
+//! `seek_group_to_time` uses the time index: the first record whose timestamp reaches the target
+//! among records that raised the partition's maximum, as Kafka's time index does.
+//!
+//! Group membership lives in memory: members join and leave, each join or leave bumps the group's
+//! generation and partitions are spread over members in order. A member sees a new generation at
+//! its next poll; commits for partitions it no longer owns are dropped.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use fjall::{Keyspace, PersistMode};
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::Notify;
+
+use dmp_core::clock::now_ms;
+use dmp_core::config::BusConfig;
+use dmp_core::partition::partition_for_key;
+use dmp_store::embedded::EmbeddedDatabase;
+
+use crate::metrics as m;
+use crate::{
+    Bus, BusError, Consumer, ConsumerHealth, Delivered, PartitionOffsets, ProduceRecord, Record,
+    Result, TopicInfo, TopicPartition,
+};
+
+const LOG: &str = "bus.log";
+const TIDX: &str = "bus.tidx";
+const META: &str = "bus.meta";
+
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    bytes: u64,
+    max_ts: i64,
+}
+
+#[derive(Debug)]
+struct PartitionState {
+    /// Next offset to be written.
+    next: u64,
+    /// First offset kept.
+    low: u64,
+    /// Highest timestamp written (for the time index).
+    max_ts: i64,
+    /// Retention segments by base offset.
+    segments: BTreeMap<u64, Segment>,
+}
+
+impl PartitionState {
+    fn bytes(&self) -> u64 {
+        self.segments.values().map(|s| s.bytes).sum()
+    }
+}
+
+struct Topic {
+    id: u32,
+    name: Arc<str>,
+    partitions: Vec<Mutex<PartitionState>>,
+    /// Published high offsets (readers never look past them).
+    high: Vec<AtomicU64>,
+    /// Serialises produces to this topic so offsets are assigned in commit order.
+    produce_lock: Mutex<()>,
+}
+
+#[derive(Default)]
+struct Group {
+    generation: u64,
+    /// member id -> subscribed topics, in join order.
+    members: BTreeMap<u64, Vec<String>>,
+}
+
+struct Inner {
+    db: EmbeddedDatabase,
+    log: Keyspace,
+    tidx: Keyspace,
+    meta: Keyspace,
+    topics: RwLock<HashMap<String, Arc<Topic>>>,
+    groups: Mutex<HashMap<String, Group>>,
+    next_member: AtomicU64,
+    notify: Notify,
+    cfg: BusConfig,
+}
+
+/// The embedded bus. Cheap to clone.
+#[derive(Clone)]
+pub struct EmbeddedBus {
+    inner: Arc<Inner>,
+}
+
+fn log_key(tid: u32, p: u32, offset: u64) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..4].copy_from_slice(&tid.to_be_bytes());
+    k[4..8].copy_from_slice(&p.to_be_bytes());
+    k[8..].copy_from_slice(&offset.to_be_bytes());
+    k
+}
+
+fn part_prefix(tid: u32, p: u32) -> [u8; 8] {
+    let mut k = [0u8; 8];
+    k[..4].copy_from_slice(&tid.to_be_bytes());
+    k[4..].copy_from_slice(&p.to_be_bytes());
+    k
+}
+
+fn tidx_key(tid: u32, p: u32, ts: i64, offset: u64) -> [u8; 24] {
+    let mut k = [0u8; 24];
+    k[..8].copy_from_slice(&part_prefix(tid, p));
+    k[8..16].copy_from_slice(&(ts.max(0) as u64).to_be_bytes());
+    k[16..].copy_from_slice(&offset.to_be_bytes());
+    k
+}
+
+fn meta_key(tag: u8, tid: u32, p: u32, extra: Option<u64>) -> Vec<u8> {
+    let mut k = vec![tag];
+    k.extend_from_slice(&part_prefix(tid, p));
+    if let Some(e) = extra {
+        k.extend_from_slice(&e.to_be_bytes());
+    }
+    k
+}
+
+fn group_key(group: &str, tid: u32, p: u32) -> Vec<u8> {
+    let mut k = vec![b'g'];
+    k.extend_from_slice(&(group.len() as u16).to_be_bytes());
+    k.extend_from_slice(group.as_bytes());
+    k.extend_from_slice(&part_prefix(tid, p));
+    k
+}
+
+fn be_u64(b: &[u8]) -> Result<u64> {
+    b.get(..8)
+        .map(|s| u64::from_be_bytes(s.try_into().expect("8 bytes")))
+        .ok_or_else(|| BusError::Corrupt("short integer".into()))
+}
+
+fn encode_value(ts: i64, key: &[u8], value: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + 5 + key.len() + value.len());
+    out.extend_from_slice(&ts.to_be_bytes());
+    dmp_store::codec::put_varint(&mut out, key.len() as u64);
+    out.extend_from_slice(key);
+    out.extend_from_slice(value);
+    out
+}
+
+fn decode_value(buf: &[u8]) -> Result<(i64, Vec<u8>, Vec<u8>)> {
+    if buf.len() < 8 {
+        return Err(BusError::Corrupt("record shorter than its timestamp".into()));
+    }
+    let ts = i64::from_be_bytes(buf[..8].try_into().expect("8 bytes"));
+    let mut rest = &buf[8..];
+    let klen = dmp_store::codec::get_varint(&mut rest).map_err(BusError::Corrupt)? as usize;
+    if rest.len() < klen {
+        return Err(BusError::Corrupt("truncated record key".into()));
+    }
+    Ok((ts, rest[..klen].to_vec(), rest[klen..].to_vec()))
+}
+
+impl EmbeddedBus {
+    /// Opens the bus's keyspaces in the shared database and recovers every topic's offsets.
+    pub fn open(db: &EmbeddedDatabase, cfg: &BusConfig) -> Result<EmbeddedBus> {
+        let log = db.keyspace(LOG)?;
+        let tidx = db.keyspace(TIDX)?;
+        let meta = db.keyspace(META)?;
+        let inner = Inner {
+            db: db.clone(),
+            log,
+            tidx,
+            meta,
+            topics: RwLock::new(HashMap::new()),
+            groups: Mutex::new(HashMap::new()),
+            next_member: AtomicU64::new(1),
+            notify: Notify::new(),
+            cfg: cfg.clone(),
+        };
+        let bus = EmbeddedBus {
+            inner: Arc::new(inner),
+        };
+        bus.recover()?;
+        Ok(bus)
+    }
+
+    fn recover(&self) -> Result<()> {
+        let inner = &self.inner;
+        let mut topics = inner.topics.write();
+        for kv in inner.meta.prefix(b"t") {
+            let (k, v) = kv.into_inner()?;
+            let name = String::from_utf8_lossy(&k[1..]).into_owned();
+            if v.len() != 8 {
+                return Err(BusError::Corrupt(format!("topic entry of {name:?}")));
+            }
+            let id = u32::from_be_bytes(v[..4].try_into().expect("4 bytes"));
+            let n = u32::from_be_bytes(v[4..8].try_into().expect("4 bytes"));
+            let mut parts = Vec::with_capacity(n as usize);
+            let mut high = Vec::with_capacity(n as usize);
+            for p in 0..n {
+                let low = match inner.meta.get(meta_key(b'l', id, p, None))? {
+                    Some(v) => be_u64(&v)?,
+                    None => 0,
+                };
+                let next = match inner.log.prefix(part_prefix(id, p)).next_back() {
+                    Some(kv) => be_u64(&kv.key()?[8..])? + 1,
+                    None => low,
+                }
+                .max(low);
+                let max_ts = match inner.tidx.prefix(part_prefix(id, p)).next_back() {
+                    Some(kv) => be_u64(&kv.key()?[8..16])? as i64,
+                    None => i64::MIN,
+                };
+                let mut segments = BTreeMap::new();
+                for kv in inner.meta.prefix(meta_key(b's', id, p, None)) {
+                    let (k, v) = kv.into_inner()?;
+                    let base = be_u64(&k[9..])?;
+                    if v.len() != 16 {
+                        return Err(BusError::Corrupt("segment entry".into()));
+                    }
+                    segments.insert(
+                        base,
+                        Segment {
+                            bytes: be_u64(&v[..8])?,
+                            max_ts: be_u64(&v[8..])? as i64,
+                        },
+                    );
+                }
+                parts.push(Mutex::new(PartitionState {
+                    next,
+                    low,
+                    max_ts,
+                    segments,
+                }));
+                high.push(AtomicU64::new(next));
+            }
+            topics.insert(
+                name.clone(),
+                Arc::new(Topic {
+                    id,
+                    name: name.into(),
+                    partitions: parts,
+                    high,
+                    produce_lock: Mutex::new(()),
+                }),
+            );
+        }
+        Ok(())
+    }
+
+    fn topic(&self, name: &str) -> Result<Arc<Topic>> {
+        self.inner
+            .topics
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| BusError::UnknownTopic(name.to_string()))
+    }
+
+    fn produce_sync(&self, topic: &str, records: Vec<ProduceRecord>) -> Result<Vec<Delivered>> {
+        let t = self.topic(topic)?;
+        let inner = &self.inner;
+        let n = t.partitions.len() as u32;
+        let now = now_ms();
+        let seg_size = inner.cfg.segment_records;
+        let _guard = t.produce_lock.lock();
+        // Offsets are assigned from a snapshot of each partition, committed, then published.
+        let mut next: Vec<u64> = t.partitions.iter().map(|p| p.lock().next).collect();
+        let mut max_ts: Vec<i64> = t.partitions.iter().map(|p| p.lock().max_ts).collect();
+        let mut seg_updates: BTreeMap<(u32, u64), Segment> = BTreeMap::new();
+        let mut batch = inner.db.db().batch().durability(inner.db.batch_durability());
+        let mut delivered = Vec::with_capacity(records.len());
+        let mut bytes = 0u64;
+        for r in &records {
+            let p = partition_for_key(&r.key, n);
+            let offset = next[p as usize];
+            next[p as usize] += 1;
+            let ts = r.timestamp.unwrap_or(now);
+            let size = (r.key.len() + r.value.len()) as u64;
+            bytes += size;
+            batch.insert(&inner.log, log_key(t.id, p, offset), encode_value(ts, &r.key, &r.value));
+            if ts > max_ts[p as usize] {
+                max_ts[p as usize] = ts;
+                batch.insert(&inner.tidx, tidx_key(t.id, p, ts, offset), Vec::<u8>::new());
+            }
+            let base = offset - offset % seg_size;
+            let seg = seg_updates.entry((p, base)).or_insert_with(|| {
+                t.partitions[p as usize]
+                    .lock()
+                    .segments
+                    .get(&base)
+                    .copied()
+                    .unwrap_or(Segment {
+                        bytes: 0,
+                        max_ts: i64::MIN,
+                    })
+            });
+            seg.bytes += size;
+            seg.max_ts = seg.max_ts.max(ts);
+            delivered.push(Delivered {
+                partition: p,
+                offset,
+            });
+        }
+        for ((p, base), seg) in &seg_updates {
+            let mut v = Vec::with_capacity(16);
+            v.extend_from_slice(&seg.bytes.to_be_bytes());
+            v.extend_from_slice(&seg.max_ts.to_be_bytes());
+            batch.insert(&inner.meta, meta_key(b's', t.id, *p, Some(*base)), v);
+        }
+        batch.commit()?;
+        for (p, part) in t.partitions.iter().enumerate() {
+            let mut st = part.lock();
+            st.next = next[p];
+            st.max_ts = max_ts[p];
+            for ((sp, base), seg) in &seg_updates {
+                if *sp as usize == p {
+                    st.segments.insert(*base, *seg);
+                }
+            }
+            t.high[p].store(next[p], Ordering::Release);
+        }
+        drop(_guard);
+        inner.notify.notify_waiters();
+        metrics::counter!(m::PRODUCED_RECORDS, "backend" => "embedded").increment(records.len() as u64);
+        metrics::counter!(m::PRODUCED_BYTES, "backend" => "embedded").increment(bytes);
+        Ok(delivered)
+    }
+
+    /// Reads up to `max` records of one partition from `from`.
+    fn read(&self, t: &Topic, p: u32, from: u64, max: usize, out: &mut Vec<Record>) -> Result<u64> {
+        let high = t.high[p as usize].load(Ordering::Acquire);
+        let low = t.partitions[p as usize].lock().low;
+        let from = from.max(low);
+        if from >= high || max == 0 {
+            return Ok(from);
+        }
+        let end = high.min(from.saturating_add(max as u64));
+        let mut pos = from;
+        for kv in self
+            .inner
+            .log
+            .range(log_key(t.id, p, from)..log_key(t.id, p, end))
+        {
+            let (k, v) = kv.into_inner()?;
+            let offset = be_u64(&k[8..])?;
+            let (ts, key, value) = decode_value(&v)?;
+            out.push(Record {
+                topic: t.name.clone(),
+                partition: p,
+                offset,
+                timestamp: ts,
+                key,
+                value,
+            });
+            pos = offset + 1;
+        }
+        // Records below `low` may vanish under us (retention); skip gaps forward.
+        Ok(pos.max(from))
+    }
+
+    /// Applies retention now: deletes whole segments (never the newest one of a partition) older
+    /// than `retention_hours` or beyond `retention_bytes`. Returns the records deleted.
+    pub fn enforce_retention(&self, now: i64) -> Result<u64> {
+        let topics: Vec<Arc<Topic>> = self.inner.topics.read().values().cloned().collect();
+        let max_age = self.inner.cfg.retention_hours as i64 * 3_600_000;
+        let mut deleted = 0;
+        for t in topics {
+            for p in 0..t.partitions.len() as u32 {
+                loop {
+                    let victim = {
+                        let st = t.partitions[p as usize].lock();
+                        if st.segments.len() < 2 {
+                            None
+                        } else {
+                            let (&base, seg) = st.segments.iter().next().expect("len >= 2");
+                            let next_base = *st.segments.keys().nth(1).expect("len >= 2");
+                            let too_old = seg.max_ts < now - max_age;
+                            let too_big = st.bytes() > self.inner.cfg.retention_bytes;
+                            (too_old || too_big).then_some((base, next_base))
+                        }
+                    };
+                    let Some((base, next_base)) = victim else {
+                        break;
+                    };
+                    deleted += self.delete_segment(&t, p, base, next_base)?;
+                }
+            }
+        }
+        if deleted > 0 {
+            metrics::counter!(m::RETENTION_DELETED_RECORDS).increment(deleted);
+        }
+        Ok(deleted)
+    }
+
+    fn delete_segment(&self, t: &Topic, p: u32, base: u64, next_base: u64) -> Result<u64> {
+        let inner = &self.inner;
+        // Raise `low` first (durably), so readers skip what is being deleted.
+        inner
+            .meta
+            .insert(meta_key(b'l', t.id, p, None), next_base.to_be_bytes().to_vec())?;
+        t.partitions[p as usize].lock().low = next_base;
+        let mut deleted = 0u64;
+        let mut batch = inner.db.db().batch();
+        for kv in inner
+            .log
+            .range(log_key(t.id, p, base)..log_key(t.id, p, next_base))
+        {
+            batch.remove(&inner.log, kv.key()?);
+            deleted += 1;
+            if batch.len() >= 10_000 {
+                std::mem::replace(&mut batch, inner.db.db().batch()).commit()?;
+            }
+        }
+        for kv in inner.tidx.prefix(part_prefix(t.id, p)) {
+            let k = kv.key()?;
+            if be_u64(&k[16..])? >= next_base {
+                break;
+            }
+            batch.remove(&inner.tidx, k);
+        }
+        batch.remove(&inner.meta, meta_key(b's', t.id, p, Some(base)));
+        batch.commit()?;
+        t.partitions[p as usize].lock().segments.remove(&base);
+        Ok(deleted)
+    }
+
+    /// Starts a background thread that applies retention every `every` until the bus is dropped.
+    pub fn spawn_retention(&self, every: Duration) {
+        let weak = Arc::downgrade(&self.inner);
+        std::thread::Builder::new()
+            .name("dmp-bus-retention".into())
+            .spawn(move || loop {
+                std::thread::sleep(every);
+                let Some(inner) = weak.upgrade() else { break };
+                let bus = EmbeddedBus { inner };
+                if let Err(e) = bus.enforce_retention(now_ms()) {
+                    tracing::error!(error = %e, "bus retention failed");
+                }
+            })
+            .expect("spawning a thread");
+    }
+
+    fn committed_sync(&self, group: &str, t: &Topic, p: u32) -> Result<Option<u64>> {
+        match self.inner.meta.get(group_key(group, t.id, p))? {
+            Some(v) => Ok(Some(be_u64(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn offsets_for_time_sync(&self, t: &Topic, ts: i64) -> Result<Vec<u64>> {
+        let mut out = Vec::with_capacity(t.partitions.len());
+        for p in 0..t.partitions.len() as u32 {
+            let high = t.high[p as usize].load(Ordering::Acquire);
+            let low = t.partitions[p as usize].lock().low;
+            let upper = part_prefix(t.id, p + 1);
+            let found = self
+                .inner
+                .tidx
+                .range(tidx_key(t.id, p, ts, 0).to_vec()..upper.to_vec())
+                .next();
+            let off = match found {
+                Some(kv) => be_u64(&kv.key()?[16..])?.max(low),
+                None => high,
+            };
+            out.push(off.min(high));
+        }
+        Ok(out)
+    }
+
+    fn commit_sync(&self, group: &str, offsets: &[(Arc<Topic>, u32, u64)]) -> Result<()> {
+        let inner = &self.inner;
+        let mut batch = inner.db.db().batch().durability(inner.db.batch_durability());
+        for (t, p, off) in offsets {
+            batch.insert(&inner.meta, group_key(group, t.id, *p), off.to_be_bytes().to_vec());
+        }
+        batch.commit()?;
+        Ok(())
+    }
+
+    /// Makes everything acknowledged durable on disk now.
+    pub fn sync(&self) -> Result<()> {
+        self.inner.db.db().persist(PersistMode::SyncData)?;
+        Ok(())
+    }
+
+    fn assignment_for(&self, group: &str, member: u64) -> (u64, Vec<(Arc<Topic>, u32)>) {
+        let groups = self.inner.groups.lock();
+        let Some(g) = groups.get(group) else {
+            return (0, Vec::new());
+        };
+        let topics = self.inner.topics.read();
+        // Every (topic, partition) any member subscribes to, spread round-robin over the members
+        // subscribed to that topic, in member order.
+        let mut subscribed: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+        for (id, ts) in &g.members {
+            for t in ts {
+                subscribed.entry(t.as_str()).or_default().push(*id);
+            }
+        }
+        let mut mine = Vec::new();
+        for (name, members) in subscribed {
+            let Some(t) = topics.get(name) else { continue };
+            for p in 0..t.partitions.len() as u32 {
+                if members[p as usize % members.len()] == member {
+                    mine.push((t.clone(), p));
+                }
+            }
+        }
+        (g.generation, mine)
+    }
+}
+
+#[async_trait]
+impl Bus for EmbeddedBus {
+    async fn create_topic(&self, name: &str, partitions: u32) -> Result<bool> {
+        dmp_core::config::check_topic_name("topic", name)
+            .map_err(|e| BusError::Rejected(e.to_string()))?;
+        if partitions == 0 || partitions > 1024 {
+            return Err(BusError::Rejected(format!(
+                "a topic has 1 to 1024 partitions, not {partitions}"
+            )));
+        }
+        let mut topics = self.inner.topics.write();
+        if topics.contains_key(name) {
+            return Ok(false);
+        }
+        let id = topics.values().map(|t| t.id + 1).max().unwrap_or(1);
+        let mut v = id.to_be_bytes().to_vec();
+        v.extend_from_slice(&partitions.to_be_bytes());
+        let mut key = vec![b't'];
+        key.extend_from_slice(name.as_bytes());
+        self.inner.meta.insert(key, v)?;
+        self.inner.db.db().persist(PersistMode::SyncData)?;
+        topics.insert(
+            name.to_string(),
+            Arc::new(Topic {
+                id,
+                name: name.into(),
+                partitions: (0..partitions)
+                    .map(|_| {
+                        Mutex::new(PartitionState {
+                            next: 0,
+                            low: 0,
+                            max_ts: i64::MIN,
+                            segments: BTreeMap::new(),
+                        })
+                    })
+                    .collect(),
+                high: (0..partitions).map(|_| AtomicU64::new(0)).collect(),
+                produce_lock: Mutex::new(()),
+            }),
+        );
+        // Members subscribed before the topic existed now get its partitions.
+        for g in self.inner.groups.lock().values_mut() {
+            if g.members.values().any(|ts| ts.iter().any(|t| t == name)) {
+                g.generation += 1;
+            }
+        }
+        Ok(true)
+    }
+
+    async fn topics(&self) -> Result<Vec<TopicInfo>> {
+        let mut out: Vec<TopicInfo> = self
+            .inner
+            .topics
+            .read()
+            .values()
+            .map(|t| TopicInfo {
+                name: t.name.to_string(),
+                partitions: t.partitions.len() as u32,
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    async fn produce(&self, topic: &str, records: Vec<ProduceRecord>) -> Result<Vec<Delivered>> {
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        let start = Instant::now();
+        let bus = self.clone();
+        let topic_owned = topic.to_string();
+        // A fsync per batch blocks: keep it off the async workers.
+        let r = if self.inner.db.sync_each_batch() {
+            tokio::task::spawn_blocking(move || bus.produce_sync(&topic_owned, records))
+                .await
+                .map_err(|e| BusError::Backend(e.to_string()))?
+        } else {
+            bus.produce_sync(&topic_owned, records)
+        };
+        metrics::histogram!(m::PRODUCE_DURATION, "backend" => "embedded")
+            .record(start.elapsed().as_secs_f64());
+        if let Err(e) = &r {
+            metrics::counter!(m::ERRORS, "backend" => "embedded", "kind" => e.kind().as_str())
+                .increment(1);
+        }
+        r
+    }
+
+    async fn consumer(&self, group: &str, topics: &[String]) -> Result<Box<dyn Consumer>> {
+        if group.is_empty() || group.len() > 255 {
+            return Err(BusError::Rejected("a group id is 1 to 255 bytes".into()));
+        }
+        if topics.is_empty() {
+            return Err(BusError::Rejected("subscribe to at least one topic".into()));
+        }
+        let id = self.inner.next_member.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut groups = self.inner.groups.lock();
+            let g = groups.entry(group.to_string()).or_default();
+            g.members.insert(id, topics.to_vec());
+            g.generation += 1;
+        }
+        Ok(Box::new(EmbeddedConsumer {
+            bus: self.clone(),
+            group: group.to_string(),
+            member: id,
+            generation: u64::MAX,
+            owned: Vec::new(),
+            positions: HashMap::new(),
+            cursor: 0,
+            closed: false,
+        }))
+    }
+
+    async fn offsets(&self, topic: &str) -> Result<Vec<PartitionOffsets>> {
+        let t = self.topic(topic)?;
+        Ok((0..t.partitions.len() as u32)
+            .map(|p| PartitionOffsets {
+                partition: p,
+                low: t.partitions[p as usize].lock().low,
+                high: t.high[p as usize].load(Ordering::Acquire),
+            })
+            .collect())
+    }
+
+    async fn committed(&self, group: &str, topic: &str) -> Result<Vec<Option<u64>>> {
+        let t = self.topic(topic)?;
+        (0..t.partitions.len() as u32)
+            .map(|p| self.committed_sync(group, &t, p))
+            .collect()
+    }
+
+    async fn offsets_for_time(&self, topic: &str, ts_ms: i64) -> Result<Vec<u64>> {
+        let t = self.topic(topic)?;
+        self.offsets_for_time_sync(&t, ts_ms)
+    }
+
+    async fn seek_group_to_time(&self, group: &str, topic: &str, ts_ms: i64) -> Result<Vec<u64>> {
+        let t = self.topic(topic)?;
+        if let Some(g) = self.inner.groups.lock().get(group) {
+            if !g.members.is_empty() {
+                return Err(BusError::Rejected(format!(
+                    "group {group:?} has {} live member(s); stop them before moving its offsets",
+                    g.members.len()
+                )));
+            }
+        }
+        let offsets = self.offsets_for_time_sync(&t, ts_ms)?;
+        let commits: Vec<(Arc<Topic>, u32, u64)> = offsets
+            .iter()
+            .enumerate()
+            .map(|(p, o)| (t.clone(), p as u32, *o))
+            .collect();
+        self.commit_sync(group, &commits)?;
+        Ok(offsets)
+    }
+
+    fn backend_name(&self) -> &'static str {
+        "embedded"
+    }
+}
+
+/// A member of an embedded consumer group.
+pub struct EmbeddedConsumer {
+    bus: EmbeddedBus,
+    group: String,
+    member: u64,
+    generation: u64,
+    owned: Vec<(Arc<Topic>, u32)>,
+    positions: HashMap<(u32, u32), u64>,
+    /// Round-robin start among owned partitions, so one busy partition cannot starve the others.
+    cursor: usize,
+    closed: bool,
+}
+
+impl EmbeddedConsumer {
+    fn refresh_assignment(&mut self) -> Result<()> {
+        let (generation, owned) = self.bus.assignment_for(&self.group, self.member);
+        if generation == self.generation {
+            return Ok(());
+        }
+        let mut positions = HashMap::new();
+        for (t, p) in &owned {
+            let key = (t.id, *p);
+            let pos = match self.positions.get(&key) {
+                Some(pos) => *pos,
+                None => match self.bus.committed_sync(&self.group, t, *p)? {
+                    Some(o) => o,
+                    None => t.partitions[*p as usize].lock().low,
+                },
+            };
+            positions.insert(key, pos);
+        }
+        if generation != 0 && !owned.is_empty() {
+            metrics::counter!(m::REBALANCES, "backend" => "embedded", "event" => "assign")
+                .increment(1);
+        }
+        self.generation = generation;
+        self.owned = owned;
+        self.positions = positions;
+        Ok(())
+    }
+
+    fn try_read(&mut self, max: usize) -> Result<Vec<Record>> {
+        let mut out = Vec::new();
+        let n = self.owned.len();
+        for i in 0..n {
+            if out.len() >= max {
+                break;
+            }
+            let (t, p) = &self.owned[(self.cursor + i) % n];
+            let key = (t.id, *p);
+            let from = self.positions[&key];
+            let pos = self.bus.read(t, *p, from, max - out.len(), &mut out)?;
+            self.positions.insert(key, pos);
+        }
+        if n > 0 {
+            self.cursor = (self.cursor + 1) % n;
+        }
+        Ok(out)
+    }
+
+    fn leave(&mut self) {
+        if self.closed {
+            return;
+        }
+        self.closed = true;
+        let mut groups = self.bus.inner.groups.lock();
+        if let Some(g) = groups.get_mut(&self.group) {
+            g.members.remove(&self.member);
+            g.generation += 1;
+        }
+    }
+}
+
+#[async_trait]
+impl Consumer for EmbeddedConsumer {
+    async fn poll(&mut self, max: usize, timeout: Duration) -> Result<Vec<Record>> {
+        if self.closed {
+            return Err(BusError::Closed);
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        let inner = self.bus.inner.clone();
+        loop {
+            let notified = inner.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            self.refresh_assignment()?;
+            let out = self.try_read(max)?;
+            if !out.is_empty() {
+                metrics::counter!(m::CONSUMED_RECORDS, "backend" => "embedded")
+                    .increment(out.len() as u64);
+                return Ok(out);
+            }
+            // Wake on new records, and at least every 100 ms to see rebalances.
+            let wake = deadline.min(tokio::time::Instant::now() + Duration::from_millis(100));
+            if tokio::time::timeout_at(wake, notified).await.is_err()
+                && tokio::time::Instant::now() >= deadline
+            {
+                return Ok(Vec::new());
+            }
+        }
+    }
+
+    fn assignment(&self) -> Vec<TopicPartition> {
+        let (_, owned) = self.bus.assignment_for(&self.group, self.member);
+        owned
+            .iter()
+            .map(|(t, p)| TopicPartition::new(t.name.to_string(), *p))
+            .collect()
+    }
+
+    async fn commit(&mut self, offsets: &[(TopicPartition, u64)]) -> Result<()> {
+        let (_, owned) = self.bus.assignment_for(&self.group, self.member);
+        let commits: Vec<(Arc<Topic>, u32, u64)> = offsets
+            .iter()
+            .filter_map(|(tp, off)| {
+                owned
+                    .iter()
+                    .find(|(t, p)| *t.name == *tp.topic && *p == tp.partition)
+                    .map(|(t, p)| (t.clone(), *p, *off))
+            })
+            .collect();
+        if commits.is_empty() {
+            return Ok(());
+        }
+        if self.bus.inner.db.sync_each_batch() {
+            let bus = self.bus.clone();
+            let group = self.group.clone();
+            tokio::task::spawn_blocking(move || bus.commit_sync(&group, &commits))
+                .await
+                .map_err(|e| BusError::Backend(e.to_string()))?
+        } else {
+            self.bus.commit_sync(&self.group, &commits)
+        }
+    }
+
+    fn health(&self) -> ConsumerHealth {
+        ConsumerHealth::default()
+    }
+
+    async fn close(mut self: Box<Self>) -> Result<()> {
+        self.leave();
+        Ok(())
+    }
+}
+
+impl Drop for EmbeddedConsumer {
+    fn drop(&mut self) {
+        self.leave();
+    }
+}

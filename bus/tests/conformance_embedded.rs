@@ -1,0 +1,54 @@
+//! The bus conformance suite on the embedded backend.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use dmp_bus::conformance::{run_all, Harness};
+use dmp_bus::embedded::EmbeddedBus;
+use dmp_bus::Bus;
+use dmp_store::embedded::EmbeddedDatabase;
+use dmp_store::Schema;
+
+struct Embedded {
+    dir: tempfile::TempDir,
+    bus: Option<Arc<EmbeddedBus>>,
+    n: AtomicU32,
+}
+
+fn open(dir: &std::path::Path) -> Arc<EmbeddedBus> {
+    let cfg = dmp_core::Config::defaults();
+    let db = EmbeddedDatabase::open(dir, &cfg.embedded, &Schema::dmp_default()).unwrap();
+    Arc::new(EmbeddedBus::open(&db, &cfg.bus).unwrap())
+}
+
+#[async_trait]
+impl Harness for Embedded {
+    fn bus(&self) -> Arc<dyn Bus> {
+        self.bus.clone().unwrap()
+    }
+
+    async fn restart(&mut self) {
+        let bus = self.bus.take().unwrap();
+        assert_eq!(Arc::strong_count(&bus), 1, "something still holds the bus");
+        drop(bus);
+        self.bus = Some(open(self.dir.path()));
+    }
+
+    fn unique(&self, base: &str) -> String {
+        format!("{base}-{}", self.n.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_embedded_bus_when_running_conformance_then_every_check_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = open(dir.path());
+    let mut h = Embedded {
+        dir,
+        bus: Some(bus),
+        n: AtomicU32::new(0),
+    };
+    let failures = run_all(&mut h).await;
+    assert!(failures.is_empty(), "conformance failures:\n{}", failures.join("\n"));
+}

@@ -1,0 +1,67 @@
+//! The bus conformance suite against a real Kafka-protocol broker (Tansu in CI).
+//!
+//! Needs `DMP_TEST_KAFKA=host:port`; the test script (`scripts/test.sh`) starts a broker and
+//! sets it. Marked ignored so a plain `cargo test` without a broker stays green; the script runs
+//! ignored tests too, and then a missing or unreachable broker fails loudly.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use dmp_bus::conformance::{run_all, Harness};
+use dmp_bus::kafka::KafkaBus;
+use dmp_bus::Bus;
+
+fn broker() -> String {
+    std::env::var("DMP_TEST_KAFKA").expect(
+        "DMP_TEST_KAFKA is not set: this real-service test needs a Kafka-protocol broker (run scripts/test.sh)",
+    )
+}
+
+fn connect() -> Arc<KafkaBus> {
+    let mut cfg = dmp_core::Config::defaults().kafka;
+    cfg.consumer
+        .insert("session.timeout.ms".into(), "6000".into());
+    cfg.consumer
+        .insert("auto.commit.interval.ms".into(), "200".into());
+    Arc::new(KafkaBus::from_url(&format!("kafka://{}", broker()), &cfg).unwrap())
+}
+
+struct Kafka {
+    bus: Arc<KafkaBus>,
+    run: String,
+}
+
+#[async_trait]
+impl Harness for Kafka {
+    fn bus(&self) -> Arc<dyn Bus> {
+        self.bus.clone()
+    }
+
+    async fn restart(&mut self) {
+        self.bus = connect();
+    }
+
+    fn unique(&self, base: &str) -> String {
+        format!("{base}-{}", self.run)
+    }
+
+    fn patience(&self) -> Duration {
+        Duration::from_secs(60)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a Kafka-protocol broker: run scripts/test.sh"]
+async fn given_real_broker_when_running_conformance_then_every_check_passes() {
+    let bus = connect();
+    // Fail loudly and early when the broker cannot be reached.
+    tokio::time::timeout(Duration::from_secs(30), bus.topics())
+        .await
+        .expect("the broker did not answer within 30 s")
+        .expect("the broker could not be reached");
+    let run = format!("{}", dmp_core::clock::now_ms());
+    let mut h = Kafka { bus, run };
+    let failures = run_all(&mut h).await;
+    assert!(failures.is_empty(), "conformance failures:\n{}", failures.join("\n"));
+}
