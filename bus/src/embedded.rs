@@ -162,7 +162,9 @@ fn encode_value(ts: i64, key: &[u8], value: &[u8]) -> Vec<u8> {
 
 fn decode_value(buf: &[u8]) -> Result<(i64, Vec<u8>, Vec<u8>)> {
     if buf.len() < 8 {
-        return Err(BusError::Corrupt("record shorter than its timestamp".into()));
+        return Err(BusError::Corrupt(
+            "record shorter than its timestamp".into(),
+        ));
     }
     let ts = i64::from_be_bytes(buf[..8].try_into().expect("8 bytes"));
     let mut rest = &buf[8..];
@@ -281,7 +283,11 @@ impl EmbeddedBus {
         let mut next: Vec<u64> = t.partitions.iter().map(|p| p.lock().next).collect();
         let mut max_ts: Vec<i64> = t.partitions.iter().map(|p| p.lock().max_ts).collect();
         let mut seg_updates: BTreeMap<(u32, u64), Segment> = BTreeMap::new();
-        let mut batch = inner.db.db().batch().durability(inner.db.batch_durability());
+        let mut batch = inner
+            .db
+            .db()
+            .batch()
+            .durability(inner.db.batch_durability());
         let mut delivered = Vec::with_capacity(records.len());
         let mut bytes = 0u64;
         for r in &records {
@@ -291,7 +297,11 @@ impl EmbeddedBus {
             let ts = r.timestamp.unwrap_or(now);
             let size = (r.key.len() + r.value.len()) as u64;
             bytes += size;
-            batch.insert(&inner.log, log_key(t.id, p, offset), encode_value(ts, &r.key, &r.value));
+            batch.insert(
+                &inner.log,
+                log_key(t.id, p, offset),
+                encode_value(ts, &r.key, &r.value),
+            );
             if ts > max_ts[p as usize] {
                 max_ts[p as usize] = ts;
                 batch.insert(&inner.tidx, tidx_key(t.id, p, ts, offset), Vec::<u8>::new());
@@ -335,7 +345,8 @@ impl EmbeddedBus {
         }
         drop(_guard);
         inner.notify.notify_waiters();
-        metrics::counter!(m::PRODUCED_RECORDS, "backend" => "embedded").increment(records.len() as u64);
+        metrics::counter!(m::PRODUCED_RECORDS, "backend" => "embedded")
+            .increment(records.len() as u64);
         metrics::counter!(m::PRODUCED_BYTES, "backend" => "embedded").increment(bytes);
         Ok(delivered)
     }
@@ -409,9 +420,10 @@ impl EmbeddedBus {
     fn delete_segment(&self, t: &Topic, p: u32, base: u64, next_base: u64) -> Result<u64> {
         let inner = &self.inner;
         // Raise `low` first (durably), so readers skip what is being deleted.
-        inner
-            .meta
-            .insert(meta_key(b'l', t.id, p, None), next_base.to_be_bytes().to_vec())?;
+        inner.meta.insert(
+            meta_key(b'l', t.id, p, None),
+            next_base.to_be_bytes().to_vec(),
+        )?;
         t.partitions[p as usize].lock().low = next_base;
         let mut deleted = 0u64;
         let mut batch = inner.db.db().batch();
@@ -483,9 +495,17 @@ impl EmbeddedBus {
 
     fn commit_sync(&self, group: &str, offsets: &[(Arc<Topic>, u32, u64)]) -> Result<()> {
         let inner = &self.inner;
-        let mut batch = inner.db.db().batch().durability(inner.db.batch_durability());
+        let mut batch = inner
+            .db
+            .db()
+            .batch()
+            .durability(inner.db.batch_durability());
         for (t, p, off) in offsets {
-            batch.insert(&inner.meta, group_key(group, t.id, *p), off.to_be_bytes().to_vec());
+            batch.insert(
+                &inner.meta,
+                group_key(group, t.id, *p),
+                off.to_be_bytes().to_vec(),
+            );
         }
         batch.commit()?;
         Ok(())

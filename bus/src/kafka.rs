@@ -155,6 +155,64 @@ impl KafkaBus {
         Ok(n)
     }
 
+    /// For each partition with a broker answer, reads forward from it to the first record whose
+    /// timestamp reaches `ts_ms` (bounded to a few seconds in all).
+    async fn refine_offsets_for_time(
+        &self,
+        topic: &str,
+        ts_ms: i64,
+        broker: &[Option<u64>],
+    ) -> Result<Vec<Option<u64>>> {
+        if broker.iter().all(|o| o.is_none()) {
+            return Ok(broker.to_vec());
+        }
+        let mut cfg = base_config(&self.brokers, &self.cfg);
+        cfg.set("group.id", "dmp-offsets-for-time")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false");
+        let c: BaseConsumer = cfg.create().map_err(map_err)?;
+        let topic = topic.to_string();
+        let start = broker.to_vec();
+        blocking(move || {
+            let mut tpl = TopicPartitionList::new();
+            for (p, o) in start.iter().enumerate() {
+                if let Some(o) = o {
+                    tpl.add_partition_offset(&topic, p as i32, Offset::Offset(*o as i64))?;
+                }
+            }
+            c.assign(&tpl)?;
+            let mut out = start.clone();
+            let mut open: BTreeSet<usize> =
+                (0..start.len()).filter(|p| start[*p].is_some()).collect();
+            let deadline = Instant::now() + Duration::from_secs(3);
+            let mut quiet_since = Instant::now();
+            while !open.is_empty() && Instant::now() < deadline {
+                match c.poll(Duration::from_millis(100)) {
+                    Some(Ok(m)) => {
+                        quiet_since = Instant::now();
+                        let p = m.partition() as usize;
+                        if !open.contains(&p) {
+                            continue;
+                        }
+                        let ts = m.timestamp().to_millis().unwrap_or(i64::MAX);
+                        if ts >= ts_ms {
+                            out[p] = Some(m.offset() as u64);
+                            open.remove(&p);
+                        } else {
+                            // Not there yet: the answer is after this record (or the end).
+                            out[p] = Some(m.offset() as u64 + 1);
+                        }
+                    }
+                    Some(Err(e)) => return Err(e),
+                    None if quiet_since.elapsed() > Duration::from_millis(700) => break,
+                    None => {}
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     fn meta_client(&self) -> Result<Arc<BaseConsumer>> {
         Ok(self.meta.clone())
     }
@@ -283,7 +341,8 @@ impl Bus for KafkaBus {
                 .increment(1);
             return Err(e);
         }
-        metrics::counter!(m::PRODUCED_RECORDS, "backend" => "kafka").increment(records.len() as u64);
+        metrics::counter!(m::PRODUCED_RECORDS, "backend" => "kafka")
+            .increment(records.len() as u64);
         metrics::counter!(m::PRODUCED_BYTES, "backend" => "kafka").increment(bytes);
         Ok(delivered)
     }
@@ -368,22 +427,30 @@ impl Bus for KafkaBus {
         let n = self.partition_count(topic).await?;
         let ends = self.offsets(topic).await?;
         let c = self.meta_client()?;
-        let topic = topic.to_string();
+        let topic_owned = topic.to_string();
         let tpl = blocking(move || {
             let mut tpl = TopicPartitionList::new();
             for p in 0..n {
-                tpl.add_partition_offset(&topic, p as i32, Offset::Offset(ts_ms))?;
+                tpl.add_partition_offset(&topic_owned, p as i32, Offset::Offset(ts_ms))?;
             }
             c.offsets_for_times(tpl, META_TIMEOUT)
         })
         .await?;
-        Ok(tpl
+        let broker: Vec<Option<u64>> = tpl
             .elements()
             .iter()
             .map(|e| match e.offset() {
-                Offset::Offset(o) if o >= 0 => o as u64,
-                _ => ends[e.partition() as usize].high,
+                Offset::Offset(o) if o >= 0 => Some(o as u64),
+                _ => None,
             })
+            .collect();
+        // Some brokers (Tansu 0.6) answer with the first offset of the batch holding the target;
+        // read forward to the first record that reaches it, so replays are exact on any broker.
+        let refined = self.refine_offsets_for_time(topic, ts_ms, &broker).await?;
+        Ok(refined
+            .into_iter()
+            .enumerate()
+            .map(|(p, o)| o.unwrap_or(ends[p].high))
             .collect())
     }
 
@@ -459,7 +526,8 @@ impl ConsumerContext for DmpContext {
                 .buffer
                 .lock()
                 .retain(|r| !revoked.contains(&(r.topic.to_string(), r.partition as i32)));
-            metrics::counter!(m::REBALANCES, "backend" => "kafka", "event" => "revoke").increment(1);
+            metrics::counter!(m::REBALANCES, "backend" => "kafka", "event" => "revoke")
+                .increment(1);
         }
     }
 
@@ -472,7 +540,8 @@ impl ConsumerContext for DmpContext {
             if self.shared.paused.load(Ordering::Acquire) {
                 let _ = consumer.pause(tpl);
             }
-            metrics::counter!(m::REBALANCES, "backend" => "kafka", "event" => "assign").increment(1);
+            metrics::counter!(m::REBALANCES, "backend" => "kafka", "event" => "assign")
+                .increment(1);
         }
     }
 }
@@ -590,8 +659,12 @@ impl Consumer for KafkaConsumer {
             let owned = self.shared.assignment.lock();
             for (tp, off) in offsets {
                 if owned.contains(&(tp.topic.clone(), tp.partition as i32)) {
-                    tpl.add_partition_offset(&tp.topic, tp.partition as i32, Offset::Offset(*off as i64))
-                        .map_err(map_err)?;
+                    tpl.add_partition_offset(
+                        &tp.topic,
+                        tp.partition as i32,
+                        Offset::Offset(*off as i64),
+                    )
+                    .map_err(map_err)?;
                 }
             }
         }

@@ -259,7 +259,10 @@ fn open_kafka(url: &str, _cfg: &dmp_core::Config) -> Result<Arc<dyn Bus>> {
 }
 
 /// Creates every dmp topic that does not exist yet; returns the names created.
-pub async fn ensure_topics(bus: &dyn Bus, topics: &dmp_core::config::Topics) -> Result<Vec<String>> {
+pub async fn ensure_topics(
+    bus: &dyn Bus,
+    topics: &dmp_core::config::Topics,
+) -> Result<Vec<String>> {
     let mut created = Vec::new();
     for name in topics.all() {
         if bus.create_topic(name, topics.partitions).await? {

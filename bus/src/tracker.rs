@@ -93,7 +93,10 @@ mod tests {
         t.done(&tp(0), 11);
         t.done(&tp(0), 14);
         assert_eq!(t.committable(), vec![(tp(0), 15)]);
-        assert!(t.committable().is_empty(), "unchanged marks are not repeated");
+        assert!(
+            t.committable().is_empty(),
+            "unchanged marks are not repeated"
+        );
     }
 
     #[test]

@@ -50,5 +50,9 @@ async fn given_embedded_bus_when_running_conformance_then_every_check_passes() {
         n: AtomicU32::new(0),
     };
     let failures = run_all(&mut h).await;
-    assert!(failures.is_empty(), "conformance failures:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "conformance failures:\n{}",
+        failures.join("\n")
+    );
 }

@@ -80,11 +80,16 @@ impl Row {
     /// Sorts cells into HBase order (family, qualifier ascending; version descending).
     pub fn sort(&mut self) {
         self.cells.sort_by(|a, b| {
-            (a.family.as_str(), a.qualifier.as_str(), std::cmp::Reverse(a.ts)).cmp(&(
-                b.family.as_str(),
-                b.qualifier.as_str(),
-                std::cmp::Reverse(b.ts),
-            ))
+            (
+                a.family.as_str(),
+                a.qualifier.as_str(),
+                std::cmp::Reverse(a.ts),
+            )
+                .cmp(&(
+                    b.family.as_str(),
+                    b.qualifier.as_str(),
+                    std::cmp::Reverse(b.ts),
+                ))
         });
     }
 }

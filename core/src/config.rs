@@ -223,7 +223,10 @@ impl Config {
             };
             let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
             if path.iter().any(|p| p.is_empty()) {
-                return Err(ConfigError::key(name, "empty path segment in variable name"));
+                return Err(ConfigError::key(
+                    name,
+                    "empty path segment in variable name",
+                ));
             }
             set_path(&mut root, &path, env_value(&raw))
                 .map_err(|m| ConfigError::key(path.join("."), m))?;
@@ -270,24 +273,60 @@ impl Config {
         range("embedded.cache_mb", self.embedded.cache_mb, 8, 1 << 20)?;
         range("embedded.memtable_mb", self.embedded.memtable_mb, 1, 4096)?;
         range("embedded.journal_mb", self.embedded.journal_mb, 64, 65_536)?;
-        range("embedded.fsync_interval_ms", self.embedded.fsync_interval_ms, 0, 3_600_000)?;
+        range(
+            "embedded.fsync_interval_ms",
+            self.embedded.fsync_interval_ms,
+            0,
+            3_600_000,
+        )?;
         range("bus.retention_hours", self.bus.retention_hours, 1, 87_600)?;
-        range("bus.retention_bytes", self.bus.retention_bytes, 1 << 20, u64::MAX)?;
-        range("bus.segment_records", self.bus.segment_records, 1024, 1 << 24)?;
+        range(
+            "bus.retention_bytes",
+            self.bus.retention_bytes,
+            1 << 20,
+            u64::MAX,
+        )?;
+        range(
+            "bus.segment_records",
+            self.bus.segment_records,
+            1024,
+            1 << 24,
+        )?;
         range(
             "kafka.max_buffered_records",
             self.kafka.max_buffered_records as u64,
             100,
             10_000_000,
         )?;
-        range("kafka.produce_timeout_ms", self.kafka.produce_timeout_ms, 100, 600_000)?;
-        range("store.max_row_cells", self.store.max_row_cells as u64, 1, 10_000_000)?;
-        range("store.repack_after_deltas", self.store.repack_after_deltas as u64, 1, 1024)?;
+        range(
+            "kafka.produce_timeout_ms",
+            self.kafka.produce_timeout_ms,
+            100,
+            600_000,
+        )?;
+        range(
+            "store.max_row_cells",
+            self.store.max_row_cells as u64,
+            1,
+            10_000_000,
+        )?;
+        range(
+            "store.repack_after_deltas",
+            self.store.repack_after_deltas as u64,
+            1,
+            1024,
+        )?;
         if self.store.families.is_empty() {
-            return Err(ConfigError::key("store.families", "at least one family is required"));
+            return Err(ConfigError::key(
+                "store.families",
+                "at least one family is required",
+            ));
         }
         for (name, fam) in &self.store.families {
-            if name.is_empty() || name.len() > 16 || !name.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            if name.is_empty()
+                || name.len() > 16
+                || !name.bytes().all(|b| b.is_ascii_alphanumeric())
+            {
                 return Err(ConfigError::key(
                     format!("store.families.{name}"),
                     "a family name is 1 to 16 ASCII letters or digits",
@@ -299,7 +338,12 @@ impl Config {
                 1,
                 100_000,
             )?;
-            range(&format!("store.families.{name}.ttl_days"), fam.ttl_days, 0, 36_500)?;
+            range(
+                &format!("store.families.{name}.ttl_days"),
+                fam.ttl_days,
+                0,
+                36_500,
+            )?;
         }
         self.api
             .listen
@@ -308,7 +352,10 @@ impl Config {
         if !matches!(self.telemetry.log_format.as_str(), "text" | "json") {
             return Err(ConfigError::key(
                 "telemetry.log_format",
-                format!("must be \"text\" or \"json\", not {:?}", self.telemetry.log_format),
+                format!(
+                    "must be \"text\" or \"json\", not {:?}",
+                    self.telemetry.log_format
+                ),
             ));
         }
         Ok(())
@@ -316,10 +363,11 @@ impl Config {
 }
 
 fn parse_toml(text: &str, origin: &str) -> Result<toml::Table, ConfigError> {
-    text.parse::<toml::Table>().map_err(|e| ConfigError::Syntax {
-        path: origin.to_string(),
-        message: e.to_string(),
-    })
+    text.parse::<toml::Table>()
+        .map_err(|e| ConfigError::Syntax {
+            path: origin.to_string(),
+            message: e.to_string(),
+        })
 }
 
 /// Later layers win; tables merge key by key.
@@ -477,7 +525,11 @@ mod tests {
             ("DMP__BACKENDS__BUS", "rabbitmq://x", "backends.bus"),
             ("DMP__TOPICS__EVENTS", "bad topic!", "topics.events"),
             ("DMP__API__LISTEN", "nowhere", "api.listen"),
-            ("DMP__STORE__FAMILIES__E__MAX_VERSIONS", "0", "store.families.e.max_versions"),
+            (
+                "DMP__STORE__FAMILIES__E__MAX_VERSIONS",
+                "0",
+                "store.families.e.max_versions",
+            ),
             ("DMP__TELEMETRY__LOG_FORMAT", "xml", "telemetry.log_format"),
         ];
         for (k, v, key) in cases {

@@ -201,7 +201,9 @@ impl Event {
         limits: &EventLimits,
     ) -> Result<Event, EventError> {
         let serde_json::Value::Object(mut obj) = value else {
-            return Err(EventError::Malformed("an event must be a JSON object".into()));
+            return Err(EventError::Malformed(
+                "an event must be a JSON object".into(),
+            ));
         };
         let uid = match obj.remove("uid") {
             None | Some(serde_json::Value::Null) => return Err(EventError::MissingUid),
@@ -410,8 +412,14 @@ mod tests {
             (r#"{"uid":"u","ts":-5}"#, "field `ts` is not epoch"),
             (r#"{"uid":"u","ts":1.5}"#, "field `ts` is not epoch"),
             (r#"{"uid":"u","url":5}"#, "field `url` must be a string"),
-            (r#"{"uid":"u","attrs":[1]}"#, "field `attrs` must be an object"),
-            (r#"{"uid":"u","attrs":{"a":{"b":1}}}"#, "field `attrs` must be"),
+            (
+                r#"{"uid":"u","attrs":[1]}"#,
+                "field `attrs` must be an object",
+            ),
+            (
+                r#"{"uid":"u","attrs":{"a":{"b":1}}}"#,
+                "field `attrs` must be",
+            ),
             (r#"{"uid":"u","colour":"red"}"#, "unknown field `colour`"),
             (r#"[1,2]"#, "malformed JSON"),
             (r#"{"uid":"u""#, "malformed JSON"),
@@ -429,7 +437,10 @@ mod tests {
         let long = format!(r#"{{"uid":"{}"}}"#, "x".repeat(257));
         assert_eq!(
             parse(&long).unwrap_err(),
-            EventError::UidTooLong { len: 257, limit: 256 }
+            EventError::UidTooLong {
+                len: 257,
+                limit: 256
+            }
         );
     }
 
@@ -454,7 +465,13 @@ mod tests {
     fn given_oversized_attrs_when_parsed_then_rejected_with_the_limit() {
         let many: Vec<String> = (0..65).map(|i| format!(r#""k{i}":"v""#)).collect();
         let e = parse(&format!(r#"{{"uid":"u","attrs":{{{}}}}}"#, many.join(","))).unwrap_err();
-        assert_eq!(e, EventError::TooManyAttrs { count: 65, limit: 64 });
+        assert_eq!(
+            e,
+            EventError::TooManyAttrs {
+                count: 65,
+                limit: 64
+            }
+        );
         let big = format!(r#"{{"uid":"u","attrs":{{"k":"{}"}}}}"#, "v".repeat(4097));
         assert!(parse(&big).unwrap_err().to_string().contains("attrs.k"));
         let huge = format!(r#"{{"uid":"u","q":"{}"}}"#, "v".repeat(70_000));

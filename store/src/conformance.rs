@@ -22,18 +22,33 @@ pub type Check = fn(&dyn UserStore) -> CheckResult;
 /// Every check, by name.
 pub fn checks() -> Vec<(&'static str, Check)> {
     vec![
-        ("put_then_get_returns_cells_in_hbase_order", put_then_get_returns_cells_in_hbase_order as Check),
+        (
+            "put_then_get_returns_cells_in_hbase_order",
+            put_then_get_returns_cells_in_hbase_order as Check,
+        ),
         ("missing_row_reads_as_none", missing_row_reads_as_none),
-        ("rewriting_the_same_cells_is_idempotent", rewriting_the_same_cells_is_idempotent),
-        ("same_coordinates_newer_write_wins", same_coordinates_newer_write_wins),
+        (
+            "rewriting_the_same_cells_is_idempotent",
+            rewriting_the_same_cells_is_idempotent,
+        ),
+        (
+            "same_coordinates_newer_write_wins",
+            same_coordinates_newer_write_wins,
+        ),
         ("family_and_column_filters", family_and_column_filters),
         ("time_range_and_max_versions", time_range_and_max_versions),
         ("cell_cap_limits_the_read", cell_cap_limits_the_read),
         ("family_max_versions_enforced", family_max_versions_enforced),
         ("family_ttl_enforced", family_ttl_enforced),
-        ("delete_row_removes_every_cell", delete_row_removes_every_cell),
+        (
+            "delete_row_removes_every_cell",
+            delete_row_removes_every_cell,
+        ),
         ("bad_requests_are_rejected", bad_requests_are_rejected),
-        ("scan_returns_rows_in_key_order", scan_returns_rows_in_key_order),
+        (
+            "scan_returns_rows_in_key_order",
+            scan_returns_rows_in_key_order,
+        ),
         ("many_writes_to_one_row_merge", many_writes_to_one_row_merge),
         ("get_many_reads_each_row", get_many_reads_each_row),
     ]
@@ -65,7 +80,11 @@ fn put(store: &dyn UserStore, row: &str, cells: Vec<Cell>) -> CheckResult {
 }
 
 fn read(store: &dyn UserStore, get: &Get) -> Result<Vec<Cell>, String> {
-    Ok(store.get(get).map_err(err)?.map(|r| r.cells).unwrap_or_default())
+    Ok(store
+        .get(get)
+        .map_err(err)?
+        .map(|r| r.cells)
+        .unwrap_or_default())
 }
 
 fn put_then_get_returns_cells_in_hbase_order(s: &dyn UserStore) -> CheckResult {
@@ -80,7 +99,10 @@ fn put_then_get_returns_cells_in_hbase_order(s: &dyn UserStore) -> CheckResult {
             Cell::new("m", "first_seen", t, t.to_be_bytes().to_vec()),
         ],
     )?;
-    let row = s.get(&Get::row("u1")).map_err(err)?.ok_or("row u1 not found")?;
+    let row = s
+        .get(&Get::row("u1"))
+        .map_err(err)?
+        .ok_or("row u1 not found")?;
     ensure!(row.key == "u1", "row key {}", row.key);
     let got: Vec<(&str, &str, i64)> = row.cells.iter().map(|c| c.coordinates()).collect();
     let want = vec![
@@ -95,7 +117,10 @@ fn put_then_get_returns_cells_in_hbase_order(s: &dyn UserStore) -> CheckResult {
 }
 
 fn missing_row_reads_as_none(s: &dyn UserStore) -> CheckResult {
-    ensure!(s.get(&Get::row("nobody")).map_err(err)?.is_none(), "missing row returned something");
+    ensure!(
+        s.get(&Get::row("nobody")).map_err(err)?.is_none(),
+        "missing row returned something"
+    );
     Ok(())
 }
 
@@ -111,7 +136,10 @@ fn rewriting_the_same_cells_is_idempotent(s: &dyn UserStore) -> CheckResult {
         put(s, "u", cells.clone())?;
     }
     let many = read(s, &Get::row("u"))?;
-    ensure!(once == many, "replays changed the row: {once:?} vs {many:?}");
+    ensure!(
+        once == many,
+        "replays changed the row: {once:?} vs {many:?}"
+    );
     ensure!(many.len() == 2, "{} cells", many.len());
     Ok(())
 }
@@ -156,7 +184,10 @@ fn family_and_column_filters(s: &dyn UserStore) -> CheckResult {
             ..Get::row("u")
         },
     )?;
-    ensure!(cols.len() == 1 && cols[0].qualifier == "q", "column filter: {cols:?}");
+    ensure!(
+        cols.len() == 1 && cols[0].qualifier == "q",
+        "column filter: {cols:?}"
+    );
     Ok(())
 }
 
@@ -201,7 +232,10 @@ fn cell_cap_limits_the_read(s: &dyn UserStore) -> CheckResult {
         },
     )?;
     ensure!(capped.len() == 7, "cap 7 returned {}", capped.len());
-    ensure!(capped[0].qualifier == "a.k00", "cap keeps the first cells in order");
+    ensure!(
+        capped[0].qualifier == "a.k00",
+        "cap keeps the first cells in order"
+    );
     Ok(())
 }
 
@@ -211,7 +245,11 @@ fn family_max_versions_enforced(s: &dyn UserStore) -> CheckResult {
         put(s, "u", vec![Cell::new("s", "cats", t + i, b"".to_vec())])?;
     }
     let cells = read(s, &Get::row("u"))?;
-    ensure!(cells.len() == 1, "family s keeps 1 version, read {}", cells.len());
+    ensure!(
+        cells.len() == 1,
+        "family s keeps 1 version, read {}",
+        cells.len()
+    );
     ensure!(cells[0].ts == t + 2, "the newest version is kept");
     Ok(())
 }
@@ -243,11 +281,25 @@ fn delete_row_removes_every_cell(s: &dyn UserStore) -> CheckResult {
     }
     put(s, "gone2", vec![Cell::new("e", "url", t, b"x".to_vec())])?;
     s.delete_row("gone").map_err(err)?;
-    ensure!(s.get(&Get::row("gone")).map_err(err)?.is_none(), "row still there");
-    ensure!(s.get(&Get::row("gone2")).map_err(err)?.is_some(), "neighbour row deleted");
-    put(s, "gone", vec![Cell::new("e", "url", t + 100, b"y".to_vec())])?;
+    ensure!(
+        s.get(&Get::row("gone")).map_err(err)?.is_none(),
+        "row still there"
+    );
+    ensure!(
+        s.get(&Get::row("gone2")).map_err(err)?.is_some(),
+        "neighbour row deleted"
+    );
+    put(
+        s,
+        "gone",
+        vec![Cell::new("e", "url", t + 100, b"y".to_vec())],
+    )?;
     let cells = read(s, &Get::row("gone"))?;
-    ensure!(cells.len() == 1, "a write after delete starts a new row: {}", cells.len());
+    ensure!(
+        cells.len() == 1,
+        "a write after delete starts a new row: {}",
+        cells.len()
+    );
     Ok(())
 }
 
@@ -260,24 +312,45 @@ fn bad_requests_are_rejected(s: &dyn UserStore) -> CheckResult {
         }])
         .err()
         .ok_or("unknown family accepted")?;
-    ensure!(e.to_string().contains("nope"), "error does not name the family: {e}");
-    ensure!(e.kind() == dmp_core::ErrorKind::Rejected, "kind {}", e.kind());
     ensure!(
-        s.put(&[Put { row: String::new(), cells: vec![Cell::new("e", "x", t, b"".to_vec())] }]).is_err(),
+        e.to_string().contains("nope"),
+        "error does not name the family: {e}"
+    );
+    ensure!(
+        e.kind() == dmp_core::ErrorKind::Rejected,
+        "kind {}",
+        e.kind()
+    );
+    ensure!(
+        s.put(&[Put {
+            row: String::new(),
+            cells: vec![Cell::new("e", "x", t, b"".to_vec())]
+        }])
+        .is_err(),
         "empty row key accepted"
     );
-    ensure!(s.get(&Get::row("u")).map_err(err)?.is_none(), "a rejected batch wrote something");
+    ensure!(
+        s.get(&Get::row("u")).map_err(err)?.is_none(),
+        "a rejected batch wrote something"
+    );
     Ok(())
 }
 
 fn scan_returns_rows_in_key_order(s: &dyn UserStore) -> CheckResult {
     let t = t0();
     for row in ["b", "a", "ab", "c", "aa"] {
-        put(s, row, vec![Cell::new("e", "url", t, row.as_bytes().to_vec())])?;
+        put(
+            s,
+            row,
+            vec![Cell::new("e", "url", t, row.as_bytes().to_vec())],
+        )?;
     }
     let all = s.scan(None, 100, &Get::default()).map_err(err)?;
     let keys: Vec<&str> = all.iter().map(|r| r.key.as_str()).collect();
-    ensure!(keys == vec!["a", "aa", "ab", "b", "c"], "scan order {keys:?}");
+    ensure!(
+        keys == vec!["a", "aa", "ab", "b", "c"],
+        "scan order {keys:?}"
+    );
     let page = s.scan(Some("aa"), 2, &Get::default()).map_err(err)?;
     let keys: Vec<&str> = page.iter().map(|r| r.key.as_str()).collect();
     ensure!(keys == vec!["ab", "b"], "scan after aa, limit 2: {keys:?}");
@@ -296,7 +369,11 @@ fn many_writes_to_one_row_merge(s: &dyn UserStore) -> CheckResult {
         }
     }
     let cells = read(s, &Get::row("heavy"))?;
-    ensure!(cells.len() == 500, "500 cells expected, read {}", cells.len());
+    ensure!(
+        cells.len() == 500,
+        "500 cells expected, read {}",
+        cells.len()
+    );
     let again = read(s, &Get::row("heavy"))?;
     ensure!(again == cells, "a second read differs");
     Ok(())
@@ -308,6 +385,9 @@ fn get_many_reads_each_row(s: &dyn UserStore) -> CheckResult {
     let rows = s
         .get_many(&[Get::row("x"), Get::row("missing")])
         .map_err(err)?;
-    ensure!(rows.len() == 2 && rows[0].is_some() && rows[1].is_none(), "{rows:?}");
+    ensure!(
+        rows.len() == 2 && rows[0].is_some() && rows[1].is_none(),
+        "{rows:?}"
+    );
     Ok(())
 }

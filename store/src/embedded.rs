@@ -110,8 +110,9 @@ impl EmbeddedDatabase {
     /// Opens (or creates) a keyspace with the configured memtable bound.
     pub fn keyspace(&self, name: &str) -> Result<Keyspace, fjall::Error> {
         let bytes = self.memtable_bytes;
-        self.db
-            .keyspace(name, || KeyspaceCreateOptions::default().max_memtable_size(bytes))
+        self.db.keyspace(name, || {
+            KeyspaceCreateOptions::default().max_memtable_size(bytes)
+        })
     }
 
     /// Whether every batch is fsynced before it is acknowledged.
@@ -217,8 +218,18 @@ impl EmbeddedStore {
     fn merge(&self, raw: RawRow, now: i64) -> Vec<Cell> {
         let mut cells = raw.cells;
         cells.sort_unstable_by(|(a, ao), (b, bo)| {
-            (a.family.as_str(), a.qualifier.as_str(), std::cmp::Reverse(a.ts), std::cmp::Reverse(*ao))
-                .cmp(&(b.family.as_str(), b.qualifier.as_str(), std::cmp::Reverse(b.ts), std::cmp::Reverse(*bo)))
+            (
+                a.family.as_str(),
+                a.qualifier.as_str(),
+                std::cmp::Reverse(a.ts),
+                std::cmp::Reverse(*ao),
+            )
+                .cmp(&(
+                    b.family.as_str(),
+                    b.qualifier.as_str(),
+                    std::cmp::Reverse(b.ts),
+                    std::cmp::Reverse(*bo),
+                ))
         });
         let mut out: Vec<Cell> = Vec::with_capacity(cells.len());
         let mut versions = 0u32;
@@ -334,11 +345,7 @@ impl UserStore for EmbeddedStore {
                 }
             }
         }
-        let mut batch = self
-            .db
-            .db
-            .batch()
-            .durability(self.db.batch_durability());
+        let mut batch = self.db.db.batch().durability(self.db.batch_durability());
         let mut seq = self.next_seqs(puts.len() as u64, &mut batch);
         for p in puts {
             if p.cells.is_empty() {

@@ -17,7 +17,11 @@ fn given_embedded_store_when_running_conformance_then_every_check_passes() {
             failures.push(format!("{name}: {e}"));
         }
     }
-    assert!(failures.is_empty(), "conformance failures:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "conformance failures:\n{}",
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -43,8 +47,16 @@ fn given_expired_cells_when_compacted_then_they_are_gone_from_disk() {
     assert_eq!(store.stored_cells("u").unwrap(), 2);
     assert_eq!(store.stored_cells("v").unwrap(), 1);
     major_compact(&store).unwrap();
-    assert_eq!(store.stored_cells("u").unwrap(), 1, "expired cell still on disk");
-    assert_eq!(store.stored_cells("v").unwrap(), 0, "expired row still on disk");
+    assert_eq!(
+        store.stored_cells("u").unwrap(),
+        1,
+        "expired cell still on disk"
+    );
+    assert_eq!(
+        store.stored_cells("v").unwrap(),
+        0,
+        "expired row still on disk"
+    );
     let row = store.get(&Get::row("u")).unwrap().unwrap();
     assert_eq!(row.cells[0].value, b"new");
 }
