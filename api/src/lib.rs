@@ -1,1 +1,141 @@
-//! placeholder
+//! `dmp-api`: the HTTP API that `dmp run` and `dmp api` serve.
+//!
+//! Today: `GET /healthz` (the process is up), `GET /readyz` (the bus and the store answer within
+//! 2 s; 503 with the reasons otherwise), `GET /metrics` (Prometheus text) and `GET /v1/topics`
+//! (every topic with the low and high offset of each partition). Ingest (`/px.gif`,
+//! `/v1/events`), user lookup and audience estimates come with their issues.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Serialize;
+
+use dmp_bus::Bus;
+use dmp_store::{Get, UserStore};
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    /// The log.
+    pub bus: Arc<dyn Bus>,
+    /// The user store.
+    pub store: Arc<dyn UserStore>,
+    /// Renders `/metrics`.
+    pub prometheus: PrometheusHandle,
+}
+
+/// The router with every endpoint.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .route("/v1/topics", get(topics))
+        .with_state(state)
+}
+
+/// Serves `router(state)` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let addr: Option<SocketAddr> = listener.local_addr().ok();
+    tracing::info!(?addr, "http api listening");
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+#[derive(Serialize)]
+struct Readiness {
+    ready: bool,
+    bus: String,
+    store: String,
+}
+
+async fn readyz(State(s): State<AppState>) -> Response {
+    let limit = Duration::from_secs(2);
+    let bus = match tokio::time::timeout(limit, s.bus.topics()).await {
+        Ok(Ok(_)) => "ok".to_string(),
+        Ok(Err(e)) => format!("error: {e}"),
+        Err(_) => "error: no answer within 2 s".to_string(),
+    };
+    let store_handle = s.store.clone();
+    let probe = tokio::task::spawn_blocking(move || store_handle.get(&Get::row("dmp-readiness-probe")));
+    let store = match tokio::time::timeout(limit, probe).await {
+        Ok(Ok(Ok(_))) => "ok".to_string(),
+        Ok(Ok(Err(e))) => format!("error: {e}"),
+        Ok(Err(e)) => format!("error: {e}"),
+        Err(_) => "error: no answer within 2 s".to_string(),
+    };
+    let ready = bus == "ok" && store == "ok";
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(Readiness { ready, bus, store })).into_response()
+}
+
+async fn metrics_text(State(s): State<AppState>) -> Response {
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        s.prometheus.render(),
+    )
+        .into_response()
+}
+
+#[derive(Serialize)]
+struct TopicView {
+    name: String,
+    partitions: Vec<PartitionView>,
+}
+
+#[derive(Serialize)]
+struct PartitionView {
+    partition: u32,
+    low: u64,
+    high: u64,
+}
+
+async fn topics(State(s): State<AppState>) -> Response {
+    let result = async {
+        let mut out = Vec::new();
+        for t in s.bus.topics().await? {
+            let offsets = s.bus.offsets(&t.name).await?;
+            out.push(TopicView {
+                name: t.name,
+                partitions: offsets
+                    .into_iter()
+                    .map(|o| PartitionView {
+                        partition: o.partition,
+                        low: o.low,
+                        high: o.high,
+                    })
+                    .collect(),
+            });
+        }
+        Ok::<_, dmp_bus::BusError>(out)
+    }
+    .await;
+    match result {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "error": e.to_string() })),
+        )
+            .into_response(),
+    }
+}

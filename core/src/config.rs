@@ -208,6 +208,14 @@ impl Config {
     where
         I: IntoIterator<Item = (String, String)>,
     {
+        Config::load_effective(file, env).map(|(c, _)| c)
+    }
+
+    /// As [`Config::load`], also returning the effective configuration as TOML text.
+    pub fn load_effective<I>(file: Option<&Path>, env: I) -> Result<(Config, String), ConfigError>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
         let mut root = parse_toml(DEFAULT_TOML, "<built-in defaults>")?;
         if let Some(path) = file {
             let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -231,7 +239,8 @@ impl Config {
             set_path(&mut root, &path, env_value(&raw))
                 .map_err(|m| ConfigError::key(path.join("."), m))?;
         }
-        Config::from_table(root)
+        let text = toml::to_string_pretty(&root).unwrap_or_default();
+        Ok((Config::from_table(root)?, text))
     }
 
     /// Loads from the process's environment.

@@ -1,1 +1,230 @@
-fn main() {}
+//! `dmp`: the one binary. It parses flags, loads the layered config and calls each role.
+//!
+//! - `dmp run`: every role that exists in one process, on embedded backends by default (data in
+//!   `--data-dir`), serving the HTTP API;
+//! - `dmp config check`: loads and validates the configuration and prints the effective one;
+//! - `dmp topics create|list`: creates dmp's topics, lists topics with their offsets.
+//!
+//! Exit codes: 0 success, 1 runtime failure, 2 bad usage or bad configuration.
+
+mod backends;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use dmp_core::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "dmp",
+    version,
+    about = "dmp: a real-time user segmentation engine",
+    long_about = "dmp stores web and app events per user, segments users with rules as they act, \
+                  and serves segments to partners, lookups and audience estimates.\n\n\
+                  Configuration layers: built-in defaults (config/dmp.toml), then --config FILE, \
+                  then DMP__SECTION__KEY environment variables."
+)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct Global {
+    /// A TOML file layered over the built-in defaults.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Where the embedded backends keep their data (overrides `data_dir`).
+    #[arg(long, global = true, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every role in one process and serve the HTTP API (embedded backends by default).
+    Run {
+        /// Listen address of the HTTP API (overrides `api.listen`).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<String>,
+    },
+    /// Inspect the configuration.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Manage topics on the configured bus.
+    Topics {
+        #[command(subcommand)]
+        command: TopicsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Load and validate the configuration, then print the effective one.
+    Check,
+}
+
+#[derive(Subcommand)]
+enum TopicsCommand {
+    /// Create dmp's topics (or one named topic) if they do not exist.
+    Create {
+        /// Create only this topic.
+        #[arg(long)]
+        topic: Option<String>,
+        /// Partitions (default: `topics.partitions`).
+        #[arg(long)]
+        partitions: Option<u32>,
+    },
+    /// List topics with the low and high offset of each partition.
+    List,
+}
+
+fn load_config(g: &Global) -> Result<(Config, String), dmp_core::config::ConfigError> {
+    let (mut cfg, text) = Config::load_effective(g.config.as_deref(), std::env::vars())?;
+    if let Some(dir) = &g.data_dir {
+        cfg.data_dir = dir.clone();
+    }
+    Ok((cfg, text))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (cfg, effective) = match load_config(&cli.global) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("dmp: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    dmp_core::telemetry::init_tracing(&cfg.telemetry);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("dmp-rt")
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("dmp: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Run { listen } => run(cfg, listen).await,
+            Command::Config {
+                command: ConfigCommand::Check,
+            } => out(format_args!("# configuration is valid; effective values:\n{effective}")),
+            Command::Topics { command } => topics(cfg, command).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dmp: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Prints a line to stdout; a closed pipe (`dmp topics list | head`) is not an error.
+fn out(line: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
+    use std::io::Write;
+    match writeln!(std::io::stdout().lock(), "{line}") {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => Ok(r?),
+    }
+}
+
+async fn run(cfg: Config, listen: Option<String>) -> anyhow::Result<()> {
+    let prometheus = dmp_core::telemetry::init_metrics();
+    let started = std::time::Instant::now();
+    let backends = backends::Backends::open(&cfg).await?;
+    let listen = listen.unwrap_or_else(|| cfg.api.listen.clone());
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let addr = listener.local_addr()?;
+    let state = dmp_api::AppState {
+        bus: backends.bus.clone(),
+        store: backends.store.clone(),
+        prometheus,
+    };
+    tracing::info!(
+        %addr,
+        bus = %cfg.backends.bus,
+        store = %cfg.backends.store,
+        data_dir = %cfg.data_dir.display(),
+        startup_ms = started.elapsed().as_millis() as u64,
+        "dmp is ready"
+    );
+    out(format_args!(
+        "dmp is ready: http://{addr}/  (GET /healthz, /readyz, /metrics, /v1/topics)"
+    ))?;
+    dmp_api::serve(listener, state, shutdown_signal()).await?;
+    tracing::info!("shutting down");
+    backends.close()?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+async fn topics(cfg: Config, command: TopicsCommand) -> anyhow::Result<()> {
+    let (db, bus) = backends::Backends::open_bus_only(&cfg)?;
+    match command {
+        TopicsCommand::Create { topic, partitions } => {
+            let partitions = partitions.unwrap_or(cfg.topics.partitions);
+            let names: Vec<String> = match topic {
+                Some(t) => vec![t],
+                None => cfg.topics.all().iter().map(|s| s.to_string()).collect(),
+            };
+            for name in names {
+                let created = bus.create_topic(&name, partitions).await?;
+                let what = if created {
+                    format!("created with {partitions} partitions")
+                } else {
+                    "exists".to_string()
+                };
+                out(format_args!("{name}: {what}"))?;
+            }
+        }
+        TopicsCommand::List => {
+            out(format_args!("{:<32} {:>9} {:>14} {:>14}", "topic", "partition", "low", "high"))?;
+            for t in bus.topics().await? {
+                for o in bus.offsets(&t.name).await? {
+                    out(format_args!(
+                        "{:<32} {:>9} {:>14} {:>14}",
+                        t.name, o.partition, o.low, o.high
+                    ))?;
+                }
+            }
+        }
+    }
+    drop(bus);
+    backends::close_db(db.as_ref())
+}

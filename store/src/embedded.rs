@@ -70,7 +70,13 @@ impl EmbeddedDatabase {
             .with_compaction_filter_factories(Arc::new(move |keyspace: &str| {
                 (keyspace == ROWS_KEYSPACE).then(|| ttl.clone() as Arc<dyn Factory>)
             }))
-            .open()?;
+            .open()
+            .map_err(|e| match e {
+                fjall::Error::Locked => StoreError::InUse {
+                    path: path.display().to_string(),
+                },
+                e => StoreError::Backend(e),
+            })?;
         let stop = Arc::new(AtomicBool::new(false));
         let handle = if cfg.fsync_interval_ms > 0 {
             let (db2, stop2) = (db.clone(), stop.clone());
@@ -120,9 +126,15 @@ impl EmbeddedDatabase {
         self.sync_each_batch
     }
 
-    /// The durability to request for an acknowledged batch.
+    /// The durability to request for an acknowledged batch: written to the OS at least (fjall
+    /// otherwise keeps the journal write in a userspace buffer that a kill -9 loses), fsynced
+    /// when `fsync_interval_ms = 0`.
     pub fn batch_durability(&self) -> Option<PersistMode> {
-        self.sync_each_batch.then_some(PersistMode::SyncData)
+        Some(if self.sync_each_batch {
+            PersistMode::SyncData
+        } else {
+            PersistMode::Buffer
+        })
     }
 
     /// Bytes on disk (journal and tables).

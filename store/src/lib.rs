@@ -44,6 +44,12 @@ pub enum StoreError {
         /// What was wrong.
         reason: String,
     },
+    /// Another process holds the embedded database.
+    #[error("data dir {path} is in use by another dmp process (stop it, or use its HTTP API)")]
+    InUse {
+        /// The data dir.
+        path: String,
+    },
     /// The URL names a backend that is not available in this build.
     #[error("store backend {url:?} is not available: {reason}")]
     Unsupported {
@@ -59,6 +65,7 @@ impl StoreError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             StoreError::Rejected(_) | StoreError::Unsupported { .. } => ErrorKind::Rejected,
+            StoreError::InUse { .. } => ErrorKind::Unavailable,
             StoreError::Backend(_) | StoreError::Corrupt { .. } => ErrorKind::Internal,
         }
     }
