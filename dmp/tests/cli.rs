@@ -1,0 +1,167 @@
+//! End-to-end tests of the `dmp` binary: `dmp run` boots, serves the API and stops cleanly on
+//! SIGTERM; `dmp topics` and `dmp config check` work and fail with clear errors and exit codes.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn dmp() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_dmp"));
+    c.env_remove("RUST_LOG");
+    c
+}
+
+/// Starts `dmp run` on a free port; returns the child and the base URL it printed.
+fn start(data_dir: &std::path::Path, extra_env: &[(&str, &str)]) -> (Child, String) {
+    let mut cmd = dmp();
+    cmd.args(["run", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = lines
+        .next()
+        .expect("dmp run printed nothing")
+        .unwrap();
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no URL in {line:?}"))
+        .trim_end_matches('/')
+        .to_string();
+    (child, url)
+}
+
+fn sigterm(child: &mut Child) -> std::process::ExitStatus {
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "dmp run did not stop within 10 s of SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test]
+async fn given_empty_data_dir_when_dmp_runs_then_api_answers_and_sigterm_stops_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let (mut child, url) = start(dir.path(), &[]);
+    let http = reqwest::Client::new();
+    let health = http.get(format!("{url}/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let ready = http.get(format!("{url}/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200, "{:?}", ready.text().await);
+    eprintln!("dmp run: cold start to ready in {:?}", started.elapsed());
+    let topics: serde_json::Value = http
+        .get(format!("{url}/v1/topics"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let names: Vec<&str> = topics
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    for t in ["dmp.events", "dmp.user-changes", "dmp.segments", "dmp.segments.shadow", "dmp.dead-letter"] {
+        assert!(names.contains(&t), "topic {t} missing from {names:?}");
+    }
+    assert_eq!(topics[0]["partitions"].as_array().unwrap().len(), 8);
+    let metrics = http.get(format!("{url}/metrics")).send().await.unwrap();
+    assert_eq!(metrics.status(), 200);
+
+    // While it runs, the data dir is locked: a second process says so clearly.
+    let out = dmp().args(["topics", "list", "--data-dir"]).arg(dir.path()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("in use by another dmp process"));
+
+    let status = sigterm(&mut child);
+    assert!(status.success(), "dmp run exited with {status}");
+
+    // After it stopped, the topics are still there.
+    let out = dmp().args(["topics", "list", "--data-dir"]).arg(dir.path()).output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("dmp.user-changes"), "{text}");
+}
+
+#[test]
+fn given_bad_config_when_any_command_runs_then_exit_2_names_the_key() {
+    let out = dmp()
+        .args(["config", "check"])
+        .env("DMP__TOPICS__PARTITIONS", "0")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("topics.partitions"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("dmp.toml");
+    std::fs::write(&file, "[bus]\nretention_hourz = 3\n").unwrap();
+    let out = dmp().args(["config", "check", "--config"]).arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("retention_hourz"));
+
+    let out = dmp().args(["config", "check"]).output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("[topics]"));
+
+    let out = dmp().args(["no-such-command"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn given_embedded_bus_when_topics_created_then_listed_with_partitions() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dmp()
+        .args(["topics", "create", "--topic", "partner.x", "--partitions", "3", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("partner.x: created with 3 partitions"));
+    let out = dmp().args(["topics", "list", "--data-dir"]).arg(dir.path()).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.lines().filter(|l| l.starts_with("partner.x")).count(), 3, "{text}");
+    let out = dmp()
+        .args(["topics", "create", "--topic", "bad topic!", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad topic!"));
+}
+
+#[test]
+#[ignore = "needs a Kafka-protocol broker: run scripts/test.sh"]
+fn given_kafka_bus_when_topics_created_then_broker_lists_them() {
+    let broker = std::env::var("DMP_TEST_KAFKA").expect("DMP_TEST_KAFKA is not set (run scripts/test.sh)");
+    let topic = format!("cli.check-{}", std::process::id());
+    let url = format!("kafka://{broker}");
+    let out = dmp()
+        .args(["topics", "create", "--topic", &topic, "--partitions", "2"])
+        .env("DMP__BACKENDS__BUS", &url)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = dmp()
+        .args(["topics", "list"])
+        .env("DMP__BACKENDS__BUS", &url)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.lines().filter(|l| l.starts_with(&topic)).count(), 2, "{text}");
+}
