@@ -4,6 +4,8 @@
 //! Families used by dmp: [`FAMILY_EVENTS`] (`e`, event attributes), [`FAMILY_SEGMENTS`] (`s`,
 //! current memberships with `since`) and [`FAMILY_META`] (`m`, first seen, bot flag).
 
+use bytes::Bytes;
+use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 
 /// Family `e`: event attributes (`url`, `ref`, `q`, `ip`, `ua`, `geo`, `src`, `type`, `a.<name>`).
@@ -16,23 +18,23 @@ pub const FAMILY_META: &str = "m";
 /// One versioned cell.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Cell {
-    /// Column family.
-    pub family: String,
-    /// Qualifier within the family.
-    pub qualifier: String,
+    /// Column family (inline up to 24 bytes: no allocation for dmp's names).
+    pub family: CompactString,
+    /// Qualifier within the family (inline up to 24 bytes).
+    pub qualifier: CompactString,
     /// Version: event time in epoch milliseconds.
     pub ts: i64,
-    /// The value.
-    pub value: Vec<u8>,
+    /// The value (shares the buffer it was read from: no copy per cell).
+    pub value: Bytes,
 }
 
 impl Cell {
     /// A cell from its parts.
     pub fn new(
-        family: impl Into<String>,
-        qualifier: impl Into<String>,
+        family: impl Into<CompactString>,
+        qualifier: impl Into<CompactString>,
         ts: i64,
-        value: impl Into<Vec<u8>>,
+        value: impl Into<Bytes>,
     ) -> Cell {
         Cell {
             family: family.into(),

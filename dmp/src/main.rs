@@ -17,6 +17,11 @@ use clap::{Args, Parser, Subcommand};
 
 use dmp_core::Config;
 
+/// mimalloc: the store's reads build hundreds of small cells per row; with the system allocator a
+/// 500-cell row read costs about 25% more (docs/benchmarks.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "dmp",

@@ -37,8 +37,9 @@ pub fn encode_cell(out: &mut Vec<u8>, c: &Cell) {
     out.extend_from_slice(&c.value);
 }
 
-/// Decodes a packed value, calling `f` for each cell.
-pub fn decode(mut buf: &[u8], mut f: impl FnMut(Cell)) -> Result<(), String> {
+/// Decodes a packed value, calling `f` for each cell. Cell values are slices of `value`.
+pub fn decode(value: &bytes::Bytes, mut f: impl FnMut(Cell)) -> Result<(), String> {
+    let mut buf: &[u8] = value;
     match buf.split_first() {
         Some((&FORMAT, rest)) => buf = rest,
         Some((v, _)) => return Err(format!("unknown value format {v}")),
@@ -55,25 +56,25 @@ pub fn decode(mut buf: &[u8], mut f: impl FnMut(Cell)) -> Result<(), String> {
         if buf.len() < vlen {
             return Err("truncated cell value".into());
         }
-        let value = buf[..vlen].to_vec();
+        let start = value.len() - buf.len();
         buf = &buf[vlen..];
         f(Cell {
             family,
             qualifier,
             ts,
-            value,
+            value: value.slice(start..start + vlen),
         });
     }
     Ok(())
 }
 
-fn take_str(buf: &mut &[u8], len: usize) -> Result<String, String> {
+fn take_str(buf: &mut &[u8], len: usize) -> Result<compact_str::CompactString, String> {
     if buf.len() < len {
         return Err("truncated cell".into());
     }
     let s = std::str::from_utf8(&buf[..len])
         .map_err(|_| "family or qualifier is not UTF-8".to_string())?
-        .to_string();
+        .into();
     *buf = &buf[len..];
     Ok(s)
 }
@@ -125,7 +126,7 @@ mod tests {
         ) {
             let cells: Vec<Cell> = cells.into_iter().map(|(f, q, ts, v)| Cell::new(f, q, ts, v)).collect();
             let mut back = Vec::new();
-            decode(&encode(&cells), |c| back.push(c)).unwrap();
+            decode(&encode(&cells).into(), |c| back.push(c)).unwrap();
             prop_assert_eq!(back, cells);
         }
     }
@@ -134,7 +135,7 @@ mod tests {
     fn given_truncated_value_when_decoded_then_error_not_panic() {
         let v = encode(&[Cell::new("e", "url", 5, b"https://x".to_vec())]);
         for cut in 0..v.len() {
-            let r = decode(&v[..cut], |_| {});
+            let r = decode(&bytes::Bytes::copy_from_slice(&v[..cut]), |_| {});
             if cut < v.len() {
                 assert!(r.is_err() || cut == 1, "cut {cut}");
             }

@@ -112,7 +112,7 @@ fn put_then_get_returns_cells_in_hbase_order(s: &dyn UserStore) -> CheckResult {
         ("m", "first_seen", t),
     ];
     ensure!(got == want, "order {got:?}, want {want:?}");
-    ensure!(row.cells[1].value == b"https://b/", "value of newest url");
+    ensure!(row.cells[1].value[..] == *b"https://b/", "value of newest url");
     Ok(())
 }
 
@@ -150,7 +150,7 @@ fn same_coordinates_newer_write_wins(s: &dyn UserStore) -> CheckResult {
     put(s, "u", vec![Cell::new("e", "geo", t, b"new".to_vec())])?;
     let cells = read(s, &Get::row("u"))?;
     ensure!(cells.len() == 1, "{} cells", cells.len());
-    ensure!(cells[0].value == b"new", "value {:?}", cells[0].value);
+    ensure!(cells[0].value[..] == *b"new", "value {:?}", cells[0].value);
     Ok(())
 }
 
@@ -266,7 +266,7 @@ fn family_ttl_enforced(s: &dyn UserStore) -> CheckResult {
         ],
     )?;
     let cells = read(s, &Get::row("u"))?;
-    let values: Vec<&[u8]> = cells.iter().map(|c| c.value.as_slice()).collect();
+    let values: Vec<&[u8]> = cells.iter().map(|c| &c.value[..]).collect();
     ensure!(
         values == vec![b"alive".as_slice(), b"forever".as_slice()],
         "TTL: {values:?}"

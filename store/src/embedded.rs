@@ -195,7 +195,20 @@ impl EmbeddedStore {
 
     /// Cells physically stored for a row (before merging, TTL and versions): for tests and ops.
     pub fn stored_cells(&self, row: &str) -> Result<usize> {
-        Ok(self.read_parts(row)?.cells.len())
+        let raw = self.read_parts(row)?;
+        Ok(raw.base.len() + raw.deltas.len())
+    }
+
+    /// Bytes of the rows keyspace on disk (tables and blobs, not the journal).
+    pub fn rows_disk_space(&self) -> u64 {
+        self.rows.disk_space()
+    }
+
+    /// Flushes the rows memtable to a table and compacts, so disk figures are settled.
+    pub fn settle(&self) -> Result<()> {
+        self.rows.rotate_memtable_and_wait()?;
+        self.rows.major_compact()?;
+        Ok(())
     }
 
     fn lock_for(&self, row: &str) -> &Mutex<()> {
@@ -203,71 +216,86 @@ impl EmbeddedStore {
         &self.locks[(h % LOCK_STRIPES as u64) as usize]
     }
 
-    /// Scans the raw parts of a row: (base cells, [(delta key, delta cells)]), merged in write order.
+    /// Scans the raw parts of a row: the base (sorted, one version per coordinate, as repacked)
+    /// and the cells of later writes with their write order.
     fn read_parts(&self, row: &str) -> Result<RawRow> {
         let mut prefix = Vec::with_capacity(row.len() + 1);
         prefix.extend_from_slice(row.as_bytes());
         prefix.push(0);
         let mut raw = RawRow::default();
+        let corrupt = |reason| StoreError::Corrupt {
+            row: row.to_string(),
+            reason,
+        };
         for kv in self.rows.prefix(&prefix) {
             let (key, value) = kv.into_inner()?;
-            let order = raw.parts;
-            raw.parts += 1;
-            codec::decode(&value, |c| raw.cells.push((c, order))).map_err(|reason| {
-                StoreError::Corrupt {
-                    row: row.to_string(),
-                    reason,
-                }
-            })?;
+            let value = bytes::Bytes::from(value);
             if key.get(prefix.len()) == Some(&1) {
+                let order = raw.delta_keys.len() as u32;
+                codec::decode(&value, |c| raw.deltas.push((c, order))).map_err(corrupt)?;
                 raw.delta_keys.push(key.to_vec());
+            } else {
+                codec::decode(&value, |c| raw.base.push(c)).map_err(corrupt)?;
             }
         }
         Ok(raw)
     }
 
     /// Merges raw parts: the latest write of each coordinate wins; TTL and versions applied.
+    /// The base is already in HBase order, so only the (few) delta cells are sorted, then the two
+    /// sorted runs are merged in one pass.
     fn merge(&self, raw: RawRow, now: i64) -> Vec<Cell> {
-        let mut cells = raw.cells;
-        cells.sort_unstable_by(|(a, ao), (b, bo)| {
-            (
-                a.family.as_str(),
-                a.qualifier.as_str(),
-                std::cmp::Reverse(a.ts),
-                std::cmp::Reverse(*ao),
-            )
-                .cmp(&(
-                    b.family.as_str(),
-                    b.qualifier.as_str(),
-                    std::cmp::Reverse(b.ts),
-                    std::cmp::Reverse(*bo),
-                ))
+        fn key(c: &Cell) -> (&str, &str, std::cmp::Reverse<i64>) {
+            (c.family.as_str(), c.qualifier.as_str(), std::cmp::Reverse(c.ts))
+        }
+        let RawRow {
+            base, mut deltas, ..
+        } = raw;
+        deltas.sort_unstable_by(|(a, ao), (b, bo)| {
+            key(a)
+                .cmp(&key(b))
+                .then_with(|| bo.cmp(ao)) // newest write of a coordinate first
         });
-        let mut out: Vec<Cell> = Vec::with_capacity(cells.len());
+        deltas.dedup_by(|later, earlier| later.0.coordinates() == earlier.0.coordinates());
+        let mut out: Vec<Cell> = Vec::with_capacity(base.len() + deltas.len());
         let mut versions = 0u32;
-        for (c, _) in cells {
+        let mut push = |c: Cell, out: &mut Vec<Cell>| {
             let Some(fam) = self.schema.family(&c.family) else {
-                continue; // a family removed from the schema: invisible, as in HBase
+                return; // a family removed from the schema: invisible, as in HBase
             };
-            if let Some(last) = out.last() {
-                if last.family == c.family && last.qualifier == c.qualifier {
-                    if last.ts == c.ts {
-                        continue; // an older write of the same cell
-                    }
-                    versions += 1;
-                } else {
-                    versions = 1;
+            match out.last() {
+                Some(last) if last.family == c.family && last.qualifier == c.qualifier => {
+                    versions += 1
                 }
-            } else {
-                versions = 1;
+                _ => versions = 1,
             }
             if versions > fam.max_versions {
-                continue;
+                return;
             }
             if fam.ttl_days > 0 && c.ts < now - fam.ttl_days as i64 * dmp_core::clock::DAY_MS {
-                continue;
+                return;
             }
             out.push(c);
+        };
+        let mut b = base.into_iter().peekable();
+        let mut d = deltas.into_iter().map(|(c, _)| c).peekable();
+        loop {
+            let next = match (b.peek(), d.peek()) {
+                (None, None) => break,
+                (Some(_), None) => b.next(),
+                (None, Some(_)) => d.next(),
+                (Some(x), Some(y)) => match key(x).cmp(&key(y)) {
+                    std::cmp::Ordering::Less => b.next(),
+                    std::cmp::Ordering::Greater => d.next(),
+                    std::cmp::Ordering::Equal => {
+                        b.next(); // a later write replaces the base's value
+                        d.next()
+                    }
+                },
+            };
+            if let Some(c) = next {
+                push(c, &mut out);
+            }
         }
         out
     }
@@ -311,7 +339,7 @@ impl EmbeddedStore {
         let cap = get.max_cells.unwrap_or(self.max_row_cells);
         let mut out = Vec::with_capacity(cells.len().min(cap));
         let mut versions = 0u32;
-        let mut prev: Option<(String, String)> = None;
+        let mut prev: Option<(compact_str::CompactString, compact_str::CompactString)> = None;
         for c in cells {
             if out.len() >= cap {
                 break;
@@ -339,9 +367,11 @@ impl EmbeddedStore {
 
 #[derive(Default)]
 struct RawRow {
-    cells: Vec<(Cell, u32)>,
+    /// Cells of the base, in HBase order.
+    base: Vec<Cell>,
+    /// Cells of later writes with their write order.
+    deltas: Vec<(Cell, u32)>,
     delta_keys: Vec<Vec<u8>>,
-    parts: u32,
 }
 
 impl UserStore for EmbeddedStore {
@@ -484,7 +514,7 @@ impl CompactionFilter for TtlFilter {
         item: ItemAccessor<'_>,
         _ctx: &Context,
     ) -> fjall::compaction::filter::CompactionFilterResult {
-        let value = item.value()?;
+        let value = bytes::Bytes::from(item.value()?);
         let mut keep = Vec::new();
         let mut dropped = 0u64;
         let decoded = codec::decode(&value, |c| {
@@ -526,7 +556,5 @@ pub fn open_temp(dir: &std::path::Path) -> Result<(EmbeddedDatabase, EmbeddedSto
 
 /// Forces compaction of the rows keyspace (runs the TTL filter over everything).
 pub fn major_compact(store: &EmbeddedStore) -> Result<()> {
-    store.rows.rotate_memtable_and_wait()?;
-    store.rows.major_compact()?;
-    Ok(())
+    store.settle()
 }

@@ -58,7 +58,7 @@ fn given_expired_cells_when_compacted_then_they_are_gone_from_disk() {
         "expired row still on disk"
     );
     let row = store.get(&Get::row("u")).unwrap().unwrap();
-    assert_eq!(row.cells[0].value, b"new");
+    assert_eq!(&row.cells[0].value[..], b"new");
 }
 
 #[test]

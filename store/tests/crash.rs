@@ -100,7 +100,7 @@ fn given_writer_killed_when_reopened_then_every_acknowledged_cell_is_there() {
     let mut hot_cells: std::collections::BTreeMap<String, BTreeSet<String>> = Default::default();
     for hot in ["hot0", "hot1", "hot2", "hot3", "hot4"] {
         if let Some(row) = store.get(&Get::row(hot)).unwrap() {
-            hot_cells.insert(hot.into(), row.cells.into_iter().map(|c| c.qualifier).collect());
+            hot_cells.insert(hot.into(), row.cells.into_iter().map(|c| c.qualifier.to_string()).collect());
         }
     }
     for (hot, q, cold) in &acked {
@@ -112,7 +112,7 @@ fn given_writer_killed_when_reopened_then_every_acknowledged_cell_is_there() {
             .get(&Get::row(cold.clone()))
             .unwrap()
             .unwrap_or_else(|| panic!("acknowledged row {cold} lost"));
-        assert_eq!(row.cells[0].value, q.as_bytes());
+        assert_eq!(&row.cells[0].value[..], q.as_bytes());
     }
     println!("{} acknowledged writes survived 3 kill -9 cycles", acked.len());
 }
