@@ -73,7 +73,8 @@ async fn readyz(State(s): State<AppState>) -> Response {
         Err(_) => "error: no answer within 2 s".to_string(),
     };
     let store_handle = s.store.clone();
-    let probe = tokio::task::spawn_blocking(move || store_handle.get(&Get::row("dmp-readiness-probe")));
+    let probe =
+        tokio::task::spawn_blocking(move || store_handle.get(&Get::row("dmp-readiness-probe")));
     let store = match tokio::time::timeout(limit, probe).await {
         Ok(Ok(Ok(_))) => "ok".to_string(),
         Ok(Ok(Err(e))) => format!("error: {e}"),

@@ -3,7 +3,9 @@
 //!
 //! Keyspaces:
 //! ```text
-//! bus.log   topic_id:u32 partition:u32 offset:u64          -> ts:i64 key_len:varint key value
+//! bus.log   topic_id:u32 partition:u32 base_offset:u64     -> a chunk: count:varint, then per
+//!                                                             record ts:i64 key_len:varint key
+//!                                                             value_len:varint value
 //! bus.tidx  topic_id:u32 partition:u32 ts:u64 offset:u64   -> ()   (only records that raise the
 //!                                                                   partition's max timestamp)
 //! bus.meta  "t" name                                        -> topic_id:u32 partitions:u32
@@ -11,7 +13,10 @@
 //!           "l" topic_id partition                          -> low offset:u64
 //!           "g" group_len:u16 group topic_id partition      -> committed offset:u64
 //! ```
-//! A produce writes its records, their index entries and segment totals in one atomic batch
+//! As Kafka stores record batches, a produce stores each partition's records as chunks of up to
+//! 1000 records under the offset of their first record: one LSM entry per partition and batch,
+//! not per record. A read seeks to the chunk holding its start offset and decodes forward.
+//! A produce writes its chunks, their index entries and segment totals in one atomic batch
 //! (fsynced first when `fsync_interval_ms = 0`), then publishes the new high offsets and wakes
 //! consumers. Retention deletes whole segments (never the newest) past the age or size bound.
 //! `seek_group_to_time` uses the time index: the first record whose timestamp reaches the target
@@ -151,28 +156,58 @@ fn be_u64(b: &[u8]) -> Result<u64> {
         .ok_or_else(|| BusError::Corrupt("short integer".into()))
 }
 
-fn encode_value(ts: i64, key: &[u8], value: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(8 + 5 + key.len() + value.len());
-    out.extend_from_slice(&ts.to_be_bytes());
-    dmp_store::codec::put_varint(&mut out, key.len() as u64);
-    out.extend_from_slice(key);
-    out.extend_from_slice(value);
+/// Most records in one stored chunk.
+const CHUNK_RECORDS: usize = 1000;
+
+fn encode_chunk(records: &[(i64, &ProduceRecord)]) -> Vec<u8> {
+    let size: usize = records
+        .iter()
+        .map(|(_, r)| 8 + 10 + r.key.len() + r.value.len())
+        .sum();
+    let mut out = Vec::with_capacity(5 + size);
+    dmp_store::codec::put_varint(&mut out, records.len() as u64);
+    for (ts, r) in records {
+        out.extend_from_slice(&ts.to_be_bytes());
+        dmp_store::codec::put_varint(&mut out, r.key.len() as u64);
+        out.extend_from_slice(&r.key);
+        dmp_store::codec::put_varint(&mut out, r.value.len() as u64);
+        out.extend_from_slice(&r.value);
+    }
     out
 }
 
-fn decode_value(buf: &[u8]) -> Result<(i64, Vec<u8>, Vec<u8>)> {
-    if buf.len() < 8 {
-        return Err(BusError::Corrupt(
-            "record shorter than its timestamp".into(),
-        ));
+/// The number of records in a chunk (its header).
+fn chunk_count(mut buf: &[u8]) -> Result<u64> {
+    dmp_store::codec::get_varint(&mut buf).map_err(BusError::Corrupt)
+}
+
+/// Decodes a chunk, calling `f(index, ts, key, value)` for each record; `f` returns false to stop.
+fn decode_chunk(mut buf: &[u8], mut f: impl FnMut(u64, i64, &[u8], &[u8]) -> bool) -> Result<()> {
+    let count = dmp_store::codec::get_varint(&mut buf).map_err(BusError::Corrupt)?;
+    let truncated = || BusError::Corrupt("truncated record in chunk".into());
+    for i in 0..count {
+        if buf.len() < 8 {
+            return Err(truncated());
+        }
+        let ts = i64::from_be_bytes(buf[..8].try_into().expect("8 bytes"));
+        buf = &buf[8..];
+        let klen = dmp_store::codec::get_varint(&mut buf).map_err(BusError::Corrupt)? as usize;
+        if buf.len() < klen {
+            return Err(truncated());
+        }
+        let (key, rest) = buf.split_at(klen);
+        buf = rest;
+        let vlen = dmp_store::codec::get_varint(&mut buf).map_err(BusError::Corrupt)? as usize;
+        if buf.len() < vlen {
+            return Err(truncated());
+        }
+        let (value, rest) = buf.split_at(vlen);
+        buf = rest;
+        if !f(i, ts, key, value) {
+            break;
+        }
     }
-    let ts = i64::from_be_bytes(buf[..8].try_into().expect("8 bytes"));
-    let mut rest = &buf[8..];
-    let klen = dmp_store::codec::get_varint(&mut rest).map_err(BusError::Corrupt)? as usize;
-    if rest.len() < klen {
-        return Err(BusError::Corrupt("truncated record key".into()));
-    }
-    Ok((ts, rest[..klen].to_vec(), rest[klen..].to_vec()))
+    Ok(())
 }
 
 impl EmbeddedBus {
@@ -218,7 +253,10 @@ impl EmbeddedBus {
                     None => 0,
                 };
                 let next = match inner.log.prefix(part_prefix(id, p)).next_back() {
-                    Some(kv) => be_u64(&kv.key()?[8..])? + 1,
+                    Some(kv) => {
+                        let (k, v) = kv.into_inner()?;
+                        be_u64(&k[8..])? + chunk_count(&v)?
+                    }
                     None => low,
                 }
                 .max(low);
@@ -288,42 +326,67 @@ impl EmbeddedBus {
             .db()
             .batch()
             .durability(inner.db.batch_durability());
-        let mut delivered = Vec::with_capacity(records.len());
+        let mut delivered = vec![
+            Delivered {
+                partition: 0,
+                offset: 0
+            };
+            records.len()
+        ];
         let mut bytes = 0u64;
-        for r in &records {
-            let p = partition_for_key(&r.key, n);
-            let offset = next[p as usize];
-            next[p as usize] += 1;
-            let ts = r.timestamp.unwrap_or(now);
-            let size = (r.key.len() + r.value.len()) as u64;
-            bytes += size;
-            batch.insert(
-                &inner.log,
-                log_key(t.id, p, offset),
-                encode_value(ts, &r.key, &r.value),
-            );
-            if ts > max_ts[p as usize] {
-                max_ts[p as usize] = ts;
-                batch.insert(&inner.tidx, tidx_key(t.id, p, ts, offset), Vec::<u8>::new());
+        // Records of each partition, in input order.
+        let mut by_partition: Vec<Vec<usize>> = vec![Vec::new(); n as usize];
+        for (i, r) in records.iter().enumerate() {
+            by_partition[partition_for_key(&r.key, n) as usize].push(i);
+        }
+        for (p, idxs) in by_partition.iter().enumerate() {
+            for chunk in idxs.chunks(CHUNK_RECORDS) {
+                let base = next[p];
+                let mut stamped = Vec::with_capacity(chunk.len());
+                let mut chunk_bytes = 0u64;
+                let mut chunk_max_ts = i64::MIN;
+                for (j, &i) in chunk.iter().enumerate() {
+                    let r = &records[i];
+                    let offset = base + j as u64;
+                    let ts = r.timestamp.unwrap_or(now);
+                    chunk_bytes += (r.key.len() + r.value.len()) as u64;
+                    chunk_max_ts = chunk_max_ts.max(ts);
+                    if ts > max_ts[p] {
+                        max_ts[p] = ts;
+                        batch.insert(
+                            &inner.tidx,
+                            tidx_key(t.id, p as u32, ts, offset),
+                            Vec::<u8>::new(),
+                        );
+                    }
+                    delivered[i] = Delivered {
+                        partition: p as u32,
+                        offset,
+                    };
+                    stamped.push((ts, r));
+                }
+                batch.insert(
+                    &inner.log,
+                    log_key(t.id, p as u32, base),
+                    encode_chunk(&stamped),
+                );
+                next[p] += chunk.len() as u64;
+                bytes += chunk_bytes;
+                let seg_base = base - base % seg_size;
+                let seg = seg_updates.entry((p as u32, seg_base)).or_insert_with(|| {
+                    t.partitions[p]
+                        .lock()
+                        .segments
+                        .get(&seg_base)
+                        .copied()
+                        .unwrap_or(Segment {
+                            bytes: 0,
+                            max_ts: i64::MIN,
+                        })
+                });
+                seg.bytes += chunk_bytes;
+                seg.max_ts = seg.max_ts.max(chunk_max_ts);
             }
-            let base = offset - offset % seg_size;
-            let seg = seg_updates.entry((p, base)).or_insert_with(|| {
-                t.partitions[p as usize]
-                    .lock()
-                    .segments
-                    .get(&base)
-                    .copied()
-                    .unwrap_or(Segment {
-                        bytes: 0,
-                        max_ts: i64::MIN,
-                    })
-            });
-            seg.bytes += size;
-            seg.max_ts = seg.max_ts.max(ts);
-            delivered.push(Delivered {
-                partition: p,
-                offset,
-            });
         }
         for ((p, base), seg) in &seg_updates {
             let mut v = Vec::with_capacity(16);
@@ -351,7 +414,7 @@ impl EmbeddedBus {
         Ok(delivered)
     }
 
-    /// Reads up to `max` records of one partition from `from`.
+    /// Reads up to `max` records of one partition from `from`; returns the next position.
     fn read(&self, t: &Topic, p: u32, from: u64, max: usize, out: &mut Vec<Record>) -> Result<u64> {
         let high = t.high[p as usize].load(Ordering::Acquire);
         let low = t.partitions[p as usize].lock().low;
@@ -359,28 +422,46 @@ impl EmbeddedBus {
         if from >= high || max == 0 {
             return Ok(from);
         }
-        let end = high.min(from.saturating_add(max as u64));
-        let mut pos = from;
-        for kv in self
+        // The chunk holding `from` is the last one whose base offset is <= from.
+        let start = match self
             .inner
             .log
-            .range(log_key(t.id, p, from)..log_key(t.id, p, end))
+            .range(log_key(t.id, p, 0)..=log_key(t.id, p, from))
+            .next_back()
         {
+            Some(kv) => kv.key()?.to_vec(),
+            None => log_key(t.id, p, from).to_vec(),
+        };
+        let mut pos = from;
+        let mut taken = 0usize;
+        for kv in self.inner.log.range(start..log_key(t.id, p, high).to_vec()) {
             let (k, v) = kv.into_inner()?;
-            let offset = be_u64(&k[8..])?;
-            let (ts, key, value) = decode_value(&v)?;
-            out.push(Record {
-                topic: t.name.clone(),
-                partition: p,
-                offset,
-                timestamp: ts,
-                key,
-                value,
-            });
-            pos = offset + 1;
+            let base = be_u64(&k[8..])?;
+            decode_chunk(&v, |i, ts, key, value| {
+                let offset = base + i;
+                if offset < pos {
+                    return true;
+                }
+                if offset >= high || taken >= max {
+                    return false;
+                }
+                out.push(Record {
+                    topic: t.name.clone(),
+                    partition: p,
+                    offset,
+                    timestamp: ts,
+                    key: key.to_vec(),
+                    value: value.to_vec(),
+                });
+                taken += 1;
+                pos = offset + 1;
+                true
+            })?;
+            if taken >= max {
+                break;
+            }
         }
-        // Records below `low` may vanish under us (retention); skip gaps forward.
-        Ok(pos.max(from))
+        Ok(pos)
     }
 
     /// Applies retention now: deletes whole segments (never the newest one of a partition) older
@@ -419,27 +500,38 @@ impl EmbeddedBus {
 
     fn delete_segment(&self, t: &Topic, p: u32, base: u64, next_base: u64) -> Result<u64> {
         let inner = &self.inner;
+        // Chunks are assigned to the segment of their first offset; the new low is the first
+        // offset of the next segment's first chunk.
+        let new_low = match inner
+            .log
+            .range(log_key(t.id, p, next_base)..log_key(t.id, p, u64::MAX))
+            .next()
+        {
+            Some(kv) => be_u64(&kv.key()?[8..])?,
+            None => next_base,
+        };
         // Raise `low` first (durably), so readers skip what is being deleted.
         inner.meta.insert(
             meta_key(b'l', t.id, p, None),
-            next_base.to_be_bytes().to_vec(),
+            new_low.to_be_bytes().to_vec(),
         )?;
-        t.partitions[p as usize].lock().low = next_base;
+        t.partitions[p as usize].lock().low = new_low;
         let mut deleted = 0u64;
         let mut batch = inner.db.db().batch();
         for kv in inner
             .log
             .range(log_key(t.id, p, base)..log_key(t.id, p, next_base))
         {
-            batch.remove(&inner.log, kv.key()?);
-            deleted += 1;
+            let (k, v) = kv.into_inner()?;
+            deleted += chunk_count(&v)?;
+            batch.remove(&inner.log, k);
             if batch.len() >= 10_000 {
                 std::mem::replace(&mut batch, inner.db.db().batch()).commit()?;
             }
         }
         for kv in inner.tidx.prefix(part_prefix(t.id, p)) {
             let k = kv.key()?;
-            if be_u64(&k[16..])? >= next_base {
+            if be_u64(&k[16..])? >= new_low {
                 break;
             }
             batch.remove(&inner.tidx, k);

@@ -75,7 +75,13 @@ async fn given_writer_killed_when_reopened_then_every_acknowledged_record_is_the
     let mut committed: BTreeMap<u32, u64> = BTreeMap::new();
     for cycle in 0..3u64 {
         let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "crash_child", "--ignored", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "crash_child",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env("DMP_CRASH_DIR", dir.path())
             .env("DMP_CRASH_CYCLE", cycle.to_string())
             .stdout(Stdio::piped())
@@ -100,7 +106,10 @@ async fn given_writer_killed_when_reopened_then_every_acknowledged_record_is_the
         // builds), let it run on and kill -9 it at a moment it does not choose.
         let started = std::time::Instant::now();
         while !lines.lock().unwrap().iter().any(|l| l.starts_with("ack ")) {
-            assert!(started.elapsed() < Duration::from_secs(120), "cycle {cycle}: the child never wrote");
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "cycle {cycle}: the child never wrote"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         let wait = 200 + (dmp_core::clock::now_ms() as u64 % 700);
@@ -120,12 +129,18 @@ async fn given_writer_killed_when_reopened_then_every_acknowledged_record_is_the
                 committed.insert(p, o);
             }
         }
-        assert!(acked.len() > before, "cycle {cycle}: the child acknowledged nothing");
+        assert!(
+            acked.len() > before,
+            "cycle {cycle}: the child acknowledged nothing"
+        );
     }
 
     let bus = open(dir.path());
     let offsets = bus.offsets(TOPIC).await.unwrap();
-    let mut c = bus.consumer("verifier", &[TOPIC.to_string()]).await.unwrap();
+    let mut c = bus
+        .consumer("verifier", &[TOPIC.to_string()])
+        .await
+        .unwrap();
     let total: u64 = offsets.iter().map(|o| o.high - o.low).sum();
     let mut seen: BTreeMap<String, u32> = BTreeMap::new();
     let mut per_partition: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
@@ -140,15 +155,27 @@ async fn given_writer_killed_when_reopened_then_every_acknowledged_record_is_the
         }
     }
     let missing: Vec<&String> = acked.iter().filter(|v| !seen.contains_key(*v)).collect();
-    assert!(missing.is_empty(), "{} acknowledged records lost, e.g. {:?}", missing.len(), &missing[..missing.len().min(5)]);
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged records lost, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
     assert!(seen.values().all(|n| *n == 1), "a record is stored twice");
     for (p, offs) in per_partition {
-        assert!(offs.windows(2).all(|w| w[1] == w[0] + 1), "partition {p} offsets not contiguous");
+        assert!(
+            offs.windows(2).all(|w| w[1] == w[0] + 1),
+            "partition {p} offsets not contiguous"
+        );
     }
     let stored = bus.committed(GROUP, TOPIC).await.unwrap();
     for (p, o) in committed {
         let s = stored[p as usize].expect("an acknowledged commit was lost");
         assert!(s >= o, "partition {p}: committed {s} < acknowledged {o}");
     }
-    println!("{} acknowledged records of {} stored survived 3 kill -9 cycles", acked.len(), total);
+    println!(
+        "{} acknowledged records of {} stored survived 3 kill -9 cycles",
+        acked.len(),
+        total
+    );
 }

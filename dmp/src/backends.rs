@@ -28,7 +28,12 @@ fn open_db(cfg: &Config) -> anyhow::Result<EmbeddedDatabase> {
         &cfg.embedded,
         &Schema::new(cfg.store.families.clone()),
     )
-    .with_context(|| format!("cannot open the embedded database in {}", cfg.data_dir.display()))
+    .with_context(|| {
+        format!(
+            "cannot open the embedded database in {}",
+            cfg.data_dir.display()
+        )
+    })
 }
 
 fn open_bus(cfg: &Config, db: Option<&EmbeddedDatabase>) -> anyhow::Result<Arc<dyn Bus>> {

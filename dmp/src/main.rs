@@ -124,7 +124,9 @@ fn main() -> ExitCode {
             Command::Run { listen } => run(cfg, listen).await,
             Command::Config {
                 command: ConfigCommand::Check,
-            } => out(format_args!("# configuration is valid; effective values:\n{effective}")),
+            } => out(format_args!(
+                "# configuration is valid; effective values:\n{effective}"
+            )),
             Command::Topics { command } => topics(cfg, command).await,
         }
     });
@@ -181,13 +183,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -219,7 +222,10 @@ async fn topics(cfg: Config, command: TopicsCommand) -> anyhow::Result<()> {
             }
         }
         TopicsCommand::List => {
-            out(format_args!("{:<32} {:>9} {:>14} {:>14}", "topic", "partition", "low", "high"))?;
+            out(format_args!(
+                "{:<32} {:>9} {:>14} {:>14}",
+                "topic", "partition", "low", "high"
+            ))?;
             for t in bus.topics().await? {
                 for o in bus.offsets(&t.name).await? {
                     out(format_args!(

@@ -23,10 +23,7 @@ fn start(data_dir: &std::path::Path, extra_env: &[(&str, &str)]) -> (Child, Stri
     }
     let mut child = cmd.spawn().unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = lines
-        .next()
-        .expect("dmp run printed nothing")
-        .unwrap();
+    let line = lines.next().expect("dmp run printed nothing").unwrap();
     let url = line
         .split_whitespace()
         .find(|w| w.starts_with("http://"))
@@ -38,13 +35,20 @@ fn start(data_dir: &std::path::Path, extra_env: &[(&str, &str)]) -> (Child, Stri
 
 fn sigterm(child: &mut Child) -> std::process::ExitStatus {
     let pid = child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if let Some(status) = child.try_wait().unwrap() {
             return status;
         }
-        assert!(Instant::now() < deadline, "dmp run did not stop within 10 s of SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "dmp run did not stop within 10 s of SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -74,7 +78,13 @@ async fn given_empty_data_dir_when_dmp_runs_then_api_answers_and_sigterm_stops_i
         .iter()
         .map(|t| t["name"].as_str().unwrap())
         .collect();
-    for t in ["dmp.events", "dmp.user-changes", "dmp.segments", "dmp.segments.shadow", "dmp.dead-letter"] {
+    for t in [
+        "dmp.events",
+        "dmp.user-changes",
+        "dmp.segments",
+        "dmp.segments.shadow",
+        "dmp.dead-letter",
+    ] {
         assert!(names.contains(&t), "topic {t} missing from {names:?}");
     }
     assert_eq!(topics[0]["partitions"].as_array().unwrap().len(), 8);
@@ -82,7 +92,11 @@ async fn given_empty_data_dir_when_dmp_runs_then_api_answers_and_sigterm_stops_i
     assert_eq!(metrics.status(), 200);
 
     // While it runs, the data dir is locked: a second process says so clearly.
-    let out = dmp().args(["topics", "list", "--data-dir"]).arg(dir.path()).output().unwrap();
+    let out = dmp()
+        .args(["topics", "list", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("in use by another dmp process"));
 
@@ -90,7 +104,11 @@ async fn given_empty_data_dir_when_dmp_runs_then_api_answers_and_sigterm_stops_i
     assert!(status.success(), "dmp run exited with {status}");
 
     // After it stopped, the topics are still there.
-    let out = dmp().args(["topics", "list", "--data-dir"]).arg(dir.path()).output().unwrap();
+    let out = dmp()
+        .args(["topics", "list", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("dmp.user-changes"), "{text}");
@@ -110,7 +128,11 @@ fn given_bad_config_when_any_command_runs_then_exit_2_names_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("dmp.toml");
     std::fs::write(&file, "[bus]\nretention_hourz = 3\n").unwrap();
-    let out = dmp().args(["config", "check", "--config"]).arg(&file).output().unwrap();
+    let out = dmp()
+        .args(["config", "check", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("retention_hourz"));
 
@@ -126,15 +148,35 @@ fn given_bad_config_when_any_command_runs_then_exit_2_names_the_key() {
 fn given_embedded_bus_when_topics_created_then_listed_with_partitions() {
     let dir = tempfile::tempdir().unwrap();
     let out = dmp()
-        .args(["topics", "create", "--topic", "partner.x", "--partitions", "3", "--data-dir"])
+        .args([
+            "topics",
+            "create",
+            "--topic",
+            "partner.x",
+            "--partitions",
+            "3",
+            "--data-dir",
+        ])
         .arg(dir.path())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("partner.x: created with 3 partitions"));
-    let out = dmp().args(["topics", "list", "--data-dir"]).arg(dir.path()).output().unwrap();
+    let out = dmp()
+        .args(["topics", "list", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(text.lines().filter(|l| l.starts_with("partner.x")).count(), 3, "{text}");
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("partner.x")).count(),
+        3,
+        "{text}"
+    );
     let out = dmp()
         .args(["topics", "create", "--topic", "bad topic!", "--data-dir"])
         .arg(dir.path())
@@ -147,7 +189,8 @@ fn given_embedded_bus_when_topics_created_then_listed_with_partitions() {
 #[test]
 #[ignore = "needs a Kafka-protocol broker: run scripts/test.sh"]
 fn given_kafka_bus_when_topics_created_then_broker_lists_them() {
-    let broker = std::env::var("DMP_TEST_KAFKA").expect("DMP_TEST_KAFKA is not set (run scripts/test.sh)");
+    let broker =
+        std::env::var("DMP_TEST_KAFKA").expect("DMP_TEST_KAFKA is not set (run scripts/test.sh)");
     let topic = format!("cli.check-{}", std::process::id());
     let url = format!("kafka://{broker}");
     let out = dmp()
@@ -155,13 +198,25 @@ fn given_kafka_bus_when_topics_created_then_broker_lists_them() {
         .env("DMP__BACKENDS__BUS", &url)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = dmp()
         .args(["topics", "list"])
         .env("DMP__BACKENDS__BUS", &url)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(text.lines().filter(|l| l.starts_with(&topic)).count(), 2, "{text}");
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with(&topic)).count(),
+        2,
+        "{text}"
+    );
 }

@@ -1,3 +1,4 @@
+#![allow(missing_docs)] // criterion_group! generates undocumented functions
 //! Embedded store benchmarks (issue: >= 300K cells/s written in batches of 8-cell rows; a
 //! 500-cell row read in <= 100 us p99 on a store of >= 1M rows; memory bounded by config).
 //!
@@ -21,10 +22,22 @@ fn pageview(uid: &str, ts: i64, i: u64) -> Put {
     Put {
         row: uid.to_string(),
         cells: vec![
-            Cell::new("e", "url", ts, format!("https://news.example.ru/article/{}", i % 50_000).into_bytes()),
+            Cell::new(
+                "e",
+                "url",
+                ts,
+                format!("https://news.example.ru/article/{}", i % 50_000).into_bytes(),
+            ),
             Cell::new("e", "ref", ts, b"https://www.google.com/".to_vec()),
             Cell::new("e", "type", ts, b"pageview".to_vec()),
-            Cell::new("e", "ip", ts, ((i as u32).wrapping_mul(2_654_435_761)).to_be_bytes().to_vec()),
+            Cell::new(
+                "e",
+                "ip",
+                ts,
+                ((i as u32).wrapping_mul(2_654_435_761))
+                    .to_be_bytes()
+                    .to_vec(),
+            ),
             Cell::new("e", "ua", ts, ((i % 5000) as u32).to_be_bytes().to_vec()),
             Cell::new("e", "geo", ts, b"RU-NVS".to_vec()),
             Cell::new("e", "src", ts, b"pixel".to_vec()),
@@ -54,7 +67,11 @@ fn load(store: &EmbeddedStore, rows: usize) -> f64 {
         let puts: Vec<Put> = (0..1000)
             .map(|j| {
                 let i = (chunk * 1000 + j) as u64;
-                pageview(&format!("u{:09}", i.wrapping_mul(0x9E37_79B9) % 1_000_000_000), t0 + i as i64, i)
+                pageview(
+                    &format!("u{:09}", i.wrapping_mul(0x9E37_79B9) % 1_000_000_000),
+                    t0 + i as i64,
+                    i,
+                )
             })
             .collect();
         cells += puts.iter().map(|p| p.cells.len() as u64).sum::<u64>();
@@ -72,7 +89,16 @@ fn heavy_rows(store: &EmbeddedStore) {
             .map(|r| Put {
                 row: format!("heavy{r:05}"),
                 cells: (0..10)
-                    .map(|q| Cell::new("e", ["url", "ref", "q", "type", "ip", "ua", "geo", "src", "a.x", "a.y"][q], t0 + e * 1000, format!("value-{e}-{q}-with-some-length").into_bytes()))
+                    .map(|q| {
+                        Cell::new(
+                            "e",
+                            [
+                                "url", "ref", "q", "type", "ip", "ua", "geo", "src", "a.x", "a.y",
+                            ][q],
+                            t0 + e * 1000,
+                            format!("value-{e}-{q}-with-some-length").into_bytes(),
+                        )
+                    })
                     .collect(),
             })
             .collect();
@@ -84,7 +110,10 @@ fn heavy_rows(store: &EmbeddedStore) {
 }
 
 fn report() {
-    let rows: usize = std::env::var("DMP_BENCH_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
+    let rows: usize = std::env::var("DMP_BENCH_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
     let dir = tempfile::tempdir().unwrap();
     let (db, store) = open_temp(dir.path()).unwrap();
     let rate = load(&store, rows);
@@ -111,7 +140,11 @@ fn report() {
     let total_cells = rows as u64 * 8 + HEAVY_ROWS as u64 * 500;
     let bytes = store.rows_disk_space();
     println!("== embedded store report ({rows} rows of 8 cells + {HEAVY_ROWS} rows of 500 cells)");
-    println!("write: {:.0} cells/s ({:.0} rows/s) in batches of 1000 rows x 8 cells", rate, rate / 8.0);
+    println!(
+        "write: {:.0} cells/s ({:.0} rows/s) in batches of 1000 rows x 8 cells",
+        rate,
+        rate / 8.0
+    );
     println!(
         "read of a {cells_read}-cell row: p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us, max {:.1} us over {reads} reads",
         hist.value_at_quantile(0.5) as f64 / 1000.0,
@@ -147,7 +180,11 @@ fn benches(c: &mut Criterion) {
             let puts: Vec<Put> = (0..1000)
                 .map(|_| {
                     n += 1;
-                    pageview(&format!("w{:08}", n.wrapping_mul(0x9E37_79B9) % 10_000_000), t0 + n as i64, n)
+                    pageview(
+                        &format!("w{:08}", n.wrapping_mul(0x9E37_79B9) % 10_000_000),
+                        t0 + n as i64,
+                        n,
+                    )
                 })
                 .collect();
             store.put(&puts).unwrap();
@@ -159,7 +196,10 @@ fn benches(c: &mut Criterion) {
     g.bench_function("get_500_cell_row", |b| {
         b.iter(|| {
             r = (r + 7919) % HEAVY_ROWS;
-            store.get(&Get::row(format!("heavy{r:05}"))).unwrap().unwrap()
+            store
+                .get(&Get::row(format!("heavy{r:05}")))
+                .unwrap()
+                .unwrap()
         })
     });
     g.finish();

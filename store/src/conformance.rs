@@ -112,7 +112,10 @@ fn put_then_get_returns_cells_in_hbase_order(s: &dyn UserStore) -> CheckResult {
         ("m", "first_seen", t),
     ];
     ensure!(got == want, "order {got:?}, want {want:?}");
-    ensure!(row.cells[1].value[..] == *b"https://b/", "value of newest url");
+    ensure!(
+        row.cells[1].value[..] == *b"https://b/",
+        "value of newest url"
+    );
     Ok(())
 }
 

@@ -246,15 +246,17 @@ impl EmbeddedStore {
     /// sorted runs are merged in one pass.
     fn merge(&self, raw: RawRow, now: i64) -> Vec<Cell> {
         fn key(c: &Cell) -> (&str, &str, std::cmp::Reverse<i64>) {
-            (c.family.as_str(), c.qualifier.as_str(), std::cmp::Reverse(c.ts))
+            (
+                c.family.as_str(),
+                c.qualifier.as_str(),
+                std::cmp::Reverse(c.ts),
+            )
         }
         let RawRow {
             base, mut deltas, ..
         } = raw;
         deltas.sort_unstable_by(|(a, ao), (b, bo)| {
-            key(a)
-                .cmp(&key(b))
-                .then_with(|| bo.cmp(ao)) // newest write of a coordinate first
+            key(a).cmp(&key(b)).then_with(|| bo.cmp(ao)) // newest write of a coordinate first
         });
         deltas.dedup_by(|later, earlier| later.0.coordinates() == earlier.0.coordinates());
         let mut out: Vec<Cell> = Vec::with_capacity(base.len() + deltas.len());

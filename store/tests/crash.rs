@@ -54,7 +54,13 @@ fn given_writer_killed_when_reopened_then_every_acknowledged_cell_is_there() {
     let mut acked: Vec<(String, String, String)> = Vec::new();
     for cycle in 0..3u64 {
         let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "crash_child", "--ignored", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "crash_child",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env("DMP_CRASH_DIR", dir.path())
             .env("DMP_CRASH_CYCLE", cycle.to_string())
             .stdout(Stdio::piped())
@@ -75,7 +81,10 @@ fn given_writer_killed_when_reopened_then_every_acknowledged_cell_is_there() {
         // builds), let it run on and kill -9 it at a moment it does not choose.
         let started = std::time::Instant::now();
         while !lines.lock().unwrap().iter().any(|l| l.starts_with("ack ")) {
-            assert!(started.elapsed() < Duration::from_secs(120), "cycle {cycle}: the child never wrote");
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "cycle {cycle}: the child never wrote"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         let wait = 200 + (dmp_core::clock::now_ms() as u64 % 700);
@@ -94,13 +103,22 @@ fn given_writer_killed_when_reopened_then_every_acknowledged_cell_is_there() {
                 ));
             }
         }
-        assert!(acked.len() > before, "cycle {cycle}: the child acknowledged nothing");
+        assert!(
+            acked.len() > before,
+            "cycle {cycle}: the child acknowledged nothing"
+        );
     }
     let (_db, store) = open_temp(dir.path()).unwrap();
     let mut hot_cells: std::collections::BTreeMap<String, BTreeSet<String>> = Default::default();
     for hot in ["hot0", "hot1", "hot2", "hot3", "hot4"] {
         if let Some(row) = store.get(&Get::row(hot)).unwrap() {
-            hot_cells.insert(hot.into(), row.cells.into_iter().map(|c| c.qualifier.to_string()).collect());
+            hot_cells.insert(
+                hot.into(),
+                row.cells
+                    .into_iter()
+                    .map(|c| c.qualifier.to_string())
+                    .collect(),
+            );
         }
     }
     for (hot, q, cold) in &acked {
@@ -114,5 +132,8 @@ fn given_writer_killed_when_reopened_then_every_acknowledged_cell_is_there() {
             .unwrap_or_else(|| panic!("acknowledged row {cold} lost"));
         assert_eq!(&row.cells[0].value[..], q.as_bytes());
     }
-    println!("{} acknowledged writes survived 3 kill -9 cycles", acked.len());
+    println!(
+        "{} acknowledged writes survived 3 kill -9 cycles",
+        acked.len()
+    );
 }
