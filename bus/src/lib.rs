@@ -272,5 +272,18 @@ pub async fn ensure_topics(
     Ok(created)
 }
 
+/// Records not yet committed by `group` in each partition of `topic` (`high - committed`, or
+/// `high - low` for a group that never committed). On brokers whose high watermark lags (Tansu
+/// 0.6) this undercounts; dmp measures waiting by message timestamps for that reason.
+pub async fn lag(bus: &dyn Bus, group: &str, topic: &str) -> Result<Vec<u64>> {
+    let offsets = bus.offsets(topic).await?;
+    let committed = bus.committed(group, topic).await?;
+    Ok(offsets
+        .iter()
+        .zip(committed)
+        .map(|(o, c)| o.high.saturating_sub(c.unwrap_or(o.low).max(o.low)))
+        .collect())
+}
+
 /// How long a consumer waits by default in [`Consumer::poll`].
 pub const DEFAULT_POLL_TIMEOUT: Duration = Duration::from_millis(100);

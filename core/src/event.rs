@@ -224,6 +224,12 @@ impl Event {
                 limit: limits.max_uid_bytes,
             });
         }
+        if uid.chars().any(char::is_control) {
+            return Err(EventError::WrongType {
+                field: "uid",
+                expected: "a string without control characters",
+            });
+        }
         let ts = match obj.remove("ts") {
             None | Some(serde_json::Value::Null) => now_ms,
             Some(v) => parse_ts(&v)?,
@@ -408,6 +414,7 @@ mod tests {
             (r#"{"ts":1}"#, "missing field `uid`"),
             (r#"{"uid":""}"#, "missing field `uid`"),
             (r#"{"uid":7}"#, "field `uid` must be a string"),
+            (r#"{"uid":"a\u0000b"}"#, "without control characters"),
             (r#"{"uid":"u","ts":"yesterday"}"#, "field `ts` is not epoch"),
             (r#"{"uid":"u","ts":-5}"#, "field `ts` is not epoch"),
             (r#"{"uid":"u","ts":1.5}"#, "field `ts` is not epoch"),
