@@ -151,7 +151,7 @@ async fn order_within_partition(h: &mut dyn Harness) -> CheckResult {
         bus.produce(&t, batch).await.map_err(e)?;
     }
     let mut c = bus
-        .consumer(&h.unique("g-order"), &[t.clone()])
+        .consumer(&h.unique("g-order"), std::slice::from_ref(&t))
         .await
         .map_err(e)?;
     let got = read_n(c.as_mut(), 1000, h.patience()).await?;
@@ -190,7 +190,7 @@ async fn key_goes_to_murmur2_partition(h: &mut dyn Harness) -> CheckResult {
         );
     }
     let mut c = bus
-        .consumer(&h.unique("g-keys"), &[t.clone()])
+        .consumer(&h.unique("g-keys"), std::slice::from_ref(&t))
         .await
         .map_err(e)?;
     let got = read_n(c.as_mut(), 600, h.patience()).await?;
@@ -208,11 +208,11 @@ async fn groups_are_independent(h: &mut dyn Harness) -> CheckResult {
     let bus = h.bus();
     bus.produce(&t, records("gi", 300, 30)).await.map_err(e)?;
     let mut a = bus
-        .consumer(&h.unique("g-a"), &[t.clone()])
+        .consumer(&h.unique("g-a"), std::slice::from_ref(&t))
         .await
         .map_err(e)?;
     let mut b = bus
-        .consumer(&h.unique("g-b"), &[t.clone()])
+        .consumer(&h.unique("g-b"), std::slice::from_ref(&t))
         .await
         .map_err(e)?;
     let ra = read_n(a.as_mut(), 300, h.patience()).await?;
@@ -228,8 +228,8 @@ async fn members_of_one_group_share_partitions(h: &mut dyn Harness) -> CheckResu
     let t = topic(h, "share", 4).await?;
     let bus = h.bus();
     let g = h.unique("g-share");
-    let mut a = bus.consumer(&g, &[t.clone()]).await.map_err(e)?;
-    let mut b = bus.consumer(&g, &[t.clone()]).await.map_err(e)?;
+    let mut a = bus.consumer(&g, std::slice::from_ref(&t)).await.map_err(e)?;
+    let mut b = bus.consumer(&g, std::slice::from_ref(&t)).await.map_err(e)?;
     // Wait until both members hold a share of the partitions.
     let deadline = tokio::time::Instant::now() + h.patience();
     let mut seen: BTreeMap<(u32, u64), u32> = BTreeMap::new();
@@ -269,7 +269,7 @@ async fn commit_then_resume(h: &mut dyn Harness) -> CheckResult {
     let bus = h.bus();
     let g = h.unique("g-resume");
     bus.produce(&t, records("cr", 100, 10)).await.map_err(e)?;
-    let mut c = bus.consumer(&g, &[t.clone()]).await.map_err(e)?;
+    let mut c = bus.consumer(&g, std::slice::from_ref(&t)).await.map_err(e)?;
     let first = read_n(c.as_mut(), 100, h.patience()).await?;
     ensure!(
         first[0].offset == 0,
@@ -281,7 +281,7 @@ async fn commit_then_resume(h: &mut dyn Harness) -> CheckResult {
     c.close().await.map_err(e)?;
     let committed = bus.committed(&g, &t).await.map_err(e)?;
     ensure!(committed == vec![Some(40)], "committed {committed:?}");
-    let mut c = bus.consumer(&g, &[t.clone()]).await.map_err(e)?;
+    let mut c = bus.consumer(&g, std::slice::from_ref(&t)).await.map_err(e)?;
     let again = read_n(c.as_mut(), 60, h.patience()).await?;
     ensure!(
         again[0].offset == 40,
@@ -302,7 +302,7 @@ async fn commit_for_unowned_partition_is_ignored(h: &mut dyn Harness) -> CheckRe
     let bus = h.bus();
     let g = h.unique("g-unowned");
     bus.produce(&t, records("uo", 5, 1)).await.map_err(e)?;
-    let mut c = bus.consumer(&g, &[t.clone()]).await.map_err(e)?;
+    let mut c = bus.consumer(&g, std::slice::from_ref(&t)).await.map_err(e)?;
     read_n(c.as_mut(), 5, h.patience()).await?;
     c.commit(&[(TopicPartition::new(&other, 0), 3)])
         .await
@@ -330,7 +330,7 @@ async fn seek_group_to_timestamp(h: &mut dyn Harness) -> CheckResult {
     let delivered = bus.produce(&t, batch).await.map_err(e)?;
     let highs = ends_from(&delivered, 2);
     let g = h.unique("g-seek");
-    let mut c = bus.consumer(&g, &[t.clone()]).await.map_err(e)?;
+    let mut c = bus.consumer(&g, std::slice::from_ref(&t)).await.map_err(e)?;
     let all = read_n(c.as_mut(), 100, h.patience()).await?;
     ensure!(
         all.iter().all(|r| {
@@ -352,7 +352,7 @@ async fn seek_group_to_timestamp(h: &mut dyn Harness) -> CheckResult {
         .await
         .map_err(e)?;
     ensure!(offsets.len() == 2, "{offsets:?}");
-    let mut c = bus.consumer(&g, &[t.clone()]).await.map_err(e)?;
+    let mut c = bus.consumer(&g, std::slice::from_ref(&t)).await.map_err(e)?;
     let replay = read_n(c.as_mut(), 50, h.patience()).await?;
     let mut values: Vec<i64> = replay
         .iter()
@@ -387,7 +387,7 @@ async fn restart_keeps_records_and_committed_offsets(h: &mut dyn Harness) -> Che
         let bus = h.bus();
         let delivered = bus.produce(&t, records("rs", 200, 20)).await.map_err(e)?;
         let ends = ends_from(&delivered, 2);
-        let mut c = bus.consumer(&g, &[t.clone()]).await.map_err(e)?;
+        let mut c = bus.consumer(&g, std::slice::from_ref(&t)).await.map_err(e)?;
         read_n(c.as_mut(), 200, h.patience()).await?;
         let marks: Vec<(TopicPartition, u64)> = ends
             .iter()
@@ -415,7 +415,7 @@ async fn restart_keeps_records_and_committed_offsets(h: &mut dyn Harness) -> Che
         "committed after restart {committed:?}, want {want:?}"
     );
     let expect: usize = ends.iter().map(|end| (end - end / 2) as usize).sum();
-    let mut c = bus.consumer(&g, &[t.clone()]).await.map_err(e)?;
+    let mut c = bus.consumer(&g, std::slice::from_ref(&t)).await.map_err(e)?;
     let rest = read_n(c.as_mut(), expect, h.patience()).await?;
     for r in &rest {
         ensure!(
@@ -427,7 +427,7 @@ async fn restart_keeps_records_and_committed_offsets(h: &mut dyn Harness) -> Che
     c.close().await.map_err(e)?;
     // Every record is still there after the restart: a new group reads all 200.
     let mut c = bus
-        .consumer(&h.unique("g-restart-all"), &[t.clone()])
+        .consumer(&h.unique("g-restart-all"), std::slice::from_ref(&t))
         .await
         .map_err(e)?;
     read_n(c.as_mut(), 200, h.patience()).await?;
@@ -454,7 +454,7 @@ async fn batch_produce_of_10k(h: &mut dyn Harness) -> CheckResult {
     let distinct: BTreeSet<_> = d.iter().map(|x| (x.partition, x.offset)).collect();
     ensure!(distinct.len() == 10_000, "deliveries share offsets");
     let mut c = bus
-        .consumer(&h.unique("g-batch"), &[t.clone()])
+        .consumer(&h.unique("g-batch"), std::slice::from_ref(&t))
         .await
         .map_err(e)?;
     let got = read_n(c.as_mut(), 10_000, h.patience()).await?;

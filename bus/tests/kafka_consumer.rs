@@ -30,7 +30,7 @@ async fn given_application_stalls_past_max_poll_interval_then_member_stays_in_gr
     let topic = format!("stall-{run}");
     bus.create_topic(&topic, 2).await.unwrap();
     let group = format!("g-stall-{run}");
-    let mut c = bus.consumer(&group, &[topic.clone()]).await.unwrap();
+    let mut c = bus.consumer(&group, std::slice::from_ref(&topic)).await.unwrap();
     bus.produce(
         &topic,
         (0..10)
@@ -106,7 +106,7 @@ async fn given_slow_application_when_buffer_fills_then_consumer_pauses_and_loses
     .await
     .unwrap();
     let mut c = bus
-        .consumer(&format!("g-pause-{run}"), &[topic.clone()])
+        .consumer(&format!("g-pause-{run}"), std::slice::from_ref(&topic))
         .await
         .unwrap();
     let mut saw_pause = false;
