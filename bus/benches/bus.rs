@@ -63,7 +63,10 @@ fn bench_backend(c: &mut Criterion, name: &str, bus: Arc<dyn Bus>, preload: usiz
                 group_n += 1;
                 let group = format!("bench-{run}-{group_n}");
                 total += rt.block_on(async {
-                    let mut consumer = bus.consumer(&group, std::slice::from_ref(&topic)).await.unwrap();
+                    let mut consumer = bus
+                        .consumer(&group, std::slice::from_ref(&topic))
+                        .await
+                        .unwrap();
                     // The first poll includes joining the group; time from the first record.
                     let mut read = consumer
                         .poll(10_000, Duration::from_secs(30))

@@ -228,8 +228,14 @@ async fn members_of_one_group_share_partitions(h: &mut dyn Harness) -> CheckResu
     let t = topic(h, "share", 4).await?;
     let bus = h.bus();
     let g = h.unique("g-share");
-    let mut a = bus.consumer(&g, std::slice::from_ref(&t)).await.map_err(e)?;
-    let mut b = bus.consumer(&g, std::slice::from_ref(&t)).await.map_err(e)?;
+    let mut a = bus
+        .consumer(&g, std::slice::from_ref(&t))
+        .await
+        .map_err(e)?;
+    let mut b = bus
+        .consumer(&g, std::slice::from_ref(&t))
+        .await
+        .map_err(e)?;
     // Wait until both members hold a share of the partitions.
     let deadline = tokio::time::Instant::now() + h.patience();
     let mut seen: BTreeMap<(u32, u64), u32> = BTreeMap::new();
@@ -269,7 +275,10 @@ async fn commit_then_resume(h: &mut dyn Harness) -> CheckResult {
     let bus = h.bus();
     let g = h.unique("g-resume");
     bus.produce(&t, records("cr", 100, 10)).await.map_err(e)?;
-    let mut c = bus.consumer(&g, std::slice::from_ref(&t)).await.map_err(e)?;
+    let mut c = bus
+        .consumer(&g, std::slice::from_ref(&t))
+        .await
+        .map_err(e)?;
     let first = read_n(c.as_mut(), 100, h.patience()).await?;
     ensure!(
         first[0].offset == 0,
@@ -281,7 +290,10 @@ async fn commit_then_resume(h: &mut dyn Harness) -> CheckResult {
     c.close().await.map_err(e)?;
     let committed = bus.committed(&g, &t).await.map_err(e)?;
     ensure!(committed == vec![Some(40)], "committed {committed:?}");
-    let mut c = bus.consumer(&g, std::slice::from_ref(&t)).await.map_err(e)?;
+    let mut c = bus
+        .consumer(&g, std::slice::from_ref(&t))
+        .await
+        .map_err(e)?;
     let again = read_n(c.as_mut(), 60, h.patience()).await?;
     ensure!(
         again[0].offset == 40,
@@ -302,7 +314,10 @@ async fn commit_for_unowned_partition_is_ignored(h: &mut dyn Harness) -> CheckRe
     let bus = h.bus();
     let g = h.unique("g-unowned");
     bus.produce(&t, records("uo", 5, 1)).await.map_err(e)?;
-    let mut c = bus.consumer(&g, std::slice::from_ref(&t)).await.map_err(e)?;
+    let mut c = bus
+        .consumer(&g, std::slice::from_ref(&t))
+        .await
+        .map_err(e)?;
     read_n(c.as_mut(), 5, h.patience()).await?;
     c.commit(&[(TopicPartition::new(&other, 0), 3)])
         .await
@@ -330,7 +345,10 @@ async fn seek_group_to_timestamp(h: &mut dyn Harness) -> CheckResult {
     let delivered = bus.produce(&t, batch).await.map_err(e)?;
     let highs = ends_from(&delivered, 2);
     let g = h.unique("g-seek");
-    let mut c = bus.consumer(&g, std::slice::from_ref(&t)).await.map_err(e)?;
+    let mut c = bus
+        .consumer(&g, std::slice::from_ref(&t))
+        .await
+        .map_err(e)?;
     let all = read_n(c.as_mut(), 100, h.patience()).await?;
     ensure!(
         all.iter().all(|r| {
@@ -352,7 +370,10 @@ async fn seek_group_to_timestamp(h: &mut dyn Harness) -> CheckResult {
         .await
         .map_err(e)?;
     ensure!(offsets.len() == 2, "{offsets:?}");
-    let mut c = bus.consumer(&g, std::slice::from_ref(&t)).await.map_err(e)?;
+    let mut c = bus
+        .consumer(&g, std::slice::from_ref(&t))
+        .await
+        .map_err(e)?;
     let replay = read_n(c.as_mut(), 50, h.patience()).await?;
     let mut values: Vec<i64> = replay
         .iter()
@@ -387,7 +408,10 @@ async fn restart_keeps_records_and_committed_offsets(h: &mut dyn Harness) -> Che
         let bus = h.bus();
         let delivered = bus.produce(&t, records("rs", 200, 20)).await.map_err(e)?;
         let ends = ends_from(&delivered, 2);
-        let mut c = bus.consumer(&g, std::slice::from_ref(&t)).await.map_err(e)?;
+        let mut c = bus
+            .consumer(&g, std::slice::from_ref(&t))
+            .await
+            .map_err(e)?;
         read_n(c.as_mut(), 200, h.patience()).await?;
         let marks: Vec<(TopicPartition, u64)> = ends
             .iter()
@@ -415,7 +439,10 @@ async fn restart_keeps_records_and_committed_offsets(h: &mut dyn Harness) -> Che
         "committed after restart {committed:?}, want {want:?}"
     );
     let expect: usize = ends.iter().map(|end| (end - end / 2) as usize).sum();
-    let mut c = bus.consumer(&g, std::slice::from_ref(&t)).await.map_err(e)?;
+    let mut c = bus
+        .consumer(&g, std::slice::from_ref(&t))
+        .await
+        .map_err(e)?;
     let rest = read_n(c.as_mut(), expect, h.patience()).await?;
     for r in &rest {
         ensure!(

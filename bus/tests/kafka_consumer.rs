@@ -30,7 +30,10 @@ async fn given_application_stalls_past_max_poll_interval_then_member_stays_in_gr
     let topic = format!("stall-{run}");
     bus.create_topic(&topic, 2).await.unwrap();
     let group = format!("g-stall-{run}");
-    let mut c = bus.consumer(&group, std::slice::from_ref(&topic)).await.unwrap();
+    let mut c = bus
+        .consumer(&group, std::slice::from_ref(&topic))
+        .await
+        .unwrap();
     bus.produce(
         &topic,
         (0..10)
