@@ -68,6 +68,10 @@ pub struct Config {
     pub store: StoreConfig,
     /// The HTTP API.
     pub api: ApiConfig,
+    /// Where ingest puts events while the bus is unavailable.
+    pub spill: SpillConfig,
+    /// The storage writer role.
+    pub storage_writer: StorageWriterConfig,
     /// Logs and metrics.
     pub telemetry: TelemetryConfig,
 }
@@ -190,6 +194,61 @@ pub struct FamilyConfig {
 pub struct ApiConfig {
     /// Listen address.
     pub listen: String,
+    /// Largest body after decompression, bytes.
+    pub max_body_bytes: usize,
+    /// Most events in one POST.
+    pub max_batch_events: usize,
+    /// Client IP header set by a trusted proxy ("" = peer address).
+    pub trusted_proxy_header: String,
+    /// Cookie holding the pixel's uid.
+    pub uid_cookie: String,
+    /// Lifetime of that cookie, days.
+    pub uid_cookie_max_age_days: u64,
+    /// How long ingest waits for the bus before spilling, ms.
+    pub ingest_timeout_ms: u64,
+    /// Sources counted by name in metrics.
+    pub metric_sources: Vec<String>,
+}
+
+/// `[spill]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpillConfig {
+    /// Directory ("" = `<data_dir>/spill`).
+    pub dir: String,
+    /// Largest spill file, bytes.
+    pub max_bytes: u64,
+    /// Replay attempt interval, ms.
+    pub replay_interval_ms: u64,
+}
+
+impl Config {
+    /// The spill directory in force.
+    pub fn spill_dir(&self) -> PathBuf {
+        if self.spill.dir.is_empty() {
+            self.data_dir.join("spill")
+        } else {
+            PathBuf::from(&self.spill.dir)
+        }
+    }
+}
+
+/// `[storage_writer]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageWriterConfig {
+    /// Consumer group.
+    pub group: String,
+    /// Most events per store batch.
+    pub batch_max_events: usize,
+    /// `full`, `truncate` or `hash`.
+    pub ip_mode: String,
+    /// Key for `hash`.
+    pub ip_hash_key: String,
+    /// GeoLite2-City .mmdb files.
+    pub geoip: Vec<PathBuf>,
+    /// Crawler list ("" = shipped copy).
+    pub crawler_list: String,
 }
 
 /// `[telemetry]`.
@@ -358,6 +417,65 @@ impl Config {
             .listen
             .parse::<std::net::SocketAddr>()
             .map_err(|e| ConfigError::key("api.listen", format!("not a socket address: {e}")))?;
+        range("api.max_body_bytes", self.api.max_body_bytes as u64, 1024, 1 << 30)?;
+        range("api.max_batch_events", self.api.max_batch_events as u64, 1, 1_000_000)?;
+        range("api.uid_cookie_max_age_days", self.api.uid_cookie_max_age_days, 1, 3650)?;
+        range("api.ingest_timeout_ms", self.api.ingest_timeout_ms, 10, 60_000)?;
+        if self.api.uid_cookie.is_empty()
+            || !self
+                .api
+                .uid_cookie
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(ConfigError::key(
+                "api.uid_cookie",
+                "a cookie name is 1 or more of a-z A-Z 0-9 _ -",
+            ));
+        }
+        range("spill.max_bytes", self.spill.max_bytes, 1 << 20, u64::MAX)?;
+        range("spill.replay_interval_ms", self.spill.replay_interval_ms, 10, 600_000)?;
+        if self.storage_writer.group.is_empty() {
+            return Err(ConfigError::key("storage_writer.group", "must not be empty"));
+        }
+        range(
+            "storage_writer.batch_max_events",
+            self.storage_writer.batch_max_events as u64,
+            1,
+            100_000,
+        )?;
+        match self.storage_writer.ip_mode.as_str() {
+            "full" | "truncate" => {}
+            "hash" if self.storage_writer.ip_hash_key.len() >= 16 => {}
+            "hash" => {
+                return Err(ConfigError::key(
+                    "storage_writer.ip_hash_key",
+                    "ip_mode = \"hash\" needs a key of at least 16 bytes",
+                ))
+            }
+            other => {
+                return Err(ConfigError::key(
+                    "storage_writer.ip_mode",
+                    format!("must be \"full\", \"truncate\" or \"hash\", not {other:?}"),
+                ))
+            }
+        }
+        for (i, p) in self.storage_writer.geoip.iter().enumerate() {
+            if !p.is_file() {
+                return Err(ConfigError::key(
+                    format!("storage_writer.geoip[{i}]"),
+                    format!("{} is not a readable file", p.display()),
+                ));
+            }
+        }
+        if !self.storage_writer.crawler_list.is_empty()
+            && !Path::new(&self.storage_writer.crawler_list).is_file()
+        {
+            return Err(ConfigError::key(
+                "storage_writer.crawler_list",
+                format!("{} is not a readable file", self.storage_writer.crawler_list),
+            ));
+        }
         if !matches!(self.telemetry.log_format.as_str(), "text" | "json") {
             return Err(ConfigError::key(
                 "telemetry.log_format",
@@ -540,6 +658,10 @@ mod tests {
                 "store.families.e.max_versions",
             ),
             ("DMP__TELEMETRY__LOG_FORMAT", "xml", "telemetry.log_format"),
+            ("DMP__STORAGE_WRITER__IP_MODE", "hash", "storage_writer.ip_hash_key"),
+            ("DMP__STORAGE_WRITER__IP_MODE", "mask", "storage_writer.ip_mode"),
+            ("DMP__STORAGE_WRITER__GEOIP", "[\"/nope.mmdb\"]", "storage_writer.geoip[0]"),
+            ("DMP__API__MAX_BODY_BYTES", "10", "api.max_body_bytes"),
         ];
         for (k, v, key) in cases {
             let err = Config::load(None, env(&[(k, v)])).unwrap_err().to_string();

@@ -23,4 +23,4 @@ pub use config::Config;
 pub use error::ErrorKind;
 pub use event::{Event, EventError};
 pub use partition::{murmur2, partition_for_key};
-pub use segment::SegmentUpdate;
+pub use segment::{DeadLetter, SegmentUpdate, UserChange};

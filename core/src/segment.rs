@@ -53,3 +53,55 @@ mod tests {
         assert_eq!(SegmentUpdate::from_json(json.as_bytes()).unwrap(), u);
     }
 }
+
+/// The record the storage writer emits on `dmp.user-changes` (key = uid) after a user's cells are
+/// durable. The message timestamp is the write time too.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserChange {
+    /// The user.
+    pub uid: String,
+    /// When the cells were written (epoch ms).
+    pub ts: i64,
+    /// Time of the newest event written for the user in that batch (epoch ms).
+    pub last_event_ts: i64,
+}
+
+impl UserChange {
+    /// The JSON bytes published on the topic.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a UserChange always serialises")
+    }
+
+    /// Parses a record from the topic.
+    pub fn from_json(bytes: &[u8]) -> Result<UserChange, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}
+
+/// A record on `dmp.dead-letter`: what was rejected, where it came from, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// Stable reason code (for example `missing_uid`).
+    pub reason: String,
+    /// The full error message.
+    pub error: String,
+    /// The role that rejected it (for example `storage-writer`).
+    pub stage: String,
+    /// Topic the record was read from.
+    pub topic: String,
+    /// Partition it was read from.
+    pub partition: u32,
+    /// Offset it was read from.
+    pub offset: u64,
+    /// Its message timestamp (epoch ms).
+    pub timestamp: i64,
+    /// The payload, as UTF-8 (invalid bytes replaced) and cut to 64 KiB.
+    pub payload: String,
+}
+
+impl DeadLetter {
+    /// The JSON bytes published on the topic.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a DeadLetter always serialises")
+    }
+}

@@ -1,0 +1,84 @@
+//! How an event becomes cells of the user's row. Every cell's version is the event time.
+//!
+//! | family:qualifier | value |
+//! |---|---|
+//! | `e:type`, `e:url`, `e:ref`, `e:q`, `e:src` | the field as UTF-8 |
+//! | `e:ip` | the address as an integer: 4 bytes (IPv4), 16 (IPv6) or 8 (hashed), big-endian |
+//! | `e:geo` | `country/region/city` |
+//! | `e:ua` | the user agent's dictionary id, 8 bytes big-endian |
+//! | `e:ua.br`, `e:ua.os`, `e:ua.dev` | browser, OS, device class |
+//! | `e:a.<name>` | each custom attribute |
+//! | `m:first_seen` | the event time, 8 bytes; version `i64::MAX - ts`, so the single kept version is the earliest |
+//! | `m:crawler` | `1` when the user agent is a known crawler |
+//!
+//! The user agent string itself is stored once per distinct agent in the dictionary row
+//! [`ua_dictionary_row`] (family `m`, qualifier `ua`).
+
+use dmp_core::cell::{FAMILY_EVENTS, FAMILY_META};
+use dmp_core::{Cell, Event};
+use dmp_store::Put;
+
+use crate::enrich::Enrichment;
+
+/// The row holding a user agent's string under its dictionary id. Its key starts with `\u{1}`,
+/// which no uid can (event validation rejects control characters).
+pub fn ua_dictionary_row(id: u64) -> String {
+    format!("\u{1}dict/ua/{id:016x}")
+}
+
+/// The cells of one event.
+pub fn event_cells(ev: &Event, en: &Enrichment) -> Vec<Cell> {
+    let ts = ev.ts;
+    let mut cells = Vec::with_capacity(8 + ev.attrs.len());
+    let mut text = |q: &str, v: &Option<String>| {
+        if let Some(v) = v {
+            cells.push(Cell::new(FAMILY_EVENTS, q, ts, v.clone().into_bytes()));
+        }
+    };
+    text("type", &ev.kind);
+    text("url", &ev.url);
+    text("ref", &ev.referrer);
+    text("q", &ev.q);
+    text("src", &ev.src);
+    if let Some(ip) = &en.ip {
+        cells.push(Cell::new(FAMILY_EVENTS, "ip", ts, ip.clone()));
+    }
+    if let Some(geo) = &en.geo {
+        cells.push(Cell::new(FAMILY_EVENTS, "geo", ts, geo.clone().into_bytes()));
+    }
+    if let Some(ua) = &en.ua {
+        cells.push(Cell::new(FAMILY_EVENTS, "ua", ts, ua.id.to_be_bytes().to_vec()));
+        cells.push(Cell::new(FAMILY_EVENTS, "ua.br", ts, ua.browser.clone().into_bytes()));
+        cells.push(Cell::new(FAMILY_EVENTS, "ua.os", ts, ua.os.clone().into_bytes()));
+        cells.push(Cell::new(FAMILY_EVENTS, "ua.dev", ts, ua.device.clone().into_bytes()));
+        if ua.crawler {
+            cells.push(Cell::new(FAMILY_META, "crawler", ts, b"1".to_vec()));
+        }
+    }
+    for (k, v) in &ev.attrs {
+        cells.push(Cell::new(FAMILY_EVENTS, format!("a.{k}"), ts, v.clone().into_bytes()));
+    }
+    cells.push(Cell::new(
+        FAMILY_META,
+        "first_seen",
+        i64::MAX - ts,
+        ts.to_be_bytes().to_vec(),
+    ));
+    cells
+}
+
+/// The put of one event.
+pub fn event_put(ev: &Event, en: &Enrichment) -> Put {
+    Put {
+        row: ev.uid.clone(),
+        cells: event_cells(ev, en),
+    }
+}
+
+/// The dictionary put of a user agent string.
+pub fn ua_dictionary_put(id: u64, ua: &str) -> Put {
+    Put {
+        row: ua_dictionary_row(id),
+        cells: vec![Cell::new(FAMILY_META, "ua", 0, ua.as_bytes().to_vec())],
+    }
+}

@@ -1,0 +1,321 @@
+//! The storage writer's loop: poll, decode, enrich, write, emit changes, commit.
+
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use dmp_bus::{Bus, BusError, OffsetTracker, ProduceRecord, Record, TopicPartition};
+use dmp_core::config::Topics;
+use dmp_core::event::EventLimits;
+use dmp_core::{DeadLetter, Event, UserChange};
+use dmp_store::{Put, StoreError, UserStore};
+
+use crate::cells::{event_put, ua_dictionary_put};
+use crate::enrich::Enricher;
+use crate::metrics as m;
+
+/// What can stop the storage writer.
+#[derive(Debug, thiserror::Error)]
+pub enum WriterError {
+    /// The bus failed in a way retrying does not fix (for example, the topic does not exist).
+    #[error("bus: {0}")]
+    Bus(#[from] BusError),
+    /// The store failed in a way retrying does not fix.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// Shutdown was asked for while a batch was still being retried; its offsets were not
+    /// committed, so it will be read again.
+    #[error("stopped before the batch could be written")]
+    Interrupted,
+}
+
+/// One batch, processed.
+#[derive(Debug, Default)]
+pub struct Processed {
+    /// Puts of the valid events (and new user-agent dictionary entries).
+    pub puts: Vec<Put>,
+    /// Dead-letter records of the invalid ones.
+    pub dead: Vec<ProduceRecord>,
+    /// Newest event time per uid.
+    pub uids: HashMap<String, i64>,
+}
+
+/// The storage writer role.
+pub struct StorageWriter {
+    bus: Arc<dyn Bus>,
+    store: Arc<dyn UserStore>,
+    topics: Topics,
+    group: String,
+    batch_max: usize,
+    limits: EventLimits,
+    enricher: Enricher,
+    ua_written: lru::LruCache<u64, ()>,
+}
+
+impl StorageWriter {
+    /// A writer on `bus` and `store` with the given enricher.
+    pub fn new(
+        bus: Arc<dyn Bus>,
+        store: Arc<dyn UserStore>,
+        cfg: &dmp_core::Config,
+        enricher: Enricher,
+    ) -> StorageWriter {
+        StorageWriter {
+            bus,
+            store,
+            topics: cfg.topics.clone(),
+            group: cfg.storage_writer.group.clone(),
+            batch_max: cfg.storage_writer.batch_max_events,
+            limits: EventLimits::default(),
+            enricher,
+            ua_written: lru::LruCache::new(NonZeroUsize::new(100_000).expect("non-zero")),
+        }
+    }
+
+    /// Decodes, validates and enriches a batch of records (no I/O).
+    pub fn process(&mut self, records: &[Record]) -> Processed {
+        let mut out = Processed::default();
+        let now = dmp_core::clock::now_ms();
+        for r in records {
+            metrics::histogram!(m::WAIT).record(((now - r.timestamp).max(0)) as f64 / 1000.0);
+            match Event::parse(&r.value, r.timestamp, &self.limits) {
+                Ok(ev) => {
+                    let en = self.enricher.enrich(ev.ip.as_deref(), ev.ua.as_deref());
+                    if en.bad_ip {
+                        metrics::counter!(m::BAD_IPS).increment(1);
+                    }
+                    if let (Some(ua), Some(s)) = (&en.ua, &ev.ua) {
+                        if self.ua_written.put(ua.id, ()).is_none() {
+                            out.puts.push(ua_dictionary_put(ua.id, s));
+                        }
+                    }
+                    let e = out.uids.entry(ev.uid.clone()).or_insert(ev.ts);
+                    *e = (*e).max(ev.ts);
+                    out.puts.push(event_put(&ev, &en));
+                    metrics::counter!(m::EVENTS, "outcome" => "written").increment(1);
+                }
+                Err(err) => {
+                    metrics::counter!(m::EVENTS, "outcome" => "dead_letter").increment(1);
+                    metrics::counter!(m::DEAD_LETTERS, "reason" => err.reason()).increment(1);
+                    out.dead.push(dead_letter(r, err.reason(), &err.to_string()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Writes a processed batch: cells, then dead letters, then change records. Retries
+    /// transient failures with backoff until `shutdown`.
+    pub async fn write(
+        &mut self,
+        batch: Processed,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<usize, WriterError> {
+        let Processed {
+            puts,
+            mut dead,
+            uids,
+        } = batch;
+        if !puts.is_empty() {
+            let started = Instant::now();
+            let rejected = self.put_with_retry(puts, shutdown).await?;
+            dead.extend(rejected);
+            metrics::histogram!(m::STORE_WRITE).record(started.elapsed().as_secs_f64());
+        }
+        if !dead.is_empty() {
+            self.produce_with_retry(&self.topics.dead_letter.clone(), dead, shutdown)
+                .await?;
+        }
+        let write_time = dmp_core::clock::now_ms();
+        let changes: Vec<ProduceRecord> = uids
+            .into_iter()
+            .map(|(uid, last_event_ts)| {
+                let value = UserChange {
+                    uid: uid.clone(),
+                    ts: write_time,
+                    last_event_ts,
+                }
+                .to_json();
+                ProduceRecord {
+                    key: uid.into_bytes(),
+                    value,
+                    timestamp: Some(write_time),
+                }
+            })
+            .collect();
+        let n = changes.len();
+        if n > 0 {
+            self.produce_with_retry(&self.topics.user_changes.clone(), changes, shutdown)
+                .await?;
+            metrics::counter!(m::CHANGES).increment(n as u64);
+        }
+        Ok(n)
+    }
+
+    /// Writes the puts; a batch the store rejects as a whole is retried put by put, and the puts
+    /// it rejects alone become dead letters.
+    async fn put_with_retry(
+        &self,
+        puts: Vec<Put>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<Vec<ProduceRecord>, WriterError> {
+        let puts = Arc::new(puts);
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let (store, p) = (self.store.clone(), puts.clone());
+            let r = tokio::task::spawn_blocking(move || store.put(&p))
+                .await
+                .expect("store put does not panic");
+            match r {
+                Ok(()) => return Ok(Vec::new()),
+                Err(e) if e.kind() == dmp_core::ErrorKind::Rejected => {
+                    let mut dead = Vec::new();
+                    for p in puts.iter() {
+                        if let Err(e) = self.store.put(std::slice::from_ref(p)) {
+                            if e.kind() != dmp_core::ErrorKind::Rejected {
+                                return Err(e.into());
+                            }
+                            dead.push(ProduceRecord::new(
+                                p.row.clone().into_bytes(),
+                                DeadLetter {
+                                    reason: "store_rejected".into(),
+                                    error: e.to_string(),
+                                    stage: "storage-writer".into(),
+                                    topic: self.topics.events.clone(),
+                                    partition: 0,
+                                    offset: 0,
+                                    timestamp: dmp_core::clock::now_ms(),
+                                    payload: format!("{:?}", p.cells),
+                                }
+                                .to_json(),
+                            ));
+                        }
+                    }
+                    return Ok(dead);
+                }
+                Err(e) => {
+                    metrics::counter!(m::RETRIES, "stage" => "store").increment(1);
+                    tracing::warn!(error = %e, "store write failed; retrying the batch");
+                    self.sleep_or_stop(&mut backoff, shutdown).await?;
+                }
+            }
+        }
+    }
+
+    async fn produce_with_retry(
+        &self,
+        topic: &str,
+        records: Vec<ProduceRecord>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), WriterError> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.bus.produce(topic, records.clone()).await {
+                Ok(_) => return Ok(()),
+                Err(e) if matches!(e, BusError::UnknownTopic(_) | BusError::Rejected(_)) => {
+                    return Err(e.into())
+                }
+                Err(e) => {
+                    metrics::counter!(m::RETRIES, "stage" => "bus").increment(1);
+                    tracing::warn!(error = %e, topic, "produce failed; retrying");
+                    self.sleep_or_stop(&mut backoff, shutdown).await?;
+                }
+            }
+        }
+    }
+
+    async fn sleep_or_stop(
+        &self,
+        backoff: &mut Duration,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), WriterError> {
+        if *shutdown.borrow() {
+            return Err(WriterError::Interrupted);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(*backoff) => {}
+            _ = shutdown.changed() => return Err(WriterError::Interrupted),
+        }
+        *backoff = (*backoff * 2).min(Duration::from_secs(5));
+        Ok(())
+    }
+
+    /// Runs until `shutdown` becomes true; commits what was written and leaves the group.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), WriterError> {
+        let topic = self.topics.events.clone();
+        let mut consumer = self
+            .bus
+            .consumer(&self.group, std::slice::from_ref(&topic))
+            .await?;
+        let mut tracker = OffsetTracker::new();
+        tracing::info!(group = %self.group, topic = %topic, "storage writer started");
+        let result = loop {
+            if *shutdown.borrow() {
+                break Ok(());
+            }
+            let records = tokio::select! {
+                r = consumer.poll(self.batch_max, Duration::from_millis(200)) => match r {
+                    Ok(r) => r,
+                    Err(e) => break Err(WriterError::Bus(e)),
+                },
+                _ = shutdown.changed() => break Ok(()),
+            };
+            if records.is_empty() {
+                continue;
+            }
+            let started = Instant::now();
+            metrics::histogram!(m::BATCH_EVENTS).record(records.len() as f64);
+            for r in &records {
+                tracker.track(&TopicPartition::new(r.topic.to_string(), r.partition), r.offset);
+            }
+            let processed = self.process(&records);
+            match self.write(processed, &mut shutdown).await {
+                Ok(_) => {}
+                Err(WriterError::Interrupted) => break Ok(()),
+                Err(e) => break Err(e),
+            }
+            for r in &records {
+                tracker.done(&TopicPartition::new(r.topic.to_string(), r.partition), r.offset);
+            }
+            let marks = tracker.committable();
+            if let Err(e) = consumer.commit(&marks).await {
+                break Err(e.into());
+            }
+            metrics::histogram!(m::BATCH_DURATION).record(started.elapsed().as_secs_f64());
+        };
+        let closed = consumer.close().await;
+        tracing::info!("storage writer stopped");
+        result?;
+        closed?;
+        Ok(())
+    }
+}
+
+fn dead_letter(r: &Record, reason: &str, error: &str) -> ProduceRecord {
+    let mut payload = String::from_utf8_lossy(&r.value).into_owned();
+    if payload.len() > 65_536 {
+        let mut end = 65_536;
+        while !payload.is_char_boundary(end) {
+            end -= 1;
+        }
+        payload.truncate(end);
+    }
+    ProduceRecord {
+        key: r.key.clone(),
+        value: DeadLetter {
+            reason: reason.to_string(),
+            error: error.to_string(),
+            stage: "storage-writer".into(),
+            topic: r.topic.to_string(),
+            partition: r.partition,
+            offset: r.offset,
+            timestamp: r.timestamp,
+            payload,
+        }
+        .to_json(),
+        timestamp: None,
+    }
+}
