@@ -1,9 +1,16 @@
 //! `dmp-api`: the HTTP API that `dmp run` and `dmp api` serve.
 //!
-//! Today: `GET /healthz` (the process is up), `GET /readyz` (the bus and the store answer within
-//! 2 s; 503 with the reasons otherwise), `GET /metrics` (Prometheus text) and `GET /v1/topics`
-//! (every topic with the low and high offset of each partition). Ingest (`/px.gif`,
-//! `/v1/events`), user lookup and audience estimates come with their issues.
+//! - Ingest ([`ingest`]): `GET /px.gif` (tracking pixel, issues a uid cookie when there is none)
+//!   and `POST /v1/events` (JSON array or NDJSON, gzip allowed); acknowledged only once on
+//!   `dmp.events` or fsynced in the [`spill`] file.
+//! - Operations: `GET /healthz` (the process is up), `GET /readyz` (the bus and the store answer
+//!   within 2 s; 503 with the reasons otherwise), `GET /metrics` (Prometheus text),
+//!   `GET /v1/topics` (every topic with the low and high offset of each partition).
+//!
+//! User lookup and audience estimates come with their issues.
+
+pub mod ingest;
+pub mod spill;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,6 +36,8 @@ pub struct AppState {
     pub store: Arc<dyn UserStore>,
     /// Renders `/metrics`.
     pub prometheus: PrometheusHandle,
+    /// Ingest into `dmp.events`.
+    pub ingest: Arc<ingest::Ingest>,
 }
 
 /// The router with every endpoint.
@@ -38,6 +47,10 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .route("/v1/topics", get(topics))
+        .route("/px.gif", get(ingest::pixel))
+        .route("/v1/events", axum::routing::post(ingest::events))
+        // The body limit is enforced (with a clear 413) by the handler itself.
+        .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(state)
 }
 
@@ -49,9 +62,12 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(?addr, "http api listening");
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        listener,
+        router(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 async fn healthz() -> &'static str {

@@ -417,10 +417,30 @@ impl Config {
             .listen
             .parse::<std::net::SocketAddr>()
             .map_err(|e| ConfigError::key("api.listen", format!("not a socket address: {e}")))?;
-        range("api.max_body_bytes", self.api.max_body_bytes as u64, 1024, 1 << 30)?;
-        range("api.max_batch_events", self.api.max_batch_events as u64, 1, 1_000_000)?;
-        range("api.uid_cookie_max_age_days", self.api.uid_cookie_max_age_days, 1, 3650)?;
-        range("api.ingest_timeout_ms", self.api.ingest_timeout_ms, 10, 60_000)?;
+        range(
+            "api.max_body_bytes",
+            self.api.max_body_bytes as u64,
+            1024,
+            1 << 30,
+        )?;
+        range(
+            "api.max_batch_events",
+            self.api.max_batch_events as u64,
+            1,
+            1_000_000,
+        )?;
+        range(
+            "api.uid_cookie_max_age_days",
+            self.api.uid_cookie_max_age_days,
+            1,
+            3650,
+        )?;
+        range(
+            "api.ingest_timeout_ms",
+            self.api.ingest_timeout_ms,
+            10,
+            60_000,
+        )?;
         if self.api.uid_cookie.is_empty()
             || !self
                 .api
@@ -434,9 +454,17 @@ impl Config {
             ));
         }
         range("spill.max_bytes", self.spill.max_bytes, 1 << 20, u64::MAX)?;
-        range("spill.replay_interval_ms", self.spill.replay_interval_ms, 10, 600_000)?;
+        range(
+            "spill.replay_interval_ms",
+            self.spill.replay_interval_ms,
+            10,
+            600_000,
+        )?;
         if self.storage_writer.group.is_empty() {
-            return Err(ConfigError::key("storage_writer.group", "must not be empty"));
+            return Err(ConfigError::key(
+                "storage_writer.group",
+                "must not be empty",
+            ));
         }
         range(
             "storage_writer.batch_max_events",
@@ -473,7 +501,10 @@ impl Config {
         {
             return Err(ConfigError::key(
                 "storage_writer.crawler_list",
-                format!("{} is not a readable file", self.storage_writer.crawler_list),
+                format!(
+                    "{} is not a readable file",
+                    self.storage_writer.crawler_list
+                ),
             ));
         }
         if !matches!(self.telemetry.log_format.as_str(), "text" | "json") {
@@ -658,9 +689,21 @@ mod tests {
                 "store.families.e.max_versions",
             ),
             ("DMP__TELEMETRY__LOG_FORMAT", "xml", "telemetry.log_format"),
-            ("DMP__STORAGE_WRITER__IP_MODE", "hash", "storage_writer.ip_hash_key"),
-            ("DMP__STORAGE_WRITER__IP_MODE", "mask", "storage_writer.ip_mode"),
-            ("DMP__STORAGE_WRITER__GEOIP", "[\"/nope.mmdb\"]", "storage_writer.geoip[0]"),
+            (
+                "DMP__STORAGE_WRITER__IP_MODE",
+                "hash",
+                "storage_writer.ip_hash_key",
+            ),
+            (
+                "DMP__STORAGE_WRITER__IP_MODE",
+                "mask",
+                "storage_writer.ip_mode",
+            ),
+            (
+                "DMP__STORAGE_WRITER__GEOIP",
+                "[\"/nope.mmdb\"]",
+                "storage_writer.geoip[0]",
+            ),
             ("DMP__API__MAX_BODY_BYTES", "10", "api.max_body_bytes"),
         ];
         for (k, v, key) in cases {

@@ -8,11 +8,12 @@
 //! Exit codes: 0 success, 1 runtime failure, 2 bad usage or bad configuration.
 
 mod backends;
+mod import;
+mod roles;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use dmp_core::Config;
@@ -57,6 +58,16 @@ enum Command {
         #[arg(long, value_name = "ADDR")]
         listen: Option<String>,
     },
+    /// Run the HTTP API alone (ingest with its spill; needs a bus another process does not own).
+    Api {
+        /// Listen address (overrides `api.listen`).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<String>,
+    },
+    /// Run the storage writer alone: dmp.events to the user store and dmp.user-changes.
+    StorageWriter,
+    /// Import partner files (JSONL or TSV with a header line, plain or gzip) into dmp.events.
+    Import(import::ImportArgs),
     /// Inspect the configuration.
     Config {
         #[command(subcommand)]
@@ -121,7 +132,28 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Run { listen } => run(cfg, listen).await,
+            Command::Run { listen } => {
+                let roles = roles::Roles {
+                    api: true,
+                    storage_writer: true,
+                };
+                roles::run(cfg, roles, listen).await
+            }
+            Command::Api { listen } => {
+                let roles = roles::Roles {
+                    api: true,
+                    storage_writer: false,
+                };
+                roles::run(cfg, roles, listen).await
+            }
+            Command::StorageWriter => {
+                let roles = roles::Roles {
+                    api: false,
+                    storage_writer: true,
+                };
+                roles::run(cfg, roles, None).await
+            }
+            Command::Import(args) => import::run(cfg, args).await,
             Command::Config {
                 command: ConfigCommand::Check,
             } => out(format_args!(
@@ -140,7 +172,7 @@ fn main() -> ExitCode {
 }
 
 /// Prints a line to stdout; a closed pipe (`dmp topics list | head`) is not an error.
-fn out(line: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
+pub(crate) fn out(line: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
     use std::io::Write;
     match writeln!(std::io::stdout().lock(), "{line}") {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
@@ -148,38 +180,8 @@ fn out(line: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
     }
 }
 
-async fn run(cfg: Config, listen: Option<String>) -> anyhow::Result<()> {
-    let prometheus = dmp_core::telemetry::init_metrics();
-    let started = std::time::Instant::now();
-    let backends = backends::Backends::open(&cfg).await?;
-    let listen = listen.unwrap_or_else(|| cfg.api.listen.clone());
-    let listener = tokio::net::TcpListener::bind(&listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
-    let addr = listener.local_addr()?;
-    let state = dmp_api::AppState {
-        bus: backends.bus.clone(),
-        store: backends.store.clone(),
-        prometheus,
-    };
-    tracing::info!(
-        %addr,
-        bus = %cfg.backends.bus,
-        store = %cfg.backends.store,
-        data_dir = %cfg.data_dir.display(),
-        startup_ms = started.elapsed().as_millis() as u64,
-        "dmp is ready"
-    );
-    out(format_args!(
-        "dmp is ready: http://{addr}/  (GET /healthz, /readyz, /metrics, /v1/topics)"
-    ))?;
-    dmp_api::serve(listener, state, shutdown_signal()).await?;
-    tracing::info!("shutting down");
-    backends.close()?;
-    Ok(())
-}
-
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or Ctrl-C.
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {

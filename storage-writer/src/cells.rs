@@ -44,19 +44,49 @@ pub fn event_cells(ev: &Event, en: &Enrichment) -> Vec<Cell> {
         cells.push(Cell::new(FAMILY_EVENTS, "ip", ts, ip.clone()));
     }
     if let Some(geo) = &en.geo {
-        cells.push(Cell::new(FAMILY_EVENTS, "geo", ts, geo.clone().into_bytes()));
+        cells.push(Cell::new(
+            FAMILY_EVENTS,
+            "geo",
+            ts,
+            geo.clone().into_bytes(),
+        ));
     }
     if let Some(ua) = &en.ua {
-        cells.push(Cell::new(FAMILY_EVENTS, "ua", ts, ua.id.to_be_bytes().to_vec()));
-        cells.push(Cell::new(FAMILY_EVENTS, "ua.br", ts, ua.browser.clone().into_bytes()));
-        cells.push(Cell::new(FAMILY_EVENTS, "ua.os", ts, ua.os.clone().into_bytes()));
-        cells.push(Cell::new(FAMILY_EVENTS, "ua.dev", ts, ua.device.clone().into_bytes()));
+        cells.push(Cell::new(
+            FAMILY_EVENTS,
+            "ua",
+            ts,
+            ua.id.to_be_bytes().to_vec(),
+        ));
+        cells.push(Cell::new(
+            FAMILY_EVENTS,
+            "ua.br",
+            ts,
+            ua.browser.clone().into_bytes(),
+        ));
+        cells.push(Cell::new(
+            FAMILY_EVENTS,
+            "ua.os",
+            ts,
+            ua.os.clone().into_bytes(),
+        ));
+        cells.push(Cell::new(
+            FAMILY_EVENTS,
+            "ua.dev",
+            ts,
+            ua.device.clone().into_bytes(),
+        ));
         if ua.crawler {
             cells.push(Cell::new(FAMILY_META, "crawler", ts, b"1".to_vec()));
         }
     }
     for (k, v) in &ev.attrs {
-        cells.push(Cell::new(FAMILY_EVENTS, format!("a.{k}"), ts, v.clone().into_bytes()));
+        cells.push(Cell::new(
+            FAMILY_EVENTS,
+            format!("a.{k}"),
+            ts,
+            v.clone().into_bytes(),
+        ));
     }
     cells.push(Cell::new(
         FAMILY_META,

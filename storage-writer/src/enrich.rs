@@ -86,7 +86,9 @@ struct CrawlerEntry {
 #[serde(untagged)]
 enum Named {
     Plain(String),
-    Names { names: std::collections::BTreeMap<String, String> },
+    Names {
+        names: std::collections::BTreeMap<String, String>,
+    },
 }
 
 impl Named {
@@ -128,7 +130,10 @@ impl Enricher {
     pub fn from_config(cfg: &StorageWriterConfig) -> Result<Enricher, EnrichError> {
         let ip_mode = match cfg.ip_mode.as_str() {
             "truncate" => IpMode::Truncate,
-            "hash" => IpMode::Hash(blake3::derive_key("dmp ip hash v1", cfg.ip_hash_key.as_bytes())),
+            "hash" => IpMode::Hash(blake3::derive_key(
+                "dmp ip hash v1",
+                cfg.ip_hash_key.as_bytes(),
+            )),
             _ => IpMode::Full,
         };
         let list = if cfg.crawler_list.is_empty() {
@@ -210,7 +215,9 @@ impl Enricher {
         match (&self.ip_mode, addr) {
             (IpMode::Full, IpAddr::V4(v4)) => v4.octets().to_vec(),
             (IpMode::Full, IpAddr::V6(v6)) => v6.octets().to_vec(),
-            (IpMode::Truncate, IpAddr::V4(v4)) => (u32::from(v4) & 0xffff_ff00).to_be_bytes().to_vec(),
+            (IpMode::Truncate, IpAddr::V4(v4)) => {
+                (u32::from(v4) & 0xffff_ff00).to_be_bytes().to_vec()
+            }
             (IpMode::Truncate, IpAddr::V6(v6)) => {
                 let mask: u128 = !0u128 << 80;
                 (u128::from(v6) & mask).to_be_bytes().to_vec()
@@ -228,7 +235,9 @@ impl Enricher {
     /// `country/region/city` for an address, from the first database that knows it.
     pub fn geo(&self, addr: IpAddr) -> Option<String> {
         for db in &self.geo {
-            let Ok(result) = db.lookup(addr) else { continue };
+            let Ok(result) = db.lookup(addr) else {
+                continue;
+            };
             let Ok(Some(rec)) = result.decode::<GeoRecord>() else {
                 continue;
             };
@@ -265,14 +274,22 @@ impl Enricher {
                 id,
                 browser: format!("{} {}", r.name, r.version).trim().to_string(),
                 os: format!("{} {}", r.os, r.os_version).trim().to_string(),
-                device: if crawler { "crawler".into() } else { r.category.to_string() },
+                device: if crawler {
+                    "crawler".into()
+                } else {
+                    r.category.to_string()
+                },
                 crawler: crawler || r.category == "crawler",
             },
             None => UserAgent {
                 id,
                 browser: String::new(),
                 os: String::new(),
-                device: if crawler { "crawler".into() } else { "UNKNOWN".into() },
+                device: if crawler {
+                    "crawler".into()
+                } else {
+                    "UNKNOWN".into()
+                },
                 crawler,
             },
         };
@@ -305,11 +322,17 @@ mod tests {
     #[test]
     fn given_ipv4_and_ipv6_when_enriched_then_stored_as_integers_per_privacy_mode() {
         let mut full = enricher(IpMode::Full);
-        assert_eq!(full.enrich(Some("203.0.113.77"), None).ip, Some(vec![203, 0, 113, 77]));
+        assert_eq!(
+            full.enrich(Some("203.0.113.77"), None).ip,
+            Some(vec![203, 0, 113, 77])
+        );
         let v6 = full.enrich(Some("2001:db8:1:2::5"), None).ip.unwrap();
         assert_eq!(v6.len(), 16);
         let mut trunc = enricher(IpMode::Truncate);
-        assert_eq!(trunc.enrich(Some("203.0.113.77"), None).ip, Some(vec![203, 0, 113, 0]));
+        assert_eq!(
+            trunc.enrich(Some("203.0.113.77"), None).ip,
+            Some(vec![203, 0, 113, 0])
+        );
         let t6 = trunc.enrich(Some("2001:db8:1:2::5"), None).ip.unwrap();
         assert_eq!(&t6[..6], &[0x20, 0x01, 0x0d, 0xb8, 0, 1]);
         assert!(t6[6..].iter().all(|b| *b == 0), "bits past /48 are cleared");
@@ -324,16 +347,24 @@ mod tests {
     }
 
     #[test]
-    fn given_real_crawler_list_when_matching_then_its_own_instances_are_crawlers_and_browsers_are_not() {
+    fn given_real_crawler_list_when_matching_then_its_own_instances_are_crawlers_and_browsers_are_not(
+    ) {
         let mut e = enricher(IpMode::Full);
-        assert!(e.crawler_patterns() > 1000, "{} patterns", e.crawler_patterns());
+        assert!(
+            e.crawler_patterns() > 1000,
+            "{} patterns",
+            e.crawler_patterns()
+        );
         #[derive(Deserialize)]
         struct Entry {
             instances: Vec<String>,
         }
         let entries: Vec<Entry> = serde_json::from_str(SHIPPED_CRAWLER_LIST).unwrap();
         let instances: Vec<String> = entries.into_iter().flat_map(|e| e.instances).collect();
-        let missed: Vec<&String> = instances.iter().filter(|ua| !e.user_agent(ua).crawler).collect();
+        let missed: Vec<&String> = instances
+            .iter()
+            .filter(|ua| !e.user_agent(ua).crawler)
+            .collect();
         // A handful of list instances rely on regex features Rust's engine lacks.
         assert!(
             missed.len() * 100 <= instances.len(),
@@ -360,6 +391,9 @@ mod tests {
         assert_eq!(e.user_agent(browsers[1]).device, "smartphone");
         let bot = e.user_agent("Mozilla/5.0 (compatible; YandexBot/3.0; +http://yandex.com/bots)");
         assert!(bot.crawler);
-        assert_eq!(bot.id, ua_id("Mozilla/5.0 (compatible; YandexBot/3.0; +http://yandex.com/bots)"));
+        assert_eq!(
+            bot.id,
+            ua_id("Mozilla/5.0 (compatible; YandexBot/3.0; +http://yandex.com/bots)")
+        );
     }
 }

@@ -100,7 +100,8 @@ impl StorageWriter {
                 Err(err) => {
                     metrics::counter!(m::EVENTS, "outcome" => "dead_letter").increment(1);
                     metrics::counter!(m::DEAD_LETTERS, "reason" => err.reason()).increment(1);
-                    out.dead.push(dead_letter(r, err.reason(), &err.to_string()));
+                    out.dead
+                        .push(dead_letter(r, err.reason(), &err.to_string()));
                 }
             }
         }
@@ -269,7 +270,10 @@ impl StorageWriter {
             let started = Instant::now();
             metrics::histogram!(m::BATCH_EVENTS).record(records.len() as f64);
             for r in &records {
-                tracker.track(&TopicPartition::new(r.topic.to_string(), r.partition), r.offset);
+                tracker.track(
+                    &TopicPartition::new(r.topic.to_string(), r.partition),
+                    r.offset,
+                );
             }
             let processed = self.process(&records);
             match self.write(processed, &mut shutdown).await {
@@ -278,7 +282,10 @@ impl StorageWriter {
                 Err(e) => break Err(e),
             }
             for r in &records {
-                tracker.done(&TopicPartition::new(r.topic.to_string(), r.partition), r.offset);
+                tracker.done(
+                    &TopicPartition::new(r.topic.to_string(), r.partition),
+                    r.offset,
+                );
             }
             let marks = tracker.committable();
             if let Err(e) = consumer.commit(&marks).await {

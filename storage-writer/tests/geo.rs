@@ -30,15 +30,25 @@ fn given_real_geolite2_data_when_enriching_then_addresses_map_to_their_country_a
     for (ip, country) in cases {
         let geo = e.geo(ip.parse::<IpAddr>().unwrap()).unwrap_or_default();
         eprintln!("{ip} -> {geo}");
-        assert!(geo.starts_with(&format!("{country}/")), "{ip}: {geo:?}, want {country}");
+        assert!(
+            geo.starts_with(&format!("{country}/")),
+            "{ip}: {geo:?}, want {country}"
+        );
     }
     // Residential ranges carry a region and city: the planner's "women in Novosibirsk".
     assert_eq!(
         e.geo("178.49.0.1".parse().unwrap()).as_deref(),
         Some("RU/Novosibirsk Oblast/Novosibirsk")
     );
-    assert_eq!(e.geo("81.200.0.1".parse().unwrap()).as_deref(), Some("RU/Moscow/Moscow"));
-    assert_eq!(e.geo("10.1.2.3".parse().unwrap()), None, "private addresses have no geo");
+    assert_eq!(
+        e.geo("81.200.0.1".parse().unwrap()).as_deref(),
+        Some("RU/Moscow/Moscow")
+    );
+    assert_eq!(
+        e.geo("10.1.2.3".parse().unwrap()),
+        None,
+        "private addresses have no geo"
+    );
     assert_eq!(e.geo("127.0.0.1".parse().unwrap()), None);
 }
 
@@ -46,8 +56,15 @@ fn given_real_geolite2_data_when_enriching_then_addresses_map_to_their_country_a
 #[ignore = "needs the GeoLite2 data files: run scripts/test.sh"]
 fn given_real_data_when_event_enriched_then_geo_from_full_address_and_ip_truncated() {
     let mut e = enricher();
-    let en = e.enrich(Some("77.88.55.88"), Some("Mozilla/5.0 (compatible; YandexBot/3.0; +http://yandex.com/bots)"));
-    assert_eq!(en.ip, Some(vec![77, 88, 55, 0]), "stored address is truncated to /24");
+    let en = e.enrich(
+        Some("77.88.55.88"),
+        Some("Mozilla/5.0 (compatible; YandexBot/3.0; +http://yandex.com/bots)"),
+    );
+    assert_eq!(
+        en.ip,
+        Some(vec![77, 88, 55, 0]),
+        "stored address is truncated to /24"
+    );
     assert!(en.geo.unwrap().starts_with("RU/"));
     assert!(en.ua.unwrap().crawler);
 }

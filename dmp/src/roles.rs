@@ -1,0 +1,148 @@
+//! Each role's `run`, started alone (`dmp api`, `dmp storage-writer`) or together (`dmp run`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::watch;
+
+use dmp_api::ingest::Ingest;
+use dmp_api::spill::Spill;
+use dmp_core::Config;
+use dmp_storage_writer::{Enricher, StorageWriter};
+
+use crate::backends::Backends;
+
+/// Which roles a process runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Roles {
+    /// The HTTP API with ingest.
+    pub api: bool,
+    /// The storage writer.
+    pub storage_writer: bool,
+}
+
+/// Runs the roles until SIGTERM or Ctrl-C, then drains: the API stops accepting, the writer
+/// finishes and commits its batch, the database is synced.
+pub async fn run(cfg: Config, roles: Roles, listen: Option<String>) -> anyhow::Result<()> {
+    let prometheus = dmp_core::telemetry::init_metrics();
+    let started = std::time::Instant::now();
+    let backends = Backends::open(&cfg).await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+
+    if roles.storage_writer {
+        let enricher = Enricher::from_config(&cfg.storage_writer)?;
+        let writer =
+            StorageWriter::new(backends.bus.clone(), backends.store.clone(), &cfg, enricher);
+        let rx = stop_rx.clone();
+        tasks.push((
+            "storage-writer",
+            tokio::spawn(async move { writer.run(rx).await.map_err(anyhow::Error::from) }),
+        ));
+    }
+
+    let mut server = None;
+    if roles.api {
+        let spill = Arc::new(Spill::open(&cfg.spill_dir(), cfg.spill.max_bytes)?);
+        let replay = spill.spawn_replay(
+            backends.bus.clone(),
+            cfg.topics.events.clone(),
+            Duration::from_millis(cfg.spill.replay_interval_ms),
+            Duration::from_millis(cfg.api.ingest_timeout_ms.max(5000)),
+            stop_rx.clone(),
+        );
+        tasks.push((
+            "spill-replay",
+            tokio::spawn(async move { replay.await.map_err(anyhow::Error::from) }),
+        ));
+        let ingest = Arc::new(Ingest::new(
+            backends.bus.clone(),
+            cfg.topics.events.clone(),
+            spill,
+            cfg.api.clone(),
+        ));
+        let listen = listen.unwrap_or_else(|| cfg.api.listen.clone());
+        let listener = tokio::net::TcpListener::bind(&listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        let addr = listener.local_addr()?;
+        let state = dmp_api::AppState {
+            bus: backends.bus.clone(),
+            store: backends.store.clone(),
+            prometheus,
+            ingest,
+        };
+        let mut rx = stop_rx.clone();
+        server = Some(tokio::spawn(async move {
+            dmp_api::serve(listener, state, async move {
+                let _ = rx.changed().await;
+            })
+            .await
+        }));
+        crate::out(format_args!(
+            "dmp is ready: http://{addr}/  (POST /v1/events, GET /px.gif, /healthz, /readyz, /metrics, /v1/topics)"
+        ))?;
+    } else {
+        crate::out(format_args!("dmp is ready (roles: {roles:?})"))?;
+    }
+    tracing::info!(
+        ?roles,
+        bus = %cfg.backends.bus,
+        store = %cfg.backends.store,
+        data_dir = %cfg.data_dir.display(),
+        startup_ms = started.elapsed().as_millis() as u64,
+        "dmp is ready"
+    );
+
+    // Run until a signal, or until a role fails.
+    let failed = tokio::select! {
+        _ = crate::shutdown_signal() => None,
+        r = first_exit(&mut tasks) => Some(r),
+    };
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    if let Some(server) = server {
+        server.await??;
+    }
+    let mut result = Ok(());
+    if let Some((name, r)) = failed {
+        result = r.with_context(|| format!("role {name} stopped"));
+    }
+    for (name, t) in tasks {
+        match t.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => result = result.and(Err(e.context(format!("role {name}")))),
+            Err(e) => result = result.and(Err(anyhow::anyhow!("role {name} panicked: {e}"))),
+        }
+    }
+    backends.close()?;
+    result
+}
+
+type Task = (&'static str, tokio::task::JoinHandle<anyhow::Result<()>>);
+
+/// Waits for the first role task to end (they only end on failure before shutdown).
+async fn first_exit(tasks: &mut Vec<Task>) -> (&'static str, anyhow::Result<()>) {
+    if tasks.is_empty() {
+        return std::future::pending().await;
+    }
+    let (r, i, _) = futures_select_all(tasks).await;
+    let (name, _) = tasks.remove(i);
+    (name, r)
+}
+
+async fn futures_select_all(tasks: &mut [Task]) -> (anyhow::Result<()>, usize, ()) {
+    loop {
+        for (i, (_, t)) in tasks.iter_mut().enumerate() {
+            if t.is_finished() {
+                let r = match t.await {
+                    Ok(r) => r,
+                    Err(e) => Err(anyhow::anyhow!("panicked: {e}")),
+                };
+                return (r, i, ());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
