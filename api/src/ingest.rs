@@ -375,32 +375,33 @@ pub async fn events(State(s): State<AppState>, headers: HeaderMap, body: Body) -
             )
         }
     };
-    let body: bytes::Bytes =
-        if gzip {
-            let mut out = Vec::new();
-            let read = flate2::read::GzDecoder::new(&raw[..])
-                .take(limit as u64 + 1)
-                .read_to_end(&mut out);
-            match read {
-                Err(e) => {
-                    return refuse(
-                        EP,
-                        StatusCode::BAD_REQUEST,
-                        format!("body is not valid gzip: {e}"),
-                    )
-                }
-                Ok(n) if n > limit => return refuse(
+    let body: bytes::Bytes = if gzip {
+        let mut out = Vec::new();
+        let read = flate2::read::GzDecoder::new(&raw[..])
+            .take(limit as u64 + 1)
+            .read_to_end(&mut out);
+        match read {
+            Err(e) => {
+                return refuse(
+                    EP,
+                    StatusCode::BAD_REQUEST,
+                    format!("body is not valid gzip: {e}"),
+                )
+            }
+            Ok(n) if n > limit => {
+                return refuse(
                     EP,
                     StatusCode::PAYLOAD_TOO_LARGE,
                     format!(
                         "decompressed body exceeds the limit of {limit} bytes (api.max_body_bytes)"
                     ),
-                ),
-                Ok(_) => out.into(),
+                )
             }
-        } else {
-            raw
-        };
+            Ok(_) => out.into(),
+        }
+    } else {
+        raw
+    };
     // Items: parsed JSON values, or the parse error of an NDJSON line.
     let items: Vec<Result<serde_json::Value, EventError>> = match format {
         Format::JsonArray => match serde_json::from_slice::<serde_json::Value>(&body) {
