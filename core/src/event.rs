@@ -189,6 +189,13 @@ impl Event {
         let text = std::str::from_utf8(bytes).map_err(|e| EventError::NotUtf8 {
             offset: e.valid_up_to(),
         })?;
+        // Fast path: a typed, borrowing parse for well-formed events. Anything it does not take
+        // (bad types, unknown fields, null uid, …) goes the generic way, whose errors name the field.
+        if let Ok(fast) = serde_json::from_str::<FastEvent<'_>>(text) {
+            if let Some(ev) = fast.into_event(now_ms, limits)? {
+                return Ok(ev);
+            }
+        }
         let value: serde_json::Value =
             serde_json::from_str(text).map_err(|e| EventError::Malformed(e.to_string()))?;
         Event::from_json(value, now_ms, limits)
@@ -333,6 +340,103 @@ impl Event {
     }
 }
 
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FastEvent<'a> {
+    #[serde(borrow)]
+    uid: std::borrow::Cow<'a, str>,
+    #[serde(default)]
+    ts: Option<FastTs<'a>>,
+    #[serde(rename = "type", default, borrow)]
+    kind: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    url: Option<std::borrow::Cow<'a, str>>,
+    #[serde(rename = "ref", default, borrow)]
+    referrer: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    q: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    ip: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    ua: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    src: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    attrs: Option<BTreeMap<std::borrow::Cow<'a, str>, std::borrow::Cow<'a, str>>>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum FastTs<'a> {
+    Ms(i64),
+    #[serde(borrow)]
+    Text(std::borrow::Cow<'a, str>),
+}
+
+impl FastEvent<'_> {
+    /// The validated event, `Ok(None)` to let the generic path decide (it names the problem).
+    fn into_event(self, now_ms: i64, limits: &EventLimits) -> Result<Option<Event>, EventError> {
+        let ts = match &self.ts {
+            None => now_ms,
+            Some(FastTs::Ms(ms)) if *ms >= 0 => *ms,
+            Some(FastTs::Text(t)) => match t.parse::<i64>() {
+                Ok(ms) if ms >= 0 => ms,
+                Ok(_) => return Ok(None),
+                Err(_) => match chrono::DateTime::parse_from_rfc3339(t) {
+                    Ok(d) => d.timestamp_millis(),
+                    Err(_) => return Ok(None),
+                },
+            },
+            Some(FastTs::Ms(_)) => return Ok(None),
+        };
+        let uid_ok = !self.uid.is_empty()
+            && self.uid.len() <= limits.max_uid_bytes
+            && !self.uid.chars().any(char::is_control);
+        let fields_ok = [
+            &self.kind,
+            &self.url,
+            &self.referrer,
+            &self.q,
+            &self.ip,
+            &self.ua,
+            &self.src,
+        ]
+        .iter()
+        .all(|f| f.as_ref().is_none_or(|s| s.len() <= limits.max_field_bytes));
+        let attrs_ok = self.attrs.as_ref().is_none_or(|a| {
+            a.len() <= limits.max_attrs
+                && a.iter().all(|(k, v)| {
+                    !k.is_empty()
+                        && k.len() <= limits.max_attr_key_bytes
+                        && v.len() <= limits.max_attr_value_bytes
+                })
+        });
+        if !uid_ok || !fields_ok || !attrs_ok || ts - now_ms > limits.max_future_ms {
+            return Ok(None);
+        }
+        let own = |f: Option<std::borrow::Cow<'_, str>>| f.map(|s| s.into_owned());
+        Ok(Some(Event {
+            uid: self.uid.into_owned(),
+            ts,
+            kind: own(self.kind),
+            url: own(self.url),
+            referrer: own(self.referrer),
+            q: own(self.q),
+            ip: own(self.ip),
+            ua: own(self.ua),
+            src: own(self.src),
+            attrs: self
+                .attrs
+                .map(|a| {
+                    a.into_iter()
+                        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }))
+    }
+}
+
 fn parse_ts(v: &serde_json::Value) -> Result<i64, EventError> {
     let bad = || EventError::BadTs {
         value: shorten(&v.to_string()),
@@ -399,6 +503,26 @@ mod tests {
         assert_eq!(e.attrs["vip"], "true");
         let round = Event::parse(&e.to_json(), NOW, &EventLimits::default()).unwrap();
         assert_eq!(round, e);
+    }
+
+    #[test]
+    fn given_valid_events_when_parsed_then_fast_path_equals_generic_path() {
+        let inputs = [
+            r#"{"uid":"u1","ts":"2026-11-22T10:00:00Z","type":"search","q":"ипотека \"x\"","attrs":{"a":"b"}}"#,
+            r#"{"uid":"u2","ts":12345,"url":"https://a/","ref":null,"ip":"1.2.3.4","ua":"UA","src":"s"}"#,
+            r#"{"uid":"u3","ts":"777"}"#,
+            r#"{"uid":"u4"}"#,
+        ];
+        for i in inputs {
+            let fast = parse(i).unwrap();
+            let generic = Event::from_json(
+                serde_json::from_str(i).unwrap(),
+                NOW,
+                &EventLimits::default(),
+            )
+            .unwrap();
+            assert_eq!(fast, generic, "{i}");
+        }
     }
 
     #[test]
