@@ -157,7 +157,7 @@ impl Spill {
             }
             let len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes")) as usize;
             let crc = u32::from_le_bytes(head[4..].try_into().expect("4 bytes"));
-            if len < 12 || len > MAX_FRAME || f.len - at - 8 < len as u64 {
+            if !(12..=MAX_FRAME).contains(&len) || f.len - at - 8 < len as u64 {
                 torn = true;
                 break;
             }

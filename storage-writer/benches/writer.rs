@@ -1,3 +1,4 @@
+#![allow(missing_docs)] // bench binary
 //! Storage writer and ingest figures (issue: writer >= 150K events/s on one core for pageviews;
 //! p99 event-on-topic -> change-emitted <= 50 ms at 50K events/s; POST /v1/events >= 100K
 //! events/s with batches of 500 from a load tool on the same machine).
@@ -5,7 +6,6 @@
 //! `taskset -c 0 cargo bench -p dmp-storage-writer --bench writer` for the one-core figure; the
 //! latency and HTTP parts print their own reports (HDR histograms) and take `DMP_BENCH_*` knobs.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -125,7 +125,10 @@ async fn latency(rate: u64, secs: u64) {
     let sent: Arc<parking_lot_free::Map> = Arc::new(parking_lot_free::Map::default());
     let mut consumer = s
         .bus
-        .consumer("latency-probe", &[s.cfg.topics.user_changes.clone()])
+        .consumer(
+            "latency-probe",
+            std::slice::from_ref(&s.cfg.topics.user_changes),
+        )
         .await
         .unwrap();
     let total = rate * secs;
@@ -153,7 +156,7 @@ async fn latency(rate: u64, secs: u64) {
     };
     let mut hist = hdrhistogram::Histogram::<u64>::new(3).unwrap();
     let deadline = Instant::now() + Duration::from_secs(secs + 30);
-    while (hist.len() as u64) < total && Instant::now() < deadline {
+    while hist.len() < total && Instant::now() < deadline {
         for r in consumer
             .poll(10_000, Duration::from_millis(50))
             .await
@@ -295,7 +298,6 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let _ = HashMap::<u8, u8>::new();
     rt.block_on(async {
         throughput(env("DMP_BENCH_EVENTS", 500_000)).await;
         latency(env("DMP_BENCH_RATE", 50_000), env("DMP_BENCH_SECS", 10)).await;
