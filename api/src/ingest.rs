@@ -480,3 +480,51 @@ pub async fn events(State(s): State<AppState>, headers: HeaderMap, body: Body) -
     };
     (status, Json(answer)).into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(header: &str) -> ApiConfig {
+        let mut c = dmp_core::Config::defaults().api;
+        c.trusted_proxy_header = header.to_string();
+        c
+    }
+
+    #[test]
+    fn given_trusted_proxy_header_configured_when_present_then_its_first_address_is_the_client() {
+        let peer: SocketAddr = "10.0.0.5:4000".parse().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", "178.49.0.1, 10.0.0.2".parse().unwrap());
+        assert_eq!(
+            client_ip(&cfg("x-forwarded-for"), &h, Some(peer)).as_deref(),
+            Some("178.49.0.1")
+        );
+        // Not configured: the header is ignored, whatever it says.
+        assert_eq!(
+            client_ip(&cfg(""), &h, Some(peer)).as_deref(),
+            Some("10.0.0.5")
+        );
+        // Configured but garbage or absent: the peer address.
+        let mut bad = HeaderMap::new();
+        bad.insert("x-forwarded-for", "unknown".parse().unwrap());
+        assert_eq!(
+            client_ip(&cfg("x-forwarded-for"), &bad, Some(peer)).as_deref(),
+            Some("10.0.0.5")
+        );
+        assert_eq!(
+            client_ip(&cfg("x-forwarded-for"), &HeaderMap::new(), Some(peer)).as_deref(),
+            Some("10.0.0.5")
+        );
+    }
+
+    #[test]
+    fn given_cookie_header_when_parsed_then_named_cookie_is_found() {
+        let mut h = HeaderMap::new();
+        h.insert(header::COOKIE, "a=1; dmp_uid=abc ; b=2".parse().unwrap());
+        assert_eq!(cookie(&h, "dmp_uid").as_deref(), Some("abc"));
+        assert_eq!(cookie(&h, "missing"), None);
+        assert_eq!(new_uid().len(), 32);
+        assert_ne!(new_uid(), new_uid());
+    }
+}

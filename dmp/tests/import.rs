@@ -278,3 +278,72 @@ fn given_tsv_with_header_when_imported_then_columns_map_to_fields_and_bad_rows_a
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown column \"colour\""));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a Kafka-protocol broker: run scripts/test.sh"]
+async fn given_kafka_bus_when_importing_then_lines_are_produced_straight_to_the_topic() {
+    let broker =
+        std::env::var("DMP_TEST_KAFKA").expect("DMP_TEST_KAFKA is not set (run scripts/test.sh)");
+    let url = format!("kafka://{broker}");
+    let topic = format!("import.events-{}", dmp_core::clock::now_ms());
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("p.jsonl");
+    let mut lines = String::new();
+    for i in 0..100 {
+        lines.push_str(&format!("{{\"uid\":\"k{i}\",\"url\":\"https://x/{i}\"}}\n"));
+    }
+    lines.push_str("{\"url\":\"no uid\"}\nbroken\n");
+    std::fs::write(&file, lines).unwrap();
+    let out = dmp()
+        .args(["import", "--source", "kafka-partner"])
+        .arg(&file)
+        .env("DMP__BACKENDS__BUS", &url)
+        .env("DMP__TOPICS__EVENTS", &topic)
+        .output()
+        .unwrap();
+    // The topic does not exist yet: a clear failure, nothing silently dropped.
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let status = dmp()
+        .args(["topics", "create", "--topic", &topic, "--partitions", "2"])
+        .env("DMP__BACKENDS__BUS", &url)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = dmp()
+        .args(["import", "--source", "kafka-partner", "--restart"])
+        .arg(&file)
+        .env("DMP__BACKENDS__BUS", &url)
+        .env("DMP__TOPICS__EVENTS", &topic)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("100 events imported, 2 lines rejected"),
+        "{stdout}"
+    );
+    let bus =
+        dmp_bus::kafka::KafkaBus::from_url(&url, &dmp_core::Config::defaults().kafka).unwrap();
+    let mut c = dmp_bus::Bus::consumer(&bus, "import-check", std::slice::from_ref(&topic))
+        .await
+        .unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while seen.len() < 100 && tokio::time::Instant::now() < deadline {
+        for r in c.poll(500, Duration::from_millis(200)).await.unwrap() {
+            let ev = dmp_core::Event::parse(&r.value, dmp_core::clock::now_ms(), &Default::default()).unwrap();
+            assert_eq!(ev.src.as_deref(), Some("kafka-partner"));
+            seen.insert(ev.uid);
+        }
+    }
+    assert_eq!(seen.len(), 100);
+}
