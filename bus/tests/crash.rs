@@ -7,10 +7,11 @@
 //! there exactly once, that offsets are contiguous (none reused after recovery) and that the
 //! child's last acknowledged group commit survived. Three crash cycles on the same data dir.
 
+#[path = "../../testsupport/kill9.rs"]
+mod kill9;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::io::Write;
 use std::time::Duration;
 
 use dmp_bus::embedded::EmbeddedBus;
@@ -74,50 +75,7 @@ async fn given_writer_killed_when_reopened_then_every_acknowledged_record_is_the
     let mut acked: BTreeSet<String> = BTreeSet::new();
     let mut committed: BTreeMap<u32, u64> = BTreeMap::new();
     for cycle in 0..3u64 {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "crash_child",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("DMP_CRASH_DIR", dir.path())
-            .env("DMP_CRASH_CYCLE", cycle.to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let lines = Arc::new(Mutex::new(Vec::<String>::new()));
-        let reader = {
-            let lines = lines.clone();
-            let out = child.stdout.take().unwrap();
-            std::thread::spawn(move || {
-                for line in BufReader::new(out).lines() {
-                    match line {
-                        Ok(l) => lines.lock().unwrap().push(l),
-                        Err(_) => break,
-                    }
-                }
-            })
-        };
-        // Let it write for a while, then kill -9 at a moment it does not choose.
-        // Once it acknowledges writes (recovery of a large journal takes a while in debug
-        // builds), let it run on and kill -9 it at a moment it does not choose.
-        let started = std::time::Instant::now();
-        while !lines.lock().unwrap().iter().any(|l| l.starts_with("ack ")) {
-            assert!(
-                started.elapsed() < Duration::from_secs(120),
-                "cycle {cycle}: the child never wrote"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let wait = 200 + (dmp_core::clock::now_ms() as u64 % 700);
-        std::thread::sleep(Duration::from_millis(wait));
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-        reader.join().unwrap();
-        let lines = lines.lock().unwrap();
+        let lines = kill9::run_and_kill(dir.path(), cycle);
         let before = acked.len();
         for l in lines.iter() {
             if let Some(rest) = l.strip_prefix("ack ") {

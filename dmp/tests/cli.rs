@@ -1,57 +1,11 @@
 //! End-to-end tests of the `dmp` binary: `dmp run` boots, serves the API and stops cleanly on
 //! SIGTERM; `dmp topics` and `dmp config check` work and fail with clear errors and exit codes.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-fn dmp() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_dmp"));
-    c.env_remove("RUST_LOG");
-    c
-}
+use std::time::Instant;
 
-/// Starts `dmp run` on a free port; returns the child and the base URL it printed.
-fn start(data_dir: &std::path::Path, extra_env: &[(&str, &str)]) -> (Child, String) {
-    let mut cmd = dmp();
-    cmd.args(["run", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data_dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    for (k, v) in extra_env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = lines.next().expect("dmp run printed nothing").unwrap();
-    let url = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap_or_else(|| panic!("no URL in {line:?}"))
-        .trim_end_matches('/')
-        .to_string();
-    (child, url)
-}
-
-fn sigterm(child: &mut Child) -> std::process::ExitStatus {
-    let pid = child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "dmp run did not stop within 10 s of SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+use common::{dmp, sigterm, start};
 
 #[tokio::test]
 async fn given_empty_data_dir_when_dmp_runs_then_api_answers_and_sigterm_stops_it() {

@@ -1,51 +1,19 @@
 //! `dmp import` against a running `dmp run` (embedded bus): bad lines reported with line numbers,
 //! TSV and gzip JSONL, and an import killed midway resumed without duplicating rows.
 
-use std::io::{BufRead, BufReader, Write};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use common::{dmp, sigterm, start};
 
 use dmp_store::{Get, UserStore};
 
-fn dmp() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_dmp"));
-    c.env_remove("RUST_LOG");
-    c
-}
-
-fn start(data: &Path) -> (Child, String) {
-    let mut child = dmp()
-        .args(["run", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let line = BufReader::new(child.stdout.take().unwrap())
-        .lines()
-        .next()
-        .unwrap()
-        .unwrap();
-    let url = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap()
-        .trim_end_matches('/')
-        .to_string();
-    (child, url)
-}
-
-fn stop(mut child: Child) {
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while child.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "dmp run did not stop");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn stop(mut child: std::process::Child) {
+    let status = sigterm(&mut child);
+    assert!(status.success(), "dmp run exited with {status}");
 }
 
 fn topic_high(url: &str, topic: &str) -> u64 {
@@ -82,7 +50,7 @@ fn given_gzip_jsonl_with_bad_lines_when_import_killed_and_rerun_then_it_resumes_
 {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let (child, url) = start(&data);
+    let (child, url) = start(&data, &[]);
     // 40,000 lines: even lines carry a ts, odd ones do not; every 1000th is bad.
     let file = dir.path().join("partner.jsonl.gz");
     let base_ts = dmp_core::clock::now_ms() - 86_400_000;
@@ -220,7 +188,7 @@ fn given_gzip_jsonl_with_bad_lines_when_import_killed_and_rerun_then_it_resumes_
 fn given_tsv_with_header_when_imported_then_columns_map_to_fields_and_bad_rows_are_listed() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let (child, url) = start(&data);
+    let (child, url) = start(&data, &[]);
     let file = dir.path().join("crm.tsv");
     std::fs::write(
         &file,
@@ -340,7 +308,9 @@ async fn given_kafka_bus_when_importing_then_lines_are_produced_straight_to_the_
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while seen.len() < 100 && tokio::time::Instant::now() < deadline {
         for r in c.poll(500, Duration::from_millis(200)).await.unwrap() {
-            let ev = dmp_core::Event::parse(&r.value, dmp_core::clock::now_ms(), &Default::default()).unwrap();
+            let ev =
+                dmp_core::Event::parse(&r.value, dmp_core::clock::now_ms(), &Default::default())
+                    .unwrap();
             assert_eq!(ev.src.as_deref(), Some("kafka-partner"));
             seen.insert(ev.uid);
         }

@@ -5,11 +5,11 @@
 //! one write per cold row) and prints each acknowledged write; the parent SIGKILLs it, reopens and
 //! checks every acknowledged cell with that log as the oracle. Three cycles on one data dir.
 
+#[path = "../../testsupport/kill9.rs"]
+mod kill9;
+
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::io::Write;
 
 use dmp_core::Cell;
 use dmp_store::embedded::open_temp;
@@ -53,47 +53,9 @@ fn given_writer_killed_when_reopened_then_every_acknowledged_cell_is_there() {
     let dir = tempfile::tempdir().unwrap();
     let mut acked: Vec<(String, String, String)> = Vec::new();
     for cycle in 0..3u64 {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "crash_child",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("DMP_CRASH_DIR", dir.path())
-            .env("DMP_CRASH_CYCLE", cycle.to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let lines = Arc::new(Mutex::new(Vec::<String>::new()));
-        let reader = {
-            let lines = lines.clone();
-            let out = child.stdout.take().unwrap();
-            std::thread::spawn(move || {
-                for line in BufReader::new(out).lines().map_while(Result::ok) {
-                    lines.lock().unwrap().push(line);
-                }
-            })
-        };
-        // Once it acknowledges writes (recovery of a large journal takes a while in debug
-        // builds), let it run on and kill -9 it at a moment it does not choose.
-        let started = std::time::Instant::now();
-        while !lines.lock().unwrap().iter().any(|l| l.starts_with("ack ")) {
-            assert!(
-                started.elapsed() < Duration::from_secs(120),
-                "cycle {cycle}: the child never wrote"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let wait = 200 + (dmp_core::clock::now_ms() as u64 % 700);
-        std::thread::sleep(Duration::from_millis(wait));
-        child.kill().unwrap();
-        child.wait().unwrap();
-        reader.join().unwrap();
+        let lines = kill9::run_and_kill(dir.path(), cycle);
         let before = acked.len();
-        for l in lines.lock().unwrap().iter() {
+        for l in lines.iter() {
             if let Some(rest) = l.strip_prefix("ack ") {
                 let mut it = rest.split(' ');
                 acked.push((
