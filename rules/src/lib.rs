@@ -1,6 +1,318 @@
-//! `dmp-rules`: segment rules. **Empty until the segmenter and rules issue.**
+//! `dmp-rules`: segment rules.
 //!
-//! What will live here: the `Rule` trait for compiled-in plugins (the user's whole row in, the
-//! segments it matches with evidence out), the registry, the declarative rule language analysts
-//! edit live (validated with file, line and reason; shadow mode on a sample of traffic) and the
-//! built-in rules. Nothing here behaves yet.
+//! - The [`Rule`] trait: compiled-in plugins take the user's whole row (as a [`UserView`]) and the
+//!   results of the segments evaluated before them, and say whether the user is in, with evidence
+//!   (the matching events) and when the result can next change without a new event.
+//! - [`builtin::builtin_rules`]: the explicit registry of compiled-in rules.
+//! - A declarative language ([`lang`]) in TOML rule files ([`file`]) analysts edit without a
+//!   deploy: field equals / contains / regex / in-list, counts in a time window, recency, first
+//!   seen, AND / OR / NOT, other segments as inputs.
+//! - [`RuleSet`]: built-in and file rules together, checked (unique ids, known references, no
+//!   cycles) and ordered so that a segment's inputs are evaluated before it; live and shadow
+//!   results kept apart.
+//! - [`RuleWatcher`]: reloads a rule file when it changes; a bad file never replaces a good one.
+//!
+//! Not built yet (segmenter issue): the segmenter that runs rule sets on user changes.
+
+pub mod builtin;
+pub mod eval;
+pub mod file;
+pub mod lang;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use dmp_core::Row;
+
+pub use eval::{Evidence, Outcome, UserView};
+
+/// An error in a rule file, with its position.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}:{col}: {reason}")]
+pub struct RuleError {
+    /// The file.
+    pub file: String,
+    /// Line (from 1; 0 when the problem is the whole file).
+    pub line: usize,
+    /// Column (from 1).
+    pub col: usize,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// Whether a rule's results reach partners and counters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Mode {
+    /// Published on `dmp.segments`, written to the row, counted.
+    Live,
+    /// Evaluated for a deterministic share of users; published on `dmp.segments.shadow` only.
+    Shadow {
+        /// Share of users evaluated, in (0, 1].
+        sample: f64,
+    },
+}
+
+/// A segment rule.
+pub trait Rule: Send + Sync {
+    /// Segment id.
+    fn id(&self) -> &str;
+    /// Rule version.
+    fn version(&self) -> u32;
+    /// Live or shadow.
+    fn mode(&self) -> Mode;
+    /// Segments this rule reads.
+    fn depends_on(&self) -> Vec<String>;
+    /// Evaluates the rule for one user.
+    fn evaluate(&self, user: &UserView<'_>, segments: &HashMap<String, bool>) -> Outcome;
+}
+
+/// A rule from a rule file.
+pub struct DeclaredRule {
+    id: String,
+    name: String,
+    version: u32,
+    mode: Mode,
+    expr: lang::Expr,
+}
+
+impl DeclaredRule {
+    /// The segment's display name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Rule for DeclaredRule {
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn version(&self) -> u32 {
+        self.version
+    }
+    fn mode(&self) -> Mode {
+        self.mode
+    }
+    fn depends_on(&self) -> Vec<String> {
+        let mut refs = Vec::new();
+        lang::segment_refs(&self.expr, &mut refs);
+        refs
+    }
+    fn evaluate(&self, user: &UserView<'_>, segments: &HashMap<String, bool>) -> Outcome {
+        eval::Eval::run(&self.expr, user, segments)
+    }
+}
+
+/// The results of one evaluation of a user.
+#[derive(Debug, Clone, Default)]
+pub struct Evaluation {
+    /// Live segments the user is in, with their outcomes.
+    pub live: BTreeMap<String, Outcome>,
+    /// Shadow segments the user is in (sampled users only).
+    pub shadow: BTreeMap<String, Outcome>,
+    /// The earliest time any result can change without a new event.
+    pub recheck_at: Option<i64>,
+}
+
+/// Rules ready to run, in dependency order.
+pub struct RuleSet {
+    version: String,
+    rules: Vec<Arc<dyn Rule>>,
+}
+
+impl RuleSet {
+    /// Checks and orders rules: unique ids, references to known segments, no cycles.
+    pub fn new(
+        version: String,
+        rules: Vec<Arc<dyn Rule>>,
+        origin: &str,
+    ) -> Result<RuleSet, Vec<RuleError>> {
+        let whole = |reason: String| RuleError {
+            file: origin.to_string(),
+            line: 0,
+            col: 0,
+            reason,
+        };
+        let mut errors = Vec::new();
+        let mut by_id: BTreeMap<String, Arc<dyn Rule>> = BTreeMap::new();
+        for r in rules {
+            if by_id.insert(r.id().to_string(), r.clone()).is_some() {
+                errors.push(whole(format!(
+                    "segment id {:?} is defined twice (or clashes with a built-in rule)",
+                    r.id()
+                )));
+            }
+        }
+        for r in by_id.values() {
+            for d in r.depends_on() {
+                if !by_id.contains_key(&d) {
+                    errors.push(whole(format!(
+                        "segment {} reads unknown segment {d:?}",
+                        r.id()
+                    )));
+                }
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        // Depth-first topological order; a grey node met again is a cycle.
+        let mut order = Vec::new();
+        let mut state: HashMap<String, u8> = HashMap::new();
+        fn visit(
+            id: &str,
+            by_id: &BTreeMap<String, Arc<dyn Rule>>,
+            state: &mut HashMap<String, u8>,
+            order: &mut Vec<Arc<dyn Rule>>,
+            path: &mut Vec<String>,
+        ) -> Result<(), String> {
+            match state.get(id) {
+                Some(2) => return Ok(()),
+                Some(1) => {
+                    path.push(id.to_string());
+                    return Err(path.join(" -> "));
+                }
+                _ => {}
+            }
+            state.insert(id.to_string(), 1);
+            path.push(id.to_string());
+            for d in by_id[id].depends_on() {
+                visit(&d, by_id, state, order, path)?;
+            }
+            path.pop();
+            state.insert(id.to_string(), 2);
+            order.push(by_id[id].clone());
+            Ok(())
+        }
+        for id in by_id.keys() {
+            let mut path = Vec::new();
+            if let Err(cycle) = visit(id, &by_id, &mut state, &mut order, &mut path) {
+                return Err(vec![whole(format!(
+                    "segments depend on each other in a cycle: {cycle}"
+                ))]);
+            }
+        }
+        Ok(RuleSet {
+            version,
+            rules: order,
+        })
+    }
+
+    /// Loads a rule file together with the built-in rules.
+    pub fn load(path: &Path) -> Result<RuleSet, Vec<RuleError>> {
+        let (version, mut rules) = file::load_rules(path)?;
+        rules.extend(builtin::builtin_rules());
+        RuleSet::new(version, rules, &path.display().to_string())
+    }
+
+    /// The rule set's version (`rules_version` of segment records).
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// Rules in evaluation order.
+    pub fn rules(&self) -> &[Arc<dyn Rule>] {
+        &self.rules
+    }
+
+    /// Evaluates every rule for one user at time `now`.
+    pub fn evaluate(&self, row: &Row, now: i64) -> Evaluation {
+        let user = UserView::new(row, now);
+        let mut results: HashMap<String, bool> = HashMap::new();
+        let mut out = Evaluation::default();
+        for r in &self.rules {
+            if let Mode::Shadow { sample } = r.mode() {
+                if !in_sample(&row.key, r.id(), sample) {
+                    continue;
+                }
+            }
+            let o = r.evaluate(&user, &results);
+            if let Some(t) = o.recheck_at {
+                out.recheck_at = Some(out.recheck_at.map_or(t, |x: i64| x.min(t)));
+            }
+            results.insert(r.id().to_string(), o.matched);
+            if o.matched {
+                match r.mode() {
+                    Mode::Live => out.live.insert(r.id().to_string(), o),
+                    Mode::Shadow { .. } => out.shadow.insert(r.id().to_string(), o),
+                };
+            }
+        }
+        out
+    }
+}
+
+/// Whether a user is in a shadow rule's sample: deterministic per (uid, rule), so the same users
+/// are evaluated every time.
+pub fn in_sample(uid: &str, rule: &str, sample: f64) -> bool {
+    if sample >= 1.0 {
+        return true;
+    }
+    let mut key = Vec::with_capacity(uid.len() + rule.len() + 1);
+    key.extend_from_slice(rule.as_bytes());
+    key.push(0);
+    key.extend_from_slice(uid.as_bytes());
+    let h = dmp_core::partition::uid_hash(&key);
+    ((h % 1_000_000) as f64) < sample * 1_000_000.0
+}
+
+/// Keeps the rule set of a file current: checks the file every `every` and swaps in a new rule
+/// set when it changed and is valid. A bad file is reported and the last good rule set stays.
+pub struct RuleWatcher {
+    current: Arc<RwLock<Arc<RuleSet>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl RuleWatcher {
+    /// Loads `path` (it must be valid now) and starts watching it.
+    pub fn start(path: PathBuf, every: Duration) -> Result<RuleWatcher, Vec<RuleError>> {
+        let first = Arc::new(RuleSet::load(&path)?);
+        let current = Arc::new(RwLock::new(first));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (cur, st) = (current.clone(), stop.clone());
+        let stamp = |p: &Path| {
+            std::fs::metadata(p)
+                .and_then(|m| m.modified())
+                .ok()
+                .map(|t| (t, std::fs::read(p).ok()))
+        };
+        let mut last = stamp(&path);
+        std::thread::Builder::new()
+            .name("dmp-rules-watch".into())
+            .spawn(move || {
+                while !st.load(std::sync::atomic::Ordering::Acquire) {
+                    std::thread::sleep(every);
+                    let now = stamp(&path);
+                    if now == last {
+                        continue;
+                    }
+                    last = now;
+                    match RuleSet::load(&path) {
+                        Ok(set) => {
+                            tracing::info!(version = set.version(), rules = set.rules().len(), "rules reloaded");
+                            *cur.write().expect("not poisoned") = Arc::new(set);
+                        }
+                        Err(errors) => {
+                            for e in &errors {
+                                tracing::error!(error = %e, "rule file rejected; keeping the previous rules");
+                            }
+                        }
+                    }
+                }
+            })
+            .expect("spawning a thread");
+        Ok(RuleWatcher { current, stop })
+    }
+
+    /// The rule set in force.
+    pub fn current(&self) -> Arc<RuleSet> {
+        self.current.read().expect("not poisoned").clone()
+    }
+}
+
+impl Drop for RuleWatcher {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+    }
+}

@@ -1,0 +1,358 @@
+//! Evaluation of a checked expression over a user's row.
+//!
+//! The row's cells of family `e` that share a version (the event time) form one event. Aggregates
+//! (`count`, `any`, `since`) walk the events newest first and stop at their window. Each matched
+//! event becomes evidence. Each aggregate also says when its result can change without a new event
+//! (an event leaving a window, a recency bound passing): [`Outcome::recheck_at`], which the
+//! segmenter uses to re-evaluate users whose memberships expire.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+
+use dmp_core::cell::{FAMILY_EVENTS, FAMILY_META};
+use dmp_core::Row;
+
+use crate::lang::{CmpOp, Expr, Field};
+
+/// One event of a user: its time and its cells (qualifier, value).
+#[derive(Debug, Clone)]
+pub struct EventView<'a> {
+    /// Event time (ms).
+    pub ts: i64,
+    /// Cells of family `e` with this version.
+    pub cells: Vec<(&'a str, &'a [u8])>,
+}
+
+impl<'a> EventView<'a> {
+    fn get(&self, q: &str) -> Option<&'a [u8]> {
+        self.cells.iter().find(|(k, _)| *k == q).map(|(_, v)| *v)
+    }
+}
+
+/// A user's row as rules see it, built once per evaluation.
+#[derive(Debug, Clone)]
+pub struct UserView<'a> {
+    /// The user's whole row.
+    pub row: &'a Row,
+    /// The user.
+    pub uid: &'a str,
+    /// Evaluation time (ms).
+    pub now: i64,
+    /// Events, newest first.
+    pub events: Vec<EventView<'a>>,
+    attrs: HashMap<&'a str, &'a [u8]>,
+    first_seen: Option<i64>,
+}
+
+impl<'a> UserView<'a> {
+    /// Groups a row's cells into events.
+    pub fn new(row: &'a Row, now: i64) -> UserView<'a> {
+        let mut by_ts: BTreeMap<i64, Vec<(&'a str, &'a [u8])>> = BTreeMap::new();
+        let mut attrs = HashMap::new();
+        let mut first_seen = None;
+        for c in &row.cells {
+            if c.family == FAMILY_EVENTS {
+                by_ts
+                    .entry(c.ts)
+                    .or_default()
+                    .push((c.qualifier.as_str(), &c.value[..]));
+                if let Some(a) = c.qualifier.strip_prefix("a.") {
+                    // Cells come newest first per qualifier: keep the first seen.
+                    attrs.entry(a).or_insert(&c.value[..]);
+                }
+            } else if c.family == FAMILY_META && c.qualifier == "first_seen" && c.value.len() == 8 {
+                first_seen = Some(i64::from_be_bytes(
+                    c.value[..8].try_into().expect("8 bytes"),
+                ));
+            }
+        }
+        let events = by_ts
+            .into_iter()
+            .rev()
+            .map(|(ts, cells)| EventView { ts, cells })
+            .collect();
+        UserView {
+            row,
+            uid: &row.key,
+            now,
+            events,
+            attrs,
+            first_seen,
+        }
+    }
+
+    /// Time of the newest event (ms).
+    pub fn last_event_ts(&self) -> Option<i64> {
+        self.events.first().map(|e| e.ts)
+    }
+}
+
+/// An event that made an aggregate match.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Evidence {
+    /// Its time (ms).
+    pub ts: i64,
+    /// Its cells, as text (values cut to 120 characters).
+    pub cells: Vec<(String, String)>,
+}
+
+/// The result of one rule for one user.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// Whether the user is in the segment.
+    pub matched: bool,
+    /// The events that made it so (at most 10 per aggregate).
+    pub evidence: Vec<Evidence>,
+    /// When the result can change with no new event (ms); None: only a new event can change it.
+    pub recheck_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Value<'a> {
+    Bool(bool),
+    Num(f64),
+    Str(Cow<'a, str>),
+    Dur(i64),
+    Missing,
+}
+
+fn text(v: &[u8]) -> Cow<'_, str> {
+    String::from_utf8_lossy(v)
+}
+
+fn host(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..end];
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    authority.split(':').next().unwrap_or(authority)
+}
+
+fn path(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let Some(start) = rest.find('/') else {
+        return "/";
+    };
+    let p = &rest[start..];
+    &p[..p.find(['?', '#']).unwrap_or(p.len())]
+}
+
+/// The evaluation of one rule: collects evidence and the recheck time.
+pub struct Eval<'v, 'a> {
+    user: &'v UserView<'a>,
+    segments: &'v HashMap<String, bool>,
+    evidence: Vec<Evidence>,
+    recheck: Option<i64>,
+}
+
+impl<'v, 'a> Eval<'v, 'a> {
+    /// Evaluates `expr` for `user`, with the results of the segments evaluated before it.
+    pub fn run(
+        expr: &Expr,
+        user: &'v UserView<'a>,
+        segments: &'v HashMap<String, bool>,
+    ) -> Outcome {
+        let mut e = Eval {
+            user,
+            segments,
+            evidence: Vec::new(),
+            recheck: None,
+        };
+        let matched = matches!(e.user_value(expr), Value::Bool(true));
+        Outcome {
+            matched,
+            evidence: if matched { e.evidence } else { Vec::new() },
+            recheck_at: e.recheck,
+        }
+    }
+
+    fn recheck_at(&mut self, t: i64) {
+        if t > self.user.now {
+            self.recheck = Some(self.recheck.map_or(t, |r| r.min(t)));
+        }
+    }
+
+    fn user_value(&mut self, e: &Expr) -> Value<'a> {
+        self.value(e, None)
+    }
+
+    fn value(&mut self, e: &Expr, ev: Option<&EventView<'a>>) -> Value<'a> {
+        match e {
+            Expr::Bool(b) => Value::Bool(*b),
+            Expr::Num(n) => Value::Num(*n),
+            Expr::Str(s) => Value::Str(Cow::Owned(s.clone())),
+            Expr::Dur(d) => Value::Dur(*d),
+            Expr::Field(f) => ev.map_or(Value::Missing, |ev| field(f, ev)),
+            Expr::Attr(a) => self
+                .user
+                .attrs
+                .get(a.as_str())
+                .map_or(Value::Missing, |v| Value::Str(text(v))),
+            Expr::FirstSeen => self
+                .user
+                .first_seen
+                .map_or(Value::Missing, |t| Value::Dur(self.user.now - t)),
+            Expr::Segment(s) => Value::Bool(self.segments.get(s).copied().unwrap_or(false)),
+            Expr::Not(x) => match self.value(x, ev) {
+                Value::Bool(b) => Value::Bool(!b),
+                _ => Value::Bool(true),
+            },
+            Expr::And(xs) => Value::Bool(xs.iter().all(|x| self.value(x, ev) == Value::Bool(true))),
+            Expr::Or(xs) => Value::Bool(xs.iter().any(|x| self.value(x, ev) == Value::Bool(true))),
+            Expr::Cmp(a, op, b) => {
+                self.time_bound(a, *op, b);
+                let (l, r) = (self.value(a, ev), self.value(b, ev));
+                Value::Bool(compare(&l, *op, &r))
+            }
+            Expr::Contains(a, b) => match (self.value(a, ev), self.value(b, ev)) {
+                (Value::Str(h), Value::Str(n)) => {
+                    Value::Bool(h.to_lowercase().contains(&n.to_lowercase()))
+                }
+                _ => Value::Bool(false),
+            },
+            Expr::Matches(a, re) => match self.value(a, ev) {
+                Value::Str(s) => Value::Bool(re.is_match(&s)),
+                _ => Value::Bool(false),
+            },
+            Expr::In(a, items) => {
+                let v = self.value(a, ev);
+                if v == Value::Missing {
+                    return Value::Bool(false);
+                }
+                let found = items.iter().any(|i| self.value(i, ev) == v);
+                Value::Bool(found)
+            }
+            Expr::ToNum(x) => match self.value(x, ev) {
+                Value::Str(s) => s.trim().parse::<f64>().map_or(Value::Missing, Value::Num),
+                _ => Value::Missing,
+            },
+            Expr::Count(cond, window) => {
+                let (n, _) = self.aggregate(cond, *window);
+                Value::Num(n as f64)
+            }
+            Expr::Any(cond, window) => {
+                let (n, _) = self.aggregate(cond, *window);
+                Value::Bool(n > 0)
+            }
+            Expr::Since(cond) => match self.aggregate(cond, None).1 {
+                Some(newest) => Value::Dur(self.user.now - newest),
+                None => Value::Missing,
+            },
+        }
+    }
+
+    /// `since(…) <= 7d` and `first_seen <= 30d` change as time passes: note when.
+    fn time_bound(&mut self, a: &Expr, op: CmpOp, b: &Expr) {
+        let Expr::Dur(d) = b else { return };
+        let anchor = match a {
+            Expr::Since(cond) => self.aggregate_quiet(cond),
+            Expr::FirstSeen => self.user.first_seen,
+            _ => None,
+        };
+        if let Some(t) = anchor {
+            let edge = match op {
+                CmpOp::Lt | CmpOp::Ge => t + d,
+                CmpOp::Le | CmpOp::Gt => t + d + 1,
+                _ => return,
+            };
+            self.recheck_at(edge);
+        }
+    }
+
+    fn aggregate_quiet(&mut self, cond: &Expr) -> Option<i64> {
+        let events = &self.user.events;
+        events
+            .iter()
+            .find(|ev| self.value(cond, Some(ev)) == Value::Bool(true))
+            .map(|ev| ev.ts)
+    }
+
+    /// Matching events within the window: (count, newest matching time). Records evidence and
+    /// when the oldest match leaves the window.
+    fn aggregate(&mut self, cond: &Expr, window: Option<i64>) -> (usize, Option<i64>) {
+        let from = window.map_or(i64::MIN, |w| self.user.now - w);
+        let user = self.user;
+        let mut n = 0;
+        let mut newest = None;
+        let mut oldest = None;
+        for ev in &user.events {
+            if ev.ts < from {
+                break;
+            }
+            if self.value(cond, Some(ev)) == Value::Bool(true) {
+                n += 1;
+                newest.get_or_insert(ev.ts);
+                oldest = Some(ev.ts);
+                if self.evidence.len() < 10 {
+                    self.evidence.push(Evidence {
+                        ts: ev.ts,
+                        cells: ev
+                            .cells
+                            .iter()
+                            .map(|(q, v)| {
+                                let mut s = text(v).into_owned();
+                                if s.chars().count() > 120 {
+                                    s = s.chars().take(120).collect::<String>() + "…";
+                                }
+                                (q.to_string(), s)
+                            })
+                            .collect(),
+                    });
+                }
+            }
+        }
+        if let (Some(w), Some(o)) = (window, oldest) {
+            self.recheck_at(o + w);
+        }
+        (n, newest)
+    }
+}
+
+fn field<'a>(f: &Field, ev: &EventView<'a>) -> Value<'a> {
+    let get = |q: &str| ev.get(q).map(text);
+    let v = match f {
+        Field::Cell(q) => get(q),
+        Field::Host(q) => get(q).map(|u| Cow::Owned(host(&u).to_ascii_lowercase())),
+        Field::Path(q) => get(q).map(|u| Cow::Owned(path(&u).to_string())),
+        Field::Geo(i) => {
+            get("geo").and_then(|g| g.split('/').nth(*i).map(|s| Cow::Owned(s.to_string())))
+        }
+    };
+    v.map_or(Value::Missing, Value::Str)
+}
+
+fn compare(l: &Value<'_>, op: CmpOp, r: &Value<'_>) -> bool {
+    use std::cmp::Ordering;
+    let ord: Option<Ordering> = match (l, r) {
+        (Value::Num(a), Value::Num(b)) => a.partial_cmp(b),
+        (Value::Dur(a), Value::Dur(b)) => Some(a.cmp(b)),
+        (Value::Str(a), Value::Str(b)) => Some(a.cmp(b)),
+        (Value::Bool(a), Value::Bool(b)) => Some(a.cmp(b)),
+        _ => None, // anything compared with a missing value is false, != included
+    };
+    let Some(o) = ord else { return false };
+    match op {
+        CmpOp::Eq => o == Ordering::Equal,
+        CmpOp::Ne => o != Ordering::Equal,
+        CmpOp::Lt => o == Ordering::Less,
+        CmpOp::Le => o != Ordering::Greater,
+        CmpOp::Gt => o == Ordering::Greater,
+        CmpOp::Ge => o != Ordering::Less,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn given_urls_when_split_then_host_and_path() {
+        assert_eq!(
+            host("https://User@Bank.Example:443/a/b?x#y"),
+            "Bank.Example"
+        );
+        assert_eq!(host("bank.example/x"), "bank.example");
+        assert_eq!(path("https://bank.example/a/b?x#y"), "/a/b");
+        assert_eq!(path("https://bank.example"), "/");
+    }
+}
