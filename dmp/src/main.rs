@@ -10,6 +10,7 @@
 mod backends;
 mod import;
 mod roles;
+mod rules_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -68,6 +69,11 @@ enum Command {
     StorageWriter,
     /// Import partner files (JSONL or TSV with a header line, plain or gzip) into dmp.events.
     Import(import::ImportArgs),
+    /// Check segment rule files and try them on sample events.
+    Rules {
+        #[command(subcommand)]
+        command: rules_cmd::RulesCommand,
+    },
     /// Inspect the configuration.
     Config {
         #[command(subcommand)]
@@ -154,6 +160,7 @@ fn main() -> ExitCode {
                 roles::run(cfg, roles, None).await
             }
             Command::Import(args) => import::run(cfg, args).await,
+            Command::Rules { command } => rules_cmd::run(&cfg, command),
             Command::Config {
                 command: ConfigCommand::Check,
             } => out(format_args!(

@@ -174,3 +174,67 @@ fn given_kafka_bus_when_topics_created_then_broker_lists_them() {
         "{text}"
     );
 }
+
+#[test]
+fn given_rule_files_when_checked_and_tested_then_segments_and_reasons_are_shown() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../rules/examples");
+    let out = dmp()
+        .args(["rules", "check", &format!("{root}/dmp-rules.toml")])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("women_cats_old_car_service"));
+
+    let out = dmp()
+        .args([
+            "rules",
+            "test",
+            &format!("{root}/dmp-rules.toml"),
+            "--events",
+            &format!("{root}/sample-events.jsonl"),
+            "--now",
+            "2026-11-22T10:00:00Z",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = |uid: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{uid}:")))
+            .unwrap_or("")
+            .to_string()
+    };
+    assert!(
+        line("olga").contains("women_cats_old_car_service"),
+        "{text}"
+    );
+    assert!(line("anna").contains("mortgage_seekers"), "{text}");
+    assert!(!line("anna").contains("women"), "{text}");
+    assert!(line("bot-7").contains("known_crawler"), "{text}");
+    assert!(
+        text.contains("mortgage_seekers <- 2026-11-20T09:00:00"),
+        "evidence: {text}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "version = \"1\"\n[[segment]]\nid = \"x\"\nwhen = '''any(type == \"a\") and colour'''\n",
+    )
+    .unwrap();
+    let out = dmp().args(["rules", "check"]).arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml:4:"), "{err}");
+    assert!(err.contains("unknown name \"colour\""), "{err}");
+}

@@ -234,10 +234,21 @@ impl<'v, 'a> Eval<'v, 'a> {
                 let (n, _) = self.aggregate(cond, *window);
                 Value::Bool(n > 0)
             }
-            Expr::Since(cond) => match self.aggregate(cond, None).1 {
-                Some(newest) => Value::Dur(self.user.now - newest),
-                None => Value::Missing,
-            },
+            Expr::Since(cond) => {
+                // Only the newest matching event matters (and is the evidence).
+                let user = self.user;
+                match user
+                    .events
+                    .iter()
+                    .find(|ev| self.value(cond, Some(ev)) == Value::Bool(true))
+                {
+                    Some(ev) => {
+                        self.note(ev);
+                        Value::Dur(user.now - ev.ts)
+                    }
+                    None => Value::Missing,
+                }
+            }
         }
     }
 
@@ -267,6 +278,27 @@ impl<'v, 'a> Eval<'v, 'a> {
             .map(|ev| ev.ts)
     }
 
+    /// Records an event as evidence (at most 10 per rule).
+    fn note(&mut self, ev: &EventView<'_>) {
+        if self.evidence.len() >= 10 || self.evidence.iter().any(|e| e.ts == ev.ts) {
+            return;
+        }
+        self.evidence.push(Evidence {
+            ts: ev.ts,
+            cells: ev
+                .cells
+                .iter()
+                .map(|(q, v)| {
+                    let mut s = text(v).into_owned();
+                    if s.chars().count() > 120 {
+                        s = s.chars().take(120).collect::<String>() + "…";
+                    }
+                    (q.to_string(), s)
+                })
+                .collect(),
+        });
+    }
+
     /// Matching events within the window: (count, newest matching time). Records evidence and
     /// when the oldest match leaves the window.
     fn aggregate(&mut self, cond: &Expr, window: Option<i64>) -> (usize, Option<i64>) {
@@ -283,22 +315,7 @@ impl<'v, 'a> Eval<'v, 'a> {
                 n += 1;
                 newest.get_or_insert(ev.ts);
                 oldest = Some(ev.ts);
-                if self.evidence.len() < 10 {
-                    self.evidence.push(Evidence {
-                        ts: ev.ts,
-                        cells: ev
-                            .cells
-                            .iter()
-                            .map(|(q, v)| {
-                                let mut s = text(v).into_owned();
-                                if s.chars().count() > 120 {
-                                    s = s.chars().take(120).collect::<String>() + "…";
-                                }
-                                (q.to_string(), s)
-                            })
-                            .collect(),
-                    });
-                }
+                self.note(ev);
             }
         }
         if let (Some(w), Some(o)) = (window, oldest) {

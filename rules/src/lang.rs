@@ -566,12 +566,14 @@ impl Parser {
                 }
                 return Ok((Expr::FirstSeen, Type::Dur, pos));
             }
-            (_, true) => return err(
-                pos,
-                format!(
+            (_, true) => {
+                return err(
+                    pos,
+                    format!(
                     "unknown function {name}() (functions: count, any, since, attr, segment, num)"
                 ),
-            ),
+                )
+            }
             _ => {}
         }
         let field = match name.as_str() {
