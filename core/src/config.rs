@@ -72,6 +72,8 @@ pub struct Config {
     pub spill: SpillConfig,
     /// The storage writer role.
     pub storage_writer: StorageWriterConfig,
+    /// The segmenter role.
+    pub segmenter: SegmenterConfig,
     /// Logs and metrics.
     pub telemetry: TelemetryConfig,
 }
@@ -231,6 +233,36 @@ impl Config {
             PathBuf::from(&self.spill.dir)
         }
     }
+}
+
+/// `[segmenter]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SegmenterConfig {
+    /// Consumer group.
+    pub group: String,
+    /// Rule file ("" = built-in rules only).
+    pub rules: String,
+    /// Rule file check interval, ms.
+    pub reload_interval_ms: u64,
+    /// Workers (0 = cores).
+    pub workers: usize,
+    /// Pin workers to cores.
+    pub pin_cores: bool,
+    /// Changes queued per worker.
+    pub queue_capacity: usize,
+    /// Dedupe LRU entries per worker.
+    pub dedupe_capacity: usize,
+    /// Blacklist window, seconds.
+    pub blacklist_window_secs: u64,
+    /// Changes within the window above which a user is a bot.
+    pub blacklist_max_changes: u32,
+    /// How long a bot stays blacklisted, seconds.
+    pub blacklist_ban_secs: u64,
+    /// Pending re-evaluations per worker.
+    pub timer_capacity: usize,
+    /// Commit interval, ms.
+    pub commit_interval_ms: u64,
 }
 
 /// `[storage_writer]`.
@@ -507,6 +539,65 @@ impl Config {
                 ),
             ));
         }
+        let sg = &self.segmenter;
+        if sg.group.is_empty() {
+            return Err(ConfigError::key("segmenter.group", "must not be empty"));
+        }
+        if !sg.rules.is_empty() && !Path::new(&sg.rules).is_file() {
+            return Err(ConfigError::key(
+                "segmenter.rules",
+                format!("{} is not a readable file", sg.rules),
+            ));
+        }
+        range(
+            "segmenter.reload_interval_ms",
+            sg.reload_interval_ms,
+            100,
+            600_000,
+        )?;
+        range("segmenter.workers", sg.workers as u64, 0, 256)?;
+        range(
+            "segmenter.queue_capacity",
+            sg.queue_capacity as u64,
+            1,
+            1_000_000,
+        )?;
+        range(
+            "segmenter.dedupe_capacity",
+            sg.dedupe_capacity as u64,
+            1,
+            100_000_000,
+        )?;
+        range(
+            "segmenter.blacklist_window_secs",
+            sg.blacklist_window_secs,
+            1,
+            86_400,
+        )?;
+        range(
+            "segmenter.blacklist_max_changes",
+            sg.blacklist_max_changes as u64,
+            1,
+            10_000_000,
+        )?;
+        range(
+            "segmenter.blacklist_ban_secs",
+            sg.blacklist_ban_secs,
+            1,
+            30 * 86_400,
+        )?;
+        range(
+            "segmenter.timer_capacity",
+            sg.timer_capacity as u64,
+            1,
+            100_000_000,
+        )?;
+        range(
+            "segmenter.commit_interval_ms",
+            sg.commit_interval_ms,
+            10,
+            60_000,
+        )?;
         if !matches!(self.telemetry.log_format.as_str(), "text" | "json") {
             return Err(ConfigError::key(
                 "telemetry.log_format",

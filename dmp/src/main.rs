@@ -67,6 +67,8 @@ enum Command {
     },
     /// Run the storage writer alone: dmp.events to the user store and dmp.user-changes.
     StorageWriter,
+    /// Run the segmenter alone: dmp.user-changes to dmp.segments with the rules of segmenter.rules.
+    Segmenter,
     /// Import partner files (JSONL or TSV with a header line, plain or gzip) into dmp.events.
     Import(import::ImportArgs),
     /// Check segment rule files and try them on sample events.
@@ -138,24 +140,25 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Run { listen } => {
-                let roles = roles::Roles {
-                    api: true,
-                    storage_writer: true,
-                };
-                roles::run(cfg, roles, listen).await
-            }
+            Command::Run { listen } => roles::run(cfg, roles::Roles::ALL, listen).await,
             Command::Api { listen } => {
                 let roles = roles::Roles {
                     api: true,
-                    storage_writer: false,
+                    ..roles::Roles::NONE
                 };
                 roles::run(cfg, roles, listen).await
             }
             Command::StorageWriter => {
                 let roles = roles::Roles {
-                    api: false,
                     storage_writer: true,
+                    ..roles::Roles::NONE
+                };
+                roles::run(cfg, roles, None).await
+            }
+            Command::Segmenter => {
+                let roles = roles::Roles {
+                    segmenter: true,
+                    ..roles::Roles::NONE
                 };
                 roles::run(cfg, roles, None).await
             }

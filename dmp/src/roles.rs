@@ -20,6 +20,23 @@ pub struct Roles {
     pub api: bool,
     /// The storage writer.
     pub storage_writer: bool,
+    /// The segmenter.
+    pub segmenter: bool,
+}
+
+impl Roles {
+    /// Every role (`dmp run`).
+    pub const ALL: Roles = Roles {
+        api: true,
+        storage_writer: true,
+        segmenter: true,
+    };
+    /// No role; set the ones wanted.
+    pub const NONE: Roles = Roles {
+        api: false,
+        storage_writer: false,
+        segmenter: false,
+    };
 }
 
 /// Runs the roles until SIGTERM or Ctrl-C, then drains: the API stops accepting, the writer
@@ -39,6 +56,16 @@ pub async fn run(cfg: Config, roles: Roles, listen: Option<String>) -> anyhow::R
         tasks.push((
             "storage-writer",
             tokio::spawn(async move { writer.run(rx).await.map_err(anyhow::Error::from) }),
+        ));
+    }
+
+    if roles.segmenter {
+        let seg =
+            dmp_segmenter::Segmenter::new(backends.bus.clone(), backends.store.clone(), &cfg)?;
+        let rx = stop_rx.clone();
+        tasks.push((
+            "segmenter",
+            tokio::spawn(async move { seg.run(rx).await.map_err(anyhow::Error::from) }),
         ));
     }
 

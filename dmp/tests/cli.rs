@@ -238,3 +238,62 @@ fn given_rule_files_when_checked_and_tested_then_segments_and_reasons_are_shown(
     assert!(err.contains("bad.toml:4:"), "{err}");
     assert!(err.contains("unknown name \"colour\""), "{err}");
 }
+
+#[tokio::test]
+async fn given_dmp_run_with_rules_when_events_posted_then_segment_records_appear_within_seconds() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../rules/examples/dmp-rules.toml"
+    );
+    let (mut child, url) = start(dir.path(), &[("DMP__SEGMENTER__RULES", rules)]);
+    let http = reqwest::Client::new();
+    let now = dmp_core::clock::now_ms();
+    let events: Vec<serde_json::Value> = (0..3)
+        .map(|i| serde_json::json!({"uid": "anna", "ts": now - 1000 * i, "type": "search", "q": "ипотека"}))
+        .collect();
+    let posted = std::time::Instant::now();
+    let r = http
+        .post(format!("{url}/v1/events"))
+        .json(&events)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let segments_high = || async {
+        let topics: serde_json::Value = http
+            .get(format!("{url}/v1/topics"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        topics
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == "dmp.segments")
+            .map(|t| {
+                t["partitions"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| p["high"].as_u64().unwrap())
+                    .sum::<u64>()
+            })
+            .unwrap_or(0)
+    };
+    while segments_high().await == 0 {
+        assert!(
+            posted.elapsed() < std::time::Duration::from_secs(10),
+            "no segment record 10 s after the post"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "post -> segment record on dmp.segments in {:?}",
+        posted.elapsed()
+    );
+    assert!(sigterm(&mut child).success());
+}

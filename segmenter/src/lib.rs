@@ -1,7 +1,226 @@
-//! `dmp-segmenter`: user changes to segments. **Empty until the segmenter and rules issue.**
+//! `dmp-segmenter`: user changes to segments.
 //!
-//! What will live here: the consumer group `segmenter` on `dmp.user-changes`, users sharded by uid
-//! hash to one pinned worker per core with its own LRU of last-read times (skip changes already
-//! seen) and bot blacklist, whole-row reads, every rule run, segment records published when the
-//! set changes, memberships written back to family `s`, and counter updates. Nothing here
-//! behaves yet.
+//! Consumer group `segmenter` on `dmp.user-changes`. The poll loop ([`Segmenter::run`]) shards
+//! users by uid hash to worker threads (one per core by default, pinned when `pin_cores`), over
+//! bounded queues. Each worker owns its caches, so the hot path takes no locks:
+//! 1. [`blacklist`]: a user changing more than `blacklist_max_changes` times per window is a bot,
+//!    skipped before any read and flagged `m:bot` once;
+//! 2. [`dedupe`]: a change whose write a previous read already saw is skipped;
+//! 3. the user's whole row is read and every rule runs ([`dmp_rules::RuleSet`], hot-reloaded);
+//! 4. when the live set changes, a [`dmp_core::SegmentUpdate`] goes to `dmp.segments` and the set
+//!    (with `since`) to `s:current` in the row; shadow results go to `dmp.segments.shadow` and
+//!    `s:shadow` only;
+//! 5. users whose results can change with time (windows, recency) are re-evaluated when the
+//!    earliest can change (a per-worker timer queue).
+//!
+//! Offsets are committed as the contiguous watermark of changes the workers finished.
+//!
+//! Not built yet: segment counters (the stats issue), persistence of pending timers across
+//! restarts (after a restart a user is re-evaluated at its next change), and the performance
+//! benches.
+
+pub mod blacklist;
+pub mod dedupe;
+mod metrics;
+use crate::metrics as m;
+mod worker;
+
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use dmp_bus::{Bus, BusError, OffsetTracker, TopicPartition};
+use dmp_core::{Config, UserChange};
+use dmp_rules::RuleSet;
+use dmp_store::UserStore;
+
+pub use worker::{memberships, FixedRules, Memberships, RulesSource};
+
+/// What can stop the segmenter.
+#[derive(Debug, thiserror::Error)]
+pub enum SegmenterError {
+    /// The bus failed.
+    #[error("bus: {0}")]
+    Bus(#[from] BusError),
+    /// The rule file is invalid at start.
+    #[error("rules: {0}")]
+    Rules(String),
+}
+
+/// The segmenter role.
+pub struct Segmenter {
+    bus: Arc<dyn Bus>,
+    store: Arc<dyn UserStore>,
+    cfg: Config,
+    rules: Arc<dyn RulesSource>,
+}
+
+impl Segmenter {
+    /// A segmenter with the rules of `cfg.segmenter.rules` (watched), or the built-in rules.
+    pub fn new(
+        bus: Arc<dyn Bus>,
+        store: Arc<dyn UserStore>,
+        cfg: &Config,
+    ) -> Result<Segmenter, SegmenterError> {
+        let rules: Arc<dyn RulesSource> = if cfg.segmenter.rules.is_empty() {
+            let set = RuleSet::new(
+                "builtin".into(),
+                dmp_rules::builtin::builtin_rules(),
+                "built-in rules",
+            )
+            .map_err(|e| SegmenterError::Rules(format!("{e:?}")))?;
+            Arc::new(FixedRules(Arc::new(set)))
+        } else {
+            let w = dmp_rules::RuleWatcher::start(
+                cfg.segmenter.rules.clone().into(),
+                Duration::from_millis(cfg.segmenter.reload_interval_ms),
+            )
+            .map_err(|e| {
+                SegmenterError::Rules(
+                    e.iter()
+                        .map(|x| x.to_string())
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                )
+            })?;
+            Arc::new(w)
+        };
+        Ok(Segmenter::with_rules(bus, store, cfg, rules))
+    }
+
+    /// A segmenter with a given rules source.
+    pub fn with_rules(
+        bus: Arc<dyn Bus>,
+        store: Arc<dyn UserStore>,
+        cfg: &Config,
+        rules: Arc<dyn RulesSource>,
+    ) -> Segmenter {
+        Segmenter {
+            bus,
+            store,
+            cfg: cfg.clone(),
+            rules,
+        }
+    }
+
+    /// Runs until `shutdown`; then workers finish their queues, finished work is committed and
+    /// the member leaves its group.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<(), SegmenterError> {
+        let sc = self.cfg.segmenter.clone();
+        let n = if sc.workers == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            sc.workers
+        };
+        let cores = if sc.pin_cores {
+            core_affinity::get_core_ids().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut senders: Vec<SyncSender<worker::Job>> = Vec::with_capacity(n);
+        let mut threads = Vec::with_capacity(n);
+        for i in 0..n {
+            let (tx, rx) = sync_channel(sc.queue_capacity);
+            senders.push(tx);
+            let w = worker::Worker {
+                index: i,
+                store: self.store.clone(),
+                bus: self.bus.clone(),
+                rules: self.rules.clone(),
+                topics: self.cfg.topics.clone(),
+                cfg: sc.clone(),
+                jobs: rx,
+                done: done_tx.clone(),
+            };
+            let core = (!cores.is_empty()).then(|| cores[i % cores.len()]);
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("dmp-segmenter-{i}"))
+                    .spawn(move || {
+                        if let Some(c) = core {
+                            if !core_affinity::set_for_current(c) {
+                                tracing::warn!(worker = i, "could not pin the worker to a core");
+                            }
+                        }
+                        w.run()
+                    })
+                    .expect("spawning a worker"),
+            );
+        }
+        drop(done_tx);
+        let topic = self.cfg.topics.user_changes.clone();
+        let mut consumer = self
+            .bus
+            .consumer(&sc.group, std::slice::from_ref(&topic))
+            .await?;
+        let mut tracker = OffsetTracker::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(sc.commit_interval_ms));
+        tracing::info!(
+            workers = n,
+            pinned = !cores.is_empty(),
+            rules = self.rules.current().version(),
+            "segmenter started"
+        );
+        let result: Result<(), SegmenterError> = 'run: loop {
+            tokio::select! {
+                _ = shutdown.changed() => break 'run Ok(()),
+                _ = tick.tick() => {
+                    while let Ok((tp, off)) = done_rx.try_recv() { tracker.done(&tp, off); }
+                    let marks = tracker.committable();
+                    if !marks.is_empty() {
+                        if let Err(e) = consumer.commit(&marks).await { break 'run Err(e.into()); }
+                    }
+                }
+                r = consumer.poll(5000, Duration::from_millis(100)) => {
+                    let records = match r { Ok(r) => r, Err(e) => break 'run Err(e.into()) };
+                    for r in records {
+                        let tp = TopicPartition::new(r.topic.to_string(), r.partition);
+                        tracker.track(&tp, r.offset);
+                        let Ok(change) = UserChange::from_json(&r.value) else {
+                            ::metrics::counter!(m::BAD_CHANGES).increment(1);
+                            tracker.done(&tp, r.offset);
+                            continue;
+                        };
+                        let w = (dmp_core::partition::uid_hash(change.uid.as_bytes()) % n as u64) as usize;
+                        let mut job = worker::Job { uid: change.uid, ts: change.ts, msg_ts: r.timestamp, tp, offset: r.offset };
+                        // Bounded queues: wait for room (the Kafka consumer keeps polling meanwhile).
+                        loop {
+                            match senders[w].try_send(job) {
+                                Ok(()) => break,
+                                Err(TrySendError::Full(j)) => {
+                                    job = j;
+                                    while let Ok((tp, off)) = done_rx.try_recv() { tracker.done(&tp, off); }
+                                    tokio::time::sleep(Duration::from_millis(1)).await;
+                                }
+                                Err(TrySendError::Disconnected(_)) => break 'run Ok(()),
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        drop(senders);
+        let joined = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
+        if joined.is_err() {
+            tracing::error!("a segmenter worker panicked");
+        }
+        while let Ok((tp, off)) = done_rx.try_recv() {
+            tracker.done(&tp, off);
+        }
+        let marks = tracker.committable();
+        if !marks.is_empty() {
+            consumer.commit(&marks).await?;
+        }
+        consumer.close().await?;
+        tracing::info!("segmenter stopped");
+        result
+    }
+}

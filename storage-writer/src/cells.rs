@@ -10,6 +10,7 @@
 //! | `e:a.<name>` | each custom attribute |
 //! | `m:first_seen` | the event time, 8 bytes; version `i64::MAX - ts`, so the single kept version is the earliest |
 //! | `m:crawler` | `1` when the user agent is a known crawler |
+//! | `m:written` | the write time (writer's clock), 8 bytes, version = write time; the segmenter's dedupe compares change records against it |
 //!
 //! The user agent string itself is stored once per distinct agent in the dictionary row
 //! [`ua_dictionary_row`] (family `m`, qualifier `ua`).
@@ -103,6 +104,24 @@ pub fn event_put(ev: &Event, en: &Enrichment) -> Put {
         row: ev.uid.clone(),
         cells: event_cells(ev, en),
     }
+}
+
+/// The `m:written` cell: when a batch touching the user was written (the same clock and value as
+/// the `ts` of the user's change record).
+pub fn written_cell(write_time: i64) -> Cell {
+    Cell::new(
+        FAMILY_META,
+        "written",
+        write_time,
+        write_time.to_be_bytes().to_vec(),
+    )
+}
+
+/// Reads `m:written` from a row.
+pub fn written_of(row: &dmp_core::Row) -> Option<i64> {
+    row.latest(FAMILY_META, "written")
+        .filter(|c| c.value.len() == 8)
+        .map(|c| i64::from_be_bytes(c.value[..8].try_into().expect("8 bytes")))
 }
 
 /// The dictionary put of a user agent string.

@@ -116,10 +116,18 @@ impl StorageWriter {
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<usize, WriterError> {
         let Processed {
-            puts,
+            mut puts,
             mut dead,
             uids,
         } = batch;
+        // The write time stamps the rows (m:written) and the change records alike.
+        let write_time = dmp_core::clock::now_ms();
+        for uid in uids.keys() {
+            puts.push(Put {
+                row: uid.clone(),
+                cells: vec![crate::cells::written_cell(write_time)],
+            });
+        }
         if !puts.is_empty() {
             let started = Instant::now();
             let rejected = self.put_with_retry(puts, shutdown).await?;
@@ -130,7 +138,6 @@ impl StorageWriter {
             self.produce_with_retry(&self.topics.dead_letter.clone(), dead, shutdown)
                 .await?;
         }
-        let write_time = dmp_core::clock::now_ms();
         let changes: Vec<ProduceRecord> = uids
             .into_iter()
             .map(|(uid, last_event_ts)| {

@@ -1,0 +1,29 @@
+//! The segmenter's metrics, declared once. `worker` is the worker index (bounded by cores);
+//! `rule` is a configured rule id (bounded by the rule set).
+
+/// Changes received by a worker (counter).
+pub const RECEIVED: &str = "dmp_segmenter_changes_received_total";
+/// Changes skipped because a read already saw their data (counter).
+pub const SKIPPED_DUPLICATE: &str = "dmp_segmenter_changes_skipped_duplicate_total";
+/// Changes skipped because the user is blacklisted as a bot (counter).
+pub const SKIPPED_BOT: &str = "dmp_segmenter_changes_skipped_bot_total";
+/// Users evaluated, by `trigger` (`change`, `timer`) (counter).
+pub const EVALUATED: &str = "dmp_segmenter_users_evaluated_total";
+/// Users newly blacklisted (counter).
+pub const BOTS: &str = "dmp_segmenter_bots_blacklisted_total";
+/// Cells per row read (histogram).
+pub const ROW_CELLS: &str = "dmp_segmenter_row_cells";
+/// Time per rule (histogram, seconds).
+pub const RULE_TIME: &str = "dmp_segmenter_rule_duration_seconds";
+/// Time a change waited in dmp.user-changes before a worker took it (histogram, seconds).
+pub const WAIT: &str = "dmp_segmenter_topic_wait_seconds";
+/// Newest event time of the user -> its segment record published (histogram, seconds).
+pub const END_TO_END: &str = "dmp_segmenter_event_to_segment_seconds";
+/// Segment records published, by `topic_kind` (`live`, `shadow`) (counter).
+pub const PUBLISHED: &str = "dmp_segmenter_records_published_total";
+/// Pending timer re-evaluations dropped because the timer queue was full (counter).
+pub const TIMERS_DROPPED: &str = "dmp_segmenter_timers_dropped_total";
+/// Change records that were not valid JSON (counter).
+pub const BAD_CHANGES: &str = "dmp_segmenter_bad_changes_total";
+/// Store or bus failures that made a worker retry (counter).
+pub const RETRIES: &str = "dmp_segmenter_retries_total";

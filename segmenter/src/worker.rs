@@ -1,0 +1,328 @@
+//! One segmenter worker: a thread (pinned when asked) that owns its dedupe, blacklist and timers,
+//! and handles the users sharded to it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dmp_bus::{Bus, ProduceRecord, TopicPartition};
+use dmp_core::cell::{FAMILY_META, FAMILY_SEGMENTS};
+use dmp_core::config::{SegmenterConfig, Topics};
+use dmp_core::{Cell, Row, SegmentUpdate};
+use dmp_rules::RuleSet;
+use dmp_store::{Get, Put, UserStore};
+
+use crate::blacklist::{Blacklist, Verdict};
+use crate::dedupe::Dedupe;
+use crate::metrics as m;
+
+/// A change handed to a worker.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// The user.
+    pub uid: String,
+    /// The change's write time (`UserChange.ts`).
+    pub ts: i64,
+    /// Its message timestamp.
+    pub msg_ts: i64,
+    /// Where it came from, to report it done.
+    pub tp: TopicPartition,
+    /// Its offset.
+    pub offset: u64,
+}
+
+/// Where the current rules come from.
+pub trait RulesSource: Send + Sync {
+    /// The rule set in force.
+    fn current(&self) -> Arc<RuleSet>;
+}
+
+impl RulesSource for dmp_rules::RuleWatcher {
+    fn current(&self) -> Arc<RuleSet> {
+        dmp_rules::RuleWatcher::current(self)
+    }
+}
+
+/// A fixed rule set.
+pub struct FixedRules(pub Arc<RuleSet>);
+
+impl RulesSource for FixedRules {
+    fn current(&self) -> Arc<RuleSet> {
+        self.0.clone()
+    }
+}
+
+/// The memberships kept in family `s`: segment id -> since (ms).
+pub type Memberships = BTreeMap<String, i64>;
+
+/// Reads `s:<qualifier>` (a JSON object of segment -> since) from a row.
+pub fn memberships(row: Option<&Row>, qualifier: &str) -> Memberships {
+    row.and_then(|r| r.latest(FAMILY_SEGMENTS, qualifier))
+        .and_then(|c| serde_json::from_slice(&c.value).ok())
+        .unwrap_or_default()
+}
+
+pub(crate) struct Worker {
+    pub index: usize,
+    pub store: Arc<dyn UserStore>,
+    pub bus: Arc<dyn Bus>,
+    pub rules: Arc<dyn RulesSource>,
+    pub topics: Topics,
+    pub cfg: SegmenterConfig,
+    pub jobs: Receiver<Job>,
+    pub done: tokio::sync::mpsc::UnboundedSender<(TopicPartition, u64)>,
+}
+
+struct State {
+    dedupe: Dedupe,
+    blacklist: Blacklist,
+    /// (due, uid) and uid -> due: one pending re-evaluation per user, the earliest.
+    timers: BTreeSet<(i64, Box<str>)>,
+    due: HashMap<Box<str>, i64>,
+}
+
+/// What one batch produces.
+#[derive(Default)]
+struct Output {
+    puts: Vec<Put>,
+    live: Vec<ProduceRecord>,
+    shadow: Vec<ProduceRecord>,
+}
+
+impl Worker {
+    pub fn run(self) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a current-thread runtime");
+        let label = self.index.to_string();
+        let mut st = State {
+            dedupe: Dedupe::new(self.cfg.dedupe_capacity),
+            blacklist: Blacklist::new(
+                self.cfg.dedupe_capacity,
+                self.cfg.blacklist_window_secs as i64 * 1000,
+                self.cfg.blacklist_max_changes,
+                self.cfg.blacklist_ban_secs as i64 * 1000,
+            ),
+            timers: BTreeSet::new(),
+            due: HashMap::new(),
+        };
+        loop {
+            let now = dmp_core::clock::now_ms();
+            let wait = st
+                .timers
+                .first()
+                .map(|(t, _)| Duration::from_millis((t - now).clamp(0, 200) as u64))
+                .unwrap_or(Duration::from_millis(200));
+            let mut batch = Vec::new();
+            match self.jobs.recv_timeout(wait) {
+                Ok(j) => batch.push(j),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            while batch.len() < 1000 {
+                match self.jobs.try_recv() {
+                    Ok(j) => batch.push(j),
+                    Err(_) => break,
+                }
+            }
+            self.handle(&rt, &mut st, &label, batch);
+        }
+        tracing::debug!(worker = self.index, "segmenter worker stopped");
+    }
+
+    fn handle(&self, rt: &tokio::runtime::Runtime, st: &mut State, label: &str, batch: Vec<Job>) {
+        let now = dmp_core::clock::now_ms();
+        // Users to evaluate: from changes that need a read, and from due timers.
+        let mut users: BTreeMap<String, &'static str> = BTreeMap::new();
+        let mut new_bots = Vec::new();
+        for j in &batch {
+            metrics::counter!(m::RECEIVED, "worker" => label.to_string()).increment(1);
+            metrics::histogram!(m::WAIT).record(((now - j.msg_ts).max(0)) as f64 / 1000.0);
+            match st.blacklist.check(&j.uid, now) {
+                Verdict::Pass => {}
+                Verdict::NewBot => {
+                    metrics::counter!(m::BOTS).increment(1);
+                    metrics::counter!(m::SKIPPED_BOT, "worker" => label.to_string()).increment(1);
+                    new_bots.push(j.uid.clone());
+                    continue;
+                }
+                Verdict::Bot => {
+                    metrics::counter!(m::SKIPPED_BOT, "worker" => label.to_string()).increment(1);
+                    continue;
+                }
+            }
+            if !st.dedupe.needs_read(&j.uid, j.ts) {
+                metrics::counter!(m::SKIPPED_DUPLICATE, "worker" => label.to_string()).increment(1);
+                continue;
+            }
+            users.insert(j.uid.clone(), "change");
+        }
+        while let Some((t, uid)) = st.timers.first().cloned() {
+            if t > now {
+                break;
+            }
+            st.timers.pop_first();
+            st.due.remove(&uid);
+            users.entry(uid.to_string()).or_insert("timer");
+        }
+        if !users.is_empty() || !new_bots.is_empty() {
+            let out = self.evaluate(st, label, users, new_bots);
+            self.write(rt, out);
+        }
+        for j in batch {
+            let _ = self.done.send((j.tp, j.offset));
+        }
+    }
+
+    fn evaluate(
+        &self,
+        st: &mut State,
+        label: &str,
+        users: BTreeMap<String, &'static str>,
+        new_bots: Vec<String>,
+    ) -> Output {
+        let mut out = Output::default();
+        let rules = self.rules.current();
+        let now = dmp_core::clock::now_ms();
+        for uid in new_bots {
+            out.puts.push(Put {
+                row: uid,
+                cells: vec![Cell::new(FAMILY_META, "bot", now, b"1".to_vec())],
+            });
+        }
+        for (uid, trigger) in users {
+            let row = self.read(&uid);
+            metrics::counter!(m::EVALUATED, "trigger" => trigger).increment(1);
+            metrics::histogram!(m::ROW_CELLS)
+                .record(row.as_ref().map_or(0, |r| r.cells.len()) as f64);
+            if let Some(w) = row.as_ref().and_then(dmp_storage_writer::cells::written_of) {
+                st.dedupe.read(&uid, w);
+            }
+            let Some(row) = row else { continue };
+            let started = Instant::now();
+            let eval = rules.evaluate(&row, now);
+            metrics::histogram!(m::RULE_TIME, "rule" => "all")
+                .record(started.elapsed().as_secs_f64());
+            let last_event_ts = dmp_rules::UserView::new(&row, now)
+                .last_event_ts()
+                .unwrap_or(0);
+            for (qualifier, results, records, kind) in [
+                ("current", &eval.live, &mut out.live, "live"),
+                ("shadow", &eval.shadow, &mut out.shadow, "shadow"),
+            ] {
+                let before = memberships(Some(&row), qualifier);
+                let mut after = Memberships::new();
+                for id in results.keys() {
+                    after.insert(id.clone(), before.get(id).copied().unwrap_or(now));
+                }
+                if before.keys().eq(after.keys()) {
+                    continue;
+                }
+                let added: Vec<String> = after
+                    .keys()
+                    .filter(|k| !before.contains_key(*k))
+                    .cloned()
+                    .collect();
+                let removed: Vec<String> = before
+                    .keys()
+                    .filter(|k| !after.contains_key(*k))
+                    .cloned()
+                    .collect();
+                let update = SegmentUpdate {
+                    uid: uid.clone(),
+                    segments: after.keys().cloned().collect(),
+                    added,
+                    removed,
+                    evaluated_at: now,
+                    last_event_ts,
+                    rules_version: rules.version().to_string(),
+                };
+                records.push(ProduceRecord::new(
+                    uid.clone().into_bytes(),
+                    update.to_json(),
+                ));
+                out.puts.push(Put {
+                    row: uid.clone(),
+                    cells: vec![Cell::new(
+                        FAMILY_SEGMENTS,
+                        qualifier,
+                        now,
+                        serde_json::to_vec(&after).expect("a map serialises"),
+                    )],
+                });
+                metrics::counter!(m::PUBLISHED, "topic_kind" => kind).increment(1);
+                if kind == "live" && last_event_ts > 0 {
+                    metrics::histogram!(m::END_TO_END)
+                        .record(((now - last_event_ts).max(0)) as f64 / 1000.0);
+                }
+            }
+            if let Some(t) = eval.recheck_at {
+                self.schedule(st, &uid, t);
+            }
+        }
+        let _ = label;
+        out
+    }
+
+    fn schedule(&self, st: &mut State, uid: &str, t: i64) {
+        if let Some(&old) = st.due.get(uid) {
+            if old <= t {
+                return;
+            }
+            st.timers.remove(&(old, uid.into()));
+        } else if st.due.len() >= self.cfg.timer_capacity {
+            metrics::counter!(m::TIMERS_DROPPED).increment(1);
+            return;
+        }
+        st.due.insert(uid.into(), t);
+        st.timers.insert((t, uid.into()));
+    }
+
+    fn read(&self, uid: &str) -> Option<Row> {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.store.get(&Get::row(uid)) {
+                Ok(r) => return r,
+                Err(e) if e.kind() == dmp_core::ErrorKind::Rejected => {
+                    tracing::warn!(uid, error = %e, "row cannot be read; skipped");
+                    return None;
+                }
+                Err(e) => {
+                    metrics::counter!(m::RETRIES).increment(1);
+                    tracing::warn!(error = %e, "store read failed; retrying");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    fn write(&self, rt: &tokio::runtime::Runtime, out: Output) {
+        let mut backoff = Duration::from_millis(50);
+        if !out.puts.is_empty() {
+            while let Err(e) = self.store.put(&out.puts) {
+                metrics::counter!(m::RETRIES).increment(1);
+                tracing::warn!(error = %e, "writing memberships failed; retrying");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+        for (topic, records) in [
+            (&self.topics.segments, out.live),
+            (&self.topics.segments_shadow, out.shadow),
+        ] {
+            if records.is_empty() {
+                continue;
+            }
+            let mut backoff = Duration::from_millis(50);
+            while let Err(e) = rt.block_on(self.bus.produce(topic, records.clone())) {
+                metrics::counter!(m::RETRIES).increment(1);
+                tracing::warn!(error = %e, topic = %topic, "publishing segments failed; retrying");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}

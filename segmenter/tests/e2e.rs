@@ -1,0 +1,440 @@
+//! Events to segment records, in one process as `dmp run` wires it: HTTP ingest -> storage
+//! writer -> segmenter -> dmp.segments / dmp.segments.shadow and `s:current` in the row.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dmp_api::ingest::Ingest;
+use dmp_api::spill::Spill;
+use dmp_bus::embedded::EmbeddedBus;
+use dmp_bus::{Bus, ProduceRecord};
+use dmp_core::{Config, SegmentUpdate, UserChange};
+use dmp_segmenter::{memberships, Segmenter};
+use dmp_storage_writer::enrich::{Enricher, IpMode, SHIPPED_CRAWLER_LIST};
+use dmp_storage_writer::StorageWriter;
+use dmp_store::embedded::{EmbeddedDatabase, EmbeddedStore};
+use dmp_store::{Get, Schema, UserStore};
+use tokio::sync::watch;
+
+const RULES: &str = r#"
+version = "e2e-1"
+
+[[segment]]
+id = "mortgage_seekers"
+when = '''count(type == "search" and q contains "mortgage", 30d) >= 2'''
+
+[[segment]]
+id = "cats"
+when = '''any(url.host == "cats.example")'''
+
+[[segment]]
+id = "trial"
+mode = "shadow"
+when = '''any(type == "search")'''
+"#;
+
+struct Pipe {
+    _dir: tempfile::TempDir,
+    cfg: Config,
+    bus: Arc<dyn Bus>,
+    store: Arc<EmbeddedStore>,
+    url: String,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// A plugin rule that counts how often it is evaluated per user, and can be slow.
+struct Counting {
+    counts: Arc<std::sync::Mutex<BTreeMap<String, usize>>>,
+    sleep: Duration,
+}
+
+impl dmp_rules::Rule for Counting {
+    fn id(&self) -> &str {
+        "counted"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn mode(&self) -> dmp_rules::Mode {
+        dmp_rules::Mode::Live
+    }
+    fn depends_on(&self) -> Vec<String> {
+        Vec::new()
+    }
+    fn evaluate(
+        &self,
+        user: &dmp_rules::UserView<'_>,
+        _: &std::collections::HashMap<String, bool>,
+    ) -> dmp_rules::Outcome {
+        *self
+            .counts
+            .lock()
+            .unwrap()
+            .entry(user.uid.to_string())
+            .or_default() += 1;
+        std::thread::sleep(self.sleep);
+        dmp_rules::Outcome {
+            matched: true,
+            ..Default::default()
+        }
+    }
+}
+
+fn counting_rules(
+    sleep: Duration,
+) -> (
+    Arc<dyn dmp_segmenter::RulesSource>,
+    Arc<std::sync::Mutex<BTreeMap<String, usize>>>,
+) {
+    let counts = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
+    let rule: Arc<dyn dmp_rules::Rule> = Arc::new(Counting {
+        counts: counts.clone(),
+        sleep,
+    });
+    let set = dmp_rules::RuleSet::new("counting".into(), vec![rule], "test").unwrap();
+    (Arc::new(dmp_segmenter::FixedRules(Arc::new(set))), counts)
+}
+
+async fn start(rules: &str, tweak: impl FnOnce(&mut Config)) -> Pipe {
+    start_with(rules, tweak, None, None).await
+}
+
+async fn start_with(
+    rules: &str,
+    tweak: impl FnOnce(&mut Config),
+    custom: Option<Arc<dyn dmp_segmenter::RulesSource>>,
+    bus: Option<Arc<dyn Bus>>,
+) -> Pipe {
+    let dir = tempfile::tempdir().unwrap();
+    let rules_path = dir.path().join("rules.toml");
+    std::fs::write(&rules_path, rules).unwrap();
+    let mut cfg = Config::defaults();
+    cfg.data_dir = dir.path().to_path_buf();
+    cfg.topics.partitions = 4;
+    cfg.segmenter.rules = rules_path.display().to_string();
+    cfg.segmenter.workers = 2;
+    cfg.segmenter.reload_interval_ms = 100;
+    tweak(&mut cfg);
+    let db = EmbeddedDatabase::open(dir.path(), &cfg.embedded, &Schema::dmp_default()).unwrap();
+    let store = Arc::new(EmbeddedStore::open(&db, &cfg.store).unwrap());
+    let bus: Arc<dyn Bus> = match bus {
+        Some(b) => b,
+        None => Arc::new(EmbeddedBus::open(&db, &cfg.bus).unwrap()),
+    };
+    dmp_bus::ensure_topics(bus.as_ref(), &cfg.topics)
+        .await
+        .unwrap();
+    let spill = Arc::new(Spill::open(&cfg.spill_dir(), cfg.spill.max_bytes).unwrap());
+    let ingest = Arc::new(Ingest::new(
+        bus.clone(),
+        cfg.topics.events.clone(),
+        spill,
+        cfg.api.clone(),
+    ));
+    let state = dmp_api::AppState {
+        bus: bus.clone(),
+        store: store.clone(),
+        prometheus: dmp_core::telemetry::init_metrics(),
+        ingest,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, rx) = watch::channel(false);
+    let mut srx = rx.clone();
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(async move {
+        dmp_api::serve(listener, state, async move {
+            let _ = srx.changed().await;
+        })
+        .await
+        .unwrap();
+    }));
+    let writer = StorageWriter::new(
+        bus.clone(),
+        store.clone(),
+        &cfg,
+        Enricher::new(IpMode::Full, Vec::new(), SHIPPED_CRAWLER_LIST).unwrap(),
+    );
+    let wrx = rx.clone();
+    tasks.push(tokio::spawn(async move { writer.run(wrx).await.unwrap() }));
+    let seg = match custom {
+        Some(r) => Segmenter::with_rules(bus.clone(), store.clone(), &cfg, r),
+        None => Segmenter::new(bus.clone(), store.clone(), &cfg).unwrap(),
+    };
+    tasks.push(tokio::spawn(async move { seg.run(rx).await.unwrap() }));
+    Pipe {
+        _dir: dir,
+        cfg,
+        bus,
+        store,
+        url,
+        stop,
+        tasks,
+    }
+}
+
+impl Pipe {
+    async fn post(&self, events: serde_json::Value) {
+        let r = reqwest::Client::new()
+            .post(format!("{}/v1/events", self.url))
+            .json(&events)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 202);
+    }
+
+    /// Reads until `want` records arrived (or 60 s), then 300 ms more for any extra.
+    async fn records(&self, topic: &str, group: &str, want: usize) -> Vec<SegmentUpdate> {
+        let mut c = self
+            .bus
+            .consumer(group, &[topic.to_string()])
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while out.len() < want && tokio::time::Instant::now() < deadline {
+            for r in c.poll(100, Duration::from_millis(100)).await.unwrap() {
+                out.push(SegmentUpdate::from_json(&r.value).unwrap());
+            }
+        }
+        for r in c.poll(100, Duration::from_millis(300)).await.unwrap() {
+            out.push(SegmentUpdate::from_json(&r.value).unwrap());
+        }
+        c.close().await.unwrap();
+        out
+    }
+
+    async fn drained(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let committed: u64 = self
+                .bus
+                .committed(&self.cfg.segmenter.group, &self.cfg.topics.user_changes)
+                .await
+                .unwrap()
+                .iter()
+                .map(|c| c.unwrap_or(0))
+                .sum();
+            let high: u64 = self
+                .bus
+                .offsets(&self.cfg.topics.user_changes)
+                .await
+                .unwrap()
+                .iter()
+                .map(|o| o.high)
+                .sum();
+            if high > 0 && committed == high {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "segmenter did not finish: {committed} of {high}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_events_when_rules_match_then_segment_records_and_row_memberships_follow() {
+    let p = start(RULES, |_| {}).await;
+    let now = dmp_core::clock::now_ms();
+    p.post(serde_json::json!([
+        {"uid": "anna", "ts": now - 3000, "type": "search", "q": "mortgage rates"},
+        {"uid": "olga", "ts": now - 2000, "type": "pageview", "url": "https://cats.example/x"},
+    ]))
+    .await;
+    let first = p.records(&p.cfg.topics.segments, "check-1", 1).await;
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(first[0].uid, "olga");
+    assert_eq!(first[0].segments, vec!["cats"]);
+    assert_eq!(first[0].added, vec!["cats"]);
+    assert_eq!(first[0].rules_version, "e2e-1");
+    assert_eq!(first[0].last_event_ts, now - 2000);
+    // A second mortgage search puts anna in the segment.
+    p.post(serde_json::json!([{"uid": "anna", "ts": now - 1000, "type": "search", "q": "Mortgage calculator"}])).await;
+    let all = p.records(&p.cfg.topics.segments, "check-2", 2).await;
+    let anna: Vec<&SegmentUpdate> = all.iter().filter(|u| u.uid == "anna").collect();
+    assert_eq!(anna.len(), 1, "{all:?}");
+    assert_eq!(anna[0].segments, vec!["mortgage_seekers"]);
+    // The row holds the memberships with their since.
+    let row = p.store.get(&Get::row("anna")).unwrap().unwrap();
+    let current = memberships(Some(&row), "current");
+    assert_eq!(current.keys().collect::<Vec<_>>(), vec!["mortgage_seekers"]);
+    assert!(current["mortgage_seekers"] >= now - 1000);
+    // Shadow results go to the shadow topic only.
+    let shadow = p.records(&p.cfg.topics.segments_shadow, "check-3", 1).await;
+    assert!(
+        shadow
+            .iter()
+            .any(|u| u.uid == "anna" && u.segments == vec!["trial"]),
+        "{shadow:?}"
+    );
+    assert!(all
+        .iter()
+        .all(|u| !u.segments.contains(&"trial".to_string())));
+    // A rule change (hot reload) that drops olga's segment publishes her removal on her next event.
+    std::fs::write(
+        &p.cfg.segmenter.rules,
+        RULES
+            .replace("cats.example", "dogs.example")
+            .replace("e2e-1", "e2e-2"),
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    p.post(serde_json::json!([{"uid": "olga", "ts": now, "type": "pageview", "url": "https://cats.example/y"}])).await;
+    let after = p.records(&p.cfg.topics.segments, "check-4", 3).await;
+    let removal = after
+        .iter()
+        .find(|u| u.uid == "olga" && u.rules_version == "e2e-2")
+        .expect("olga's update");
+    assert_eq!(removal.removed, vec!["cats"]);
+    assert!(removal.segments.is_empty());
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_burst_of_changes_when_segmented_then_duplicates_skipped_and_bots_blacklisted() {
+    let (rules, counts) = counting_rules(Duration::ZERO);
+    let p = start_with(
+        RULES,
+        |c| c.segmenter.blacklist_max_changes = 50,
+        Some(rules),
+        None,
+    )
+    .await;
+    let now = dmp_core::clock::now_ms();
+    p.post(serde_json::json!([{"uid": "burst", "ts": now - 500, "url": "https://cats.example/"}]))
+        .await;
+    p.drained().await;
+    assert_eq!(counts.lock().unwrap().get("burst"), Some(&1));
+    // Ten more change records of the write the segmenter already read: all skipped.
+    let row = p.store.get(&Get::row("burst")).unwrap().unwrap();
+    let written = dmp_storage_writer::cells::written_of(&row).unwrap();
+    let stale: Vec<ProduceRecord> = (0..10)
+        .map(|_| {
+            ProduceRecord::new(
+                "burst",
+                UserChange {
+                    uid: "burst".into(),
+                    ts: written,
+                    last_event_ts: now - 500,
+                }
+                .to_json(),
+            )
+        })
+        .collect();
+    p.bus
+        .produce(&p.cfg.topics.user_changes, stale)
+        .await
+        .unwrap();
+    // A newer write is read again.
+    p.post(serde_json::json!([{"uid": "burst", "ts": now, "url": "https://cats.example/2"}]))
+        .await;
+    // A bot: 200 changes in a moment; it is blacklisted after 50 and never read after that.
+    let flood: Vec<ProduceRecord> = (0..200)
+        .map(|i| {
+            ProduceRecord::new(
+                "bot-9",
+                UserChange {
+                    uid: "bot-9".into(),
+                    ts: now + i,
+                    last_event_ts: now,
+                }
+                .to_json(),
+            )
+        })
+        .collect();
+    p.bus
+        .produce(&p.cfg.topics.user_changes, flood)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    p.drained().await;
+    let counts = counts.lock().unwrap().clone();
+    assert_eq!(
+        counts.get("burst"),
+        Some(&2),
+        "stale changes skipped, the new write read: {counts:?}"
+    );
+    // bot-9 has no row (no events were written), so it is never evaluated; the blacklist flags it.
+    assert_eq!(counts.get("bot-9"), None);
+    let bot = p
+        .store
+        .get(&Get::row("bot-9"))
+        .unwrap()
+        .expect("the bot is flagged in its row");
+    assert_eq!(
+        bot.latest("m", "bot").map(|c| c.value.to_vec()),
+        Some(b"1".to_vec())
+    );
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a Kafka-protocol broker: run scripts/test.sh"]
+async fn given_rule_slower_than_max_poll_interval_when_segmenting_on_kafka_then_no_rebalance_and_no_redelivery(
+) {
+    let broker =
+        std::env::var("DMP_TEST_KAFKA").expect("DMP_TEST_KAFKA is not set (run scripts/test.sh)");
+    let mut kcfg = Config::defaults().kafka;
+    kcfg.consumer
+        .insert("session.timeout.ms".into(), "6000".into());
+    kcfg.consumer
+        .insert("max.poll.interval.ms".into(), "7000".into());
+    kcfg.consumer
+        .insert("auto.commit.interval.ms".into(), "200".into());
+    let bus: Arc<dyn Bus> =
+        Arc::new(dmp_bus::kafka::KafkaBus::from_url(&format!("kafka://{broker}"), &kcfg).unwrap());
+    let suffix = format!("-slow-{}", dmp_core::clock::now_ms());
+    // Each evaluation sleeps 9 s, longer than max.poll.interval.ms.
+    let (rules, counts) = counting_rules(Duration::from_secs(9));
+    let p = start_with(
+        RULES,
+        |c| {
+            for t in [
+                &mut c.topics.events,
+                &mut c.topics.user_changes,
+                &mut c.topics.segments,
+                &mut c.topics.segments_shadow,
+                &mut c.topics.dead_letter,
+            ] {
+                t.push_str(&suffix);
+            }
+            c.storage_writer.group.push_str(&suffix);
+            c.segmenter.group.push_str(&suffix);
+            c.segmenter.workers = 1;
+        },
+        Some(rules),
+        Some(bus),
+    )
+    .await;
+    let now = dmp_core::clock::now_ms();
+    p.post(serde_json::json!([{"uid": "slow-1", "ts": now - 100, "type": "pageview"}]))
+        .await;
+    let recs = p
+        .records(&p.cfg.topics.segments, &format!("check{suffix}"), 1)
+        .await;
+    assert!(recs.iter().any(|u| u.uid == "slow-1"), "{recs:?}");
+    p.post(serde_json::json!([{"uid": "slow-2", "ts": now, "type": "pageview"}]))
+        .await;
+    let recs = p
+        .records(&p.cfg.topics.segments, &format!("check2{suffix}"), 2)
+        .await;
+    assert!(recs.iter().any(|u| u.uid == "slow-2"), "{recs:?}");
+    let counts = counts.lock().unwrap().clone();
+    // Had the member left its group, its changes would have been delivered again.
+    assert_eq!(counts.get("slow-1"), Some(&1), "{counts:?}");
+    assert_eq!(counts.get("slow-2"), Some(&1), "{counts:?}");
+    p.stop().await;
+}
