@@ -34,7 +34,7 @@ pub enum RulesCommand {
     },
 }
 
-fn load(file: &PathBuf) -> anyhow::Result<RuleSet> {
+fn load(file: &std::path::Path) -> anyhow::Result<RuleSet> {
     match RuleSet::load(file) {
         Ok(set) => Ok(set),
         Err(errors) => {

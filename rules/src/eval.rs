@@ -21,11 +21,13 @@ pub struct EventView<'a> {
     pub ts: i64,
     /// Cells of family `e` with this version.
     pub cells: Vec<(&'a str, &'a [u8])>,
+    /// The same cells as text, and lowercased (for `contains` and hosts), made once per view.
+    text: Vec<(Cow<'a, str>, String)>,
 }
 
 impl<'a> EventView<'a> {
-    fn get(&self, q: &str) -> Option<&'a [u8]> {
-        self.cells.iter().find(|(k, _)| *k == q).map(|(_, v)| *v)
+    fn index(&self, q: &str) -> Option<usize> {
+        self.cells.iter().position(|(k, _)| *k == q)
     }
 }
 
@@ -69,7 +71,17 @@ impl<'a> UserView<'a> {
         let events = by_ts
             .into_iter()
             .rev()
-            .map(|(ts, cells)| EventView { ts, cells })
+            .map(|(ts, cells)| {
+                let text = cells
+                    .iter()
+                    .map(|(_, v)| {
+                        let t = String::from_utf8_lossy(v);
+                        let lower = t.to_lowercase();
+                        (t, lower)
+                    })
+                    .collect();
+                EventView { ts, cells, text }
+            })
             .collect();
         UserView {
             row,
@@ -138,18 +150,19 @@ fn path(url: &str) -> &str {
 }
 
 /// The evaluation of one rule: collects evidence and the recheck time.
-pub struct Eval<'v, 'a> {
-    user: &'v UserView<'a>,
+pub struct Eval<'v> {
+    user: &'v UserView<'v>,
     segments: &'v HashMap<String, bool>,
-    evidence: Vec<Evidence>,
+    /// Times of the events that matched (the evidence is built from them only if the rule does).
+    evidence: Vec<i64>,
     recheck: Option<i64>,
 }
 
-impl<'v, 'a> Eval<'v, 'a> {
+impl<'v> Eval<'v> {
     /// Evaluates `expr` for `user`, with the results of the segments evaluated before it.
     pub fn run(
-        expr: &Expr,
-        user: &'v UserView<'a>,
+        expr: &'v Expr,
+        user: &'v UserView<'v>,
         segments: &'v HashMap<String, bool>,
     ) -> Outcome {
         let mut e = Eval {
@@ -161,7 +174,11 @@ impl<'v, 'a> Eval<'v, 'a> {
         let matched = matches!(e.user_value(expr), Value::Bool(true));
         Outcome {
             matched,
-            evidence: if matched { e.evidence } else { Vec::new() },
+            evidence: if matched {
+                e.build_evidence()
+            } else {
+                Vec::new()
+            },
             recheck_at: e.recheck,
         }
     }
@@ -172,17 +189,32 @@ impl<'v, 'a> Eval<'v, 'a> {
         }
     }
 
-    fn user_value(&mut self, e: &Expr) -> Value<'a> {
+    fn user_value(&mut self, e: &'v Expr) -> Value<'v> {
         self.value(e, None)
     }
 
-    fn value(&mut self, e: &Expr, ev: Option<&EventView<'a>>) -> Value<'a> {
+    /// Lowercased text of an expression for `contains`, without allocating for event fields and
+    /// literals (lowercased when the rule was parsed).
+    fn lower(&mut self, e: &'v Expr, ev: Option<&'v EventView<'v>>) -> Option<Cow<'v, str>> {
+        match (e, ev) {
+            (Expr::Field(f), Some(ev)) => field_text(f, ev, true),
+            (Expr::Str(s), _) => Some(Cow::Borrowed(s.as_str())),
+            _ => match self.value(e, ev) {
+                Value::Str(s) => Some(Cow::Owned(s.to_lowercase())),
+                _ => None,
+            },
+        }
+    }
+
+    fn value(&mut self, e: &'v Expr, ev: Option<&'v EventView<'v>>) -> Value<'v> {
         match e {
             Expr::Bool(b) => Value::Bool(*b),
             Expr::Num(n) => Value::Num(*n),
-            Expr::Str(s) => Value::Str(Cow::Owned(s.clone())),
+            Expr::Str(s) => Value::Str(Cow::Borrowed(s.as_str())),
             Expr::Dur(d) => Value::Dur(*d),
-            Expr::Field(f) => ev.map_or(Value::Missing, |ev| field(f, ev)),
+            Expr::Field(f) => ev
+                .and_then(|ev| field_text(f, ev, false))
+                .map_or(Value::Missing, Value::Str),
             Expr::Attr(a) => self
                 .user
                 .attrs
@@ -204,10 +236,8 @@ impl<'v, 'a> Eval<'v, 'a> {
                 let (l, r) = (self.value(a, ev), self.value(b, ev));
                 Value::Bool(compare(&l, *op, &r))
             }
-            Expr::Contains(a, b) => match (self.value(a, ev), self.value(b, ev)) {
-                (Value::Str(h), Value::Str(n)) => {
-                    Value::Bool(h.to_lowercase().contains(&n.to_lowercase()))
-                }
+            Expr::Contains(a, b) => match (self.lower(a, ev), self.lower(b, ev)) {
+                (Some(h), Some(n)) => Value::Bool(h.contains(n.as_ref())),
                 _ => Value::Bool(false),
             },
             Expr::Matches(a, re) => match self.value(a, ev) {
@@ -253,7 +283,7 @@ impl<'v, 'a> Eval<'v, 'a> {
     }
 
     /// `since(…) <= 7d` and `first_seen <= 30d` change as time passes: note when.
-    fn time_bound(&mut self, a: &Expr, op: CmpOp, b: &Expr) {
+    fn time_bound(&mut self, a: &'v Expr, op: CmpOp, b: &'v Expr) {
         let Expr::Dur(d) = b else { return };
         let anchor = match a {
             Expr::Since(cond) => self.aggregate_quiet(cond),
@@ -270,7 +300,7 @@ impl<'v, 'a> Eval<'v, 'a> {
         }
     }
 
-    fn aggregate_quiet(&mut self, cond: &Expr) -> Option<i64> {
+    fn aggregate_quiet(&mut self, cond: &'v Expr) -> Option<i64> {
         let events = &self.user.events;
         events
             .iter()
@@ -280,28 +310,37 @@ impl<'v, 'a> Eval<'v, 'a> {
 
     /// Records an event as evidence (at most 10 per rule).
     fn note(&mut self, ev: &EventView<'_>) {
-        if self.evidence.len() >= 10 || self.evidence.iter().any(|e| e.ts == ev.ts) {
-            return;
+        if self.evidence.len() < 10 && !self.evidence.contains(&ev.ts) {
+            self.evidence.push(ev.ts);
         }
-        self.evidence.push(Evidence {
-            ts: ev.ts,
-            cells: ev
-                .cells
-                .iter()
-                .map(|(q, v)| {
-                    let mut s = text(v).into_owned();
-                    if s.chars().count() > 120 {
-                        s = s.chars().take(120).collect::<String>() + "…";
-                    }
-                    (q.to_string(), s)
-                })
-                .collect(),
-        });
+    }
+
+    /// The evidence of the recorded events.
+    fn build_evidence(&self) -> Vec<Evidence> {
+        self.evidence
+            .iter()
+            .filter_map(|ts| self.user.events.iter().find(|e| e.ts == *ts))
+            .map(|ev| Evidence {
+                ts: ev.ts,
+                cells: ev
+                    .cells
+                    .iter()
+                    .zip(&ev.text)
+                    .map(|((q, _), (t, _))| {
+                        let mut s = t.to_string();
+                        if s.chars().count() > 120 {
+                            s = s.chars().take(120).collect::<String>() + "…";
+                        }
+                        (q.to_string(), s)
+                    })
+                    .collect(),
+            })
+            .collect()
     }
 
     /// Matching events within the window: (count, newest matching time). Records evidence and
     /// when the oldest match leaves the window.
-    fn aggregate(&mut self, cond: &Expr, window: Option<i64>) -> (usize, Option<i64>) {
+    fn aggregate(&mut self, cond: &'v Expr, window: Option<i64>) -> (usize, Option<i64>) {
         let from = window.map_or(i64::MIN, |w| self.user.now - w);
         let user = self.user;
         let mut n = 0;
@@ -325,17 +364,26 @@ impl<'v, 'a> Eval<'v, 'a> {
     }
 }
 
-fn field<'a>(f: &Field, ev: &EventView<'a>) -> Value<'a> {
-    let get = |q: &str| ev.get(q).map(text);
-    let v = match f {
-        Field::Cell(q) => get(q),
-        Field::Host(q) => get(q).map(|u| Cow::Owned(host(&u).to_ascii_lowercase())),
-        Field::Path(q) => get(q).map(|u| Cow::Owned(path(&u).to_string())),
-        Field::Geo(i) => {
-            get("geo").and_then(|g| g.split('/').nth(*i).map(|s| Cow::Owned(s.to_string())))
-        }
+/// The text of a field of an event, borrowed from the view (`lower`: its lowercased copy).
+/// Hosts are always lowercase.
+fn field_text<'v>(f: &Field, ev: &'v EventView<'v>, lower: bool) -> Option<Cow<'v, str>> {
+    let cell = |q: &str, low: bool| -> Option<&'v str> {
+        ev.index(q).map(|i| {
+            if low {
+                ev.text[i].1.as_str()
+            } else {
+                ev.text[i].0.as_ref()
+            }
+        })
     };
-    v.map_or(Value::Missing, Value::Str)
+    match f {
+        Field::Cell(q) => cell(q, lower).map(Cow::Borrowed),
+        Field::Host(q) => cell(q, true).map(|u| Cow::Borrowed(host(u))),
+        Field::Path(q) => cell(q, lower).map(|u| Cow::Borrowed(path(u))),
+        Field::Geo(i) => cell("geo", lower)
+            .and_then(|g| g.split('/').nth(*i))
+            .map(Cow::Borrowed),
+    }
 }
 
 fn compare(l: &Value<'_>, op: CmpOp, r: &Value<'_>) -> bool {

@@ -54,8 +54,11 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
+/// A parsed rule file: its version and its rules.
+pub type ParsedRules = (String, Vec<Arc<dyn Rule>>);
+
 /// Parses a rule file's text. `name` is used in error messages.
-pub fn parse_rules(name: &str, text: &str) -> Result<(String, Vec<Arc<dyn Rule>>), Vec<RuleError>> {
+pub fn parse_rules(name: &str, text: &str) -> Result<ParsedRules, Vec<RuleError>> {
     let at = |offset: usize, reason: String| {
         let (line, col) = line_col(text, offset);
         RuleError {
@@ -166,7 +169,7 @@ pub fn parse_rules(name: &str, text: &str) -> Result<(String, Vec<Arc<dyn Rule>>
 }
 
 /// Reads and parses a rule file.
-pub fn load_rules(path: &Path) -> Result<(String, Vec<Arc<dyn Rule>>), Vec<RuleError>> {
+pub fn load_rules(path: &Path) -> Result<ParsedRules, Vec<RuleError>> {
     let name = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| {
         vec![RuleError {

@@ -399,6 +399,11 @@ impl Parser {
                 want(lt, Type::Str, pos, "`contains` looks inside text")?;
                 let (right, rt, rp) = self.value(scope)?;
                 want(rt, Type::Str, rp, "`contains` takes text")?;
+                // Case-insensitive: a literal needle is lowercased once, here.
+                let right = match right {
+                    Expr::Str(s) => Expr::Str(s.to_lowercase()),
+                    other => other,
+                };
                 return Ok((
                     Expr::Contains(Box::new(left), Box::new(right)),
                     Type::Bool,
@@ -455,10 +460,7 @@ impl Parser {
         if *self.peek() == Tok::Comma {
             self.next();
             match self.next() {
-                (Tok::Dur(ms), p) if ms > 0 => Ok(Some(ms)).map(|w| {
-                    let _ = p;
-                    w
-                }),
+                (Tok::Dur(ms), _) if ms > 0 => Ok(Some(ms)),
                 (t, p) => err(
                     p,
                     format!("expected a window such as 30d, found {}", describe(&t)),

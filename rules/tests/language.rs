@@ -90,6 +90,8 @@ fn given_event_fields_when_compared_then_equals_contains_regex_and_in_list_work(
         r#"any(src in ["partner", "pixel"])"#,
         r#"any(geo.country == "RU" and geo.city == "Novosibirsk")"#,
         r#"any(geo.region contains "novosibirsk")"#,
+        r#"any(q contains "ИПОТЕКА")"#,
+        r#"any(url contains "BANK.example")"#,
         r#"any(ua.browser ~ "^Firefox" and ua.os == "Linux" and ua.device == "pc")"#,
         r#"any(a.gender == "f")"#,
         r#"attr("gender") == "f""#,
