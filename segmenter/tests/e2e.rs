@@ -82,12 +82,10 @@ impl dmp_rules::Rule for Counting {
     }
 }
 
-fn counting_rules(
-    sleep: Duration,
-) -> (
-    Arc<dyn dmp_segmenter::RulesSource>,
-    Arc<std::sync::Mutex<BTreeMap<String, usize>>>,
-) {
+/// Evaluations per user, shared with the test.
+type Counts = Arc<std::sync::Mutex<BTreeMap<String, usize>>>;
+
+fn counting_rules(sleep: Duration) -> (Arc<dyn dmp_segmenter::RulesSource>, Counts) {
     let counts = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
     let rule: Arc<dyn dmp_rules::Rule> = Arc::new(Counting {
         counts: counts.clone(),
