@@ -119,7 +119,8 @@ mod tests {
     #[test]
     fn given_burst_across_window_edge_when_checked_then_sliding_estimate_catches_it() {
         let mut b = Blacklist::new(100, 60_000, 10, 3_600_000);
-        let edge = 1_000_020_000 - 1_000_020_000 % 60_000 + 60_000;
+        let t = 1_000_020_000i64;
+        let edge = t - t % 60_000 + 60_000;
         for i in 0..8 {
             assert_eq!(b.check("u", edge - 1000 + i), Verdict::Pass);
         }
