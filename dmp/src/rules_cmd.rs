@@ -104,7 +104,7 @@ pub fn run(cfg: &Config, cmd: RulesCommand) -> anyhow::Result<()> {
                         true
                     }
                 });
-                let e = set.evaluate(&row, now);
+                let e = set.explain(&row, now);
                 let live: Vec<&str> = e.live.keys().map(String::as_str).collect();
                 let shadow: Vec<&str> = e.shadow.keys().map(String::as_str).collect();
                 crate::out(format_args!(

@@ -9,6 +9,9 @@ use dmp_core::{Cell, Row};
 use dmp_rules::file::parse_rules;
 use dmp_rules::RuleSet;
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc; // as in the dmp binary
+
 const NOW: i64 = 1_795_341_600_000;
 
 /// 100 rules of the kinds analysts write: windowed counts, recency, attributes, lists, regexes.

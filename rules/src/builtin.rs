@@ -1,12 +1,11 @@
 //! Built-in rules compiled into dmp, registered by [`builtin_rules`].
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use dmp_core::cell::FAMILY_META;
 
 use crate::eval::{Evidence, Outcome, UserView};
-use crate::{Mode, Rule};
+use crate::{Context, Mode, Rule};
 
 /// The built-in rules.
 pub fn builtin_rules() -> Vec<Arc<dyn Rule>> {
@@ -30,7 +29,7 @@ impl Rule for KnownCrawler {
     fn depends_on(&self) -> Vec<String> {
         Vec::new()
     }
-    fn evaluate(&self, user: &UserView<'_>, _segments: &HashMap<String, bool>) -> Outcome {
+    fn evaluate(&self, user: &UserView<'_>, _ctx: &Context<'_>) -> Outcome {
         let cell = user
             .row
             .cells

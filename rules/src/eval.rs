@@ -23,11 +23,18 @@ pub struct EventView<'a> {
     pub cells: Vec<(&'a str, &'a [u8])>,
     /// The same cells as text, and lowercased (for `contains` and hosts), made once per view.
     text: Vec<(Cow<'a, str>, String)>,
+    /// Index in `cells` of each well-known qualifier ([`crate::lang::SLOTS`]); `u16::MAX`: absent.
+    slots: [u16; crate::lang::SLOTS.len()],
 }
 
 impl<'a> EventView<'a> {
     fn index(&self, q: &str) -> Option<usize> {
         self.cells.iter().position(|(k, _)| *k == q)
+    }
+
+    fn slot(&self, s: usize) -> Option<usize> {
+        let i = self.slots[s];
+        (i != u16::MAX).then_some(i as usize)
     }
 }
 
@@ -80,7 +87,18 @@ impl<'a> UserView<'a> {
                         (t, lower)
                     })
                     .collect();
-                EventView { ts, cells, text }
+                let mut slots = [u16::MAX; crate::lang::SLOTS.len()];
+                for (i, (q, _)) in cells.iter().enumerate() {
+                    if let Some(s) = crate::lang::slot_of(q) {
+                        slots[s] = i as u16;
+                    }
+                }
+                EventView {
+                    ts,
+                    cells,
+                    text,
+                    slots,
+                }
             })
             .collect();
         UserView {
@@ -152,7 +170,8 @@ fn path(url: &str) -> &str {
 /// The evaluation of one rule: collects evidence and the recheck time.
 pub struct Eval<'v> {
     user: &'v UserView<'v>,
-    segments: &'v HashMap<String, bool>,
+    segments: &'v HashMap<&'v str, bool>,
+    explain: bool,
     /// Times of the events that matched (the evidence is built from them only if the rule does).
     evidence: Vec<i64>,
     recheck: Option<i64>,
@@ -160,14 +179,11 @@ pub struct Eval<'v> {
 
 impl<'v> Eval<'v> {
     /// Evaluates `expr` for `user`, with the results of the segments evaluated before it.
-    pub fn run(
-        expr: &'v Expr,
-        user: &'v UserView<'v>,
-        segments: &'v HashMap<String, bool>,
-    ) -> Outcome {
+    pub fn run(expr: &'v Expr, user: &'v UserView<'v>, ctx: &'v crate::Context<'v>) -> Outcome {
         let mut e = Eval {
             user,
-            segments,
+            segments: &ctx.segments,
+            explain: ctx.explain,
             evidence: Vec::new(),
             recheck: None,
         };
@@ -224,7 +240,9 @@ impl<'v> Eval<'v> {
                 .user
                 .first_seen
                 .map_or(Value::Missing, |t| Value::Dur(self.user.now - t)),
-            Expr::Segment(s) => Value::Bool(self.segments.get(s).copied().unwrap_or(false)),
+            Expr::Segment(s) => {
+                Value::Bool(self.segments.get(s.as_str()).copied().unwrap_or(false))
+            }
             Expr::Not(x) => match self.value(x, ev) {
                 Value::Bool(b) => Value::Bool(!b),
                 _ => Value::Bool(true),
@@ -232,6 +250,15 @@ impl<'v> Eval<'v> {
             Expr::And(xs) => Value::Bool(xs.iter().all(|x| self.value(x, ev) == Value::Bool(true))),
             Expr::Or(xs) => Value::Bool(xs.iter().any(|x| self.value(x, ev) == Value::Bool(true))),
             Expr::Cmp(a, op, b) => {
+                if let (Expr::Since(cond), Expr::Dur(d)) = (a.as_ref(), b.as_ref()) {
+                    // Walk the events once: the newest match gives the value and the recheck time.
+                    let newest = self.newest(cond);
+                    if let Some(t) = newest {
+                        self.edge(t, *op, *d);
+                    }
+                    let l = newest.map_or(Value::Missing, |t| Value::Dur(self.user.now - t));
+                    return Value::Bool(compare(&l, *op, &Value::Dur(*d)));
+                }
                 self.time_bound(a, *op, b);
                 let (l, r) = (self.value(a, ev), self.value(b, ev));
                 Value::Bool(compare(&l, *op, &r))
@@ -282,6 +309,27 @@ impl<'v> Eval<'v> {
         }
     }
 
+    /// The newest event matching `cond` (recorded as evidence).
+    fn newest(&mut self, cond: &'v Expr) -> Option<i64> {
+        let user = self.user;
+        let ev = user
+            .events
+            .iter()
+            .find(|ev| self.value(cond, Some(ev)) == Value::Bool(true))?;
+        self.note(ev);
+        Some(ev.ts)
+    }
+
+    /// When `anchor + d` compared with `op` flips.
+    fn edge(&mut self, anchor: i64, op: CmpOp, d: i64) {
+        let edge = match op {
+            CmpOp::Lt | CmpOp::Ge => anchor + d,
+            CmpOp::Le | CmpOp::Gt => anchor + d + 1,
+            _ => return,
+        };
+        self.recheck_at(edge);
+    }
+
     /// `since(…) <= 7d` and `first_seen <= 30d` change as time passes: note when.
     fn time_bound(&mut self, a: &'v Expr, op: CmpOp, b: &'v Expr) {
         let Expr::Dur(d) = b else { return };
@@ -310,7 +358,7 @@ impl<'v> Eval<'v> {
 
     /// Records an event as evidence (at most 10 per rule).
     fn note(&mut self, ev: &EventView<'_>) {
-        if self.evidence.len() < 10 && !self.evidence.contains(&ev.ts) {
+        if self.explain && self.evidence.len() < 10 && !self.evidence.contains(&ev.ts) {
             self.evidence.push(ev.ts);
         }
     }
@@ -367,21 +415,21 @@ impl<'v> Eval<'v> {
 /// The text of a field of an event, borrowed from the view (`lower`: its lowercased copy).
 /// Hosts are always lowercase.
 fn field_text<'v>(f: &Field, ev: &'v EventView<'v>, lower: bool) -> Option<Cow<'v, str>> {
-    let cell = |q: &str, low: bool| -> Option<&'v str> {
-        ev.index(q).map(|i| {
-            if low {
-                ev.text[i].1.as_str()
-            } else {
-                ev.text[i].0.as_ref()
-            }
-        })
+    let at = |i: usize, low: bool| -> &'v str {
+        if low {
+            ev.text[i].1.as_str()
+        } else {
+            ev.text[i].0.as_ref()
+        }
     };
     match f {
-        Field::Cell(q) => cell(q, lower).map(Cow::Borrowed),
-        Field::Host(q) => cell(q, true).map(|u| Cow::Borrowed(host(u))),
-        Field::Path(q) => cell(q, lower).map(|u| Cow::Borrowed(path(u))),
-        Field::Geo(i) => cell("geo", lower)
-            .and_then(|g| g.split('/').nth(*i))
+        Field::Slot(s) => ev.slot(*s).map(|i| Cow::Borrowed(at(i, lower))),
+        Field::Cell(q) => ev.index(q).map(|i| Cow::Borrowed(at(i, lower))),
+        Field::Host(s) => ev.slot(*s).map(|i| Cow::Borrowed(host(at(i, true)))),
+        Field::Path(s) => ev.slot(*s).map(|i| Cow::Borrowed(path(at(i, lower)))),
+        Field::Geo(part) => ev
+            .slot(6)
+            .and_then(|i| at(i, lower).split('/').nth(*part))
             .map(Cow::Borrowed),
     }
 }

@@ -201,17 +201,40 @@ fn lex(src: &str) -> Result<Vec<(Tok, Pos)>, LangError> {
     Ok(out)
 }
 
+/// The qualifiers every event may have, resolved to fixed slots when a rule is parsed (so an
+/// evaluation never searches cells by name for them).
+pub const SLOTS: [&str; 10] = [
+    "type", "url", "ref", "q", "src", "ip", "geo", "ua.br", "ua.os", "ua.dev",
+];
+
+/// The slot of a well-known qualifier.
+pub fn slot_of(qualifier: &str) -> Option<usize> {
+    SLOTS.iter().position(|s| *s == qualifier)
+}
+
+const SLOT_URL: usize = 1;
+const SLOT_REF: usize = 2;
+
 /// A field of an event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Field {
-    /// A cell of family `e`, by qualifier.
+    /// A well-known cell of family `e`, by slot (see [`SLOTS`]).
+    Slot(usize),
+    /// Any other cell of family `e` (custom attributes `a.<name>`), by qualifier.
     Cell(String),
-    /// The host of a URL cell (`url.host`, `ref.host`).
-    Host(&'static str),
-    /// The path of a URL cell.
-    Path(&'static str),
+    /// The host of the URL in a slot (`url.host`, `ref.host`).
+    Host(usize),
+    /// The path of the URL in a slot.
+    Path(usize),
     /// A part of `geo` (0 country, 1 region, 2 city).
     Geo(usize),
+}
+
+fn cell_field(qualifier: &str) -> Field {
+    match slot_of(qualifier) {
+        Some(s) => Field::Slot(s),
+        None => Field::Cell(qualifier.to_string()),
+    }
 }
 
 /// Comparison operators.
@@ -579,16 +602,16 @@ impl Parser {
             _ => {}
         }
         let field = match name.as_str() {
-            "type" | "url" | "ref" | "q" | "src" | "ip" | "geo" => Field::Cell(name.clone()),
-            "url.host" => Field::Host("url"),
-            "ref.host" => Field::Host("ref"),
-            "url.path" => Field::Path("url"),
+            "type" | "url" | "ref" | "q" | "src" | "ip" | "geo" => cell_field(&name),
+            "url.host" => Field::Host(SLOT_URL),
+            "ref.host" => Field::Host(SLOT_REF),
+            "url.path" => Field::Path(SLOT_URL),
             "geo.country" => Field::Geo(0),
             "geo.region" => Field::Geo(1),
             "geo.city" => Field::Geo(2),
-            "ua.browser" => Field::Cell("ua.br".into()),
-            "ua.os" => Field::Cell("ua.os".into()),
-            "ua.device" => Field::Cell("ua.dev".into()),
+            "ua.browser" => cell_field("ua.br"),
+            "ua.os" => cell_field("ua.os"),
+            "ua.device" => cell_field("ua.dev"),
             n if n.starts_with("a.") && n.len() > 2 => Field::Cell(n.to_string()),
             _ => {
                 return err(

@@ -65,7 +65,17 @@ pub trait Rule: Send + Sync {
     /// Segments this rule reads.
     fn depends_on(&self) -> Vec<String>;
     /// Evaluates the rule for one user.
-    fn evaluate(&self, user: &UserView<'_>, segments: &HashMap<String, bool>) -> Outcome;
+    fn evaluate(&self, user: &UserView<'_>, ctx: &Context<'_>) -> Outcome;
+}
+
+/// What a rule sees besides the user: the results of the segments evaluated before it, and
+/// whether evidence is wanted (building it costs; the segmenter does not ask for it).
+#[derive(Debug, Default)]
+pub struct Context<'a> {
+    /// Segment id -> whether the user is in it, for segments evaluated earlier.
+    pub segments: HashMap<&'a str, bool>,
+    /// Fill [`Outcome::evidence`].
+    pub explain: bool,
 }
 
 /// A rule from a rule file.
@@ -99,8 +109,8 @@ impl Rule for DeclaredRule {
         lang::segment_refs(&self.expr, &mut refs);
         refs
     }
-    fn evaluate(&self, user: &UserView<'_>, segments: &HashMap<String, bool>) -> Outcome {
-        eval::Eval::run(&self.expr, user, segments)
+    fn evaluate(&self, user: &UserView<'_>, ctx: &Context<'_>) -> Outcome {
+        eval::Eval::run(&self.expr, user, ctx)
     }
 }
 
@@ -216,10 +226,22 @@ impl RuleSet {
         &self.rules
     }
 
-    /// Evaluates every rule for one user at time `now`.
+    /// Evaluates every rule for one user at time `now` (no evidence: the segmenter's path).
     pub fn evaluate(&self, row: &Row, now: i64) -> Evaluation {
+        self.evaluate_with(row, now, false)
+    }
+
+    /// Evaluates every rule, with the evidence of each match (`dmp rules test`, explain).
+    pub fn explain(&self, row: &Row, now: i64) -> Evaluation {
+        self.evaluate_with(row, now, true)
+    }
+
+    fn evaluate_with(&self, row: &Row, now: i64, explain: bool) -> Evaluation {
         let user = UserView::new(row, now);
-        let mut results: HashMap<String, bool> = HashMap::new();
+        let mut ctx = Context {
+            segments: HashMap::with_capacity(self.rules.len()),
+            explain,
+        };
         let mut out = Evaluation::default();
         for r in &self.rules {
             if let Mode::Shadow { sample } = r.mode() {
@@ -227,11 +249,11 @@ impl RuleSet {
                     continue;
                 }
             }
-            let o = r.evaluate(&user, &results);
+            let o = r.evaluate(&user, &ctx);
             if let Some(t) = o.recheck_at {
                 out.recheck_at = Some(out.recheck_at.map_or(t, |x: i64| x.min(t)));
             }
-            results.insert(r.id().to_string(), o.matched);
+            ctx.segments.insert(r.id(), o.matched);
             if o.matched {
                 match r.mode() {
                     Mode::Live => out.live.insert(r.id().to_string(), o),

@@ -257,8 +257,11 @@ when = '''segment("women") and segment("cat_lovers") and segment("car_service_se
     );
     assert!(!segments(&s, &ivan, NOW).contains(&"women_cats_old_car_service".to_string()));
     assert!(!segments(&s, &new_car, NOW).contains(&"women_cats_old_car_service".to_string()));
-    // Evidence names the events that matched.
-    let ev = s.evaluate(&anna, NOW);
+    // Evidence names the events that matched (asked for: the segmenter's path skips it).
+    assert!(s.evaluate(&anna, NOW).live["cat_lovers"]
+        .evidence
+        .is_empty());
+    let ev = s.explain(&anna, NOW);
     let cats = &ev.live["cat_lovers"];
     assert_eq!(cats.evidence.len(), 2);
     assert!(cats.evidence.iter().any(|e| e

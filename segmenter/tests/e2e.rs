@@ -66,7 +66,7 @@ impl dmp_rules::Rule for Counting {
     fn evaluate(
         &self,
         user: &dmp_rules::UserView<'_>,
-        _: &std::collections::HashMap<String, bool>,
+        _: &dmp_rules::Context<'_>,
     ) -> dmp_rules::Outcome {
         *self
             .counts
