@@ -18,6 +18,7 @@ pub mod builtin;
 pub mod eval;
 pub mod file;
 pub mod lang;
+mod metrics;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -129,7 +130,12 @@ pub struct Evaluation {
 pub struct RuleSet {
     version: String,
     rules: Vec<Arc<dyn Rule>>,
+    /// Evaluations so far; one in [`TIMING_SAMPLE`] times each rule.
+    evaluations: std::sync::atomic::AtomicU64,
 }
+
+/// One evaluation in this many records the time of each rule.
+pub const TIMING_SAMPLE: u64 = 64;
 
 impl RuleSet {
     /// Checks and orders rules: unique ids, references to known segments, no cycles.
@@ -206,6 +212,7 @@ impl RuleSet {
         Ok(RuleSet {
             version,
             rules: order,
+            evaluations: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -238,6 +245,11 @@ impl RuleSet {
 
     fn evaluate_with(&self, row: &Row, now: i64, explain: bool) -> Evaluation {
         let user = UserView::new(row, now);
+        let timed = self
+            .evaluations
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            % TIMING_SAMPLE
+            == 0;
         let mut ctx = Context {
             segments: HashMap::with_capacity(self.rules.len()),
             explain,
@@ -249,7 +261,15 @@ impl RuleSet {
                     continue;
                 }
             }
-            let o = r.evaluate(&user, &ctx);
+            let o = if timed {
+                let started = std::time::Instant::now();
+                let o = r.evaluate(&user, &ctx);
+                ::metrics::histogram!(metrics::RULE_DURATION, "rule" => r.id().to_string())
+                    .record(started.elapsed().as_secs_f64());
+                o
+            } else {
+                r.evaluate(&user, &ctx)
+            };
             if let Some(t) = o.recheck_at {
                 out.recheck_at = Some(out.recheck_at.map_or(t, |x: i64| x.min(t)));
             }

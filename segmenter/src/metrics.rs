@@ -13,8 +13,9 @@ pub const EVALUATED: &str = "dmp_segmenter_users_evaluated_total";
 pub const BOTS: &str = "dmp_segmenter_bots_blacklisted_total";
 /// Cells per row read (histogram).
 pub const ROW_CELLS: &str = "dmp_segmenter_row_cells";
-/// Time per rule (histogram, seconds).
-pub const RULE_TIME: &str = "dmp_segmenter_rule_duration_seconds";
+/// Time to evaluate the whole rule set for one user (histogram, seconds). Per-rule times are
+/// `dmp_rules_rule_duration_seconds{rule}`.
+pub const EVALUATION_TIME: &str = "dmp_segmenter_evaluation_duration_seconds";
 /// Time a change waited in dmp.user-changes before a worker took it (histogram, seconds).
 pub const WAIT: &str = "dmp_segmenter_topic_wait_seconds";
 /// Newest event time of the user -> its segment record published (histogram, seconds).

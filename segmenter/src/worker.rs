@@ -203,10 +203,13 @@ impl Worker {
             let Some(row) = row else { continue };
             let started = Instant::now();
             let eval = rules.evaluate(&row, now);
-            metrics::histogram!(m::RULE_TIME, "rule" => "all")
-                .record(started.elapsed().as_secs_f64());
-            let last_event_ts = dmp_rules::UserView::new(&row, now)
-                .last_event_ts()
+            metrics::histogram!(m::EVALUATION_TIME).record(started.elapsed().as_secs_f64());
+            let last_event_ts = row
+                .cells
+                .iter()
+                .filter(|c| c.family == dmp_core::cell::FAMILY_EVENTS)
+                .map(|c| c.ts)
+                .max()
                 .unwrap_or(0);
             for (qualifier, results, records, kind) in [
                 ("current", &eval.live, &mut out.live, "live"),
