@@ -248,8 +248,7 @@ impl RuleSet {
         let timed = self
             .evaluations
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            % TIMING_SAMPLE
-            == 0;
+            .is_multiple_of(TIMING_SAMPLE);
         let mut ctx = Context {
             segments: HashMap::with_capacity(self.rules.len()),
             explain,
