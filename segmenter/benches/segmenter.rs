@@ -239,7 +239,7 @@ async fn latency(rate: u64, secs: u64) {
     };
     let mut consumer = s
         .bus
-        .consumer("latency", &[s.cfg.topics.segments.clone()])
+        .consumer("latency", std::slice::from_ref(&s.cfg.topics.segments))
         .await
         .unwrap();
     let mut hist = hdrhistogram::Histogram::<u64>::new(3).unwrap();
