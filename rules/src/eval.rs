@@ -25,6 +25,16 @@ pub struct EventView<'a> {
     text: Vec<(Cow<'a, str>, String)>,
     /// Index in `cells` of each well-known qualifier ([`crate::lang::SLOTS`]); `u16::MAX`: absent.
     slots: [u16; crate::lang::SLOTS.len()],
+    /// Parts derived once per event, as byte ranges: host (in the lowercased text) and path (in
+    /// the text) of `url` (0) and `ref` (1); the three parts of `geo`.
+    hosts: [Option<(u32, u32)>; 2],
+    paths: [Option<(u32, u32)>; 2],
+    geo: [Option<(u32, u32)>; 3],
+}
+
+fn range_in(outer: &str, inner: &str) -> (u32, u32) {
+    let start = inner.as_ptr() as usize - outer.as_ptr() as usize;
+    (start as u32, (start + inner.len()) as u32)
 }
 
 impl<'a> EventView<'a> {
@@ -79,7 +89,7 @@ impl<'a> UserView<'a> {
             .into_iter()
             .rev()
             .map(|(ts, cells)| {
-                let text = cells
+                let text: Vec<(Cow<'_, str>, String)> = cells
                     .iter()
                     .map(|(_, v)| {
                         let t = String::from_utf8_lossy(v);
@@ -93,11 +103,30 @@ impl<'a> UserView<'a> {
                         slots[s] = i as u16;
                     }
                 }
+                let mut hosts = [None; 2];
+                let mut paths = [None; 2];
+                for (k, slot) in [1usize, 2].into_iter().enumerate() {
+                    if slots[slot] != u16::MAX {
+                        let (t, low) = &text[slots[slot] as usize];
+                        hosts[k] = Some(range_in(low, host(low)));
+                        paths[k] = Some(range_in(t, path(t)));
+                    }
+                }
+                let mut geo = [None; 3];
+                if slots[6] != u16::MAX {
+                    let t: &str = &text[slots[6] as usize].0;
+                    for (k, part) in t.split('/').take(3).enumerate() {
+                        geo[k] = Some(range_in(t, part));
+                    }
+                }
                 EventView {
                     ts,
                     cells,
                     text,
                     slots,
+                    hosts,
+                    paths,
+                    geo,
                 }
             })
             .collect();
@@ -249,6 +278,39 @@ impl<'v> Eval<'v> {
             },
             Expr::And(xs) => Value::Bool(xs.iter().all(|x| self.value(x, ev) == Value::Bool(true))),
             Expr::Or(xs) => Value::Bool(xs.iter().any(|x| self.value(x, ev) == Value::Bool(true))),
+            // Fast paths for the commonest shapes: an event field against literals.
+            Expr::Cmp(a, op @ (CmpOp::Eq | CmpOp::Ne), b)
+                if matches!(
+                    (a.as_ref(), b.as_ref(), ev),
+                    (Expr::Field(_), Expr::Str(_), Some(_))
+                ) =>
+            {
+                let (Expr::Field(f), Expr::Str(lit), Some(ev)) = (a.as_ref(), b.as_ref(), ev)
+                else {
+                    unreachable!("matched above")
+                };
+                match field_text(f, ev, false) {
+                    Some(t) => Value::Bool((t.as_ref() == lit.as_str()) == (*op == CmpOp::Eq)),
+                    None => Value::Bool(false),
+                }
+            }
+            Expr::In(a, items)
+                if ev.is_some()
+                    && matches!(a.as_ref(), Expr::Field(_))
+                    && items.iter().all(|i| matches!(i, Expr::Str(_))) =>
+            {
+                let (Expr::Field(f), Some(ev)) = (a.as_ref(), ev) else {
+                    unreachable!("matched above")
+                };
+                let Some(t) = field_text(f, ev, false) else {
+                    return Value::Bool(false);
+                };
+                Value::Bool(
+                    items
+                        .iter()
+                        .any(|i| matches!(i, Expr::Str(l) if l.as_str() == t.as_ref())),
+                )
+            }
             Expr::Cmp(a, op, b) => {
                 if let (Expr::Since(cond), Expr::Dur(d)) = (a.as_ref(), b.as_ref()) {
                     // Walk the events once: the newest match gives the value and the recheck time.
@@ -422,15 +484,35 @@ fn field_text<'v>(f: &Field, ev: &'v EventView<'v>, lower: bool) -> Option<Cow<'
             ev.text[i].0.as_ref()
         }
     };
+    let slice = |s: &'v str, (a, b): (u32, u32)| Cow::Borrowed(&s[a as usize..b as usize]);
+    let which = |slot: usize| usize::from(slot != 1); // url: 0, ref: 1
     match f {
         Field::Slot(s) => ev.slot(*s).map(|i| Cow::Borrowed(at(i, lower))),
         Field::Cell(q) => ev.index(q).map(|i| Cow::Borrowed(at(i, lower))),
-        Field::Host(s) => ev.slot(*s).map(|i| Cow::Borrowed(host(at(i, true)))),
-        Field::Path(s) => ev.slot(*s).map(|i| Cow::Borrowed(path(at(i, lower)))),
-        Field::Geo(part) => ev
-            .slot(6)
-            .and_then(|i| at(i, lower).split('/').nth(*part))
-            .map(Cow::Borrowed),
+        Field::Host(s) => {
+            let i = ev.slot(*s)?;
+            ev.hosts[which(*s)].map(|r| slice(at(i, true), r))
+        }
+        Field::Path(s) => {
+            let i = ev.slot(*s)?;
+            let r = ev.paths[which(*s)]?;
+            let p = slice(at(i, false), r);
+            Some(if lower {
+                Cow::Owned(p.to_lowercase())
+            } else {
+                p
+            })
+        }
+        Field::Geo(part) => {
+            let i = ev.slot(6)?;
+            let r = ev.geo[*part]?;
+            let g = slice(at(i, false), r);
+            Some(if lower {
+                Cow::Owned(g.to_lowercase())
+            } else {
+                g
+            })
+        }
     }
 }
 
