@@ -23,8 +23,10 @@ fn rules() -> RuleSet {
             1 => format!("any(url.host in [\"site{i}.example\", \"other{i}.example\"], 14d)"),
             2 => format!("since(type == \"purchase\" and url.path ~ \"^/item/{i}\") <= 7d"),
             3 => format!("attr(\"segment_hint\") == \"h{i}\" or first_seen <= 3d"),
+            // Every rule's condition differs (city and threshold): no two rules share work.
             _ => format!(
-                "count(geo.city == \"Novosibirsk\" and ua.device == \"smartphone\", 60d) >= {}",
+                "count(geo.city == \"{}\" and ua.device == \"smartphone\", 60d) >= {}",
+                ["Novosibirsk", "Moscow", "Kazan", "Omsk", "Tomsk"][i % 5],
                 i % 7 + 1
             ),
         };

@@ -21,8 +21,8 @@ pub struct EventView<'a> {
     pub ts: i64,
     /// Cells of family `e` with this version.
     pub cells: Vec<(&'a str, &'a [u8])>,
-    /// The same cells as text, and lowercased (for `contains` and hosts), made once per view.
-    text: Vec<(Cow<'a, str>, String)>,
+    /// The same cells as text, and lowercased on first use (for `contains` and hosts).
+    text: Vec<(Cow<'a, str>, std::cell::OnceCell<String>)>,
     /// Index in `cells` of each well-known qualifier ([`crate::lang::SLOTS`]); `u16::MAX`: absent.
     slots: [u16; crate::lang::SLOTS.len()],
     /// Parts derived once per event, as byte ranges: host (in the lowercased text) and path (in
@@ -89,13 +89,9 @@ impl<'a> UserView<'a> {
             .into_iter()
             .rev()
             .map(|(ts, cells)| {
-                let text: Vec<(Cow<'_, str>, String)> = cells
+                let text: Vec<(Cow<'_, str>, std::cell::OnceCell<String>)> = cells
                     .iter()
-                    .map(|(_, v)| {
-                        let t = String::from_utf8_lossy(v);
-                        let lower = t.to_lowercase();
-                        (t, lower)
-                    })
+                    .map(|(_, v)| (String::from_utf8_lossy(v), std::cell::OnceCell::new()))
                     .collect();
                 let mut slots = [u16::MAX; crate::lang::SLOTS.len()];
                 for (i, (q, _)) in cells.iter().enumerate() {
@@ -108,6 +104,7 @@ impl<'a> UserView<'a> {
                 for (k, slot) in [1usize, 2].into_iter().enumerate() {
                     if slots[slot] != u16::MAX {
                         let (t, low) = &text[slots[slot] as usize];
+                        let low = low.get_or_init(|| t.to_lowercase());
                         hosts[k] = Some(range_in(low, host(low)));
                         paths[k] = Some(range_in(t, path(t)));
                     }
@@ -478,10 +475,11 @@ impl<'v> Eval<'v> {
 /// Hosts are always lowercase.
 fn field_text<'v>(f: &Field, ev: &'v EventView<'v>, lower: bool) -> Option<Cow<'v, str>> {
     let at = |i: usize, low: bool| -> &'v str {
+        let (t, l) = &ev.text[i];
         if low {
-            ev.text[i].1.as_str()
+            l.get_or_init(|| t.to_lowercase()).as_str()
         } else {
-            ev.text[i].0.as_ref()
+            t.as_ref()
         }
     };
     let slice = |s: &'v str, (a, b): (u32, u32)| Cow::Borrowed(&s[a as usize..b as usize]);
