@@ -465,7 +465,8 @@ impl<'v> Eval<'v> {
             }
         }
         if let (Some(w), Some(o)) = (window, oldest) {
-            self.recheck_at(o + w);
+            // The window includes its edge (`ts >= now - w`): the oldest match leaves one ms after.
+            self.recheck_at(o + w + 1);
         }
         (n, newest)
     }

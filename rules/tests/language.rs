@@ -283,11 +283,17 @@ when = '''count(type == "search", 7d) >= 3'''
     let now = s.evaluate(&r, NOW);
     assert!(now.live.contains_key("three_searches"));
     let oldest = NOW - 5 * DAY_MS;
-    assert_eq!(now.recheck_at, Some(oldest + 7 * DAY_MS));
-    let later = s.evaluate(&r, oldest + 7 * DAY_MS + 1);
+    assert_eq!(now.recheck_at, Some(oldest + 7 * DAY_MS + 1));
+    assert!(
+        s.evaluate(&r, oldest + 7 * DAY_MS)
+            .live
+            .contains_key("three_searches"),
+        "the window includes its edge"
+    );
+    let later = s.evaluate(&r, now.recheck_at.unwrap());
     assert!(
         !later.live.contains_key("three_searches"),
-        "the user leaves without a new event"
+        "the user leaves at the recheck time, without a new event"
     );
     // Recency rules recheck when the bound passes.
     let s = set("[[segment]]\nid = \"recent\"\nwhen = '''since(type == \"search\") <= 7d'''\n");

@@ -436,3 +436,33 @@ async fn given_rule_slower_than_max_poll_interval_when_segmenting_on_kafka_then_
     assert_eq!(counts.get("slow-2"), Some(&1), "{counts:?}");
     p.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_window_rule_when_time_passes_without_events_then_user_leaves_the_segment() {
+    let rules = r#"
+version = "timers-1"
+
+[[segment]]
+id = "searched_lately"
+when = '''any(type == "search", 3s)'''
+"#;
+    let p = start(rules, |_| {}).await;
+    let now = dmp_core::clock::now_ms();
+    p.post(serde_json::json!([{"uid": "fleeting", "ts": now - 500, "type": "search", "q": "x"}]))
+        .await;
+    // Enters now, and leaves about 2.5 s later with no new event: the worker's timer fires.
+    let recs = p.records(&p.cfg.topics.segments, "timers", 2).await;
+    let mine: Vec<&SegmentUpdate> = recs.iter().filter(|u| u.uid == "fleeting").collect();
+    assert_eq!(mine.len(), 2, "{recs:?}");
+    assert_eq!(mine[0].added, vec!["searched_lately"]);
+    assert_eq!(mine[1].removed, vec!["searched_lately"]);
+    assert!(mine[1].segments.is_empty());
+    let left_after = mine[1].evaluated_at - (now - 500);
+    assert!(
+        (3000..6000).contains(&left_after),
+        "left {left_after} ms after the search, window 3 s"
+    );
+    let row = p.store.get(&Get::row("fleeting")).unwrap().unwrap();
+    assert!(memberships(Some(&row), "current").is_empty());
+    p.stop().await;
+}
