@@ -15,9 +15,12 @@
 //!
 //! Offsets are committed as the contiguous watermark of changes the workers finished.
 //!
-//! Not built yet: segment counters (the stats issue), persistence of pending timers across
-//! restarts (after a restart a user is re-evaluated at its next change), and the performance
-//! benches.
+//! 6. live memberships are counted per day ([`dmp_stats::SegmentCounters`], with the pseudo-segment
+//!    `all`; bots are never counted since they are never evaluated); counters are flushed before
+//!    offsets are committed.
+//!
+//! Not built yet: persistence of pending timers across restarts (after a restart a user is
+//! re-evaluated at its next change).
 
 pub mod blacklist;
 pub mod dedupe;
@@ -55,6 +58,7 @@ pub struct Segmenter {
     store: Arc<dyn UserStore>,
     cfg: Config,
     rules: Arc<dyn RulesSource>,
+    counters: Option<Arc<dyn dmp_stats::SegmentCounters>>,
 }
 
 impl Segmenter {
@@ -102,7 +106,15 @@ impl Segmenter {
             store,
             cfg: cfg.clone(),
             rules,
+            counters: None,
         }
+    }
+
+    /// Counts every evaluated user's live segments (and the pseudo-segment `all`) per day.
+    /// Counters are flushed before each offset commit.
+    pub fn with_counters(mut self, counters: Arc<dyn dmp_stats::SegmentCounters>) -> Segmenter {
+        self.counters = Some(counters);
+        self
     }
 
     /// Runs until `shutdown`; then workers finish their queues, finished work is committed and
@@ -134,6 +146,7 @@ impl Segmenter {
                 cfg: sc.clone(),
                 jobs: rx,
                 done: done_tx.clone(),
+                counters: self.counters.clone(),
             };
             let core = (!cores.is_empty()).then(|| cores[i % cores.len()]);
             threads.push(
@@ -171,6 +184,13 @@ impl Segmenter {
                     while let Ok((tp, off)) = done_rx.try_recv() { tracker.done(&tp, off); }
                     let marks = tracker.committable();
                     if !marks.is_empty() {
+                        // The counters of the work being committed are durable first.
+                        if let Some(c) = &self.counters {
+                            if let Err(e) = c.flush() {
+                                tracing::warn!(error = %e, "counter flush failed; not committing yet");
+                                continue 'run;
+                            }
+                        }
                         if let Err(e) = consumer.commit(&marks).await { break 'run Err(e.into()); }
                     }
                 }
@@ -217,7 +237,13 @@ impl Segmenter {
         }
         let marks = tracker.committable();
         if !marks.is_empty() {
-            consumer.commit(&marks).await?;
+            let flushed = self.counters.as_ref().map_or(Ok(()), |c| c.flush());
+            match flushed {
+                Ok(()) => consumer.commit(&marks).await?,
+                Err(e) => {
+                    tracing::warn!(error = %e, "counter flush failed at shutdown; offsets not committed")
+                }
+            }
         }
         consumer.close().await?;
         tracing::info!("segmenter stopped");

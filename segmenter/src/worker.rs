@@ -72,6 +72,7 @@ pub(crate) struct Worker {
     pub cfg: SegmenterConfig,
     pub jobs: Receiver<Job>,
     pub done: tokio::sync::mpsc::UnboundedSender<(TopicPartition, u64)>,
+    pub counters: Option<Arc<dyn dmp_stats::SegmentCounters>>,
 }
 
 struct State {
@@ -203,6 +204,10 @@ impl Worker {
             let Some(row) = row else { continue };
             let started = Instant::now();
             let eval = rules.evaluate(&row, now);
+            if let Some(c) = &self.counters {
+                let live: Vec<&str> = eval.live.keys().map(String::as_str).collect();
+                c.record(dmp_stats::day_of(now), &uid, &live);
+            }
             metrics::histogram!(m::EVALUATION_TIME).record(started.elapsed().as_secs_f64());
             let last_event_ts = row
                 .cells

@@ -35,6 +35,7 @@ when = '''any(type == "search")'''
 "#;
 
 struct Pipe {
+    counters: Arc<dmp_stats::EmbeddedCounters>,
     _dir: tempfile::TempDir,
     cfg: Config,
     bus: Arc<dyn Bus>,
@@ -157,12 +158,15 @@ async fn start_with(
     );
     let wrx = rx.clone();
     tasks.push(tokio::spawn(async move { writer.run(wrx).await.unwrap() }));
+    let counters = Arc::new(dmp_stats::EmbeddedCounters::in_memory());
     let seg = match custom {
         Some(r) => Segmenter::with_rules(bus.clone(), store.clone(), &cfg, r),
         None => Segmenter::new(bus.clone(), store.clone(), &cfg).unwrap(),
-    };
+    }
+    .with_counters(counters.clone());
     tasks.push(tokio::spawn(async move { seg.run(rx).await.unwrap() }));
     Pipe {
+        counters,
         _dir: dir,
         cfg,
         bus,
@@ -270,6 +274,17 @@ async fn given_events_when_rules_match_then_segment_records_and_row_memberships_
     let current = memberships(Some(&row), "current");
     assert_eq!(current.keys().collect::<Vec<_>>(), vec!["mortgage_seekers"]);
     assert!(current["mortgage_seekers"] >= now - 1000);
+    // Counted per day, in the segment and in `all` (HLL: exact at this size).
+    let today = dmp_stats::day_of(dmp_core::clock::now_ms());
+    use dmp_stats::SegmentCounters;
+    assert_eq!(p.counters.count("mortgage_seekers", today), 1);
+    assert_eq!(p.counters.count("cats", today), 1);
+    assert_eq!(p.counters.count(dmp_stats::ALL, today), 2);
+    assert_eq!(
+        p.counters.count("trial", today),
+        0,
+        "shadow results are never counted"
+    );
     // Shadow results go to the shadow topic only.
     let shadow = p.records(&p.cfg.topics.segments_shadow, "check-3", 1).await;
     assert!(

@@ -1,7 +1,15 @@
-//! `dmp-stats`: segment counters and audience estimates. **Empty until the stats issue.**
+//! `dmp-stats`: segment counters.
 //!
-//! What will live here: a HyperLogLog byte-compatible with Redis (MurmurHash64A, 16384
-//! registers, sparse and dense encodings), the counter trait with `embedded` and `redis` (Lua)
-//! backends chosen by URL and one conformance suite, one sketch per (segment, day) under
-//! `dmp:hll:<segment>:<yyyymmdd>`, and the audience estimators (union, inclusion-exclusion and a
-//! better intersection estimator) behind `GET /v1/audience`. Nothing here behaves yet.
+//! - [`hll`]: HyperLogLog with Redis's algorithm (same hash, registers and estimator as
+//!   PFADD/PFCOUNT; checked against a real redis-server by the golden test);
+//! - [`counters`]: the [`SegmentCounters`] trait the segmenter hands live memberships to, and the
+//!   embedded implementation (in memory, flushed to the embedded database).
+//!
+//! Not built yet (stats issue): Redis's byte format and sparse encoding, the `redis` backend
+//! with its Lua script, retention, and the audience estimators and API.
+
+pub mod counters;
+pub mod hll;
+
+pub use counters::{day_of, EmbeddedCounters, SegmentCounters, StatsError, ALL};
+pub use hll::Hll;
