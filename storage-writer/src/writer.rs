@@ -120,13 +120,15 @@ impl StorageWriter {
             mut dead,
             uids,
         } = batch;
-        // The write time stamps the rows (m:written) and the change records alike.
+        // The write time stamps the rows (m:written) and the change records alike. The cell joins
+        // each user's last put of the batch: one delta per event, not one more per user.
         let write_time = dmp_core::clock::now_ms();
-        for uid in uids.keys() {
-            puts.push(Put {
-                row: uid.clone(),
-                cells: vec![crate::cells::written_cell(write_time)],
-            });
+        let mut stamped: std::collections::HashSet<&str> =
+            std::collections::HashSet::with_capacity(uids.len());
+        for p in puts.iter_mut().rev() {
+            if uids.contains_key(&p.row) && stamped.insert(p.row.as_str()) {
+                p.cells.push(crate::cells::written_cell(write_time));
+            }
         }
         if !puts.is_empty() {
             let started = Instant::now();
