@@ -89,7 +89,7 @@ pub fn run(cfg: &Config, cmd: RulesCommand) -> anyhow::Result<()> {
                     key: ev.uid.clone(),
                     cells: Vec::new(),
                 });
-                row.cells.extend(event_cells(&ev, &en));
+                row.cells.extend(event_cells(ev, &en));
             }
             for (uid, mut row) in rows {
                 row.sort();

@@ -52,7 +52,10 @@ async fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = Config::defaults();
     cfg.data_dir = dir.path().to_path_buf();
-    if let Some(b) = std::env::var("DMP_BENCH_BATCH").ok().and_then(|v| v.parse().ok()) {
+    if let Some(b) = std::env::var("DMP_BENCH_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
         cfg.storage_writer.batch_max_events = b;
     }
     let db = EmbeddedDatabase::open(dir.path(), &cfg.embedded, &Schema::dmp_default()).unwrap();

@@ -27,20 +27,21 @@ pub fn ua_dictionary_row(id: u64) -> String {
     format!("\u{1}dict/ua/{id:016x}")
 }
 
-/// The cells of one event.
-pub fn event_cells(ev: &Event, en: &Enrichment) -> Vec<Cell> {
+/// The cells of one event (the event's strings move into the cells: no copies).
+pub fn event_cells(ev: Event, en: &Enrichment) -> Vec<Cell> {
     let ts = ev.ts;
-    let mut cells = Vec::with_capacity(8 + ev.attrs.len());
-    let mut text = |q: &str, v: &Option<String>| {
+    let mut cells = Vec::with_capacity(9 + ev.attrs.len());
+    for (q, v) in [
+        ("type", ev.kind),
+        ("url", ev.url),
+        ("ref", ev.referrer),
+        ("q", ev.q),
+        ("src", ev.src),
+    ] {
         if let Some(v) = v {
-            cells.push(Cell::new(FAMILY_EVENTS, q, ts, v.clone().into_bytes()));
+            cells.push(Cell::new(FAMILY_EVENTS, q, ts, v.into_bytes()));
         }
-    };
-    text("type", &ev.kind);
-    text("url", &ev.url);
-    text("ref", &ev.referrer);
-    text("q", &ev.q);
-    text("src", &ev.src);
+    }
     if let Some(ip) = &en.ip {
         cells.push(Cell::new(FAMILY_EVENTS, "ip", ts, ip.clone()));
     }
@@ -59,34 +60,19 @@ pub fn event_cells(ev: &Event, en: &Enrichment) -> Vec<Cell> {
             ts,
             ua.id.to_be_bytes().to_vec(),
         ));
-        cells.push(Cell::new(
-            FAMILY_EVENTS,
-            "ua.br",
-            ts,
-            ua.browser.clone().into_bytes(),
-        ));
-        cells.push(Cell::new(
-            FAMILY_EVENTS,
-            "ua.os",
-            ts,
-            ua.os.clone().into_bytes(),
-        ));
-        cells.push(Cell::new(
-            FAMILY_EVENTS,
-            "ua.dev",
-            ts,
-            ua.device.clone().into_bytes(),
-        ));
+        cells.push(Cell::new(FAMILY_EVENTS, "ua.br", ts, ua.browser.clone()));
+        cells.push(Cell::new(FAMILY_EVENTS, "ua.os", ts, ua.os.clone()));
+        cells.push(Cell::new(FAMILY_EVENTS, "ua.dev", ts, ua.device.clone()));
         if ua.crawler {
-            cells.push(Cell::new(FAMILY_META, "crawler", ts, b"1".to_vec()));
+            cells.push(Cell::new(FAMILY_META, "crawler", ts, &b"1"[..]));
         }
     }
-    for (k, v) in &ev.attrs {
+    for (k, v) in ev.attrs {
         cells.push(Cell::new(
             FAMILY_EVENTS,
             format!("a.{k}"),
             ts,
-            v.clone().into_bytes(),
+            v.into_bytes(),
         ));
     }
     cells.push(Cell::new(
@@ -98,11 +84,20 @@ pub fn event_cells(ev: &Event, en: &Enrichment) -> Vec<Cell> {
     cells
 }
 
-/// The put of one event.
-pub fn event_put(ev: &Event, en: &Enrichment) -> Put {
+/// The put of one event (consumes it).
+pub fn event_put(ev: Event, en: &Enrichment) -> Put {
+    let row = ev.uid.clone();
     Put {
-        row: ev.uid.clone(),
+        row,
         cells: event_cells(ev, en),
+    }
+}
+
+/// The dictionary put of a user agent string.
+pub fn ua_dictionary_put(id: u64, ua: &str) -> Put {
+    Put {
+        row: ua_dictionary_row(id),
+        cells: vec![Cell::new(FAMILY_META, "ua", 0, ua.as_bytes().to_vec())],
     }
 }
 
@@ -122,12 +117,4 @@ pub fn written_of(row: &dmp_core::Row) -> Option<i64> {
     row.latest(FAMILY_META, "written")
         .filter(|c| c.value.len() == 8)
         .map(|c| i64::from_be_bytes(c.value[..8].try_into().expect("8 bytes")))
-}
-
-/// The dictionary put of a user agent string.
-pub fn ua_dictionary_put(id: u64, ua: &str) -> Put {
-    Put {
-        row: ua_dictionary_row(id),
-        cells: vec![Cell::new(FAMILY_META, "ua", 0, ua.as_bytes().to_vec())],
-    }
 }

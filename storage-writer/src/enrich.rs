@@ -67,12 +67,12 @@ pub struct Enrichment {
 pub struct UserAgent {
     /// Dictionary id: the first 8 bytes of the BLAKE3 hash of the string.
     pub id: u64,
-    /// Browser name and version, for example `Chrome 120.0.0.0`.
-    pub browser: String,
+    /// Browser name and version, for example `Chrome 120.0.0.0` (shared, not copied per event).
+    pub browser: bytes::Bytes,
     /// Operating system and version.
-    pub os: String,
+    pub os: bytes::Bytes,
     /// Device class: `pc`, `smartphone`, `mobilephone`, `appliance`, `crawler`, `misc` or `UNKNOWN`.
-    pub device: String,
+    pub device: bytes::Bytes,
     /// The string matches a known crawler pattern.
     pub crawler: bool,
 }
@@ -272,19 +272,25 @@ impl Enricher {
         let info = match parsed {
             Some(r) => UserAgent {
                 id,
-                browser: format!("{} {}", r.name, r.version).trim().to_string(),
-                os: format!("{} {}", r.os, r.os_version).trim().to_string(),
+                browser: format!("{} {}", r.name, r.version)
+                    .trim()
+                    .to_string()
+                    .into(),
+                os: format!("{} {}", r.os, r.os_version)
+                    .trim()
+                    .to_string()
+                    .into(),
                 device: if crawler {
                     "crawler".into()
                 } else {
-                    r.category.to_string()
+                    r.category.to_string().into()
                 },
                 crawler: crawler || r.category == "crawler",
             },
             None => UserAgent {
                 id,
-                browser: String::new(),
-                os: String::new(),
+                browser: bytes::Bytes::new(),
+                os: bytes::Bytes::new(),
                 device: if crawler {
                     "crawler".into()
                 } else {
@@ -385,8 +391,12 @@ mod tests {
             assert_ne!(info.device, "UNKNOWN", "{ua}");
         }
         let chrome = e.user_agent(browsers[0]);
-        assert!(chrome.browser.starts_with("Chrome"), "{}", chrome.browser);
-        assert!(chrome.os.starts_with("Windows"), "{}", chrome.os);
+        assert!(
+            chrome.browser.starts_with(b"Chrome"),
+            "{:?}",
+            chrome.browser
+        );
+        assert!(chrome.os.starts_with(b"Windows"), "{:?}", chrome.os);
         assert_eq!(chrome.device, "pc");
         assert_eq!(e.user_agent(browsers[1]).device, "smartphone");
         let bot = e.user_agent("Mozilla/5.0 (compatible; YandexBot/3.0; +http://yandex.com/bots)");

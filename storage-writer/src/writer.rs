@@ -94,7 +94,7 @@ impl StorageWriter {
                     }
                     let e = out.uids.entry(ev.uid.clone()).or_insert(ev.ts);
                     *e = (*e).max(ev.ts);
-                    out.puts.push(event_put(&ev, &en));
+                    out.puts.push(event_put(ev, &en));
                     metrics::counter!(m::EVENTS, "outcome" => "written").increment(1);
                 }
                 Err(err) => {
