@@ -1,20 +1,20 @@
 //! Events to segment records, in one process as `dmp run` wires it: HTTP ingest -> storage
 //! writer -> segmenter -> dmp.segments / dmp.segments.shadow and `s:current` in the row.
 
+#[path = "../../testsupport/ingest.rs"]
+mod ingest;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dmp_api::ingest::Ingest;
-use dmp_api::spill::Spill;
-use dmp_bus::embedded::EmbeddedBus;
 use dmp_bus::{Bus, ProduceRecord};
 use dmp_core::{Config, SegmentUpdate, UserChange};
 use dmp_segmenter::{memberships, Segmenter};
 use dmp_storage_writer::enrich::{Enricher, IpMode, SHIPPED_CRAWLER_LIST};
 use dmp_storage_writer::StorageWriter;
-use dmp_store::embedded::{EmbeddedDatabase, EmbeddedStore};
-use dmp_store::{Get, Schema, UserStore};
+use dmp_store::embedded::EmbeddedStore;
+use dmp_store::{Get, UserStore};
 use tokio::sync::watch;
 
 const RULES: &str = r#"
@@ -116,40 +116,15 @@ async fn start_with(
     cfg.segmenter.workers = 2;
     cfg.segmenter.reload_interval_ms = 100;
     tweak(&mut cfg);
-    let db = EmbeddedDatabase::open(dir.path(), &cfg.embedded, &Schema::dmp_default()).unwrap();
-    let store = Arc::new(EmbeddedStore::open(&db, &cfg.store).unwrap());
-    let bus: Arc<dyn Bus> = match bus {
-        Some(b) => b,
-        None => Arc::new(EmbeddedBus::open(&db, &cfg.bus).unwrap()),
-    };
-    dmp_bus::ensure_topics(bus.as_ref(), &cfg.topics)
-        .await
-        .unwrap();
-    let spill = Arc::new(Spill::open(&cfg.spill_dir(), cfg.spill.max_bytes).unwrap());
-    let ingest = Arc::new(Ingest::new(
-        bus.clone(),
-        cfg.topics.events.clone(),
-        spill,
-        cfg.api.clone(),
-    ));
-    let state = dmp_api::AppState {
-        bus: bus.clone(),
-        store: store.clone(),
-        prometheus: dmp_core::telemetry::init_metrics(),
-        ingest,
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, rx) = watch::channel(false);
-    let mut srx = rx.clone();
-    let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(async move {
-        dmp_api::serve(listener, state, async move {
-            let _ = srx.changed().await;
-        })
-        .await
-        .unwrap();
-    }));
+    let ingest::Served {
+        store,
+        bus,
+        url,
+        stop,
+        rx,
+        server,
+    } = ingest::serve(&cfg, bus).await;
+    let mut tasks = vec![server];
     let writer = StorageWriter::new(
         bus.clone(),
         store.clone(),

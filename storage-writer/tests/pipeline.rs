@@ -2,6 +2,9 @@
 //! writer -> user store rows + dmp.user-changes (+ dmp.dead-letter), on the embedded bus and on a
 //! real Kafka-protocol broker, plus the spill path with a real outage.
 
+#[path = "../../testsupport/ingest.rs"]
+mod ingest;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::sync::Arc;
@@ -45,40 +48,14 @@ async fn start(bus: Option<Arc<dyn Bus>>, topics_suffix: &str) -> Pipeline {
         cfg.storage_writer.group.push_str(topics_suffix);
     }
     cfg.topics.partitions = 4;
-    let db = EmbeddedDatabase::open(dir.path(), &cfg.embedded, &Schema::dmp_default()).unwrap();
-    let store = Arc::new(EmbeddedStore::open(&db, &cfg.store).unwrap());
-    let bus: Arc<dyn Bus> = match bus {
-        Some(b) => b,
-        None => Arc::new(EmbeddedBus::open(&db, &cfg.bus).unwrap()),
-    };
-    dmp_bus::ensure_topics(bus.as_ref(), &cfg.topics)
-        .await
-        .unwrap();
-    let spill = Arc::new(Spill::open(&cfg.spill_dir(), cfg.spill.max_bytes).unwrap());
-    let ingest = Arc::new(Ingest::new(
-        bus.clone(),
-        cfg.topics.events.clone(),
-        spill,
-        cfg.api.clone(),
-    ));
-    let state = dmp_api::AppState {
-        bus: bus.clone(),
-        store: store.clone(),
-        prometheus: dmp_core::telemetry::init_metrics(),
-        ingest,
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, rx) = watch::channel(false);
-    let rx2 = rx.clone();
-    tokio::spawn(async move {
-        let mut rx2 = rx2;
-        dmp_api::serve(listener, state, async move {
-            let _ = rx2.changed().await;
-        })
-        .await
-        .unwrap();
-    });
+    let ingest::Served {
+        store,
+        bus,
+        url,
+        stop,
+        rx,
+        ..
+    } = ingest::serve(&cfg, bus).await;
     let enricher = Enricher::new(IpMode::Truncate, Vec::new(), SHIPPED_CRAWLER_LIST).unwrap();
     let writer = StorageWriter::new(bus.clone(), store.clone(), &cfg, enricher);
     let writer = tokio::spawn(async move { writer.run(rx).await.unwrap() });
