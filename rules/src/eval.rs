@@ -7,7 +7,7 @@
 //! segmenter uses to re-evaluate users whose memberships expire.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use dmp_core::cell::{FAMILY_EVENTS, FAMILY_META};
 use dmp_core::Row;
@@ -66,15 +66,13 @@ pub struct UserView<'a> {
 impl<'a> UserView<'a> {
     /// Groups a row's cells into events.
     pub fn new(row: &'a Row, now: i64) -> UserView<'a> {
-        let mut by_ts: BTreeMap<i64, Vec<(&'a str, &'a [u8])>> = BTreeMap::new();
+        // Cells of family `e` by time, newest first; runs of one time are one event.
+        let mut timed: Vec<(i64, &'a str, &'a [u8])> = Vec::with_capacity(row.cells.len());
         let mut attrs = HashMap::new();
         let mut first_seen = None;
         for c in &row.cells {
             if c.family == FAMILY_EVENTS {
-                by_ts
-                    .entry(c.ts)
-                    .or_default()
-                    .push((c.qualifier.as_str(), &c.value[..]));
+                timed.push((c.ts, c.qualifier.as_str(), &c.value[..]));
                 if let Some(a) = c.qualifier.strip_prefix("a.") {
                     // Cells come newest first per qualifier: keep the first seen.
                     attrs.entry(a).or_insert(&c.value[..]);
@@ -85,9 +83,15 @@ impl<'a> UserView<'a> {
                 ));
             }
         }
-        let events = by_ts
-            .into_iter()
-            .rev()
+        timed.sort_by(|a, b| b.0.cmp(&a.0));
+        let events = timed
+            .chunk_by(|a, b| a.0 == b.0)
+            .map(|run| {
+                (
+                    run[0].0,
+                    run.iter().map(|(_, q, v)| (*q, *v)).collect::<Vec<_>>(),
+                )
+            })
             .map(|(ts, cells)| {
                 let text: Vec<(Cow<'_, str>, std::cell::OnceCell<String>)> = cells
                     .iter()
