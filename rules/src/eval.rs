@@ -83,7 +83,7 @@ impl<'a> UserView<'a> {
                 ));
             }
         }
-        timed.sort_by(|a, b| b.0.cmp(&a.0));
+        timed.sort_by_key(|c| std::cmp::Reverse(c.0));
         let events = timed
             .chunk_by(|a, b| a.0 == b.0)
             .map(|run| {
