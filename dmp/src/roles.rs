@@ -161,26 +161,19 @@ pub async fn run(cfg: Config, roles: Roles, listen: Option<String>) -> anyhow::R
 
 type Task = (&'static str, tokio::task::JoinHandle<anyhow::Result<()>>);
 
-/// Waits for the first role task to end (they only end on failure before shutdown).
+/// Waits for the first role task to end (they only end on failure before shutdown) and takes it
+/// out of `tasks`.
 async fn first_exit(tasks: &mut Vec<Task>) -> (&'static str, anyhow::Result<()>) {
     if tasks.is_empty() {
         return std::future::pending().await;
     }
-    let (r, i, _) = futures_select_all(tasks).await;
-    let (name, _) = tasks.remove(i);
-    (name, r)
-}
-
-async fn futures_select_all(tasks: &mut [Task]) -> (anyhow::Result<()>, usize, ()) {
     loop {
-        for (i, (_, t)) in tasks.iter_mut().enumerate() {
-            if t.is_finished() {
-                let r = match t.await {
-                    Ok(r) => r,
-                    Err(e) => Err(anyhow::anyhow!("panicked: {e}")),
-                };
-                return (r, i, ());
-            }
+        if let Some(i) = tasks.iter().position(|(_, t)| t.is_finished()) {
+            let (name, t) = tasks.remove(i);
+            let r = t
+                .await
+                .unwrap_or_else(|e| Err(anyhow::anyhow!("panicked: {e}")));
+            return (name, r);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -75,6 +75,13 @@ pub(crate) struct Worker {
     pub counters: Option<Arc<dyn dmp_stats::SegmentCounters>>,
 }
 
+/// This worker's counters, resolved once (labelled by worker index).
+struct Counters {
+    received: metrics::Counter,
+    duplicate: metrics::Counter,
+    bot: metrics::Counter,
+}
+
 struct State {
     dedupe: Dedupe,
     blacklist: Blacklist,
@@ -98,6 +105,11 @@ impl Worker {
             .build()
             .expect("a current-thread runtime");
         let label = self.index.to_string();
+        let counters = Counters {
+            received: metrics::counter!(m::RECEIVED, "worker" => label.clone()),
+            duplicate: metrics::counter!(m::SKIPPED_DUPLICATE, "worker" => label.clone()),
+            bot: metrics::counter!(m::SKIPPED_BOT, "worker" => label),
+        };
         let mut st = State {
             dedupe: Dedupe::new(self.cfg.dedupe_capacity),
             blacklist: Blacklist::new(
@@ -128,34 +140,40 @@ impl Worker {
                     Err(_) => break,
                 }
             }
-            self.handle(&rt, &mut st, &label, batch);
+            self.handle(&rt, &mut st, &counters, batch);
         }
         tracing::debug!(worker = self.index, "segmenter worker stopped");
     }
 
-    fn handle(&self, rt: &tokio::runtime::Runtime, st: &mut State, label: &str, batch: Vec<Job>) {
+    fn handle(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        st: &mut State,
+        counters: &Counters,
+        batch: Vec<Job>,
+    ) {
         let now = dmp_core::clock::now_ms();
         // Users to evaluate: from changes that need a read, and from due timers.
         let mut users: BTreeMap<String, &'static str> = BTreeMap::new();
         let mut new_bots = Vec::new();
         for j in &batch {
-            metrics::counter!(m::RECEIVED, "worker" => label.to_string()).increment(1);
+            counters.received.increment(1);
             metrics::histogram!(m::WAIT).record(((now - j.msg_ts).max(0)) as f64 / 1000.0);
             match st.blacklist.check(&j.uid, now) {
                 Verdict::Pass => {}
                 Verdict::NewBot => {
                     metrics::counter!(m::BOTS).increment(1);
-                    metrics::counter!(m::SKIPPED_BOT, "worker" => label.to_string()).increment(1);
+                    counters.bot.increment(1);
                     new_bots.push(j.uid.clone());
                     continue;
                 }
                 Verdict::Bot => {
-                    metrics::counter!(m::SKIPPED_BOT, "worker" => label.to_string()).increment(1);
+                    counters.bot.increment(1);
                     continue;
                 }
             }
             if !st.dedupe.needs_read(&j.uid, j.ts) {
-                metrics::counter!(m::SKIPPED_DUPLICATE, "worker" => label.to_string()).increment(1);
+                counters.duplicate.increment(1);
                 continue;
             }
             users.insert(j.uid.clone(), "change");
@@ -169,7 +187,7 @@ impl Worker {
             users.entry(uid.to_string()).or_insert("timer");
         }
         if !users.is_empty() || !new_bots.is_empty() {
-            let out = self.evaluate(st, label, users, new_bots);
+            let out = self.evaluate(st, users, new_bots);
             self.write(rt, out);
         }
         for j in batch {
@@ -180,7 +198,6 @@ impl Worker {
     fn evaluate(
         &self,
         st: &mut State,
-        label: &str,
         users: BTreeMap<String, &'static str>,
         new_bots: Vec<String>,
     ) -> Output {
@@ -270,7 +287,6 @@ impl Worker {
                 self.schedule(st, &uid, t);
             }
         }
-        let _ = label;
         out
     }
 

@@ -304,11 +304,11 @@ impl EmbeddedStore {
 
     fn repack(&self, row: &str) -> Result<()> {
         let _guard = self.lock_for(row).lock();
-        let raw = self.read_parts(row)?;
+        let mut raw = self.read_parts(row)?;
         if raw.delta_keys.is_empty() {
             return Ok(());
         }
-        let delta_keys = raw.delta_keys.clone();
+        let delta_keys = std::mem::take(&mut raw.delta_keys);
         let cells = self.merge(raw, dmp_core::clock::now_ms());
         let mut base_key = row.as_bytes().to_vec();
         base_key.extend_from_slice(&[0, 0]);
