@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Instant;
 
-use common::{dmp, sigterm, start};
+use common::{dmp, sigterm, start, topic_high};
 
 #[tokio::test]
 async fn given_empty_data_dir_when_dmp_runs_then_api_answers_and_sigterm_stops_it() {
@@ -260,31 +260,7 @@ async fn given_dmp_run_with_rules_when_events_posted_then_segment_records_appear
         .await
         .unwrap();
     assert_eq!(r.status(), 202);
-    let segments_high = || async {
-        let topics: serde_json::Value = http
-            .get(format!("{url}/v1/topics"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        topics
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|t| t["name"] == "dmp.segments")
-            .map(|t| {
-                t["partitions"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|p| p["high"].as_u64().unwrap())
-                    .sum::<u64>()
-            })
-            .unwrap_or(0)
-    };
-    while segments_high().await == 0 {
+    while topic_high(&url, "dmp.segments") == 0 {
         assert!(
             posted.elapsed() < std::time::Duration::from_secs(10),
             "no segment record 10 s after the post"

@@ -4,37 +4,16 @@
 mod common;
 
 use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{dmp, sigterm, start};
+use common::{dmp, sigterm, start, topic_high};
 
 use dmp_store::{Get, UserStore};
 
 fn stop(mut child: std::process::Child) {
     let status = sigterm(&mut child);
     assert!(status.success(), "dmp run exited with {status}");
-}
-
-fn topic_high(url: &str, topic: &str) -> u64 {
-    let out = Command::new("curl")
-        .args(["-s", &format!("{url}/v1/topics")])
-        .output()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v.as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["name"] == topic)
-        .map(|t| {
-            t["partitions"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|p| p["high"].as_u64().unwrap())
-                .sum()
-        })
-        .unwrap_or(0)
 }
 
 fn wait_until(what: &str, mut f: impl FnMut() -> bool) {

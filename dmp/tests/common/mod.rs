@@ -57,3 +57,25 @@ pub fn sigterm(child: &mut Child) -> ExitStatus {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// The sum of the high offsets of `topic`'s partitions, read from `GET /v1/topics`.
+pub fn topic_high(url: &str, topic: &str) -> u64 {
+    let out = Command::new("curl")
+        .args(["-s", &format!("{url}/v1/topics")])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == topic)
+        .map(|t| {
+            t["partitions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["high"].as_u64().unwrap())
+                .sum()
+        })
+        .unwrap_or(0)
+}
