@@ -259,8 +259,10 @@ pub struct SegmenterConfig {
     pub blacklist_max_changes: u32,
     /// How long a bot stays blacklisted, seconds.
     pub blacklist_ban_secs: u64,
-    /// Pending re-evaluations per worker.
-    pub timer_capacity: usize,
+    /// How often due re-evaluation timers are scanned, ms.
+    pub timer_scan_interval_ms: u64,
+    /// Due timers handed to workers per partition per scan.
+    pub timer_scan_max: usize,
     /// Commit interval, ms.
     pub commit_interval_ms: u64,
 }
@@ -587,10 +589,16 @@ impl Config {
             30 * 86_400,
         )?;
         range(
-            "segmenter.timer_capacity",
-            sg.timer_capacity as u64,
+            "segmenter.timer_scan_interval_ms",
+            sg.timer_scan_interval_ms,
+            100,
+            60_000,
+        )?;
+        range(
+            "segmenter.timer_scan_max",
+            sg.timer_scan_max as u64,
             1,
-            100_000_000,
+            1_000_000,
         )?;
         range(
             "segmenter.commit_interval_ms",

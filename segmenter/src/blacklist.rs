@@ -39,6 +39,13 @@ impl Blacklist {
         }
     }
 
+    /// Whether `uid` is blacklisted at `now` (without counting a change).
+    pub fn banned(&self, uid: &str, now: i64) -> bool {
+        self.counters
+            .peek(uid)
+            .is_some_and(|(c, _)| now < c.banned_until)
+    }
+
     /// Counts a change of `uid` at `now` and says whether it is a bot.
     pub fn check(&mut self, uid: &str, now: i64) -> Verdict {
         if !self.counters.contains(uid) {
@@ -91,7 +98,9 @@ mod tests {
         for i in 0..10 {
             assert_eq!(b.check("u", t0 + i), Verdict::Pass);
         }
+        assert!(!b.banned("u", t0 + 10));
         assert_eq!(b.check("u", t0 + 10), Verdict::NewBot);
+        assert!(b.banned("u", t0 + 11));
         assert_eq!(b.check("u", t0 + 20), Verdict::Bot);
         assert_eq!(b.check("u", t0 + 3_000_000), Verdict::Bot);
         assert_eq!(

@@ -11,23 +11,23 @@
 //!    (with `since`) to `s:current` in the row; shadow results go to `dmp.segments.shadow` and
 //!    `s:shadow` only;
 //! 5. users whose results can change with time (windows, recency) are re-evaluated when the
-//!    earliest can change (a per-worker timer queue).
+//!    earliest can change: durable timers in the user store ([`timers`]), scanned by the poll
+//!    loop for the partitions it owns and handed to the user's worker like changes.
 //!
 //! Offsets are committed as the contiguous watermark of changes the workers finished.
 //!
 //! 6. live memberships are counted per day ([`dmp_stats::SegmentCounters`], with the pseudo-segment
 //!    `all`; bots are never counted since they are never evaluated); counters are flushed before
 //!    offsets are committed.
-//!
-//! Not built yet: persistence of pending timers across restarts (after a restart a user is
-//! re-evaluated at its next change).
 
 pub mod blacklist;
 pub mod dedupe;
 mod metrics;
 use crate::metrics as m;
+pub mod timers;
 mod worker;
 
+use std::collections::HashSet;
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::Duration;
@@ -171,6 +171,11 @@ impl Segmenter {
             .await?;
         let mut tracker = OffsetTracker::new();
         let mut tick = tokio::time::interval(Duration::from_millis(sc.commit_interval_ms));
+        let mut timer_tick =
+            tokio::time::interval(Duration::from_millis(sc.timer_scan_interval_ms));
+        timer_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Timer rows handed to workers and seen again by the last scan (not yet deleted).
+        let mut in_flight: HashSet<String> = HashSet::new();
         tracing::info!(
             workers = n,
             pinned = !cores.is_empty(),
@@ -194,6 +199,61 @@ impl Segmenter {
                         if let Err(e) = consumer.commit(&marks).await { break 'run Err(e.into()); }
                     }
                 }
+                _ = timer_tick.tick() => {
+                    let partitions: Vec<u32> = consumer
+                        .assignment()
+                        .into_iter()
+                        .filter(|tp| tp.topic == topic)
+                        .map(|tp| tp.partition)
+                        .collect();
+                    let store = self.store.clone();
+                    let max = sc.timer_scan_max;
+                    let now = dmp_core::clock::now_ms();
+                    let scanned = tokio::task::spawn_blocking(move || {
+                        let mut due = Vec::new();
+                        for p in partitions {
+                            match timers::scan_due(store.as_ref(), p, now, max) {
+                                Ok(d) => due.extend(d),
+                                Err(e) => {
+                                    ::metrics::counter!(m::TIMER_SCAN_ERRORS).increment(1);
+                                    tracing::warn!(partition = p, error = %e, "scanning due timers failed");
+                                }
+                            }
+                        }
+                        due
+                    })
+                    .await
+                    .unwrap_or_default();
+                    let mut seen = HashSet::with_capacity(scanned.len());
+                    for due in scanned {
+                        seen.insert(due.key.clone());
+                        if in_flight.contains(&due.key) {
+                            continue;
+                        }
+                        ::metrics::counter!(m::TIMERS_FIRED).increment(1);
+                        let w = (dmp_core::partition::uid_hash(due.uid.as_bytes()) % n as u64) as usize;
+                        let mut job = worker::Job {
+                            uid: due.uid.clone(),
+                            ts: due.pending.due,
+                            msg_ts: due.pending.due,
+                            tp: TopicPartition::new(topic.clone(), due.pending.partition),
+                            offset: 0,
+                            timer: Some(due),
+                        };
+                        loop {
+                            match senders[w].try_send(job) {
+                                Ok(()) => break,
+                                Err(TrySendError::Full(j)) => {
+                                    job = j;
+                                    while let Ok((tp, off)) = done_rx.try_recv() { tracker.done(&tp, off); }
+                                    tokio::time::sleep(Duration::from_millis(1)).await;
+                                }
+                                Err(TrySendError::Disconnected(_)) => break 'run Ok(()),
+                            }
+                        }
+                    }
+                    in_flight = seen;
+                }
                 r = consumer.poll(5000, Duration::from_millis(100)) => {
                     let records = match r { Ok(r) => r, Err(e) => break 'run Err(e.into()) };
                     for r in records {
@@ -205,7 +265,7 @@ impl Segmenter {
                             continue;
                         };
                         let w = (dmp_core::partition::uid_hash(change.uid.as_bytes()) % n as u64) as usize;
-                        let mut job = worker::Job { uid: change.uid, ts: change.ts, msg_ts: r.timestamp, tp, offset: r.offset };
+                        let mut job = worker::Job { uid: change.uid, ts: change.ts, msg_ts: r.timestamp, tp, offset: r.offset, timer: None };
                         // Bounded queues: wait for room (the Kafka consumer keeps polling meanwhile).
                         loop {
                             match senders[w].try_send(job) {

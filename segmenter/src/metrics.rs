@@ -22,8 +22,12 @@ pub const WAIT: &str = "dmp_segmenter_topic_wait_seconds";
 pub const END_TO_END: &str = "dmp_segmenter_event_to_segment_seconds";
 /// Segment records published, by `topic_kind` (`live`, `shadow`) (counter).
 pub const PUBLISHED: &str = "dmp_segmenter_records_published_total";
-/// Pending timer re-evaluations dropped because the timer queue was full (counter).
-pub const TIMERS_DROPPED: &str = "dmp_segmenter_timers_dropped_total";
+/// Due re-evaluation timers handed to workers (counter).
+pub const TIMERS_FIRED: &str = "dmp_segmenter_timers_fired_total";
+/// Re-evaluation timers scheduled (timer rows written) (counter).
+pub const TIMERS_SCHEDULED: &str = "dmp_segmenter_timers_scheduled_total";
+/// Scans for due timers that failed (counter); the next scan retries.
+pub const TIMER_SCAN_ERRORS: &str = "dmp_segmenter_timer_scan_errors_total";
 /// Change records that were not valid JSON (counter).
 pub const BAD_CHANGES: &str = "dmp_segmenter_bad_changes_total";
 /// Store or bus failures that made a worker retry (counter).

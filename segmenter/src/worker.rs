@@ -1,8 +1,8 @@
-//! One segmenter worker: a thread (pinned when asked) that owns its dedupe, blacklist and timers,
-//! and handles the users sharded to it.
+//! One segmenter worker: a thread (pinned when asked) that owns its dedupe and blacklist, and
+//! handles the users sharded to it: their changes and their due re-evaluation timers.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::collections::BTreeMap;
+use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,8 +16,9 @@ use dmp_store::{Get, Put, UserStore};
 use crate::blacklist::{Blacklist, Verdict};
 use crate::dedupe::Dedupe;
 use crate::metrics as m;
+use crate::timers::{self, Due};
 
-/// A change handed to a worker.
+/// A change (or a due timer) handed to a worker.
 #[derive(Debug, Clone)]
 pub struct Job {
     /// The user.
@@ -30,6 +31,9 @@ pub struct Job {
     pub tp: TopicPartition,
     /// Its offset.
     pub offset: u64,
+    /// A due re-evaluation timer rather than a change: nothing to report done, the timer row to
+    /// delete once the user is evaluated.
+    pub timer: Option<Due>,
 }
 
 /// Where the current rules come from.
@@ -85,9 +89,14 @@ struct Counters {
 struct State {
     dedupe: Dedupe,
     blacklist: Blacklist,
-    /// (due, uid) and uid -> due: one pending re-evaluation per user, the earliest.
-    timers: BTreeSet<(i64, Box<str>)>,
-    due: HashMap<Box<str>, i64>,
+}
+
+/// Why a user is evaluated in a batch.
+struct Reason {
+    trigger: &'static str,
+    partition: u32,
+    /// Timer rows that fired for the user.
+    fired: Vec<String>,
 }
 
 /// What one batch produces.
@@ -96,6 +105,8 @@ struct Output {
     puts: Vec<Put>,
     live: Vec<ProduceRecord>,
     shadow: Vec<ProduceRecord>,
+    /// Timer rows to delete once the rest is durable.
+    deletes: Vec<String>,
 }
 
 impl Worker {
@@ -118,22 +129,9 @@ impl Worker {
                 self.cfg.blacklist_max_changes,
                 self.cfg.blacklist_ban_secs as i64 * 1000,
             ),
-            timers: BTreeSet::new(),
-            due: HashMap::new(),
         };
-        loop {
-            let now = dmp_core::clock::now_ms();
-            let wait = st
-                .timers
-                .first()
-                .map(|(t, _)| Duration::from_millis((t - now).clamp(0, 200) as u64))
-                .unwrap_or(Duration::from_millis(200));
-            let mut batch = Vec::new();
-            match self.jobs.recv_timeout(wait) {
-                Ok(j) => batch.push(j),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => break,
-            }
+        while let Ok(first) = self.jobs.recv() {
+            let mut batch = vec![first];
             while batch.len() < 1000 {
                 match self.jobs.try_recv() {
                     Ok(j) => batch.push(j),
@@ -154,9 +152,26 @@ impl Worker {
     ) {
         let now = dmp_core::clock::now_ms();
         // Users to evaluate: from changes that need a read, and from due timers.
-        let mut users: BTreeMap<String, &'static str> = BTreeMap::new();
+        let mut users: BTreeMap<String, Reason> = BTreeMap::new();
         let mut new_bots = Vec::new();
+        let mut dropped_timers = Vec::new();
         for j in &batch {
+            if let Some(t) = &j.timer {
+                if st.blacklist.banned(&j.uid, now) {
+                    dropped_timers.push(t.key.clone());
+                    continue;
+                }
+                users
+                    .entry(j.uid.clone())
+                    .or_insert_with(|| Reason {
+                        trigger: "timer",
+                        partition: t.pending.partition,
+                        fired: Vec::new(),
+                    })
+                    .fired
+                    .push(t.key.clone());
+                continue;
+            }
             counters.received.increment(1);
             metrics::histogram!(m::WAIT).record(((now - j.msg_ts).max(0)) as f64 / 1000.0);
             match st.blacklist.check(&j.uid, now) {
@@ -176,29 +191,30 @@ impl Worker {
                 counters.duplicate.increment(1);
                 continue;
             }
-            users.insert(j.uid.clone(), "change");
+            let r = users.entry(j.uid.clone()).or_insert_with(|| Reason {
+                trigger: "change",
+                partition: j.tp.partition,
+                fired: Vec::new(),
+            });
+            r.trigger = "change";
+            r.partition = j.tp.partition;
         }
-        while let Some((t, uid)) = st.timers.first().cloned() {
-            if t > now {
-                break;
-            }
-            st.timers.pop_first();
-            st.due.remove(&uid);
-            users.entry(uid.to_string()).or_insert("timer");
-        }
-        if !users.is_empty() || !new_bots.is_empty() {
-            let out = self.evaluate(st, users, new_bots);
+        if !users.is_empty() || !new_bots.is_empty() || !dropped_timers.is_empty() {
+            let mut out = self.evaluate(st, users, new_bots);
+            out.deletes.extend(dropped_timers);
             self.write(rt, out);
         }
         for j in batch {
-            let _ = self.done.send((j.tp, j.offset));
+            if j.timer.is_none() {
+                let _ = self.done.send((j.tp, j.offset));
+            }
         }
     }
 
     fn evaluate(
         &self,
         st: &mut State,
-        users: BTreeMap<String, &'static str>,
+        users: BTreeMap<String, Reason>,
         new_bots: Vec<String>,
     ) -> Output {
         let mut out = Output::default();
@@ -210,9 +226,10 @@ impl Worker {
                 cells: vec![Cell::new(FAMILY_META, "bot", now, b"1".to_vec())],
             });
         }
-        for (uid, trigger) in users {
+        for (uid, reason) in users {
             let row = self.read(&uid);
-            metrics::counter!(m::EVALUATED, "trigger" => trigger).increment(1);
+            metrics::counter!(m::EVALUATED, "trigger" => reason.trigger).increment(1);
+            out.deletes.extend(reason.fired);
             metrics::histogram!(m::ROW_CELLS)
                 .record(row.as_ref().map_or(0, |r| r.cells.len()) as f64);
             if let Some(w) = row.as_ref().and_then(dmp_storage_writer::cells::written_of) {
@@ -283,25 +300,31 @@ impl Worker {
                         .record(((now - last_event_ts).max(0)) as f64 / 1000.0);
                 }
             }
-            if let Some(t) = eval.recheck_at {
-                self.schedule(st, &uid, t);
+            // The next re-evaluation, durable: recorded in the row and as a timer row.
+            let plan = timers::plan(
+                timers::recorded(&row),
+                eval.recheck_at.map(|t| t.max(now + 1)),
+                reason.partition,
+                now,
+            );
+            if let Some(cell) = plan.recheck {
+                out.puts.push(Put {
+                    row: uid.clone(),
+                    cells: vec![cell],
+                });
+            }
+            if let Some(p) = plan.create {
+                metrics::counter!(m::TIMERS_SCHEDULED).increment(1);
+                let put = timers::timer_put(&uid, p);
+                // A fired timer rewritten under the same key must not be deleted after.
+                out.deletes.retain(|k| *k != put.row);
+                out.puts.push(put);
+            }
+            if let Some(p) = plan.delete {
+                out.deletes.push(p.row_key(&uid));
             }
         }
         out
-    }
-
-    fn schedule(&self, st: &mut State, uid: &str, t: i64) {
-        if let Some(&old) = st.due.get(uid) {
-            if old <= t {
-                return;
-            }
-            st.timers.remove(&(old, uid.into()));
-        } else if st.due.len() >= self.cfg.timer_capacity {
-            metrics::counter!(m::TIMERS_DROPPED).increment(1);
-            return;
-        }
-        st.due.insert(uid.into(), t);
-        st.timers.insert((t, uid.into()));
     }
 
     fn read(&self, uid: &str) -> Option<Row> {
@@ -344,6 +367,19 @@ impl Worker {
             while let Err(e) = rt.block_on(self.bus.produce(topic, records.clone())) {
                 metrics::counter!(m::RETRIES).increment(1);
                 tracing::warn!(error = %e, topic = %topic, "publishing segments failed; retrying");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+        // Fired and replaced timers go last: a crash before leaves an extra timer, not a lost one.
+        let mut deletes = out.deletes;
+        deletes.sort_unstable();
+        deletes.dedup();
+        for key in deletes {
+            let mut backoff = Duration::from_millis(50);
+            while let Err(e) = self.store.delete_row(&key) {
+                metrics::counter!(m::RETRIES).increment(1);
+                tracing::warn!(error = %e, "deleting a fired timer failed; retrying");
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }

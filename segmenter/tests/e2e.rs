@@ -43,6 +43,24 @@ struct Pipe {
     url: String,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The segmenter runs on its own stop signal so a test can restart it.
+    segmenter: Option<(watch::Sender<bool>, tokio::task::JoinHandle<()>)>,
+}
+
+fn spawn_segmenter(
+    cfg: &Config,
+    bus: Arc<dyn Bus>,
+    store: Arc<EmbeddedStore>,
+    custom: Option<Arc<dyn dmp_segmenter::RulesSource>>,
+    counters: Arc<dmp_stats::EmbeddedCounters>,
+) -> (watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+    let seg = match custom {
+        Some(r) => Segmenter::with_rules(bus, store, cfg, r),
+        None => Segmenter::new(bus, store, cfg).unwrap(),
+    }
+    .with_counters(counters);
+    let (tx, rx) = watch::channel(false);
+    (tx, tokio::spawn(async move { seg.run(rx).await.unwrap() }))
 }
 
 /// A plugin rule that counts how often it is evaluated per user, and can be slow.
@@ -115,6 +133,7 @@ async fn start_with(
     cfg.segmenter.rules = rules_path.display().to_string();
     cfg.segmenter.workers = 2;
     cfg.segmenter.reload_interval_ms = 100;
+    cfg.segmenter.timer_scan_interval_ms = 200;
     tweak(&mut cfg);
     let ingest::Served {
         store,
@@ -131,15 +150,15 @@ async fn start_with(
         &cfg,
         Enricher::new(IpMode::Full, Vec::new(), SHIPPED_CRAWLER_LIST).unwrap(),
     );
-    let wrx = rx.clone();
-    tasks.push(tokio::spawn(async move { writer.run(wrx).await.unwrap() }));
+    tasks.push(tokio::spawn(async move { writer.run(rx).await.unwrap() }));
     let counters = Arc::new(dmp_stats::EmbeddedCounters::in_memory());
-    let seg = match custom {
-        Some(r) => Segmenter::with_rules(bus.clone(), store.clone(), &cfg, r),
-        None => Segmenter::new(bus.clone(), store.clone(), &cfg).unwrap(),
-    }
-    .with_counters(counters.clone());
-    tasks.push(tokio::spawn(async move { seg.run(rx).await.unwrap() }));
+    let segmenter = Some(spawn_segmenter(
+        &cfg,
+        bus.clone(),
+        store.clone(),
+        custom,
+        counters.clone(),
+    ));
     Pipe {
         counters,
         _dir: dir,
@@ -149,6 +168,7 @@ async fn start_with(
         url,
         stop,
         tasks,
+        segmenter,
     }
 }
 
@@ -214,7 +234,27 @@ impl Pipe {
         }
     }
 
-    async fn stop(self) {
+    async fn stop_segmenter(&mut self) {
+        if let Some((tx, task)) = self.segmenter.take() {
+            let _ = tx.send(true);
+            task.await.unwrap();
+        }
+    }
+
+    /// A new segmenter instance (nothing in memory from the last one) on the same bus and store.
+    fn start_segmenter(&mut self) {
+        assert!(self.segmenter.is_none(), "stop the running segmenter first");
+        self.segmenter = Some(spawn_segmenter(
+            &self.cfg,
+            self.bus.clone(),
+            self.store.clone(),
+            None,
+            self.counters.clone(),
+        ));
+    }
+
+    async fn stop(mut self) {
+        self.stop_segmenter().await;
         let _ = self.stop.send(true);
         for t in self.tasks {
             t.await.unwrap();
@@ -454,5 +494,51 @@ when = '''any(type == "search", 3s)'''
     );
     let row = p.store.get(&Get::row("fleeting")).unwrap().unwrap();
     assert!(memberships(Some(&row), "current").is_empty());
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_pending_timer_when_segmenter_restarts_then_new_instance_fires_it() {
+    let rules = r#"
+version = "timers-2"
+
+[[segment]]
+id = "searched_lately"
+when = '''any(type == "search", 3s)'''
+"#;
+    let mut p = start(rules, |_| {}).await;
+    let now = dmp_core::clock::now_ms();
+    p.post(serde_json::json!([{"uid": "durable", "ts": now - 500, "type": "search", "q": "x"}]))
+        .await;
+    let recs = p.records(&p.cfg.topics.segments, "restart-1", 1).await;
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    assert_eq!(recs[0].added, vec!["searched_lately"]);
+    p.drained().await;
+    // The timer is in the store, recorded in the row.
+    let row = p.store.get(&Get::row("durable")).unwrap().unwrap();
+    let pending = dmp_segmenter::timers::recorded(&row).expect("a recorded timer");
+    assert!(
+        (now + 2_000..now + 4_000).contains(&pending.due),
+        "due {} ms after the search",
+        pending.due - (now - 500)
+    );
+    // Down across the due time: the first instance never fires it.
+    p.stop_segmenter().await;
+    tokio::time::sleep(Duration::from_millis(
+        (pending.due - dmp_core::clock::now_ms()).max(0) as u64 + 500,
+    ))
+    .await;
+    p.start_segmenter();
+    let recs = p.records(&p.cfg.topics.segments, "restart-2", 2).await;
+    let mine: Vec<&SegmentUpdate> = recs.iter().filter(|u| u.uid == "durable").collect();
+    assert_eq!(mine.len(), 2, "{recs:?}");
+    assert_eq!(mine[1].removed, vec!["searched_lately"]);
+    let row = p.store.get(&Get::row("durable")).unwrap().unwrap();
+    assert!(memberships(Some(&row), "current").is_empty());
+    // The fired timer is gone and none is pending.
+    assert_eq!(dmp_segmenter::timers::recorded(&row), None);
+    let left =
+        dmp_segmenter::timers::scan_due(p.store.as_ref(), pending.partition, i64::MAX, 10).unwrap();
+    assert!(left.is_empty(), "{left:?}");
     p.stop().await;
 }
