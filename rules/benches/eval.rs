@@ -26,7 +26,7 @@ fn rules() -> RuleSet {
             // Every rule's condition differs (city and threshold): no two rules share work.
             _ => format!(
                 "count(geo.city == \"{}\" and ua.device == \"smartphone\", 60d) >= {}",
-                ["Novosibirsk", "Moscow", "Kazan", "Omsk", "Tomsk"][i % 5],
+                ["Novosibirsk", "Moscow", "Kazan", "Omsk", "Tomsk"][(i / 5) % 5],
                 i % 7 + 1
             ),
         };

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use dmp_core::cell::{FAMILY_EVENTS, FAMILY_META};
 use dmp_core::Row;
 
-use crate::lang::{CmpOp, Expr, Field};
+use crate::lang::{CmpOp, Cond, Expr, Field, Pred};
 
 /// One event of a user: its time and its cells (qualifier, value).
 #[derive(Debug, Clone)]
@@ -95,7 +95,7 @@ impl<'a> UserView<'a> {
             .map(|(ts, cells)| {
                 let text: Vec<(Cow<'_, str>, std::cell::OnceCell<String>)> = cells
                     .iter()
-                    .map(|(_, v)| (String::from_utf8_lossy(v), std::cell::OnceCell::new()))
+                    .map(|(_, v)| (text(v), std::cell::OnceCell::new()))
                     .collect();
                 let mut slots = [u16::MAX; crate::lang::SLOTS.len()];
                 for (i, (q, _)) in cells.iter().enumerate() {
@@ -177,7 +177,35 @@ enum Value<'a> {
 }
 
 fn text(v: &[u8]) -> Cow<'_, str> {
-    String::from_utf8_lossy(v)
+    // The validating fast path first; invalid bytes (never written by dmp) get replaced.
+    match std::str::from_utf8(v) {
+        Ok(s) => Cow::Borrowed(s),
+        Err(_) => String::from_utf8_lossy(v),
+    }
+}
+
+/// String equality for the short values of events: lengths first, then one or two word
+/// compares, instead of a call into `memcmp`.
+#[inline]
+fn same(a: &str, b: &str) -> bool {
+    same_bytes(a.as_bytes(), b.as_bytes())
+}
+
+#[inline]
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    let w8 = |s: &[u8], i: usize| u64::from_ne_bytes(s[i..i + 8].try_into().expect("8 bytes"));
+    let w4 = |s: &[u8], i: usize| u32::from_ne_bytes(s[i..i + 4].try_into().expect("4 bytes"));
+    match n {
+        0 => true,
+        1..=3 => a == b,
+        4..=7 => w4(a, 0) == w4(b, 0) && w4(a, n - 4) == w4(b, n - 4),
+        8..=16 => w8(a, 0) == w8(b, 0) && w8(a, n - 8) == w8(b, n - 8),
+        _ => a == b,
+    }
 }
 
 fn host(url: &str) -> &str {
@@ -346,41 +374,72 @@ impl<'v> Eval<'v> {
                 Value::Str(s) => s.trim().parse::<f64>().map_or(Value::Missing, Value::Num),
                 _ => Value::Missing,
             },
-            Expr::Count(cond, window) => {
-                let (n, _) = self.aggregate(cond, *window);
-                Value::Num(n as f64)
+            Expr::Count(cond, window) => Value::Num(self.aggregate(cond, *window) as f64),
+            Expr::Any(cond, window) => Value::Bool(self.any(cond, *window)),
+            // Only the newest matching event matters (and is the evidence).
+            Expr::Since(cond) => self
+                .newest(cond)
+                .map_or(Value::Missing, |t| Value::Dur(self.user.now - t)),
+        }
+    }
+
+    /// Tests a compiled event condition.
+    fn test(&mut self, p: &'v Pred, ev: &'v EventView<'v>) -> bool {
+        match p {
+            Pred::Const(b) => *b,
+            Pred::Eq { field, lit, eq } => {
+                field_raw(field, ev).is_some_and(|t| same(t, lit) == *eq)
             }
-            Expr::Any(cond, window) => {
-                let (n, _) = self.aggregate(cond, *window);
-                Value::Bool(n > 0)
+            Pred::In { field, lits } => {
+                field_raw(field, ev).is_some_and(|t| lits.iter().any(|l| same(l, t)))
             }
-            Expr::Since(cond) => {
-                // Only the newest matching event matters (and is the evidence).
-                let user = self.user;
-                match user
-                    .events
-                    .iter()
-                    .find(|ev| self.value(cond, Some(ev)) == Value::Bool(true))
-                {
-                    Some(ev) => {
-                        self.note(ev);
-                        Value::Dur(user.now - ev.ts)
-                    }
-                    None => Value::Missing,
-                }
+            Pred::Contains { field, needle } => {
+                field_text(field, ev, true).is_some_and(|t| t.contains(needle.as_ref()))
             }
+            Pred::Prefix { field, lit } => field_raw(field, ev).is_some_and(|t| {
+                let (t, l) = (t.as_bytes(), lit.as_bytes());
+                t.len() >= l.len() && same_bytes(&t[..l.len()], l)
+            }),
+            Pred::Regex { field, re } => field_raw(field, ev).is_some_and(|t| re.is_match(t)),
+            Pred::And(xs) => xs.iter().all(|x| self.test(x, ev)),
+            Pred::Or(xs) => xs.iter().any(|x| self.test(x, ev)),
+            Pred::Not(x) => !self.test(x, ev),
+            Pred::Expr(e) => self.value(e, Some(ev)) == Value::Bool(true),
         }
     }
 
     /// The newest event matching `cond` (recorded as evidence).
-    fn newest(&mut self, cond: &'v Expr) -> Option<i64> {
+    fn newest(&mut self, cond: &'v Cond) -> Option<i64> {
         let user = self.user;
-        let ev = user
-            .events
-            .iter()
-            .find(|ev| self.value(cond, Some(ev)) == Value::Bool(true))?;
+        let ev = user.events.iter().find(|ev| self.test(&cond.pred, ev))?;
         self.note(ev);
         Some(ev.ts)
+    }
+
+    /// Whether an event within the window matches. The result changes when the newest match
+    /// leaves the window, so that is the recheck time; only explanations walk on for evidence.
+    fn any(&mut self, cond: &'v Cond, window: Option<i64>) -> bool {
+        let from = window.map_or(i64::MIN, |w| self.user.now - w);
+        let user = self.user;
+        let mut found = false;
+        for ev in &user.events {
+            if ev.ts < from {
+                break;
+            }
+            if self.test(&cond.pred, ev) {
+                if !found {
+                    if let Some(w) = window {
+                        self.recheck_at(ev.ts + w + 1);
+                    }
+                    found = true;
+                }
+                self.note(ev);
+                if !self.explain {
+                    break;
+                }
+            }
+        }
+        found
     }
 
     /// When `anchor + d` compared with `op` flips.
@@ -411,11 +470,11 @@ impl<'v> Eval<'v> {
         }
     }
 
-    fn aggregate_quiet(&mut self, cond: &'v Expr) -> Option<i64> {
+    fn aggregate_quiet(&mut self, cond: &'v Cond) -> Option<i64> {
         let events = &self.user.events;
         events
             .iter()
-            .find(|ev| self.value(cond, Some(ev)) == Value::Bool(true))
+            .find(|ev| self.test(&cond.pred, ev))
             .map(|ev| ev.ts)
     }
 
@@ -449,21 +508,19 @@ impl<'v> Eval<'v> {
             .collect()
     }
 
-    /// Matching events within the window: (count, newest matching time). Records evidence and
-    /// when the oldest match leaves the window.
-    fn aggregate(&mut self, cond: &'v Expr, window: Option<i64>) -> (usize, Option<i64>) {
+    /// Matching events within the window. Records evidence and when the oldest match leaves the
+    /// window (the count drops then).
+    fn aggregate(&mut self, cond: &'v Cond, window: Option<i64>) -> usize {
         let from = window.map_or(i64::MIN, |w| self.user.now - w);
         let user = self.user;
         let mut n = 0;
-        let mut newest = None;
         let mut oldest = None;
         for ev in &user.events {
             if ev.ts < from {
                 break;
             }
-            if self.value(cond, Some(ev)) == Value::Bool(true) {
+            if self.test(&cond.pred, ev) {
                 n += 1;
-                newest.get_or_insert(ev.ts);
                 oldest = Some(ev.ts);
                 self.note(ev);
             }
@@ -472,7 +529,23 @@ impl<'v> Eval<'v> {
             // The window includes its edge (`ts >= now - w`): the oldest match leaves one ms after.
             self.recheck_at(o + w + 1);
         }
-        (n, newest)
+        n
+    }
+}
+
+/// The text of a field of an event as stored (hosts lowercase).
+fn field_raw<'v>(f: &Field, ev: &'v EventView<'v>) -> Option<&'v str> {
+    let which = |slot: usize| usize::from(slot != 1); // url: 0, ref: 1
+    let sub = |s: &'v str, (a, b): (u32, u32)| s.get(a as usize..b as usize);
+    match f {
+        Field::Slot(s) => ev.slot(*s).map(|i| ev.text[i].0.as_ref()),
+        Field::Cell(q) => ev.index(q).map(|i| ev.text[i].0.as_ref()),
+        Field::Host(s) => {
+            let (t, l) = &ev.text[ev.slot(*s)?];
+            sub(l.get_or_init(|| t.to_lowercase()), ev.hosts[which(*s)]?)
+        }
+        Field::Path(s) => sub(&ev.text[ev.slot(*s)?].0, ev.paths[which(*s)]?),
+        Field::Geo(part) => sub(&ev.text[ev.slot(6)?].0, ev.geo[*part]?),
     }
 }
 
@@ -542,6 +615,146 @@ fn compare(l: &Value<'_>, op: CmpOp, r: &Value<'_>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The compiled form of every event condition shape agrees with the interpreter, event by
+    /// event, including missing fields, case, non-ASCII text and regexes that are only prefixes.
+    #[test]
+    fn compiled_conditions_agree_with_the_interpreter() {
+        use dmp_core::Cell;
+        let conds = [
+            r#"type == "search""#,
+            r#"type != "search""#,
+            r#""search" == type"#,
+            r#"url.host in ["bank.example", "cats.example"]"#,
+            r#"url.host == "bank.example" and not (q contains "loan")"#,
+            r#"q contains "ипотека" or q contains "mortgage""#,
+            r#"url.path ~ "^/item/1""#,
+            r#"url.path ~ "^/item/[0-9]+$""#,
+            r#"url ~ "(?i)BANK""#,
+            r#"geo.city == "Novosibirsk" and ua.device == "smartphone""#,
+            r#"geo.country in ["RU", "KZ"] and not (type == "pageview")"#,
+            r#"attr("plan") == "gold""#,
+            r#"attr("plan") != "gold""#,
+            r#"ref.host == "search.example" or src == "app""#,
+            r#"num(attr("price")) > 100"#,
+            r#"true"#,
+            r#"not (type in ["search", "purchase"])"#,
+        ];
+        let events: [&[(&str, &str)]; 7] = [
+            &[
+                ("type", "search"),
+                ("q", "Mortgage rates"),
+                ("url", "https://Bank.Example/item/12?x"),
+            ],
+            &[
+                ("type", "purchase"),
+                ("url", "https://cats.example/item/1"),
+                ("a.price", "250"),
+            ],
+            &[
+                ("type", "pageview"),
+                ("geo", "RU/Novosibirsk Oblast/Novosibirsk"),
+                ("ua.dev", "smartphone"),
+            ],
+            &[
+                ("type", "search"),
+                ("q", "ИПОТЕКА в Новосибирске"),
+                ("ref", "https://search.example/?q=1"),
+            ],
+            &[("src", "app"), ("a.plan", "gold"), ("geo", "KZ//")],
+            &[
+                ("type", "pageview"),
+                ("url", "/item/1x"),
+                ("a.price", "n/a"),
+            ],
+            &[],
+        ];
+        let now = 1_700_000_000_000i64;
+        let mut row = Row {
+            key: "u".into(),
+            cells: Vec::new(),
+        };
+        for (i, ev) in events.iter().enumerate() {
+            for (q, v) in ev.iter() {
+                row.cells
+                    .push(Cell::new("e", *q, now - i as i64, v.as_bytes().to_vec()));
+            }
+        }
+        row.sort();
+        let user = UserView::new(&row, now);
+        let ctx = crate::Context {
+            segments: HashMap::new(),
+            explain: false,
+        };
+        for src in conds {
+            let parsed = crate::lang::parse(&format!("any({src})")).unwrap();
+            let Expr::Any(cond, _) = &parsed else {
+                unreachable!()
+            };
+            for ev in &user.events {
+                let mut e = Eval {
+                    user: &user,
+                    segments: &ctx.segments,
+                    explain: false,
+                    evidence: Vec::new(),
+                    recheck: None,
+                };
+                let compiled = e.test(&cond.pred, ev);
+                let interpreted = e.value(&cond.expr, Some(ev)) == Value::Bool(true);
+                assert_eq!(compiled, interpreted, "{src} on the event at {}", ev.ts);
+            }
+        }
+        // And the shapes compile as intended (not all through the fallback).
+        let shape = |src: &str| {
+            let Expr::Any(c, _) = crate::lang::parse(&format!("any({src})")).unwrap() else {
+                unreachable!()
+            };
+            c.pred
+        };
+        assert!(matches!(
+            shape(r#"url.path ~ "^/item/1""#),
+            Pred::Prefix { .. }
+        ));
+        assert!(matches!(
+            shape(r#"url.path ~ "^/item/[0-9]""#),
+            Pred::Regex { .. }
+        ));
+        assert!(matches!(shape(r#"q contains "x""#), Pred::Contains { .. }));
+        assert!(matches!(shape(r#"type in ["a", "b"]"#), Pred::In { .. }));
+        assert!(matches!(shape(r#"num(attr("p")) > 1"#), Pred::Expr(_)));
+    }
+
+    #[test]
+    fn short_string_equality_agrees_with_eq() {
+        let words = [
+            "",
+            "a",
+            "ab",
+            "abc",
+            "abcd",
+            "abce",
+            "abcde",
+            "search",
+            "searcH",
+            "pageview",
+            "purchase",
+            "smartphone",
+            "smartphonf",
+            "Novosibirsk",
+            "site1.example",
+            "site1.examplf",
+            "0123456789abcdef",
+            "0123456789abcdeF",
+            "0123456789abcdefg",
+            "0123456789abcdefh",
+            "Новосибирск",
+        ];
+        for a in words {
+            for b in words {
+                assert_eq!(same(a, b), a == b, "{a:?} {b:?}");
+            }
+        }
+    }
 
     #[test]
     fn given_urls_when_split_then_host_and_path() {

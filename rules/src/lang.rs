@@ -312,13 +312,132 @@ pub enum Expr {
     /// Membership in a literal list.
     In(Box<Expr>, Vec<Expr>),
     /// Events matching a condition within a window (None: all history).
-    Count(Box<Expr>, Option<i64>),
+    Count(Box<Cond>, Option<i64>),
     /// At least one event matching within a window.
-    Any(Box<Expr>, Option<i64>),
+    Any(Box<Cond>, Option<i64>),
     /// Time since the newest event matching (ms); infinite when none.
-    Since(Box<Expr>),
+    Since(Box<Cond>),
     /// Text as a number (missing when it is not one).
     ToNum(Box<Expr>),
+}
+
+/// An event condition (the argument of `count`, `any`, `since`), with its compiled form: the
+/// aggregates test it against every event of the window, so it is the hot path of evaluation.
+#[derive(Debug, Clone)]
+pub struct Cond {
+    /// The checked expression.
+    pub expr: Expr,
+    /// The same, compiled.
+    pub(crate) pred: Pred,
+}
+
+impl Cond {
+    fn new(expr: Expr) -> Cond {
+        let pred = Pred::compile(&expr);
+        Cond { expr, pred }
+    }
+}
+
+/// A compiled event condition: the common shapes (a field against literals, substring, prefix,
+/// regex, and / or / not of those) tested without building intermediate values; anything else
+/// falls back to the expression interpreter.
+#[derive(Debug, Clone)]
+pub(crate) enum Pred {
+    Const(bool),
+    /// `field == lit` (`eq`) or `field != lit`; a missing field is false either way.
+    Eq {
+        field: Field,
+        lit: Box<str>,
+        eq: bool,
+    },
+    /// `field in [lits]`.
+    In {
+        field: Field,
+        lits: Box<[Box<str>]>,
+    },
+    /// `field contains needle` (the needle lowercased at parse time, the field lowercased).
+    Contains {
+        field: Field,
+        needle: Box<str>,
+    },
+    /// `field ~ "^literal"`: a regex that is only an anchored literal.
+    Prefix {
+        field: Field,
+        lit: Box<str>,
+    },
+    /// `field ~ re`.
+    Regex {
+        field: Field,
+        re: regex::Regex,
+    },
+    And(Box<[Pred]>),
+    Or(Box<[Pred]>),
+    Not(Box<Pred>),
+    /// Interpreted.
+    Expr(Box<Expr>),
+}
+
+impl Pred {
+    fn compile(e: &Expr) -> Pred {
+        match e {
+            Expr::Bool(b) => Pred::Const(*b),
+            Expr::And(xs) => Pred::And(xs.iter().map(Pred::compile).collect()),
+            Expr::Or(xs) => Pred::Or(xs.iter().map(Pred::compile).collect()),
+            Expr::Not(x) => Pred::Not(Box::new(Pred::compile(x))),
+            Expr::Cmp(a, op @ (CmpOp::Eq | CmpOp::Ne), b) => match (a.as_ref(), b.as_ref()) {
+                (Expr::Field(f), Expr::Str(s)) | (Expr::Str(s), Expr::Field(f)) => Pred::Eq {
+                    field: f.clone(),
+                    lit: s.as_str().into(),
+                    eq: *op == CmpOp::Eq,
+                },
+                _ => Pred::Expr(Box::new(e.clone())),
+            },
+            Expr::In(a, items) => match (a.as_ref(), literal_strs(items)) {
+                (Expr::Field(f), Some(lits)) => Pred::In {
+                    field: f.clone(),
+                    lits,
+                },
+                _ => Pred::Expr(Box::new(e.clone())),
+            },
+            Expr::Contains(a, b) => match (a.as_ref(), b.as_ref()) {
+                (Expr::Field(f), Expr::Str(s)) => Pred::Contains {
+                    field: f.clone(),
+                    needle: s.as_str().into(),
+                },
+                _ => Pred::Expr(Box::new(e.clone())),
+            },
+            Expr::Matches(a, re) => match a.as_ref() {
+                Expr::Field(f) => match anchored_literal(re.as_str()) {
+                    Some(lit) => Pred::Prefix {
+                        field: f.clone(),
+                        lit: lit.into(),
+                    },
+                    None => Pred::Regex {
+                        field: f.clone(),
+                        re: re.clone(),
+                    },
+                },
+                _ => Pred::Expr(Box::new(e.clone())),
+            },
+            _ => Pred::Expr(Box::new(e.clone())),
+        }
+    }
+}
+
+fn literal_strs(items: &[Expr]) -> Option<Box<[Box<str>]>> {
+    items
+        .iter()
+        .map(|i| match i {
+            Expr::Str(s) => Some(s.as_str().into()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// `^literal` with no regex syntax after the anchor: the literal.
+fn anchored_literal(pattern: &str) -> Option<&str> {
+    let lit = pattern.strip_prefix('^')?;
+    (!lit.is_empty() && regex::escape(lit) == lit).then_some(lit)
 }
 
 struct Parser {
@@ -553,16 +672,24 @@ impl Parser {
                 let window = self.window()?;
                 self.expect(Tok::RParen, ")")?;
                 return Ok(if name == "count" {
-                    (Expr::Count(Box::new(cond), window), Type::Num, pos)
+                    (
+                        Expr::Count(Box::new(Cond::new(cond)), window),
+                        Type::Num,
+                        pos,
+                    )
                 } else {
-                    (Expr::Any(Box::new(cond), window), Type::Bool, pos)
+                    (
+                        Expr::Any(Box::new(Cond::new(cond)), window),
+                        Type::Bool,
+                        pos,
+                    )
                 });
             }
             ("since", true) => {
                 self.next();
                 let cond = self.event_condition(scope, &name, pos)?;
                 self.expect(Tok::RParen, ")")?;
-                return Ok((Expr::Since(Box::new(cond)), Type::Dur, pos));
+                return Ok((Expr::Since(Box::new(Cond::new(cond))), Type::Dur, pos));
             }
             ("attr", true) => {
                 let a = self.string_arg("attr")?;
@@ -679,12 +806,8 @@ pub fn parse(src: &str) -> Result<Expr, LangError> {
 pub fn segment_refs(e: &Expr, out: &mut Vec<String>) {
     match e {
         Expr::Segment(s) => out.push(s.clone()),
-        Expr::Not(x)
-        | Expr::Count(x, _)
-        | Expr::Any(x, _)
-        | Expr::Since(x)
-        | Expr::ToNum(x)
-        | Expr::Matches(x, _) => segment_refs(x, out),
+        Expr::Count(c, _) | Expr::Any(c, _) | Expr::Since(c) => segment_refs(&c.expr, out),
+        Expr::Not(x) | Expr::ToNum(x) | Expr::Matches(x, _) => segment_refs(x, out),
         Expr::And(v) | Expr::Or(v) => v.iter().for_each(|x| segment_refs(x, out)),
         Expr::Cmp(a, _, b) | Expr::Contains(a, b) => {
             segment_refs(a, out);

@@ -73,7 +73,8 @@ pub trait Rule: Send + Sync {
 /// whether evidence is wanted (building it costs; the segmenter does not ask for it).
 #[derive(Debug, Default)]
 pub struct Context<'a> {
-    /// Segment id -> whether the user is in it, for segments evaluated earlier.
+    /// Segment id -> whether the user is in it, for the segments evaluated earlier that some rule
+    /// depends on ([`Rule::depends_on`]).
     pub segments: HashMap<&'a str, bool>,
     /// Fill [`Outcome::evidence`].
     pub explain: bool,
@@ -130,6 +131,9 @@ pub struct Evaluation {
 pub struct RuleSet {
     version: String,
     rules: Vec<Arc<dyn Rule>>,
+    /// Per rule (same order): whether another rule reads its result (only those go into the
+    /// [`Context`]).
+    referenced: Vec<bool>,
     /// Evaluations so far; one in [`TIMING_SAMPLE`] times each rule.
     evaluations: std::sync::atomic::AtomicU64,
 }
@@ -209,8 +213,12 @@ impl RuleSet {
                 ))]);
             }
         }
+        let read: std::collections::HashSet<String> =
+            order.iter().flat_map(|r| r.depends_on()).collect();
+        let referenced = order.iter().map(|r| read.contains(r.id())).collect();
         Ok(RuleSet {
             version,
+            referenced,
             rules: order,
             evaluations: std::sync::atomic::AtomicU64::new(0),
         })
@@ -250,11 +258,11 @@ impl RuleSet {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             .is_multiple_of(TIMING_SAMPLE);
         let mut ctx = Context {
-            segments: HashMap::with_capacity(self.rules.len()),
+            segments: HashMap::new(),
             explain,
         };
         let mut out = Evaluation::default();
-        for r in &self.rules {
+        for (r, referenced) in self.rules.iter().zip(&self.referenced) {
             if let Mode::Shadow { sample } = r.mode() {
                 if !in_sample(&row.key, r.id(), sample) {
                     continue;
@@ -272,7 +280,9 @@ impl RuleSet {
             if let Some(t) = o.recheck_at {
                 out.recheck_at = Some(out.recheck_at.map_or(t, |x: i64| x.min(t)));
             }
-            ctx.segments.insert(r.id(), o.matched);
+            if *referenced {
+                ctx.segments.insert(r.id(), o.matched);
+            }
             if o.matched {
                 match r.mode() {
                     Mode::Live => out.live.insert(r.id().to_string(), o),

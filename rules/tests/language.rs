@@ -303,6 +303,22 @@ when = '''count(type == "search", 7d) >= 3'''
         .evaluate(&r, NOW - DAY_MS + 7 * DAY_MS + 1)
         .live
         .contains_key("recent"));
+    // any() holds until its newest match leaves the window (not its oldest), explained or not.
+    let s = set("[[segment]]\nid = \"searched\"\nwhen = '''any(type == \"search\", 7d)'''\n");
+    let newest_leaves = NOW - DAY_MS + 7 * DAY_MS + 1;
+    assert_eq!(s.evaluate(&r, NOW).recheck_at, Some(newest_leaves));
+    let explained = s.explain(&r, NOW);
+    assert_eq!(explained.recheck_at, Some(newest_leaves));
+    assert_eq!(
+        explained.live["searched"].evidence.len(),
+        3,
+        "explain walks every match"
+    );
+    assert!(s
+        .evaluate(&r, newest_leaves - 1)
+        .live
+        .contains_key("searched"));
+    assert!(!s.evaluate(&r, newest_leaves).live.contains_key("searched"));
 }
 
 #[test]

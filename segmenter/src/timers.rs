@@ -146,8 +146,12 @@ pub fn scan_due(
     };
     let mut out = Vec::new();
     let mut after = prefix.clone();
+    // The scan has no end key: pages start small (usually few timers are due) and grow while
+    // every row of a page is due.
+    let mut page_size = 16;
     while out.len() < max {
-        let page = store.scan(Some(&after), (max - out.len()).min(1000), &template)?;
+        let page = store.scan(Some(&after), (max - out.len()).min(page_size), &template)?;
+        page_size = (page_size * 4).min(1000);
         let Some(last) = page.last() else { break };
         after = last.key.clone();
         for row in &page {
