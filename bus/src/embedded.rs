@@ -434,6 +434,9 @@ impl EmbeddedBus {
         };
         let mut pos = from;
         let mut taken = 0usize;
+        // One allocation for the whole poll: growing record by record reallocates (and copies)
+        // the vector a dozen times, each time into fresh memory the kernel must zero.
+        out.reserve((high - from).min(max as u64) as usize);
         for kv in self.inner.log.range(start..log_key(t.id, p, high).to_vec()) {
             let (k, v) = kv.into_inner()?;
             let base = be_u64(&k[8..])?;

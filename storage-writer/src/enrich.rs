@@ -122,7 +122,9 @@ pub struct Enricher {
     geo: Vec<maxminddb::Reader<Vec<u8>>>,
     crawlers: regex::RegexSet,
     parser: woothee::parser::Parser,
-    ua_cache: lru::LruCache<u64, UserAgent>,
+    /// Parsed user agents by their text, hashed with a fast non-cryptographic hash (the
+    /// dictionary id, a cryptographic hash, is only computed on a miss).
+    ua_cache: lru::LruCache<Box<str>, UserAgent, foldhash::fast::RandomState>,
 }
 
 impl Enricher {
@@ -184,7 +186,10 @@ impl Enricher {
             geo,
             crawlers,
             parser: woothee::parser::Parser::new(),
-            ua_cache: lru::LruCache::new(NonZeroUsize::new(50_000).expect("non-zero")),
+            ua_cache: lru::LruCache::with_hasher(
+                NonZeroUsize::new(50_000).expect("non-zero"),
+                foldhash::fast::RandomState::default(),
+            ),
         })
     }
 
@@ -263,10 +268,10 @@ impl Enricher {
 
     /// The dictionary id and parse of a user agent (cached).
     pub fn user_agent(&mut self, ua: &str) -> UserAgent {
-        let id = ua_id(ua);
-        if let Some(hit) = self.ua_cache.get(&id) {
+        if let Some(hit) = self.ua_cache.get(ua) {
             return hit.clone();
         }
+        let id = ua_id(ua);
         let parsed = self.parser.parse(ua);
         let crawler = self.crawlers.is_match(ua);
         let info = match parsed {
@@ -299,7 +304,7 @@ impl Enricher {
                 crawler,
             },
         };
-        self.ua_cache.put(id, info.clone());
+        self.ua_cache.put(ua.into(), info.clone());
         info
     }
 }

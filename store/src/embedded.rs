@@ -391,6 +391,7 @@ impl UserStore for EmbeddedStore {
         }
         let mut batch = self.db.db.batch().durability(self.db.batch_durability());
         let mut seq = self.next_seqs(puts.len() as u64, &mut batch);
+        let mut kvs = Vec::with_capacity(puts.len());
         for p in puts {
             if p.cells.is_empty() {
                 continue;
@@ -400,7 +401,13 @@ impl UserStore for EmbeddedStore {
             key.extend_from_slice(&[0, 1]);
             key.extend_from_slice(&seq.to_be_bytes());
             seq += 1;
-            batch.insert(&self.rows, key, codec::encode(&p.cells));
+            kvs.push((key, codec::encode(&p.cells)));
+        }
+        // In key order: consecutive memtable inserts then walk nearby skiplist nodes (that are in
+        // cache) instead of a random path each. Keys are unique (sequence numbers).
+        kvs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        for (key, value) in kvs {
+            batch.insert(&self.rows, key, value);
         }
         batch.commit()?;
         Ok(())
