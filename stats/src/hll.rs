@@ -3,8 +3,8 @@
 //! value), and Redis 7's estimator (Ertl's improved raw estimator). The same elements give the
 //! same registers and the same count as `PFADD`/`PFCOUNT`.
 //!
-//! Registers are kept one byte each in memory. Redis's own byte layout (dense 6-bit registers,
-//! sparse encoding) is not implemented yet (stats issue).
+//! Registers are kept one byte each in memory (fast to update and merge); [`crate::redis_format`]
+//! reads and writes Redis's own bytes (sparse and dense encodings).
 
 /// Registers: 2^14.
 pub const REGISTERS: usize = 1 << 14;
@@ -93,18 +93,21 @@ impl Hll {
 
     /// The estimated number of distinct elements, as Redis 7's PFCOUNT computes it.
     pub fn count(&self) -> u64 {
-        let m = REGISTERS as f64;
         let mut histo = [0u32; 64];
         for r in self.registers.iter() {
             histo[*r as usize] += 1;
         }
-        let mut z = m * tau((m - histo[Q as usize + 1] as f64) / m);
-        for j in (1..=Q as usize).rev() {
-            z += histo[j] as f64;
-            z *= 0.5;
+        estimate(&histo)
+    }
+
+    /// Sets register `i` to at least `v`; true when it changed.
+    pub fn raise(&mut self, i: usize, v: u8) -> bool {
+        if self.registers[i] < v {
+            self.registers[i] = v;
+            true
+        } else {
+            false
         }
-        z += m * sigma(histo[0] as f64 / m);
-        (ALPHA_INF * m * m / z).round() as u64
     }
 
     /// The raw registers (one byte each), for persistence.
@@ -118,6 +121,18 @@ impl Hll {
             registers: bytes.to_vec().into_boxed_slice(),
         })
     }
+}
+
+/// Redis 7's estimate from the histogram of register values (Ertl's improved raw estimator).
+pub(crate) fn estimate(histo: &[u32; 64]) -> u64 {
+    let m = REGISTERS as f64;
+    let mut z = m * tau((m - histo[Q as usize + 1] as f64) / m);
+    for j in (1..=Q as usize).rev() {
+        z += histo[j] as f64;
+        z *= 0.5;
+    }
+    z += m * sigma(histo[0] as f64 / m);
+    (ALPHA_INF * m * m / z).round() as u64
 }
 
 fn sigma(mut x: f64) -> f64 {
