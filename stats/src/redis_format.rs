@@ -279,7 +279,7 @@ impl RedisHll {
             dense |= !s.is_sparse();
         }
         if dense && self.is_sparse() {
-            self.to_dense();
+            self.make_dense();
         }
         for (i, v) in max.into_iter().enumerate() {
             if v > 0 {
@@ -311,7 +311,7 @@ impl RedisHll {
         }
     }
 
-    fn to_dense(&mut self) {
+    fn make_dense(&mut self) {
         let mut dense = vec![0u8; DENSE_SIZE];
         dense[..HEADER].copy_from_slice(&self.bytes[..HEADER]);
         dense[4] = DENSE;
@@ -328,7 +328,7 @@ impl RedisHll {
     }
 
     fn promote(&mut self, i: usize, v: u8) -> bool {
-        self.to_dense();
+        self.make_dense();
         self.dense_set(i, v)
     }
 
