@@ -74,6 +74,8 @@ pub struct Config {
     pub storage_writer: StorageWriterConfig,
     /// The segmenter role.
     pub segmenter: SegmenterConfig,
+    /// Segment counters and audience estimates.
+    pub stats: StatsConfig,
     /// Logs and metrics.
     pub telemetry: TelemetryConfig,
 }
@@ -265,6 +267,26 @@ pub struct SegmenterConfig {
     pub timer_scan_max: usize,
     /// Commit interval, ms.
     pub commit_interval_ms: u64,
+}
+
+/// `[stats]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatsConfig {
+    /// Days a (segment, day) sketch is kept after its day.
+    pub retention_days: u32,
+    /// Redis: `batched` (many users per script call) or `per_user` (one call per user).
+    pub redis_mode: String,
+    /// Redis: users waiting to be counted; beyond, updates are dropped (and counted).
+    pub queue_capacity: usize,
+    /// Redis: distinct keys per script call.
+    pub max_keys_per_call: usize,
+    /// Redis: (key, user) updates per script call.
+    pub max_updates_per_call: usize,
+    /// Redis: how long to wait for a reply, ms.
+    pub response_timeout_ms: u64,
+    /// How long `flush` waits for queued updates to be written, ms.
+    pub flush_timeout_ms: u64,
 }
 
 /// `[storage_writer]`.
@@ -606,6 +628,44 @@ impl Config {
             10,
             60_000,
         )?;
+        let st = &self.stats;
+        range("stats.retention_days", st.retention_days as u64, 1, 3650)?;
+        if !matches!(st.redis_mode.as_str(), "batched" | "per_user") {
+            return Err(ConfigError::key(
+                "stats.redis_mode",
+                format!(
+                    "must be \"batched\" or \"per_user\", not {:?}",
+                    st.redis_mode
+                ),
+            ));
+        }
+        range(
+            "stats.queue_capacity",
+            st.queue_capacity as u64,
+            1,
+            100_000_000,
+        )?;
+        range(
+            "stats.max_keys_per_call",
+            st.max_keys_per_call as u64,
+            1,
+            100_000,
+        )?;
+        range(
+            "stats.max_updates_per_call",
+            st.max_updates_per_call as u64,
+            1,
+            1_000_000,
+        )?;
+        // Below Redis's busy-reply threshold (5 s by default): a slow call is retried by us
+        // before Redis starts answering BUSY to everyone.
+        range(
+            "stats.response_timeout_ms",
+            st.response_timeout_ms,
+            10,
+            4_000,
+        )?;
+        range("stats.flush_timeout_ms", st.flush_timeout_ms, 10, 600_000)?;
         if !matches!(self.telemetry.log_format.as_str(), "text" | "json") {
             return Err(ConfigError::key(
                 "telemetry.log_format",

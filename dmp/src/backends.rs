@@ -50,7 +50,9 @@ fn open_bus(cfg: &Config, db: Option<&EmbeddedDatabase>) -> anyhow::Result<Arc<d
 impl Backends {
     /// Opens every backend and creates dmp's topics that are missing.
     pub async fn open(cfg: &Config) -> anyhow::Result<Backends> {
-        let needs_db = cfg.backends.bus == "embedded" || cfg.backends.store == "embedded";
+        let needs_db = cfg.backends.bus == "embedded"
+            || cfg.backends.store == "embedded"
+            || cfg.backends.stats == "embedded";
         let db = needs_db.then(|| open_db(cfg)).transpose()?;
         let bus = open_bus(cfg, db.as_ref())?;
         let store = dmp_store::open(&cfg.backends.store, db.as_ref(), &cfg.store)?;

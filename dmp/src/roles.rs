@@ -62,18 +62,9 @@ pub async fn run(cfg: Config, roles: Roles, listen: Option<String>) -> anyhow::R
     if roles.segmenter {
         let mut seg =
             dmp_segmenter::Segmenter::new(backends.bus.clone(), backends.store.clone(), &cfg)?;
-        match (&backends.db, cfg.backends.stats.as_str()) {
-            (Some(db), "embedded") => {
-                seg = seg.with_counters(Arc::new(dmp_stats::EmbeddedCounters::open(db)?));
-            }
-            (None, "embedded") => tracing::warn!(
-                "embedded counters need the embedded database; segments are not counted"
-            ),
-            (_, other) => tracing::warn!(
-                stats = other,
-                "the redis counter backend is not built yet (stats issue); segments are not counted"
-            ),
-        }
+        let counters = dmp_stats::open(&cfg.backends.stats, backends.db.as_ref(), &cfg.stats)?;
+        tracing::info!(backend = counters.backend_name(), "segment counters");
+        seg = seg.with_counters(counters);
         let rx = stop_rx.clone();
         tasks.push((
             "segmenter",

@@ -292,11 +292,11 @@ async fn given_events_when_rules_match_then_segment_records_and_row_memberships_
     // Counted per day, in the segment and in `all` (HLL: exact at this size).
     let today = dmp_stats::day_of(dmp_core::clock::now_ms());
     use dmp_stats::SegmentCounters;
-    assert_eq!(p.counters.count("mortgage_seekers", today), 1);
-    assert_eq!(p.counters.count("cats", today), 1);
-    assert_eq!(p.counters.count(dmp_stats::ALL, today), 2);
+    assert_eq!(p.counters.count("mortgage_seekers", today).unwrap(), 1);
+    assert_eq!(p.counters.count("cats", today).unwrap(), 1);
+    assert_eq!(p.counters.count(dmp_stats::ALL, today).unwrap(), 2);
     assert_eq!(
-        p.counters.count("trial", today),
+        p.counters.count("trial", today).unwrap(),
         0,
         "shadow results are never counted"
     );

@@ -21,6 +21,12 @@ pub enum StatsError {
     /// A stored sketch could not be read.
     #[error("corrupt sketch {0}")]
     Corrupt(String),
+    /// Redis failed or is unreachable.
+    #[error("redis: {0}")]
+    Redis(String),
+    /// The configuration names no usable backend.
+    #[error("{0}")]
+    Config(String),
 }
 
 /// The pseudo-segment every evaluated user is counted in (NOT needs it).
@@ -48,9 +54,44 @@ pub trait SegmentCounters: Send + Sync {
     /// Counts `uid` on `day` in each of `segments` and in [`ALL`].
     fn record(&self, day: u32, uid: &str, segments: &[&str]);
     /// The estimated number of distinct users of `segment` on `day`.
-    fn count(&self, segment: &str, day: u32) -> u64;
+    fn count(&self, segment: &str, day: u32) -> Result<u64, StatsError> {
+        Ok(self.sketch(segment, day)?.map_or(0, |h| h.count()))
+    }
+    /// The sketch of `segment` on `day` (None: nobody counted).
+    fn sketch(&self, segment: &str, day: u32) -> Result<Option<Hll>, StatsError>;
+    /// Every (segment, day) with a sketch.
+    fn segments(&self) -> Result<Vec<(String, u32)>, StatsError>;
     /// Makes recorded updates durable.
     fn flush(&self) -> Result<(), StatsError>;
+    /// The backend's name (`embedded`, `redis`).
+    fn backend_name(&self) -> &'static str;
+}
+
+/// The day `days` before `day` (both `yyyymmdd`).
+pub fn days_before(day: u32, days: u32) -> u32 {
+    day_of(epoch_ms_of(day) - days as i64 * dmp_core::clock::DAY_MS)
+}
+
+/// Epoch ms of the start of a `yyyymmdd` day (UTC).
+pub fn epoch_ms_of(day: u32) -> i64 {
+    // Days-from-civil (H. Hinnant).
+    let (y, m, d) = (
+        (day / 10_000) as i64,
+        ((day / 100) % 100) as i64,
+        (day % 100) as i64,
+    );
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = if m > 2 { m - 3 } else { m + 9 };
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    (era * 146_097 + doe - 719_468) * dmp_core::clock::DAY_MS
+}
+
+/// Whether `day` is a real `yyyymmdd` date.
+pub fn valid_day(day: u32) -> bool {
+    day_of(epoch_ms_of(day)) == day && (19_700_101..=99_991_231).contains(&day)
 }
 
 const SHARDS: usize = 16;
@@ -66,6 +107,8 @@ struct Shard {
 pub struct EmbeddedCounters {
     shards: Vec<Mutex<Shard>>,
     store: Option<(dmp_store::embedded::EmbeddedDatabase, fjall::Keyspace)>,
+    /// Sketches of days older than this many days are dropped at flush (0: kept).
+    retention_days: u32,
 }
 
 fn key(segment: &str, day: u32) -> Vec<u8> {
@@ -85,7 +128,14 @@ impl EmbeddedCounters {
         EmbeddedCounters {
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             store: None,
+            retention_days: 0,
         }
+    }
+
+    /// Drops sketches of days more than `days` before today at each flush.
+    pub fn with_retention(mut self, days: u32) -> EmbeddedCounters {
+        self.retention_days = days;
+        self
     }
 
     /// Counters persisted in the embedded database; loads every stored sketch.
@@ -93,10 +143,7 @@ impl EmbeddedCounters {
         db: &dmp_store::embedded::EmbeddedDatabase,
     ) -> Result<EmbeddedCounters, StatsError> {
         let ks = db.keyspace(KEYSPACE)?;
-        let c = EmbeddedCounters {
-            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
-            store: None,
-        };
+        let c = EmbeddedCounters::in_memory();
         for kv in ks.iter() {
             let (k, v) = kv.into_inner()?;
             let sep = k
@@ -139,19 +186,59 @@ impl SegmentCounters for EmbeddedCounters {
         }
     }
 
-    fn count(&self, segment: &str, day: u32) -> u64 {
-        self.shards[shard_of(segment)]
+    fn count(&self, segment: &str, day: u32) -> Result<u64, StatsError> {
+        Ok(self.shards[shard_of(segment)]
             .lock()
             .sketches
             .get(&(segment.to_string(), day))
-            .map_or(0, Hll::count)
+            .map_or(0, Hll::count))
+    }
+
+    fn sketch(&self, segment: &str, day: u32) -> Result<Option<Hll>, StatsError> {
+        Ok(self.shards[shard_of(segment)]
+            .lock()
+            .sketches
+            .get(&(segment.to_string(), day))
+            .cloned())
+    }
+
+    fn segments(&self) -> Result<Vec<(String, u32)>, StatsError> {
+        let mut out: Vec<(String, u32)> = self
+            .shards
+            .iter()
+            .flat_map(|s| s.lock().sketches.keys().cloned().collect::<Vec<_>>())
+            .collect();
+        out.sort();
+        Ok(out)
     }
 
     fn flush(&self) -> Result<(), StatsError> {
+        let oldest = (self.retention_days > 0)
+            .then(|| days_before(day_of(dmp_core::clock::now_ms()), self.retention_days));
+        let mut expired = Vec::new();
+        for shard in &self.shards {
+            let mut s = shard.lock();
+            if let Some(oldest) = oldest {
+                let old: Vec<(String, u32)> = s
+                    .sketches
+                    .keys()
+                    .filter(|(_, d)| *d < oldest)
+                    .cloned()
+                    .collect();
+                for k in old {
+                    s.sketches.remove(&k);
+                    s.dirty.remove(&k);
+                    expired.push(k);
+                }
+            }
+        }
         let Some((db, ks)) = &self.store else {
             return Ok(());
         };
         let mut batch = db.db().batch().durability(db.batch_durability());
+        for (seg, day) in expired {
+            batch.remove(ks, key(&seg, day));
+        }
         for shard in &self.shards {
             let mut s = shard.lock();
             let dirty: Vec<(String, u32)> = s.dirty.drain().collect();
@@ -163,6 +250,10 @@ impl SegmentCounters for EmbeddedCounters {
         }
         batch.commit()?;
         Ok(())
+    }
+
+    fn backend_name(&self) -> &'static str {
+        "embedded"
     }
 }
 
@@ -187,9 +278,9 @@ mod tests {
             c.record(20_261_122, &uid, &segs); // replays do not inflate
         }
         let near = |a: u64, b: u64| (a as f64 - b as f64).abs() <= b as f64 * 0.03;
-        assert!(near(c.count("even", 20_261_122), 500));
-        assert!(near(c.count(ALL, 20_261_122), 1000));
-        assert_eq!(c.count("even", 20_261_123), 0);
+        assert!(near(c.count("even", 20_261_122).unwrap(), 500));
+        assert!(near(c.count(ALL, 20_261_122).unwrap(), 1000));
+        assert_eq!(c.count("even", 20_261_123).unwrap(), 0);
     }
 
     #[test]
@@ -201,10 +292,44 @@ mod tests {
             c.record(20_261_122, &format!("u{i}"), &["cats"]);
         }
         c.flush().unwrap();
-        let before = c.count("cats", 20_261_122);
+        let before = c.count("cats", 20_261_122).unwrap();
         drop(c);
         let again = EmbeddedCounters::open(&db).unwrap();
-        assert_eq!(again.count("cats", 20_261_122), before);
-        assert_eq!(again.count(ALL, 20_261_122), before);
+        assert_eq!(again.count("cats", 20_261_122).unwrap(), before);
+        assert_eq!(again.count(ALL, 20_261_122).unwrap(), before);
+    }
+
+    #[test]
+    fn given_days_when_converted_then_round_trip_and_invalid_dates_are_refused() {
+        for day in [19_700_101, 20_000_229, 20_261_122, 20_261_231, 20_270_101] {
+            assert_eq!(day_of(epoch_ms_of(day)), day);
+            assert!(valid_day(day));
+        }
+        assert_eq!(days_before(20_260_301, 1), 20_260_228);
+        assert_eq!(days_before(20_240_301, 1), 20_240_229);
+        for bad in [20_260_230, 20_261_301, 20_261_100, 19_691_231, 2_026_112] {
+            assert!(!valid_day(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn given_retention_when_flushed_then_old_days_are_dropped_on_disk_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, _store) = dmp_store::embedded::open_temp(dir.path()).unwrap();
+        let today = day_of(dmp_core::clock::now_ms());
+        let c = EmbeddedCounters::open(&db).unwrap().with_retention(30);
+        c.record(today, "u", &["cats"]);
+        c.record(days_before(today, 30), "u", &["cats"]);
+        c.record(days_before(today, 31), "u", &["cats"]);
+        c.flush().unwrap();
+        assert_eq!(c.count("cats", days_before(today, 30)).unwrap(), 1);
+        assert_eq!(c.count("cats", days_before(today, 31)).unwrap(), 0);
+        drop(c);
+        let again = EmbeddedCounters::open(&db).unwrap();
+        assert_eq!(
+            again.segments().unwrap().len(),
+            4,
+            "cats and all, two days each"
+        );
     }
 }
