@@ -649,7 +649,7 @@ impl Config {
             "stats.max_keys_per_call",
             st.max_keys_per_call as u64,
             1,
-            100_000,
+            65_536,
         )?;
         range(
             "stats.max_updates_per_call",

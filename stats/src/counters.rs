@@ -99,8 +99,42 @@ const KEYSPACE: &str = "stats.hll";
 
 #[derive(Default)]
 struct Shard {
-    sketches: HashMap<(String, u32), Hll>,
+    /// segment -> day -> sketch (nested, so a lookup by `&str` allocates nothing).
+    sketches: HashMap<Box<str>, HashMap<u32, Hll>, foldhash::fast::RandomState>,
     dirty: HashSet<(String, u32)>,
+}
+
+impl Shard {
+    fn get(&self, segment: &str, day: u32) -> Option<&Hll> {
+        self.sketches.get(segment)?.get(&day)
+    }
+
+    fn get_or_insert(&mut self, segment: &str, day: u32) -> &mut Hll {
+        if !self.sketches.contains_key(segment) {
+            self.sketches.insert(segment.into(), HashMap::new());
+        }
+        self.sketches
+            .get_mut(segment)
+            .expect("inserted above")
+            .entry(day)
+            .or_default()
+    }
+
+    fn keys(&self) -> Vec<(String, u32)> {
+        self.sketches
+            .iter()
+            .flat_map(|(s, days)| days.keys().map(|d| (s.to_string(), *d)))
+            .collect()
+    }
+
+    fn remove(&mut self, segment: &str, day: u32) {
+        if let Some(days) = self.sketches.get_mut(segment) {
+            days.remove(&day);
+            if days.is_empty() {
+                self.sketches.remove(segment);
+            }
+        }
+    }
 }
 
 /// Counters kept in memory and flushed to the embedded database.
@@ -158,10 +192,9 @@ impl EmbeddedCounters {
             );
             let hll =
                 Hll::from_registers(&v).ok_or_else(|| StatsError::Corrupt(segment.clone()))?;
-            c.shards[shard_of(&segment)]
+            *c.shards[shard_of(&segment)]
                 .lock()
-                .sketches
-                .insert((segment, day), hll);
+                .get_or_insert(&segment, day) = hll;
         }
         Ok(EmbeddedCounters {
             store: Some((db.clone(), ks)),
@@ -174,14 +207,8 @@ impl SegmentCounters for EmbeddedCounters {
     fn record(&self, day: u32, uid: &str, segments: &[&str]) {
         for seg in segments.iter().copied().chain(std::iter::once(ALL)) {
             let mut shard = self.shards[shard_of(seg)].lock();
-            let k = (seg.to_string(), day);
-            let changed = shard
-                .sketches
-                .entry(k.clone())
-                .or_default()
-                .add(uid.as_bytes());
-            if changed {
-                shard.dirty.insert(k);
+            if shard.get_or_insert(seg, day).add(uid.as_bytes()) {
+                shard.dirty.insert((seg.to_string(), day));
             }
         }
     }
@@ -189,25 +216,20 @@ impl SegmentCounters for EmbeddedCounters {
     fn count(&self, segment: &str, day: u32) -> Result<u64, StatsError> {
         Ok(self.shards[shard_of(segment)]
             .lock()
-            .sketches
-            .get(&(segment.to_string(), day))
+            .get(segment, day)
             .map_or(0, Hll::count))
     }
 
     fn sketch(&self, segment: &str, day: u32) -> Result<Option<Hll>, StatsError> {
         Ok(self.shards[shard_of(segment)]
             .lock()
-            .sketches
-            .get(&(segment.to_string(), day))
+            .get(segment, day)
             .cloned())
     }
 
     fn segments(&self) -> Result<Vec<(String, u32)>, StatsError> {
-        let mut out: Vec<(String, u32)> = self
-            .shards
-            .iter()
-            .flat_map(|s| s.lock().sketches.keys().cloned().collect::<Vec<_>>())
-            .collect();
+        let mut out: Vec<(String, u32)> =
+            self.shards.iter().flat_map(|s| s.lock().keys()).collect();
         out.sort();
         Ok(out)
     }
@@ -219,14 +241,10 @@ impl SegmentCounters for EmbeddedCounters {
         for shard in &self.shards {
             let mut s = shard.lock();
             if let Some(oldest) = oldest {
-                let old: Vec<(String, u32)> = s
-                    .sketches
-                    .keys()
-                    .filter(|(_, d)| *d < oldest)
-                    .cloned()
-                    .collect();
+                let old: Vec<(String, u32)> =
+                    s.keys().into_iter().filter(|(_, d)| *d < oldest).collect();
                 for k in old {
-                    s.sketches.remove(&k);
+                    s.remove(&k.0, k.1);
                     s.dirty.remove(&k);
                     expired.push(k);
                 }
@@ -243,7 +261,7 @@ impl SegmentCounters for EmbeddedCounters {
             let mut s = shard.lock();
             let dirty: Vec<(String, u32)> = s.dirty.drain().collect();
             for k in dirty {
-                if let Some(h) = s.sketches.get(&k) {
+                if let Some(h) = s.get(&k.0, k.1) {
                     batch.insert(ks, key(&k.0, k.1), h.registers().to_vec());
                 }
             }

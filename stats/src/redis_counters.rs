@@ -29,16 +29,23 @@ use crate::redis_format::RedisHll;
 pub const PREFIX: &str = "dmp:hll:";
 
 /// The batched script. KEYS: the distinct keys of the call. ARGV[1..#KEYS]: the EXPIREAT time of
-/// each key (0: none); then pairs (key index, uid). Updates are grouped by key, and each key gets
-/// one PFADD (in slices of 4000 to stay under Lua's unpack limit).
+/// each key (0: none); then pairs (uid, its keys), the keys as 2-byte big-endian indexes into KEYS
+/// (0-based), so a user costs two arguments whatever its segment count. Updates are grouped by key
+/// inside the script, and each key gets one PFADD (in slices of 4000, under Lua's unpack limit).
 pub const BATCHED_SCRIPT: &str = r#"
 local nkeys = #KEYS
 local groups = {}
+local byte = string.byte
 for i = nkeys + 1, #ARGV, 2 do
-  local k = tonumber(ARGV[i])
-  local g = groups[k]
-  if g == nil then g = {}; groups[k] = g end
-  g[#g + 1] = ARGV[i + 1]
+  local uid = ARGV[i]
+  local ks = ARGV[i + 1]
+  for j = 1, #ks, 2 do
+    local hi, lo = byte(ks, j, j + 1)
+    local k = hi * 256 + lo + 1
+    local g = groups[k]
+    if g == nil then g = {}; groups[k] = g end
+    g[#g + 1] = uid
+  end
 end
 local changed = 0
 for k, uids in pairs(groups) do
@@ -127,14 +134,39 @@ mod metric {
     pub const QUEUE: &str = "dmp_stats_queue_users";
 }
 
-/// One user's memberships of one day.
+/// One user's memberships of one day (segments as interned ids, [`ALL`] included).
 struct Update {
     day: u32,
     uid: Box<str>,
-    segments: Vec<Box<str>>,
+    segments: Vec<u32>,
+}
+
+/// Segment names <-> small ids, shared by the recording threads and the writer: a user's update
+/// then carries numbers, not strings.
+#[derive(Default)]
+struct Names {
+    ids: std::collections::HashMap<Box<str>, u32, foldhash::fast::RandomState>,
+    names: Vec<Arc<str>>,
+}
+
+type SharedNames = Arc<parking_lot::RwLock<Names>>;
+
+fn intern(names: &SharedNames, segment: &str) -> u32 {
+    if let Some(id) = names.read().ids.get(segment) {
+        return *id;
+    }
+    let mut w = names.write();
+    if let Some(id) = w.ids.get(segment) {
+        return *id;
+    }
+    let id = w.names.len() as u32;
+    w.names.push(segment.into());
+    w.ids.insert(segment.into(), id);
+    id
 }
 
 struct Shared {
+    names: SharedNames,
     /// Users queued so far, and users written so far (in queue order).
     queued: AtomicU64,
     written: AtomicU64,
@@ -172,6 +204,7 @@ impl RedisCounters {
         load_scripts(&mut con).map_err(redis_err)?;
         let (tx, rx) = sync_channel(opts.queue_capacity);
         let shared = Arc::new(Shared {
+            names: SharedNames::default(),
             queued: AtomicU64::new(0),
             written: AtomicU64::new(0),
             last_error: Mutex::new(None),
@@ -185,6 +218,7 @@ impl RedisCounters {
             shared: shared.clone(),
             batched: redis::Script::new(BATCHED_SCRIPT),
             per_user: redis::Script::new(PER_USER_SCRIPT),
+            closed: false,
         };
         let thread = std::thread::Builder::new()
             .name("dmp-stats-redis".into())
@@ -226,13 +260,14 @@ impl RedisCounters {
 impl SegmentCounters for RedisCounters {
     fn record(&self, day: u32, uid: &str, segments: &[&str]) {
         let n = segments.len() as u64 + 1;
+        let names = &self.shared.names;
         let update = Update {
             day,
             uid: uid.into(),
             segments: segments
                 .iter()
-                .map(|s| Box::from(*s))
-                .chain(std::iter::once(Box::from(ALL)))
+                .chain(std::iter::once(&ALL))
+                .map(|s| intern(names, s))
                 .collect(),
         };
         let Some(tx) = &self.tx else { return };
@@ -342,6 +377,60 @@ fn load_scripts(con: &mut redis::Connection) -> redis::RedisResult<()> {
     Ok(())
 }
 
+/// Calls in flight at most (batched mode).
+const PIPELINE_DEPTH: usize = 2;
+
+/// Users taken from the queue for one call.
+struct Batch {
+    users: Vec<Update>,
+    updates: usize,
+}
+
+/// When a day's key expires (0: never).
+fn expire_at(opts: &RedisOptions, day: u32) -> i64 {
+    if opts.retention_days == 0 {
+        return 0;
+    }
+    epoch_ms_of(day) / 1000 + (opts.retention_days as i64 + 1) * 86_400
+}
+
+/// The batched script's call for these users.
+fn build_batched(
+    script: &redis::Script,
+    names: &SharedNames,
+    opts: &RedisOptions,
+    users: &[Update],
+) -> redis::Cmd {
+    let names = names.read();
+    let mut index: std::collections::HashMap<(u32, u32), u16, foldhash::fast::RandomState> =
+        Default::default();
+    let mut keys: Vec<String> = Vec::new();
+    let mut expire: Vec<i64> = Vec::new();
+    let mut per_user: Vec<u8> = Vec::with_capacity(users.len() * 16);
+    let mut ends = Vec::with_capacity(users.len());
+    for u in users {
+        for s in &u.segments {
+            let i = *index.entry((u.day, *s)).or_insert_with(|| {
+                keys.push(key(&names.names[*s as usize], u.day));
+                expire.push(expire_at(opts, u.day));
+                (keys.len() - 1) as u16
+            });
+            per_user.extend_from_slice(&i.to_be_bytes());
+        }
+        ends.push(per_user.len());
+    }
+    drop(names);
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(script.get_hash()).arg(keys.len()).arg(&keys);
+    cmd.arg(&expire);
+    let mut from = 0;
+    for (u, end) in users.iter().zip(ends) {
+        cmd.arg(u.uid.as_ref()).arg(&per_user[from..end]);
+        from = end;
+    }
+    cmd
+}
+
 struct Writer {
     rx: Receiver<Update>,
     con: Option<redis::Connection>,
@@ -350,54 +439,134 @@ struct Writer {
     shared: Arc<Shared>,
     batched: redis::Script,
     per_user: redis::Script,
+    /// The queue is closed (the counters are being dropped).
+    closed: bool,
 }
 
 impl Writer {
-    fn run(mut self) {
-        let mut carry: Option<Update> = None;
-        loop {
-            let first = match carry.take() {
-                Some(u) => u,
-                None => match self.rx.recv_timeout(Duration::from_millis(100)) {
-                    Ok(u) => u,
-                    Err(RecvTimeoutError::Timeout) => continue,
-                    Err(RecvTimeoutError::Disconnected) => return,
-                },
-            };
-            // A call: users until a bound is reached.
-            let mut users = vec![first];
-            let mut updates = users[0].segments.len();
-            let mut keys: std::collections::HashSet<(u32, Box<str>)> = users[0]
+    /// The next call's users: blocks for the first one only when `block` (None: nothing
+    /// queued, or the queue is closed and empty).
+    fn take(&mut self, carry: &mut Option<Update>, block: bool) -> Option<Batch> {
+        let first = match carry.take() {
+            Some(u) => u,
+            None if block => match self.rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(u) => u,
+                Err(RecvTimeoutError::Timeout) => return None,
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.closed = true;
+                    return None;
+                }
+            },
+            None => self.rx.try_recv().ok()?,
+        };
+        // Users until a bound is reached.
+        let mut users = vec![first];
+        let mut updates = users[0].segments.len();
+        let mut keys: std::collections::HashSet<(u32, u32), foldhash::fast::RandomState> = users[0]
+            .segments
+            .iter()
+            .map(|s| (users[0].day, *s))
+            .collect();
+        while updates < self.opts.max_updates_per_call {
+            let Ok(u) = self.rx.try_recv() else { break };
+            let new_keys = u
                 .segments
                 .iter()
-                .map(|s| (users[0].day, s.clone()))
-                .collect();
-            while updates < self.opts.max_updates_per_call {
-                let Ok(u) = self.rx.try_recv() else { break };
-                let new_keys = u
-                    .segments
-                    .iter()
-                    .filter(|s| !keys.contains(&(u.day, (*s).clone())))
-                    .count();
-                if keys.len() + new_keys > self.opts.max_keys_per_call
-                    || updates + u.segments.len() > self.opts.max_updates_per_call
-                {
-                    carry = Some(u);
-                    break;
-                }
-                updates += u.segments.len();
-                keys.extend(u.segments.iter().map(|s| (u.day, s.clone())));
-                users.push(u);
+                .filter(|s| !keys.contains(&(u.day, **s)))
+                .count();
+            if keys.len() + new_keys > self.opts.max_keys_per_call
+                || updates + u.segments.len() > self.opts.max_updates_per_call
+            {
+                *carry = Some(u);
+                break;
             }
-            metrics::gauge!(metric::QUEUE).decrement(users.len() as f64);
-            if !self.send_with_retry(&users, updates) {
-                return; // stopping while Redis is unreachable
-            }
-            self.shared
-                .written
-                .fetch_add(users.len() as u64, Ordering::AcqRel);
-            metrics::counter!(metric::UPDATES, "backend" => "redis").increment(updates as u64);
+            updates += u.segments.len();
+            keys.extend(u.segments.iter().map(|s| (u.day, *s)));
+            users.push(u);
         }
+        metrics::gauge!(metric::QUEUE).decrement(users.len() as f64);
+        Some(Batch { users, updates })
+    }
+
+    fn done(&self, b: &Batch) {
+        self.shared
+            .written
+            .fetch_add(b.users.len() as u64, Ordering::AcqRel);
+        metrics::counter!(metric::UPDATES, "backend" => "redis").increment(b.updates as u64);
+    }
+
+    fn run(mut self) {
+        let mut carry: Option<Update> = None;
+        // Batched calls are pipelined: the next call is encoded and sent while Redis runs the
+        // previous one. Replies come back in order, so `written` advances in queue order.
+        let mut inflight: std::collections::VecDeque<(Batch, Instant)> =
+            std::collections::VecDeque::new();
+        loop {
+            while inflight.len() < PIPELINE_DEPTH {
+                let Some(b) = self.take(&mut carry, inflight.is_empty()) else {
+                    break;
+                };
+                if self.opts.mode == Mode::PerUser {
+                    // The per-user calls of a batch go out as one pipeline, synchronously.
+                    if !self.send_with_retry(&b.users, b.updates) {
+                        return;
+                    }
+                    self.done(&b);
+                    continue;
+                }
+                let cmd = build_batched(&self.batched, &self.shared.names, &self.opts, &b.users);
+                let sent = self
+                    .connected()
+                    .and_then(|con| con.send_packed_command(&cmd.get_packed_command()));
+                inflight.push_back((b, Instant::now()));
+                if sent.is_err() {
+                    break; // the reply read below fails too and takes the slow path
+                }
+            }
+            let Some((_, started)) = inflight.front() else {
+                if self.closed {
+                    return;
+                }
+                continue;
+            };
+            let started = *started;
+            let reply = self
+                .connected()
+                .and_then(|con| con.recv_response())
+                .and_then(|v| v.extract_error());
+            match reply {
+                Ok(_) => {
+                    metrics::counter!(metric::CALLS, "outcome" => "ok").increment(1);
+                    metrics::histogram!(metric::CALL_TIME).record(started.elapsed().as_secs_f64());
+                    let (b, _) = inflight.pop_front().expect("checked above");
+                    self.done(&b);
+                }
+                Err(e) => {
+                    // Anything unexpected (a lost connection, NOSCRIPT after a restart or SCRIPT
+                    // FLUSH): a fresh connection loads the scripts, and every call in flight is
+                    // sent again, one by one, until it works. PFADD is idempotent.
+                    metrics::counter!(metric::CALLS, "outcome" => "error").increment(1);
+                    tracing::warn!(error = %e, "a counter call failed; resending the calls in flight");
+                    *self.shared.last_error.lock() = Some(e.to_string());
+                    self.con = None;
+                    while let Some((b, _)) = inflight.pop_front() {
+                        if !self.send_with_retry(&b.users, b.updates) {
+                            return;
+                        }
+                        self.done(&b);
+                    }
+                }
+            }
+        }
+    }
+
+    fn connected(&mut self) -> redis::RedisResult<&mut redis::Connection> {
+        if self.con.is_none() {
+            let mut con = connect(&self.client, self.opts.response_timeout)?;
+            load_scripts(&mut con)?;
+            self.con = Some(con);
+        }
+        Ok(self.con.as_mut().expect("connected above"))
     }
 
     /// Sends until it worked (true) or the counters are being dropped (false).
@@ -429,19 +598,8 @@ impl Writer {
         }
     }
 
-    fn expire_at(&self, day: u32) -> i64 {
-        if self.opts.retention_days == 0 {
-            return 0;
-        }
-        epoch_ms_of(day) / 1000 + (self.opts.retention_days as i64 + 1) * 86_400
-    }
-
     fn send(&mut self, users: &[Update]) -> redis::RedisResult<()> {
-        if self.con.is_none() {
-            let mut con = connect(&self.client, self.opts.response_timeout)?;
-            load_scripts(&mut con)?;
-            self.con = Some(con);
-        }
+        self.connected()?;
         let result = match self.opts.mode {
             Mode::Batched => self.send_batched(users),
             Mode::PerUser => self.send_per_user(users),
@@ -461,41 +619,22 @@ impl Writer {
     }
 
     fn send_batched(&mut self, users: &[Update]) -> redis::RedisResult<()> {
-        let mut index: std::collections::HashMap<(u32, &str), usize> =
-            std::collections::HashMap::new();
-        let mut keys: Vec<String> = Vec::new();
-        let mut expire: Vec<i64> = Vec::new();
-        let mut pairs: Vec<(usize, &str)> = Vec::new();
-        for u in users {
-            for s in &u.segments {
-                let i = *index.entry((u.day, s.as_ref())).or_insert_with(|| {
-                    keys.push(key(s, u.day));
-                    expire.push(self.expire_at(u.day));
-                    keys.len()
-                });
-                pairs.push((i, &u.uid));
-            }
-        }
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.batched.get_hash()).arg(keys.len()).arg(&keys);
-        cmd.arg(&expire);
-        for (i, uid) in pairs {
-            cmd.arg(i).arg(uid);
-        }
-        let _: i64 = cmd.query(self.con.as_mut().expect("connected"))?;
+        let cmd = build_batched(&self.batched, &self.shared.names, &self.opts, users);
+        let _: i64 = cmd.query(self.connected()?)?;
         Ok(())
     }
 
     fn send_per_user(&mut self, users: &[Update]) -> redis::RedisResult<()> {
+        let names = self.shared.names.read().names.clone();
         let mut pipe = redis::pipe();
         for u in users {
-            let at = self.expire_at(u.day);
+            let at = expire_at(&self.opts, u.day);
             let cmd = pipe
                 .cmd("EVALSHA")
                 .arg(self.per_user.get_hash())
                 .arg(u.segments.len());
             for s in &u.segments {
-                cmd.arg(key(s, u.day));
+                cmd.arg(key(&names[*s as usize], u.day));
             }
             cmd.arg(u.uid.as_ref());
             for _ in &u.segments {

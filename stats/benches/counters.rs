@@ -1,0 +1,126 @@
+#![allow(missing_docs)] // bench binary
+//! Counter update rates (issue: >= 4M (user, segment) updates/s into one local redis-server with
+//! the batched script, side by side with the once-per-user script and plain pipelined PFADD;
+//! embedded >= 10M updates/s per core) and audience query latency.
+//!
+//! `DMP_BENCH_REDIS=redis://127.0.0.1:6379 cargo bench -p dmp-stats --bench counters`
+//! Knobs: `DMP_BENCH_USERS` (default 1000000), `DMP_BENCH_SEGMENTS` (segments per user, default 5).
+
+use std::time::{Duration, Instant};
+
+use dmp_stats::redis_counters::{Mode, RedisCounters, RedisOptions};
+use dmp_stats::{EmbeddedCounters, SegmentCounters};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const DAY: u32 = 20_261_122;
+
+fn env(k: &str, d: usize) -> usize {
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
+}
+
+/// Each user is in `per_user` of 100 segments (and `all`): (user, segment) updates = users x
+/// (per_user + 1).
+fn workload(users: usize, per_user: usize, tag: &str) -> Vec<(String, Vec<String>)> {
+    (0..users)
+        .map(|u| {
+            let segs = (0..per_user)
+                .map(|j| format!("{tag}seg{}", (u * 7 + j * 13) % 100))
+                .collect();
+            (format!("user-{u}-{}", u.wrapping_mul(2_654_435_761)), segs)
+        })
+        .collect()
+}
+
+fn run(c: &dyn SegmentCounters, w: &[(String, Vec<String>)]) -> f64 {
+    let started = Instant::now();
+    for (uid, segs) in w {
+        let s: Vec<&str> = segs.iter().map(String::as_str).collect();
+        c.record(DAY, uid, &s);
+    }
+    c.flush().expect("flush");
+    started.elapsed().as_secs_f64()
+}
+
+fn redis_opts(url: &str, mode: Mode) -> RedisOptions {
+    RedisOptions {
+        url: url.into(),
+        mode,
+        retention_days: 0,
+        queue_capacity: 10_000_000,
+        max_keys_per_call: 1000,
+        max_updates_per_call: 20_000,
+        response_timeout: Duration::from_secs(4),
+        flush_timeout: Duration::from_secs(600),
+    }
+}
+
+fn plain_pfadd(url: &str, w: &[(String, Vec<String>)]) -> f64 {
+    let mut con = redis::Client::open(url).unwrap().get_connection().unwrap();
+    let started = Instant::now();
+    for chunk in w.chunks(200) {
+        let mut pipe = redis::pipe();
+        for (uid, segs) in chunk {
+            for s in segs.iter().map(String::as_str).chain(["all"]) {
+                pipe.cmd("PFADD")
+                    .arg(dmp_stats::redis_counters::key(s, DAY))
+                    .arg(uid)
+                    .ignore();
+            }
+        }
+        let _: () = pipe.query(&mut con).unwrap();
+    }
+    started.elapsed().as_secs_f64()
+}
+
+fn flushdb(url: &str) {
+    let mut con = redis::Client::open(url).unwrap().get_connection().unwrap();
+    let _: () = redis::cmd("FLUSHDB").query(&mut con).unwrap();
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--test") {
+        return;
+    }
+    let users = env("DMP_BENCH_USERS", 1_000_000);
+    let per_user = env("DMP_BENCH_SEGMENTS", 5);
+    let updates = (users * (per_user + 1)) as f64;
+    let w = workload(users, per_user, "");
+    let c = EmbeddedCounters::in_memory();
+    let secs = run(&c, &w);
+    println!(
+        "embedded (in memory, flushed nowhere): {users} users x {} segments = {updates} updates in {secs:.2} s = {:.1}M updates/s",
+        per_user + 1,
+        updates / secs / 1e6
+    );
+    let Ok(url) = std::env::var("DMP_BENCH_REDIS") else {
+        println!("DMP_BENCH_REDIS not set: Redis figures skipped");
+        return;
+    };
+    // Twice each, alternating, on an emptied database.
+    for round in 1..=2 {
+        for (name, mode) in [
+            ("batched script", Some(Mode::Batched)),
+            ("per-user script (pipelined)", Some(Mode::PerUser)),
+            ("plain pipelined PFADD", None),
+        ] {
+            flushdb(&url);
+            let secs = match mode {
+                Some(m) => {
+                    let c = RedisCounters::open(redis_opts(&url, m)).unwrap();
+                    run(&c, &w)
+                }
+                None => plain_pfadd(&url, &w),
+            };
+            println!(
+                "redis, round {round}, {name}: {updates} updates in {secs:.2} s = {:.2}M updates/s",
+                updates / secs / 1e6
+            );
+        }
+    }
+    flushdb(&url);
+}
