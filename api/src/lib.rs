@@ -7,8 +7,12 @@
 //!   within 2 s; 503 with the reasons otherwise), `GET /metrics` (Prometheus text),
 //!   `GET /v1/topics` (every topic with the low and high offset of each partition).
 //!
-//! User lookup and audience estimates come with their issues.
+//! - Audience ([`audience`]): `GET /v1/audience` (estimates of segment expressions over days)
+//!   and `GET /v1/segments` (segment sizes per day).
+//!
+//! The user lookup comes with its issue.
 
+pub mod audience;
 pub mod ingest;
 pub mod spill;
 
@@ -38,6 +42,8 @@ pub struct AppState {
     pub prometheus: PrometheusHandle,
     /// Ingest into `dmp.events`.
     pub ingest: Arc<ingest::Ingest>,
+    /// The segment counters (None: audience endpoints answer 503).
+    pub counters: Option<Arc<dyn dmp_stats::SegmentCounters>>,
 }
 
 /// The router with every endpoint.
@@ -49,6 +55,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/topics", get(topics))
         .route("/px.gif", get(ingest::pixel))
         .route("/v1/events", axum::routing::post(ingest::events))
+        .route("/v1/audience", get(audience::audience))
+        .route("/v1/segments", get(audience::segments))
         // The body limit is enforced (with a clear 413) by the handler itself.
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(state)

@@ -7,6 +7,7 @@
 //!
 //! Exit codes: 0 success, 1 runtime failure, 2 bad usage or bad configuration.
 
+mod audience_cmd;
 mod backends;
 mod import;
 mod roles;
@@ -71,6 +72,8 @@ enum Command {
     Segmenter,
     /// Import partner files (JSONL or TSV with a header line, plain or gzip) into dmp.events.
     Import(import::ImportArgs),
+    /// Estimate an audience: users in an expression of segments over days (asks a running dmp).
+    Audience(audience_cmd::AudienceArgs),
     /// Check segment rule files and try them on sample events.
     Rules {
         #[command(subcommand)]
@@ -163,6 +166,7 @@ fn main() -> ExitCode {
                 roles::run(cfg, roles, None).await
             }
             Command::Import(args) => import::run(cfg, args).await,
+            Command::Audience(args) => audience_cmd::run(cfg, args).await,
             Command::Rules { command } => rules_cmd::run(&cfg, command),
             Command::Config {
                 command: ConfigCommand::Check,

@@ -59,12 +59,21 @@ pub async fn run(cfg: Config, roles: Roles, listen: Option<String>) -> anyhow::R
         ));
     }
 
+    // One counters instance for the segmenter and the audience endpoints of this process.
+    let counters = if roles.segmenter || roles.api {
+        let c = dmp_stats::open(&cfg.backends.stats, backends.db.as_ref(), &cfg.stats)?;
+        tracing::info!(backend = c.backend_name(), "segment counters");
+        Some(c)
+    } else {
+        None
+    };
+
     if roles.segmenter {
         let mut seg =
             dmp_segmenter::Segmenter::new(backends.bus.clone(), backends.store.clone(), &cfg)?;
-        let counters = dmp_stats::open(&cfg.backends.stats, backends.db.as_ref(), &cfg.stats)?;
-        tracing::info!(backend = counters.backend_name(), "segment counters");
-        seg = seg.with_counters(counters);
+        if let Some(c) = &counters {
+            seg = seg.with_counters(c.clone());
+        }
         let rx = stop_rx.clone();
         tasks.push((
             "segmenter",
@@ -102,6 +111,7 @@ pub async fn run(cfg: Config, roles: Roles, listen: Option<String>) -> anyhow::R
             store: backends.store.clone(),
             prometheus,
             ingest,
+            counters: counters.clone(),
         };
         let mut rx = stop_rx.clone();
         server = Some(tokio::spawn(async move {

@@ -8,10 +8,10 @@
 //! - [`counters`]: the [`SegmentCounters`] trait the segmenter hands live memberships to, and the
 //!   embedded implementation (in memory, flushed to the embedded database, retention in days);
 //! - [`redis_counters`]: the same in Redis through a Lua script (batched or per user);
-//! - [`conformance`]: checks both backends pass.
-//!
-//! Not built yet (stats issue): the audience estimators and API.
+//! - [`conformance`]: checks both backends pass;
+//! - [`audience`]: estimates of segment expressions (and, or, not) over day ranges.
 
+pub mod audience;
 pub mod conformance;
 pub mod counters;
 pub mod hll;
