@@ -82,6 +82,37 @@ fn flushdb(url: &str) {
     let _: () = redis::cmd("FLUSHDB").query(&mut con).unwrap();
 }
 
+/// 30 days of 3 segments (40K users a day each, overlapping) and `all`; then 200 queries of
+/// "a and b and not c" over the 30 days: p50 and p99 in ms.
+fn audience_latency(c: &dyn SegmentCounters, tag: &str) -> (f64, f64) {
+    let days = dmp_stats::audience::days(20_261_024, 20_261_122).unwrap();
+    let days = &days[days.len() - 30..];
+    for (k, day) in days.iter().enumerate() {
+        for u in 0..60_000usize {
+            let uid = format!("user-{}", u + k * 5_000);
+            let mut segs = Vec::new();
+            for (s, range) in [("a", 0..40_000), ("b", 20_000..60_000), ("c", 30_000..35_000)] {
+                if range.contains(&u) {
+                    segs.push(format!("{tag}{s}"));
+                }
+            }
+            let s: Vec<&str> = segs.iter().map(String::as_str).collect();
+            c.record(*day, &uid, &s);
+        }
+    }
+    c.flush().unwrap();
+    let expr = dmp_stats::audience::parse(&format!("{tag}a and {tag}b and not {tag}c")).unwrap();
+    let mut times: Vec<f64> = (0..200)
+        .map(|_| {
+            let started = Instant::now();
+            dmp_stats::audience::estimate(c, &expr, days).unwrap();
+            started.elapsed().as_secs_f64() * 1000.0
+        })
+        .collect();
+    times.sort_by(|a, b| a.total_cmp(b));
+    (times[100], times[197])
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--test") {
         return;
@@ -96,6 +127,10 @@ fn main() {
         "embedded (in memory, flushed nowhere): {users} users x {} segments = {updates} updates in {secs:.2} s = {:.1}M updates/s",
         per_user + 1,
         updates / secs / 1e6
+    );
+    let (p50, p99) = audience_latency(&EmbeddedCounters::in_memory(), "q");
+    println!(
+        "audience, embedded: 3 segments x 30 days, \"a and b and not c\": p50 {p50:.2} ms, p99 {p99:.2} ms"
     );
     let Ok(url) = std::env::var("DMP_BENCH_REDIS") else {
         println!("DMP_BENCH_REDIS not set: Redis figures skipped");
@@ -122,5 +157,12 @@ fn main() {
             );
         }
     }
+    flushdb(&url);
+    let c = RedisCounters::open(redis_opts(&url, Mode::Batched)).unwrap();
+    let (p50, p99) = audience_latency(&c, "q");
+    println!(
+        "audience, redis: 3 segments x 30 days, \"a and b and not c\": p50 {p50:.2} ms, p99 {p99:.2} ms"
+    );
+    drop(c);
     flushdb(&url);
 }

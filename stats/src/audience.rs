@@ -283,16 +283,7 @@ pub fn range_sketch(
     segment: &str,
     days: &[u32],
 ) -> Result<Option<Hll>, StatsError> {
-    let mut out: Option<Hll> = None;
-    for d in days {
-        if let Some(h) = c.sketch(segment, *d)? {
-            match &mut out {
-                Some(o) => o.merge(&h),
-                None => out = Some(h),
-            }
-        }
-    }
-    Ok(out)
+    c.range_sketch(segment, days)
 }
 
 /// Estimates the users of `expr` over `days`.

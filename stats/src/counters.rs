@@ -59,6 +59,19 @@ pub trait SegmentCounters: Send + Sync {
     }
     /// The sketch of `segment` on `day` (None: nobody counted).
     fn sketch(&self, segment: &str, day: u32) -> Result<Option<Hll>, StatsError>;
+    /// The union of `segment`'s sketches over `days` (None: nobody on any of them).
+    fn range_sketch(&self, segment: &str, days: &[u32]) -> Result<Option<Hll>, StatsError> {
+        let mut out: Option<Hll> = None;
+        for d in days {
+            if let Some(h) = self.sketch(segment, *d)? {
+                match &mut out {
+                    Some(o) => o.merge(&h),
+                    None => out = Some(h),
+                }
+            }
+        }
+        Ok(out)
+    }
     /// Every (segment, day) with a sketch.
     fn segments(&self) -> Result<Vec<(String, u32)>, StatsError>;
     /// Makes recorded updates durable.

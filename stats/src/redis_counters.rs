@@ -294,6 +294,26 @@ impl SegmentCounters for RedisCounters {
         }
     }
 
+    /// One MGET for all the days.
+    fn range_sketch(&self, segment: &str, days: &[u32]) -> Result<Option<Hll>, StatsError> {
+        if days.is_empty() {
+            return Ok(None);
+        }
+        let keys: Vec<String> = days.iter().map(|d| key(segment, *d)).collect();
+        let values: Vec<Option<Vec<u8>>> = self.read(|c| redis::cmd("MGET").arg(&keys).query(c))?;
+        let mut out: Option<Hll> = None;
+        for (k, v) in keys.iter().zip(values) {
+            let Some(bytes) = v else { continue };
+            let h = RedisHll::from_bytes(&bytes)
+                .map_err(|e| StatsError::Corrupt(format!("{k}: {e}")))?;
+            match &mut out {
+                Some(o) => h.max_into_hll(o),
+                None => out = Some(h.to_hll()),
+            }
+        }
+        Ok(out)
+    }
+
     fn count(&self, segment: &str, day: u32) -> Result<u64, StatsError> {
         let k = key(segment, day);
         self.read(|c| redis::cmd("PFCOUNT").arg(&k).query(c))

@@ -249,6 +249,13 @@ impl RedisHll {
         Hll::from_registers(&regs).expect("registers of a checked sketch")
     }
 
+    /// Merges this sketch's registers into `h` (the union).
+    pub fn max_into_hll(&self, h: &mut Hll) {
+        let mut regs = h.registers().to_vec();
+        self.max_into(&mut regs);
+        *h = Hll::from_registers(&regs).expect("registers of checked sketches");
+    }
+
     /// `regs[i] = max(regs[i], register i)`.
     fn max_into(&self, regs: &mut [u8]) {
         if self.is_sparse() {
