@@ -91,7 +91,11 @@ fn audience_latency(c: &dyn SegmentCounters, tag: &str) -> (f64, f64) {
         for u in 0..60_000usize {
             let uid = format!("user-{}", u + k * 5_000);
             let mut segs = Vec::new();
-            for (s, range) in [("a", 0..40_000), ("b", 20_000..60_000), ("c", 30_000..35_000)] {
+            for (s, range) in [
+                ("a", 0..40_000),
+                ("b", 20_000..60_000),
+                ("c", 30_000..35_000),
+            ] {
                 if range.contains(&u) {
                     segs.push(format!("{tag}{s}"));
                 }
