@@ -15,6 +15,7 @@ pub mod audience;
 pub mod conformance;
 pub mod counters;
 pub mod hll;
+pub mod joint;
 pub mod redis_counters;
 pub mod redis_format;
 
