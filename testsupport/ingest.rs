@@ -54,6 +54,7 @@ pub async fn serve(cfg: &Config, bus: Option<Arc<dyn Bus>>) -> Served {
         prometheus: dmp_core::telemetry::init_metrics(),
         ingest,
         counters: None,
+        rules: None,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());

@@ -10,10 +10,12 @@
 //! - Audience ([`audience`]): `GET /v1/audience` (estimates of segment expressions over days)
 //!   and `GET /v1/segments` (segment sizes per day).
 //!
-//! The user lookup comes with its issue.
+//! - Lookup ([`lookup`]): `GET /v1/users/{uid}/segments` (current memberships, explanations,
+//!   bounded waits for fresh data).
 
 pub mod audience;
 pub mod ingest;
+pub mod lookup;
 pub mod spill;
 
 use std::net::SocketAddr;
@@ -44,6 +46,8 @@ pub struct AppState {
     pub ingest: Arc<ingest::Ingest>,
     /// The segment counters (None: audience endpoints answer 503).
     pub counters: Option<Arc<dyn dmp_stats::SegmentCounters>>,
+    /// The rule set in force, for lookups with `explain=1` (None: explain answers 503).
+    pub rules: Option<lookup::RulesFn>,
 }
 
 /// The router with every endpoint.
@@ -57,6 +61,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/events", axum::routing::post(ingest::events))
         .route("/v1/audience", get(audience::audience))
         .route("/v1/segments", get(audience::segments))
+        .route("/v1/users/{uid}/segments", get(lookup::segments))
         // The body limit is enforced (with a clear 413) by the handler itself.
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(state)

@@ -105,3 +105,33 @@ impl DeadLetter {
         serde_json::to_vec(self).expect("a DeadLetter always serialises")
     }
 }
+
+/// The memberships kept in family `s`: segment id -> since (ms).
+pub type Memberships = std::collections::BTreeMap<String, i64>;
+
+/// The qualifier (family `s`) of [`Evaluated`].
+pub const EVALUATED: &str = "evaluated";
+
+/// The last evaluation of a user, written at every evaluation (`s:evaluated`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Evaluated {
+    /// When (ms).
+    pub at: i64,
+    /// The newest event the evaluation saw (ms; 0: none).
+    pub last_event_ts: i64,
+    /// The rule set's version.
+    pub rules_version: String,
+}
+
+/// Reads `s:evaluated` from a row.
+pub fn evaluated(row: &crate::Row) -> Option<Evaluated> {
+    row.latest(crate::cell::FAMILY_SEGMENTS, EVALUATED)
+        .and_then(|c| serde_json::from_slice(&c.value).ok())
+}
+
+/// Reads `s:<qualifier>` (a JSON object of segment -> since) from a row.
+pub fn memberships(row: Option<&crate::Row>, qualifier: &str) -> Memberships {
+    row.and_then(|r| r.latest(crate::cell::FAMILY_SEGMENTS, qualifier))
+        .and_then(|c| serde_json::from_slice(&c.value).ok())
+        .unwrap_or_default()
+}

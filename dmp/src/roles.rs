@@ -112,6 +112,7 @@ pub async fn run(cfg: Config, roles: Roles, listen: Option<String>) -> anyhow::R
             prometheus,
             ingest,
             counters: counters.clone(),
+            rules: Some(rules_fn(&cfg)?),
         };
         let mut rx = stop_rx.clone();
         server = Some(tokio::spawn(async move {
@@ -178,4 +179,34 @@ async fn first_exit(tasks: &mut Vec<Task>) -> (&'static str, anyhow::Result<()>)
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The rule set in force for the API's explanations: the rule file (watched) or the built-in
+/// rules, as the segmenter loads them.
+fn rules_fn(cfg: &Config) -> anyhow::Result<dmp_api::lookup::RulesFn> {
+    if cfg.segmenter.rules.is_empty() {
+        let set = Arc::new(
+            dmp_rules::RuleSet::new(
+                "builtin".into(),
+                dmp_rules::builtin::builtin_rules(),
+                "built-in rules",
+            )
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?,
+        );
+        return Ok(Arc::new(move || set.clone()));
+    }
+    let w = dmp_rules::RuleWatcher::start(
+        cfg.segmenter.rules.clone().into(),
+        Duration::from_millis(cfg.segmenter.reload_interval_ms),
+    )
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "{}",
+            e.iter()
+                .map(|x| x.to_string())
+                .collect::<Vec<_>>()
+                .join("; ")
+        )
+    })?;
+    Ok(Arc::new(move || w.current()))
 }

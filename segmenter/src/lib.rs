@@ -39,7 +39,9 @@ use dmp_core::{Config, UserChange};
 use dmp_rules::RuleSet;
 use dmp_store::UserStore;
 
-pub use worker::{memberships, FixedRules, Memberships, RulesSource};
+pub use worker::{
+    evaluated, memberships, Evaluated, FixedRules, Memberships, RulesSource, EVALUATED,
+};
 
 /// What can stop the segmenter.
 #[derive(Debug, thiserror::Error)]

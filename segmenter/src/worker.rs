@@ -57,15 +57,7 @@ impl RulesSource for FixedRules {
     }
 }
 
-/// The memberships kept in family `s`: segment id -> since (ms).
-pub type Memberships = BTreeMap<String, i64>;
-
-/// Reads `s:<qualifier>` (a JSON object of segment -> since) from a row.
-pub fn memberships(row: Option<&Row>, qualifier: &str) -> Memberships {
-    row.and_then(|r| r.latest(FAMILY_SEGMENTS, qualifier))
-        .and_then(|c| serde_json::from_slice(&c.value).ok())
-        .unwrap_or_default()
-}
+pub use dmp_core::segment::{evaluated, memberships, Evaluated, Memberships, EVALUATED};
 
 pub(crate) struct Worker {
     pub index: usize,
@@ -300,6 +292,22 @@ impl Worker {
                         .record(((now - last_event_ts).max(0)) as f64 / 1000.0);
                 }
             }
+            // When and with what the user was last evaluated (for point lookups), in the same
+            // batch as the memberships.
+            out.puts.push(Put {
+                row: uid.clone(),
+                cells: vec![Cell::new(
+                    FAMILY_SEGMENTS,
+                    EVALUATED,
+                    now,
+                    serde_json::to_vec(&Evaluated {
+                        at: now,
+                        last_event_ts,
+                        rules_version: rules.version().to_string(),
+                    })
+                    .expect("a struct serialises"),
+                )],
+            });
             // The next re-evaluation, durable: recorded in the row and as a timer row.
             let plan = timers::plan(
                 timers::recorded(&row),

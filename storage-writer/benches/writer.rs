@@ -206,6 +206,7 @@ async fn http_ingest(secs: u64, with_writer: bool) {
         prometheus: dmp_core::telemetry::init_metrics(),
         ingest,
         counters: None,
+        rules: None,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/v1/events", listener.local_addr().unwrap());
