@@ -10,6 +10,7 @@
 mod audience_cmd;
 mod backends;
 mod import;
+mod replay_cmd;
 mod roles;
 mod rules_cmd;
 
@@ -74,6 +75,8 @@ enum Command {
     Import(import::ImportArgs),
     /// Estimate an audience: users in an expression of segments over days (asks a running dmp).
     Audience(audience_cmd::AudienceArgs),
+    /// Move a consumer group back (or forward) to a time, e.g. a partner re-reading dmp.segments.
+    Replay(replay_cmd::ReplayArgs),
     /// Check segment rule files and try them on sample events.
     Rules {
         #[command(subcommand)]
@@ -167,6 +170,7 @@ fn main() -> ExitCode {
             }
             Command::Import(args) => import::run(cfg, args).await,
             Command::Audience(args) => audience_cmd::run(cfg, args).await,
+            Command::Replay(args) => replay_cmd::run(cfg, args).await,
             Command::Rules { command } => rules_cmd::run(&cfg, command),
             Command::Config {
                 command: ConfigCommand::Check,
