@@ -55,6 +55,7 @@ pub async fn serve(cfg: &Config, bus: Option<Arc<dyn Bus>>) -> Served {
         ingest,
         counters: None,
         rules: None,
+        auth: std::sync::Arc::new(dmp_api::auth::Auth::open()),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());

@@ -14,6 +14,7 @@
 //!   bounded waits for fresh data).
 
 pub mod audience;
+pub mod auth;
 pub mod ingest;
 pub mod lookup;
 pub mod spill;
@@ -48,20 +49,38 @@ pub struct AppState {
     pub counters: Option<Arc<dyn dmp_stats::SegmentCounters>>,
     /// The rule set in force, for lookups with `explain=1` (None: explain answers 503).
     pub rules: Option<lookup::RulesFn>,
+    /// API keys per caller role.
+    pub auth: Arc<auth::Auth>,
 }
 
 /// The router with every endpoint.
 pub fn router(state: AppState) -> Router {
+    use auth::Role;
+    let guard = |role: Role| {
+        axum::middleware::from_fn_with_state((state.auth.clone(), role), auth::require)
+    };
+    let ingest = Router::new()
+        .route("/v1/events", axum::routing::post(ingest::events))
+        .route_layer(guard(Role::Ingest));
+    let lookup = Router::new()
+        .route("/v1/users/{uid}/segments", get(lookup::segments))
+        .route_layer(guard(Role::Lookup));
+    let planner = Router::new()
+        .route("/v1/audience", get(audience::audience))
+        .route("/v1/segments", get(audience::segments))
+        .route_layer(guard(Role::Planner));
+    let admin = Router::new()
+        .route("/v1/topics", get(topics))
+        .route_layer(guard(Role::Admin));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
-        .route("/v1/topics", get(topics))
         .route("/px.gif", get(ingest::pixel))
-        .route("/v1/events", axum::routing::post(ingest::events))
-        .route("/v1/audience", get(audience::audience))
-        .route("/v1/segments", get(audience::segments))
-        .route("/v1/users/{uid}/segments", get(lookup::segments))
+        .merge(ingest)
+        .merge(lookup)
+        .merge(planner)
+        .merge(admin)
         // The body limit is enforced (with a clear 413) by the handler itself.
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(state)

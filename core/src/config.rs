@@ -212,6 +212,22 @@ pub struct ApiConfig {
     pub ingest_timeout_ms: u64,
     /// Sources counted by name in metrics.
     pub metric_sources: Vec<String>,
+    /// API keys per caller role.
+    pub keys: ApiKeys,
+}
+
+/// `[api.keys]`: API keys per caller role. A role with no keys needs none.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeys {
+    /// `POST /v1/events`.
+    pub ingest: Vec<String>,
+    /// `GET /v1/users/{uid}/segments`.
+    pub lookup: Vec<String>,
+    /// `GET /v1/audience`, `GET /v1/segments`.
+    pub planner: Vec<String>,
+    /// Everything above, and `GET /v1/topics`.
+    pub admin: Vec<String>,
 }
 
 /// `[spill]`.
@@ -628,6 +644,25 @@ impl Config {
             10,
             60_000,
         )?;
+        for (role, keys) in [
+            ("ingest", &self.api.keys.ingest),
+            ("lookup", &self.api.keys.lookup),
+            ("planner", &self.api.keys.planner),
+            ("admin", &self.api.keys.admin),
+        ] {
+            if let Some(k) = keys
+                .iter()
+                .find(|k| k.len() < 16 || k.chars().any(char::is_whitespace))
+            {
+                return Err(ConfigError::key(
+                    format!("api.keys.{role}"),
+                    format!(
+                        "a key of {} characters: keys need at least 16 and no whitespace",
+                        k.chars().count()
+                    ),
+                ));
+            }
+        }
         let st = &self.stats;
         range("stats.retention_days", st.retention_days as u64, 1, 3650)?;
         if !matches!(st.redis_mode.as_str(), "batched" | "per_user") {

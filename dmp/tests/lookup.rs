@@ -126,3 +126,75 @@ async fn given_posted_events_when_looked_up_with_min_event_ts_then_segments_with
     assert!(waited.elapsed() < Duration::from_secs(3));
     assert!(sigterm(&mut child).success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_api_keys_when_calling_then_401_without_403_for_another_role() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, url) = start(
+        &dir.path().join("data"),
+        &[
+            ("DMP__API__KEYS__LOOKUP", r#"["lookup-key-0123456789"]"#),
+            ("DMP__API__KEYS__PLANNER", r#"["planner-key-0123456789"]"#),
+        ],
+    );
+    let http = reqwest::Client::new();
+    let lookup = |key: Option<&'static str>| {
+        let mut r = http.get(format!("{url}/v1/users/nobody/segments"));
+        if let Some(k) = key {
+            r = r.bearer_auth(k);
+        }
+        r.send()
+    };
+    assert_eq!(lookup(None).await.unwrap().status(), 401);
+    assert_eq!(
+        lookup(Some("not-a-key-at-all-000")).await.unwrap().status(),
+        401
+    );
+    let wrong = lookup(Some("planner-key-0123456789")).await.unwrap();
+    assert_eq!(wrong.status(), 403);
+    assert!(wrong
+        .text()
+        .await
+        .unwrap()
+        .contains("planner key cannot call a lookup"));
+    // The right key passes (and the user is unknown).
+    assert_eq!(
+        lookup(Some("lookup-key-0123456789"))
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    let r = http
+        .get(format!("{url}/v1/audience?expr=all"))
+        .header("x-api-key", "planner-key-0123456789")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Roles without keys stay open; so do health and the pixel.
+    let r = http
+        .post(format!("{url}/v1/events"))
+        .json(&serde_json::json!([{"uid": "u", "url": "https://x.example/"}]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(
+        http.get(format!("{url}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert!(sigterm(&mut child).success());
+    // A short key is a configuration error naming the key.
+    let out = common::dmp()
+        .args(["config", "check"])
+        .env("DMP__API__KEYS__ADMIN", r#"["short"]"#)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("api.keys.admin"));
+}
