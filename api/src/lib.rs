@@ -10,6 +10,8 @@
 //! - Audience ([`audience`]): `GET /v1/audience` (estimates of segment expressions over days)
 //!   and `GET /v1/segments` (segment sizes per day).
 //!
+//! - The planner page at `/` (`planner.html`): pick segments, combine them with AND / OR / NOT,
+//!   choose days, see the estimate with its interval and the daily sizes as a chart.
 //! - Lookup ([`lookup`]): `GET /v1/users/{uid}/segments` (current memberships, explanations,
 //!   bounded waits for fresh data).
 
@@ -73,6 +75,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/topics", get(topics))
         .route_layer(guard(Role::Admin));
     Router::new()
+        .route("/", get(planner_page))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
@@ -100,6 +103,18 @@ pub async fn serve(
     )
     .with_graceful_shutdown(shutdown)
     .await
+}
+
+/// The planner page: static HTML and JS over the audience API (no framework, no build step).
+async fn planner_page() -> Response {
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (axum::http::header::CACHE_CONTROL, "no-cache"),
+        ],
+        include_str!("planner.html"),
+    )
+        .into_response()
 }
 
 async fn healthz() -> &'static str {
