@@ -5,6 +5,10 @@
 //! of equal length, compared without early exit), so neither timing nor length tells a caller
 //! how close a guess was. Keys are never logged. A role with no configured keys is open; admin
 //! keys open every role. No key: 401; a key nobody configured: 401; a key of another role: 403.
+//!
+//! Rate limits (`api.rate_limit_per_second`, `api.rate_limit_burst`): a token bucket per caller
+//! (its key, or its address when the role needs no key), checked after the key; over the limit
+//! answers 429 with `Retry-After`.
 
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -36,10 +40,43 @@ impl Role {
     }
 }
 
-/// The configured keys, as digests with their role.
+/// The configured keys, as digests with their role, and the rate limiter.
 #[derive(Debug, Default)]
 pub struct Auth {
     keys: Vec<([u8; 32], Role)>,
+    limiter: Option<Limiter>,
+}
+
+/// Token buckets per caller.
+#[derive(Debug)]
+struct Limiter {
+    rate: f64,
+    burst: f64,
+    buckets: parking_lot::Mutex<std::collections::HashMap<[u8; 32], (f64, std::time::Instant)>>,
+}
+
+impl Limiter {
+    /// Takes a token for `caller`; Err(seconds to wait) when none is left.
+    fn take(&self, caller: [u8; 32]) -> Result<(), f64> {
+        let now = std::time::Instant::now();
+        let mut b = self.buckets.lock();
+        if b.len() > 100_000 {
+            // Bounded memory: forget callers that are full again.
+            let (rate, burst) = (self.rate, self.burst);
+            b.retain(|_, (tokens, at)| {
+                *tokens + now.duration_since(*at).as_secs_f64() * rate < burst
+            });
+        }
+        let (tokens, at) = b.entry(caller).or_insert((self.burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.rate).min(self.burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err((1.0 - *tokens) / self.rate)
+        }
+    }
 }
 
 fn digest(key: &str) -> [u8; 32] {
@@ -56,6 +93,19 @@ impl Auth {
         Auth::default()
     }
 
+    /// From `[api]`: the keys and the rate limit.
+    pub fn from_api_config(api: &dmp_core::config::ApiConfig) -> Auth {
+        let mut a = Auth::from_config(&api.keys);
+        if api.rate_limit_per_second > 0 {
+            a.limiter = Some(Limiter {
+                rate: api.rate_limit_per_second as f64,
+                burst: api.rate_limit_burst.max(1) as f64,
+                buckets: Default::default(),
+            });
+        }
+        a
+    }
+
     /// From `[api.keys]`.
     pub fn from_config(k: &dmp_core::config::ApiKeys) -> Auth {
         let mut keys = Vec::new();
@@ -67,7 +117,10 @@ impl Auth {
         ] {
             keys.extend(list.iter().map(|s| (digest(s), role)));
         }
-        Auth { keys }
+        Auth {
+            keys,
+            limiter: None,
+        }
     }
 
     fn role_is_open(&self, role: Role) -> bool {
@@ -126,11 +179,50 @@ pub async fn require(
     next: Next,
 ) -> Response {
     match auth.check(role, req.headers()) {
-        Ok(()) => next.run(req).await,
+        Ok(()) => {
+            if let Some(l) = &auth.limiter {
+                let caller = caller_of(&req);
+                if let Err(wait) = l.take(caller) {
+                    metrics::counter!("dmp_api_requests_refused_total", "endpoint" => role.name(), "status" => "429")
+                        .increment(1);
+                    return (
+                        StatusCode::TOO_MANY_REQUESTS,
+                        [(axum::http::header::RETRY_AFTER, (wait.ceil() as u64).max(1).to_string())],
+                        Json(serde_json::json!({ "error": "rate limit exceeded (api.rate_limit_per_second)" })),
+                    )
+                        .into_response();
+                }
+            }
+            next.run(req).await
+        }
         Err((status, reason)) => {
             metrics::counter!("dmp_api_requests_refused_total", "endpoint" => role.name(), "status" => status.as_u16().to_string())
                 .increment(1);
             (status, Json(serde_json::json!({ "error": reason }))).into_response()
+        }
+    }
+}
+
+/// Who is calling: the key's digest, else the client address.
+fn caller_of(req: &Request) -> [u8; 32] {
+    let h = req.headers();
+    let key = h
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| {
+            h.get(axum::http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+        });
+    match key {
+        Some(k) => digest(k.trim()),
+        None => {
+            let ip = req
+                .extensions()
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .map(|c| c.0.ip().to_string())
+                .unwrap_or_default();
+            digest(&format!("ip:{ip}"))
         }
     }
 }
@@ -194,6 +286,24 @@ mod tests {
             code(Role::Planner, Some("admin-key-0123456789ab"), false),
             Ok(())
         );
+    }
+
+    #[test]
+    fn given_rate_limit_when_a_caller_bursts_then_refused_until_tokens_refill() {
+        let l = Limiter {
+            rate: 10.0,
+            burst: 5.0,
+            buckets: Default::default(),
+        };
+        let (a, b) = (digest("a"), digest("b"));
+        for _ in 0..5 {
+            assert!(l.take(a).is_ok());
+        }
+        let wait = l.take(a).unwrap_err();
+        assert!(wait > 0.0 && wait <= 0.1, "{wait}");
+        assert!(l.take(b).is_ok(), "another caller has its own bucket");
+        std::thread::sleep(std::time::Duration::from_millis(120));
+        assert!(l.take(a).is_ok(), "refilled at 10/s");
     }
 
     #[test]

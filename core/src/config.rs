@@ -214,6 +214,10 @@ pub struct ApiConfig {
     pub metric_sources: Vec<String>,
     /// API keys per caller role.
     pub keys: ApiKeys,
+    /// Requests per second per caller on the keyed endpoints (0 = no limit).
+    pub rate_limit_per_second: u32,
+    /// Burst allowed above the rate.
+    pub rate_limit_burst: u32,
 }
 
 /// `[api.keys]`: API keys per caller role. A role with no keys needs none.
@@ -643,6 +647,18 @@ impl Config {
             sg.commit_interval_ms,
             10,
             60_000,
+        )?;
+        range(
+            "api.rate_limit_per_second",
+            self.api.rate_limit_per_second as u64,
+            0,
+            10_000_000,
+        )?;
+        range(
+            "api.rate_limit_burst",
+            self.api.rate_limit_burst as u64,
+            1,
+            10_000_000,
         )?;
         for (role, keys) in [
             ("ingest", &self.api.keys.ingest),

@@ -113,7 +113,7 @@ pub async fn run(cfg: Config, roles: Roles, listen: Option<String>) -> anyhow::R
             ingest,
             counters: counters.clone(),
             rules: Some(rules_fn(&cfg)?),
-            auth: Arc::new(dmp_api::auth::Auth::from_config(&cfg.api.keys)),
+            auth: Arc::new(dmp_api::auth::Auth::from_api_config(&cfg.api)),
         };
         let mut rx = stop_rx.clone();
         server = Some(tokio::spawn(async move {

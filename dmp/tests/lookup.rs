@@ -135,6 +135,8 @@ async fn given_api_keys_when_calling_then_401_without_403_for_another_role() {
         &[
             ("DMP__API__KEYS__LOOKUP", r#"["lookup-key-0123456789"]"#),
             ("DMP__API__KEYS__PLANNER", r#"["planner-key-0123456789"]"#),
+            ("DMP__API__RATE_LIMIT_PER_SECOND", "2"),
+            ("DMP__API__RATE_LIMIT_BURST", "5"),
         ],
     );
     let http = reqwest::Client::new();
@@ -188,6 +190,25 @@ async fn given_api_keys_when_calling_then_401_without_403_for_another_role() {
             .status(),
         200
     );
+    // A caller over its rate (2/s, burst 5) gets 429 with Retry-After; others are not affected.
+    let mut limited = None;
+    for _ in 0..10 {
+        let r = lookup(Some("lookup-key-0123456789")).await.unwrap();
+        if r.status() == 429 {
+            limited = Some(r);
+            break;
+        }
+        assert_eq!(r.status(), 404);
+    }
+    let limited = limited.expect("no 429 after 10 quick requests at 2/s");
+    assert!(limited.headers().contains_key("retry-after"));
+    let r = http
+        .get(format!("{url}/v1/audience?expr=all"))
+        .header("x-api-key", "planner-key-0123456789")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
     assert!(sigterm(&mut child).success());
     // A short key is a configuration error naming the key.
     let out = common::dmp()
