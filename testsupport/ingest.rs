@@ -56,6 +56,8 @@ pub async fn serve(cfg: &Config, bus: Option<Arc<dyn Bus>>) -> Served {
         counters: None,
         rules: None,
         auth: std::sync::Arc::new(dmp_api::auth::Auth::open()),
+        segments_topic: "dmp.segments".into(),
+        stopping: tokio::sync::watch::channel(false).1,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());

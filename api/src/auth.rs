@@ -25,6 +25,8 @@ pub enum Role {
     Lookup,
     /// Audience estimates.
     Planner,
+    /// Partners reading segment records.
+    Partner,
     /// Everything.
     Admin,
 }
@@ -35,6 +37,7 @@ impl Role {
             Role::Ingest => "ingest",
             Role::Lookup => "lookup",
             Role::Planner => "planner",
+            Role::Partner => "partner",
             Role::Admin => "admin",
         }
     }
@@ -113,6 +116,7 @@ impl Auth {
             (Role::Ingest, &k.ingest),
             (Role::Lookup, &k.lookup),
             (Role::Planner, &k.planner),
+            (Role::Partner, &k.partner),
             (Role::Admin, &k.admin),
         ] {
             keys.extend(list.iter().map(|s| (digest(s), role)));
@@ -248,6 +252,7 @@ mod tests {
         let auth = Auth::from_config(&dmp_core::config::ApiKeys {
             ingest: vec![],
             lookup: vec!["lookup-key-0123456789".into()],
+            partner: vec![],
             planner: vec!["planner-key-0123456789".into()],
             admin: vec!["admin-key-0123456789ab".into()],
         });
@@ -309,7 +314,13 @@ mod tests {
     #[test]
     fn given_no_keys_when_checked_then_every_role_is_open() {
         let auth = Auth::open();
-        for role in [Role::Ingest, Role::Lookup, Role::Planner, Role::Admin] {
+        for role in [
+            Role::Ingest,
+            Role::Lookup,
+            Role::Planner,
+            Role::Partner,
+            Role::Admin,
+        ] {
             assert!(auth.check(role, &HeaderMap::new()).is_ok());
         }
     }

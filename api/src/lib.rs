@@ -12,6 +12,7 @@
 //!
 //! - The planner page at `/` (`planner.html`): pick segments, combine them with AND / OR / NOT,
 //!   choose days, see the estimate with its interval and the daily sizes as a chart.
+//! - Partners ([`stream`]): `GET /v1/stream/segments?group=NAME` (NDJSON, resumable by offset).
 //! - Lookup ([`lookup`]): `GET /v1/users/{uid}/segments` (current memberships, explanations,
 //!   bounded waits for fresh data).
 
@@ -20,6 +21,7 @@ pub mod auth;
 pub mod ingest;
 pub mod lookup;
 pub mod spill;
+pub mod stream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -53,6 +55,11 @@ pub struct AppState {
     pub rules: Option<lookup::RulesFn>,
     /// API keys per caller role.
     pub auth: Arc<auth::Auth>,
+    /// `topics.segments`, for the partner stream.
+    pub segments_topic: String,
+    /// Becomes true when the process stops: long-lived responses (partner streams) end then, so
+    /// a graceful shutdown does not wait for them forever.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The router with every endpoint.
@@ -67,6 +74,9 @@ pub fn router(state: AppState) -> Router {
     let lookup = Router::new()
         .route("/v1/users/{uid}/segments", get(lookup::segments))
         .route_layer(guard(Role::Lookup));
+    let partner = Router::new()
+        .route("/v1/stream/segments", get(stream::segments))
+        .route_layer(guard(Role::Partner));
     let planner = Router::new()
         .route("/v1/audience", get(audience::audience))
         .route("/v1/segments", get(audience::segments))
@@ -83,6 +93,7 @@ pub fn router(state: AppState) -> Router {
         .merge(ingest)
         .merge(lookup)
         .merge(planner)
+        .merge(partner)
         .merge(admin)
         // The body limit is enforced (with a clear 413) by the handler itself.
         .layer(axum::extract::DefaultBodyLimit::disable())

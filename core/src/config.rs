@@ -230,6 +230,8 @@ pub struct ApiKeys {
     pub lookup: Vec<String>,
     /// `GET /v1/audience`, `GET /v1/segments`.
     pub planner: Vec<String>,
+    /// `GET /v1/stream/segments`.
+    pub partner: Vec<String>,
     /// Everything above, and `GET /v1/topics`.
     pub admin: Vec<String>,
 }
@@ -664,6 +666,7 @@ impl Config {
             ("ingest", &self.api.keys.ingest),
             ("lookup", &self.api.keys.lookup),
             ("planner", &self.api.keys.planner),
+            ("partner", &self.api.keys.partner),
             ("admin", &self.api.keys.admin),
         ] {
             if let Some(k) = keys

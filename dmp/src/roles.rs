@@ -114,6 +114,8 @@ pub async fn run(cfg: Config, roles: Roles, listen: Option<String>) -> anyhow::R
             counters: counters.clone(),
             rules: Some(rules_fn(&cfg)?),
             auth: Arc::new(dmp_api::auth::Auth::from_api_config(&cfg.api)),
+            segments_topic: cfg.topics.segments.clone(),
+            stopping: stop_rx.clone(),
         };
         let mut rx = stop_rx.clone();
         server = Some(tokio::spawn(async move {

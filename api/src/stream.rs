@@ -1,0 +1,140 @@
+//! `GET /v1/stream/segments?group=NAME[&ack=P:OFFSET,…]`: partners read `dmp.segments` over
+//! HTTP, without Kafka (the embedded bus's way to reach them; on Kafka they can use their own
+//! consumer groups directly).
+//!
+//! The answer is NDJSON, one line per segment record:
+//! `{"partition":P,"offset":O,"timestamp":MS,"record":{…SegmentUpdate…}}`, streamed as records
+//! arrive. The group's position is stored by dmp: a reconnecting client first acknowledges what
+//! it has durably processed (`ack=0:41,3:17`: the next offset to read per partition), which is
+//! committed, and the stream resumes from the group's committed position. Nothing is committed
+//! on the client's behalf, so a dropped connection re-sends what was not acknowledged
+//! (at-least-once). One connection per group at a time; the stream ends when the server stops.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+
+use dmp_bus::TopicPartition;
+
+use crate::AppState;
+
+/// Query parameters.
+#[derive(Debug, Deserialize)]
+pub struct Params {
+    group: Option<String>,
+    ack: Option<String>,
+}
+
+fn refuse(status: StatusCode, reason: impl Into<String>) -> Response {
+    metrics::counter!("dmp_api_requests_refused_total", "endpoint" => "stream", "status" => status.as_u16().to_string())
+        .increment(1);
+    (status, Json(serde_json::json!({ "error": reason.into() }))).into_response()
+}
+
+/// `0:41,3:17` -> [(0, 41), (3, 17)].
+fn parse_ack(s: &str) -> Result<Vec<(u32, u64)>, String> {
+    s.split(',')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (a, b) = p
+                .split_once(':')
+                .ok_or_else(|| format!("ack: {p:?} is not PARTITION:OFFSET"))?;
+            Ok((
+                a.parse().map_err(|_| format!("ack: bad partition {a:?}"))?,
+                b.parse().map_err(|_| format!("ack: bad offset {b:?}"))?,
+            ))
+        })
+        .collect()
+}
+
+/// `GET /v1/stream/segments`.
+pub async fn segments(State(state): State<AppState>, Query(p): Query<Params>) -> Response {
+    let Some(group) = p.group.filter(|g| {
+        !g.is_empty()
+            && g.len() <= 200
+            && g.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    }) else {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "group: 1 to 200 characters of A-Z a-z 0-9 - _ . (the partner's own name)",
+        );
+    };
+    let acks = match parse_ack(p.ack.as_deref().unwrap_or("")) {
+        Ok(a) => a,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, e),
+    };
+    let topic = state.segments_topic.clone();
+    let mut consumer = match state
+        .bus
+        .consumer(&format!("partner.{group}"), std::slice::from_ref(&topic))
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => return refuse(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    };
+    if !acks.is_empty() {
+        let marks: Vec<(TopicPartition, u64)> = acks
+            .iter()
+            .map(|(p, o)| (TopicPartition::new(topic.clone(), *p), *o))
+            .collect();
+        if let Err(e) = consumer.commit(&marks).await {
+            return refuse(StatusCode::CONFLICT, format!("ack: {e}"));
+        }
+    }
+    metrics::counter!("dmp_api_stream_connections_total").increment(1);
+    let stopping = state.stopping.clone();
+    let body = futures_util::stream::unfold((consumer, stopping), |(mut c, stop)| async move {
+        loop {
+            if *stop.borrow() {
+                return None;
+            }
+            match c.poll(1000, Duration::from_millis(500)).await {
+                Ok(records) if records.is_empty() => continue,
+                Ok(records) => {
+                    let mut out = Vec::with_capacity(records.len() * 256);
+                    for r in records {
+                        let line = serde_json::json!({
+                            "partition": r.partition,
+                            "offset": r.offset,
+                            "timestamp": r.timestamp,
+                            "record": serde_json::from_slice::<serde_json::Value>(&r.value)
+                                .unwrap_or(serde_json::Value::Null),
+                        });
+                        out.extend_from_slice(line.to_string().as_bytes());
+                        out.push(b'\n');
+                    }
+                    return Some((Ok::<_, std::io::Error>(bytes::Bytes::from(out)), (c, stop)));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "partner stream ends: bus failed");
+                    return None;
+                }
+            }
+        }
+    });
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(body),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn acks_parse() {
+        assert_eq!(
+            super::parse_ack("0:41,3:17").unwrap(),
+            vec![(0, 41), (3, 17)]
+        );
+        assert_eq!(super::parse_ack("").unwrap(), vec![]);
+        assert!(super::parse_ack("0-41").is_err());
+        assert!(super::parse_ack("x:1").is_err());
+    }
+}

@@ -1,0 +1,119 @@
+//! Partners without Kafka: `GET /v1/stream/segments?group=NAME` streams segment records as NDJSON;
+//! a reconnecting partner acknowledges what it processed and resumes after it, and what it did
+//! not acknowledge comes again.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{sigterm, start};
+
+const RULES: &str = r#"
+version = "stream-1"
+
+[[segment]]
+id = "cats"
+when = '''any(url.host == "cats.example")'''
+"#;
+
+/// Reads NDJSON lines from a streaming response until `want` lines (or 20 s).
+async fn lines(url: &str, want: usize) -> Vec<serde_json::Value> {
+    let mut r = reqwest::Client::new().get(url).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{url}");
+    assert_eq!(
+        r.headers()["content-type"].to_str().unwrap(),
+        "application/x-ndjson"
+    );
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while out.len() < want && Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_millis(500), r.chunk()).await {
+            Ok(Ok(Some(c))) => buf.extend_from_slice(&c),
+            Ok(_) => break,
+            Err(_) => continue,
+        }
+        while let Some(i) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=i).collect();
+            out.push(serde_json::from_slice(&line).unwrap());
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_segment_records_when_partner_streams_then_ndjson_resumable_by_ack() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(&rules, RULES).unwrap();
+    let (mut child, url) = start(
+        &dir.path().join("data"),
+        &[("DMP__SEGMENTER__RULES", rules.to_str().unwrap())],
+    );
+    let events: Vec<serde_json::Value> = (0..20)
+        .map(|u| serde_json::json!({"uid": format!("u{u}"), "url": "https://cats.example/"}))
+        .collect();
+    let r = reqwest::Client::new()
+        .post(format!("{url}/v1/events"))
+        .json(&events)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+
+    let first = lines(&format!("{url}/v1/stream/segments?group=acme"), 20).await;
+    assert_eq!(first.len(), 20, "{first:?}");
+    let mut uids: Vec<&str> = first
+        .iter()
+        .map(|l| l["record"]["uid"].as_str().unwrap())
+        .collect();
+    uids.sort();
+    uids.dedup();
+    assert_eq!(uids.len(), 20);
+    assert_eq!(first[0]["record"]["segments"][0], "cats");
+    // Acknowledge everything of one partition: on reconnect, only the rest comes again.
+    let p = first[0]["partition"].as_u64().unwrap();
+    let done: Vec<&serde_json::Value> = first
+        .iter()
+        .filter(|l| l["partition"].as_u64() == Some(p))
+        .collect();
+    let next = done
+        .iter()
+        .map(|l| l["offset"].as_u64().unwrap())
+        .max()
+        .unwrap()
+        + 1;
+    let again = lines(
+        &format!("{url}/v1/stream/segments?group=acme&ack={p}:{next}"),
+        20 - done.len(),
+    )
+    .await;
+    assert_eq!(again.len(), 20 - done.len(), "{again:?}");
+    assert!(again.iter().all(|l| l["partition"].as_u64() != Some(p)));
+    // Another partner has its own position.
+    let other = lines(&format!("{url}/v1/stream/segments?group=globex"), 20).await;
+    assert_eq!(other.len(), 20);
+    // Bad requests name the parameter.
+    let r = reqwest::Client::new()
+        .get(format!("{url}/v1/stream/segments?group=a%20b"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = reqwest::Client::new()
+        .get(format!("{url}/v1/stream/segments?group=acme&ack=1-2"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("ack"));
+    // A partner still connected does not hold up a graceful stop.
+    let open = reqwest::Client::new()
+        .get(format!("{url}/v1/stream/segments?group=idle"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(open.status(), 200);
+    assert!(sigterm(&mut child).success());
+    drop(open);
+}
