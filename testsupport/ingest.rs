@@ -58,6 +58,7 @@ pub async fn serve(cfg: &Config, bus: Option<Arc<dyn Bus>>) -> Served {
         auth: std::sync::Arc::new(dmp_api::auth::Auth::open()),
         segments_topic: "dmp.segments".into(),
         stopping: tokio::sync::watch::channel(false).1,
+        progress: None,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());

@@ -4,7 +4,7 @@
 //!   and `POST /v1/events` (JSON array or NDJSON, gzip allowed); acknowledged only once on
 //!   `dmp.events` or fsynced in the [`spill`] file.
 //! - Operations: `GET /healthz` (the process is up), `GET /readyz` (the bus and the store answer
-//!   within 2 s; 503 with the reasons otherwise), `GET /metrics` (Prometheus text),
+//!   within 2 s and no consuming role is stuck; 503 with the reasons otherwise), `GET /metrics` (Prometheus text),
 //!   `GET /v1/topics` (every topic with the low and high offset of each partition).
 //!
 //! - Audience ([`audience`]): `GET /v1/audience` (estimates of segment expressions over days)
@@ -57,6 +57,9 @@ pub struct AppState {
     pub auth: Arc<auth::Auth>,
     /// `topics.segments`, for the partner stream.
     pub segments_topic: String,
+    /// The consuming roles' progress and after how long without it a role counts as stuck
+    /// (None: no role in this process).
+    pub progress: Option<(Arc<dmp_core::health::Progress>, Duration)>,
     /// Becomes true when the process stops: long-lived responses (partner streams) end then, so
     /// a graceful shutdown does not wait for them forever.
     pub stopping: tokio::sync::watch::Receiver<bool>,
@@ -137,6 +140,7 @@ struct Readiness {
     ready: bool,
     bus: String,
     store: String,
+    consumers: String,
 }
 
 async fn readyz(State(s): State<AppState>) -> Response {
@@ -155,13 +159,32 @@ async fn readyz(State(s): State<AppState>) -> Response {
         Ok(Err(e)) => format!("error: {e}"),
         Err(_) => "error: no answer within 2 s".to_string(),
     };
-    let ready = bus == "ok" && store == "ok";
+    let stuck = s
+        .progress
+        .as_ref()
+        .map(|p| p.0.stuck(p.1))
+        .unwrap_or_default();
+    let consumers = if stuck.is_empty() {
+        "ok".to_string()
+    } else {
+        format!("stuck: {}", stuck.join("; "))
+    };
+    let ready = bus == "ok" && store == "ok" && consumers == "ok";
     let code = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (code, Json(Readiness { ready, bus, store })).into_response()
+    (
+        code,
+        Json(Readiness {
+            ready,
+            bus,
+            store,
+            consumers,
+        }),
+    )
+        .into_response()
 }
 
 async fn metrics_text(State(s): State<AppState>) -> Response {

@@ -218,6 +218,8 @@ pub struct ApiConfig {
     pub rate_limit_per_second: u32,
     /// Burst allowed above the rate.
     pub rate_limit_burst: u32,
+    /// A consuming role with work in flight and no progress for this long makes /readyz fail, s.
+    pub ready_stuck_secs: u64,
 }
 
 /// `[api.keys]`: API keys per caller role. A role with no keys needs none.
@@ -656,6 +658,7 @@ impl Config {
             0,
             10_000_000,
         )?;
+        range("api.ready_stuck_secs", self.api.ready_stuck_secs, 1, 86_400)?;
         range(
             "api.rate_limit_burst",
             self.api.rate_limit_burst as u64,

@@ -14,6 +14,7 @@ pub mod clock;
 pub mod config;
 pub mod error;
 pub mod event;
+pub mod health;
 pub mod partition;
 pub mod segment;
 pub mod telemetry;

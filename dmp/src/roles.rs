@@ -47,11 +47,14 @@ pub async fn run(cfg: Config, roles: Roles, listen: Option<String>) -> anyhow::R
     let backends = Backends::open(&cfg).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
+    // The consuming roles' progress, for /readyz.
+    let progress = Arc::new(dmp_core::health::Progress::default());
 
     if roles.storage_writer {
         let enricher = Enricher::from_config(&cfg.storage_writer)?;
         let writer =
-            StorageWriter::new(backends.bus.clone(), backends.store.clone(), &cfg, enricher);
+            StorageWriter::new(backends.bus.clone(), backends.store.clone(), &cfg, enricher)
+                .with_progress(progress.clone());
         let rx = stop_rx.clone();
         tasks.push((
             "storage-writer",
@@ -74,6 +77,7 @@ pub async fn run(cfg: Config, roles: Roles, listen: Option<String>) -> anyhow::R
         if let Some(c) = &counters {
             seg = seg.with_counters(c.clone());
         }
+        seg = seg.with_progress(progress.clone());
         let rx = stop_rx.clone();
         tasks.push((
             "segmenter",
@@ -116,6 +120,12 @@ pub async fn run(cfg: Config, roles: Roles, listen: Option<String>) -> anyhow::R
             auth: Arc::new(dmp_api::auth::Auth::from_api_config(&cfg.api)),
             segments_topic: cfg.topics.segments.clone(),
             stopping: stop_rx.clone(),
+            progress: (roles.storage_writer || roles.segmenter).then(|| {
+                (
+                    progress.clone(),
+                    Duration::from_secs(cfg.api.ready_stuck_secs),
+                )
+            }),
         };
         let mut rx = stop_rx.clone();
         server = Some(tokio::spawn(async move {

@@ -61,7 +61,11 @@ pub struct Segmenter {
     cfg: Config,
     rules: Arc<dyn RulesSource>,
     counters: Option<Arc<dyn dmp_stats::SegmentCounters>>,
+    progress: Option<Arc<dmp_core::health::Progress>>,
 }
+
+/// The role's name in readiness reports.
+const ROLE: &str = "segmenter";
 
 impl Segmenter {
     /// A segmenter with the rules of `cfg.segmenter.rules` (watched), or the built-in rules.
@@ -109,7 +113,16 @@ impl Segmenter {
             cfg: cfg.clone(),
             rules,
             counters: None,
+            progress: None,
         }
+    }
+
+    /// Reports progress (for readiness) into `p`: a beat whenever the committed position moves
+    /// or nothing is in flight.
+    pub fn with_progress(mut self, p: Arc<dmp_core::health::Progress>) -> Segmenter {
+        p.beat(ROLE);
+        self.progress = Some(p);
+        self
     }
 
     /// Counts every evaluated user's live segments (and the pseudo-segment `all`) per day.
@@ -189,6 +202,10 @@ impl Segmenter {
                 _ = shutdown.changed() => break 'run Ok(()),
                 _ = tick.tick() => {
                     while let Ok((tp, off)) = done_rx.try_recv() { tracker.done(&tp, off); }
+                    if let Some(p) = &self.progress {
+                        p.report(ROLE, consumer.health().max_poll_exceeded);
+                        if tracker.in_flight() == 0 { p.beat(ROLE); }
+                    }
                     let marks = tracker.committable();
                     if !marks.is_empty() {
                         // The counters of the work being committed are durable first.
@@ -199,6 +216,7 @@ impl Segmenter {
                             }
                         }
                         if let Err(e) = consumer.commit(&marks).await { break 'run Err(e.into()); }
+                        if let Some(p) = &self.progress { p.beat(ROLE); }
                     }
                 }
                 _ = timer_tick.tick() => {

@@ -45,6 +45,8 @@ struct Pipe {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// The segmenter runs on its own stop signal so a test can restart it.
     segmenter: Option<(watch::Sender<bool>, tokio::task::JoinHandle<()>)>,
+    /// The segmenter's progress reports (for readiness).
+    progress: Arc<dmp_core::health::Progress>,
 }
 
 fn spawn_segmenter(
@@ -53,12 +55,14 @@ fn spawn_segmenter(
     store: Arc<EmbeddedStore>,
     custom: Option<Arc<dyn dmp_segmenter::RulesSource>>,
     counters: Arc<dmp_stats::EmbeddedCounters>,
+    progress: Arc<dmp_core::health::Progress>,
 ) -> (watch::Sender<bool>, tokio::task::JoinHandle<()>) {
     let seg = match custom {
         Some(r) => Segmenter::with_rules(bus, store, cfg, r),
         None => Segmenter::new(bus, store, cfg).unwrap(),
     }
-    .with_counters(counters);
+    .with_counters(counters)
+    .with_progress(progress);
     let (tx, rx) = watch::channel(false);
     (tx, tokio::spawn(async move { seg.run(rx).await.unwrap() }))
 }
@@ -152,12 +156,14 @@ async fn start_with(
     );
     tasks.push(tokio::spawn(async move { writer.run(rx).await.unwrap() }));
     let counters = Arc::new(dmp_stats::EmbeddedCounters::in_memory());
+    let progress = Arc::new(dmp_core::health::Progress::default());
     let segmenter = Some(spawn_segmenter(
         &cfg,
         bus.clone(),
         store.clone(),
         custom,
         counters.clone(),
+        progress.clone(),
     ));
     Pipe {
         counters,
@@ -169,6 +175,7 @@ async fn start_with(
         stop,
         tasks,
         segmenter,
+        progress,
     }
 }
 
@@ -250,6 +257,7 @@ impl Pipe {
             self.store.clone(),
             None,
             self.counters.clone(),
+            self.progress.clone(),
         ));
     }
 
@@ -540,5 +548,42 @@ when = '''any(type == "search", 3s)'''
     let left =
         dmp_segmenter::timers::scan_due(p.store.as_ref(), pending.partition, i64::MAX, 10).unwrap();
     assert!(left.is_empty(), "{left:?}");
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_evaluation_hanging_when_readiness_asked_then_segmenter_reported_stuck_until_it_moves(
+) {
+    let (rules, counts) = counting_rules(Duration::from_millis(2500));
+    let p = start_with("", |_| {}, Some(rules), None).await;
+    let after = Duration::from_millis(1000);
+    // Idle: not stuck, however long nothing happens.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert!(
+        p.progress.stuck(after).is_empty(),
+        "{:?}",
+        p.progress.stuck(after)
+    );
+    let now = dmp_core::clock::now_ms();
+    p.post(serde_json::json!([{"uid": "slow", "ts": now - 100, "type": "x"}]))
+        .await;
+    // The rule takes 2.5 s: for a while, a change is in flight and nothing is committed.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut seen_stuck = Vec::new();
+    while seen_stuck.is_empty() && tokio::time::Instant::now() < deadline {
+        seen_stuck = p.progress.stuck(after);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        seen_stuck
+            .iter()
+            .any(|s| s.starts_with("segmenter: no progress")),
+        "{seen_stuck:?}"
+    );
+    // Once the evaluation finishes and is committed, it is not stuck any more.
+    p.drained().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(p.progress.stuck(after).is_empty());
+    assert_eq!(counts.lock().unwrap().get("slow"), Some(&1));
     p.stop().await;
 }

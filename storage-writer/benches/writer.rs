@@ -210,6 +210,7 @@ async fn http_ingest(secs: u64, with_writer: bool) {
         auth: std::sync::Arc::new(dmp_api::auth::Auth::open()),
         segments_topic: "dmp.segments".into(),
         stopping: tokio::sync::watch::channel(false).1,
+        progress: None,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/v1/events", listener.local_addr().unwrap());

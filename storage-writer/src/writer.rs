@@ -43,6 +43,9 @@ pub struct Processed {
     pub uids: HashMap<String, i64>,
 }
 
+/// The role's name in readiness reports.
+const ROLE: &str = "storage-writer";
+
 /// The storage writer role.
 pub struct StorageWriter {
     bus: Arc<dyn Bus>,
@@ -53,6 +56,7 @@ pub struct StorageWriter {
     limits: EventLimits,
     enricher: Enricher,
     ua_written: lru::LruCache<u64, ()>,
+    progress: Option<std::sync::Arc<dmp_core::health::Progress>>,
 }
 
 impl StorageWriter {
@@ -72,6 +76,7 @@ impl StorageWriter {
             limits: EventLimits::default(),
             enricher,
             ua_written: lru::LruCache::new(NonZeroUsize::new(100_000).expect("non-zero")),
+            progress: None,
         }
     }
 
@@ -253,6 +258,13 @@ impl StorageWriter {
         Ok(())
     }
 
+    /// Reports progress (for readiness) into `p`.
+    pub fn with_progress(mut self, p: std::sync::Arc<dmp_core::health::Progress>) -> StorageWriter {
+        p.beat(ROLE);
+        self.progress = Some(p);
+        self
+    }
+
     /// Runs until `shutdown` becomes true; commits what was written and leaves the group.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), WriterError> {
         let topic = self.topics.events.clone();
@@ -273,7 +285,13 @@ impl StorageWriter {
                 },
                 _ = shutdown.changed() => break Ok(()),
             };
+            if let Some(p) = &self.progress {
+                p.report(ROLE, consumer.health().max_poll_exceeded);
+            }
             if records.is_empty() {
+                if let Some(p) = &self.progress {
+                    p.beat(ROLE);
+                }
                 continue;
             }
             let started = Instant::now();
@@ -299,6 +317,9 @@ impl StorageWriter {
             let marks = tracker.committable();
             if let Err(e) = consumer.commit(&marks).await {
                 break Err(e.into());
+            }
+            if let Some(p) = &self.progress {
+                p.beat(ROLE);
             }
             metrics::histogram!(m::BATCH_DURATION).record(started.elapsed().as_secs_f64());
         };
