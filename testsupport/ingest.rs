@@ -59,6 +59,9 @@ pub async fn serve(cfg: &Config, bus: Option<Arc<dyn Bus>>) -> Served {
         segments_topic: "dmp.segments".into(),
         stopping: tokio::sync::watch::channel(false).1,
         progress: None,
+        suppressions: None,
+        deleted_suppress_ms: 86_400_000,
+        suppression_settle: std::time::Duration::from_secs(3),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());

@@ -60,6 +60,13 @@ pub struct AppState {
     /// The consuming roles' progress and after how long without it a role counts as stuck
     /// (None: no role in this process).
     pub progress: Option<(Arc<dmp_core::health::Progress>, Duration)>,
+    /// Deleted users, shared with this process's storage writer (None: no writer here).
+    pub suppressions: Option<Arc<dmp_store::suppress::Suppressions>>,
+    /// How long a deleted user's events are dropped, ms.
+    pub deleted_suppress_ms: i64,
+    /// After a deletion, when to delete the row once more (other processes' writers have then
+    /// reloaded the suppression).
+    pub suppression_settle: Duration,
     /// Becomes true when the process stops: long-lived responses (partner streams) end then, so
     /// a graceful shutdown does not wait for them forever.
     pub stopping: tokio::sync::watch::Receiver<bool>,
@@ -86,6 +93,7 @@ pub fn router(state: AppState) -> Router {
         .route_layer(guard(Role::Planner));
     let admin = Router::new()
         .route("/v1/topics", get(topics))
+        .route("/v1/users/{uid}", axum::routing::delete(lookup::delete))
         .route_layer(guard(Role::Admin));
     Router::new()
         .route("/", get(planner_page))

@@ -161,3 +161,70 @@ pub async fn segments(
     }
     Json(body).into_response()
 }
+
+/// `DELETE /v1/users/{uid}` (admin): removes the user's row, publishes a segment record with an
+/// empty set (partners drop the user), and suppresses the user's events for
+/// `api.deleted_user_suppress_secs` so late events do not bring the user back. Counters are
+/// HyperLogLogs: a user cannot be taken out of a day's count, which ages out with retention.
+pub async fn delete(State(state): State<AppState>, Path(uid): Path<String>) -> Response {
+    if uid.is_empty() || uid.len() > 256 || uid.chars().any(char::is_control) {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "uid: 1 to 256 bytes without control characters",
+        );
+    }
+    let now = dmp_core::clock::now_ms();
+    let until = now + state.deleted_suppress_ms;
+    let (store, suppressions, key) = (state.store.clone(), state.suppressions.clone(), uid.clone());
+    let removed = tokio::task::spawn_blocking(move || -> dmp_store::Result<Option<Vec<String>>> {
+        // Suppress first: from here on, the storage writer drops this user's events.
+        store.put(&[dmp_store::suppress::put(&key, until)])?;
+        if let Some(s) = &suppressions {
+            s.insert(&key, until);
+        }
+        let row = store.get(&Get::row(key.clone()))?;
+        store.delete_row(&key)?;
+        Ok(row.map(|r| memberships(Some(&r), "current").into_keys().collect()))
+    })
+    .await;
+    let removed = match removed {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return refuse(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e) => return refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    if let Some(segs) = removed.as_ref().filter(|s| !s.is_empty()) {
+        let update = dmp_core::SegmentUpdate {
+            uid: uid.clone(),
+            segments: Vec::new(),
+            added: Vec::new(),
+            removed: segs.clone(),
+            evaluated_at: now,
+            last_event_ts: 0,
+            rules_version: "deleted".into(),
+        };
+        let record = dmp_bus::ProduceRecord::new(uid.clone().into_bytes(), update.to_json());
+        if let Err(e) = state.bus.produce(&state.segments_topic, vec![record]).await {
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the row is deleted but the empty segment record was not published: {e}"),
+            );
+        }
+    }
+    // A writer in another process learns of the suppression at its next reload; an event it
+    // wrote meanwhile would recreate the row, so the row is deleted once more after that.
+    let (store, key) = (state.store.clone(), uid.clone());
+    let later = state.suppression_settle;
+    tokio::spawn(async move {
+        tokio::time::sleep(later).await;
+        let _ = tokio::task::spawn_blocking(move || store.delete_row(&key)).await;
+    });
+    metrics::counter!("dmp_api_users_deleted_total").increment(1);
+    tracing::info!(existed = removed.is_some(), "user deleted on request");
+    Json(serde_json::json!({
+        "uid": uid,
+        "deleted": removed.is_some(),
+        "removed": removed.unwrap_or_default(),
+        "suppressed_until": until,
+    }))
+    .into_response()
+}

@@ -220,6 +220,8 @@ pub struct ApiConfig {
     pub rate_limit_burst: u32,
     /// A consuming role with work in flight and no progress for this long makes /readyz fail, s.
     pub ready_stuck_secs: u64,
+    /// How long a deleted user's events are dropped, s.
+    pub deleted_user_suppress_secs: u64,
 }
 
 /// `[api.keys]`: API keys per caller role. A role with no keys needs none.
@@ -329,6 +331,8 @@ pub struct StorageWriterConfig {
     pub geoip: Vec<PathBuf>,
     /// Crawler list ("" = shipped copy).
     pub crawler_list: String,
+    /// How often suppressions (deleted users) made by other processes are picked up, ms.
+    pub suppression_reload_ms: u64,
 }
 
 /// `[telemetry]`.
@@ -659,6 +663,18 @@ impl Config {
             10_000_000,
         )?;
         range("api.ready_stuck_secs", self.api.ready_stuck_secs, 1, 86_400)?;
+        range(
+            "api.deleted_user_suppress_secs",
+            self.api.deleted_user_suppress_secs,
+            1,
+            3650 * 86_400,
+        )?;
+        range(
+            "storage_writer.suppression_reload_ms",
+            self.storage_writer.suppression_reload_ms,
+            100,
+            600_000,
+        )?;
         range(
             "api.rate_limit_burst",
             self.api.rate_limit_burst as u64,

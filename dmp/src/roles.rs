@@ -49,12 +49,15 @@ pub async fn run(cfg: Config, roles: Roles, listen: Option<String>) -> anyhow::R
     let mut tasks = Vec::new();
     // The consuming roles' progress, for /readyz.
     let progress = Arc::new(dmp_core::health::Progress::default());
+    // Deleted users: the API adds to it, the storage writer drops their events.
+    let suppressions = Arc::new(dmp_store::suppress::Suppressions::default());
 
     if roles.storage_writer {
         let enricher = Enricher::from_config(&cfg.storage_writer)?;
         let writer =
             StorageWriter::new(backends.bus.clone(), backends.store.clone(), &cfg, enricher)
-                .with_progress(progress.clone());
+                .with_progress(progress.clone())
+                .with_suppressions(suppressions.clone());
         let rx = stop_rx.clone();
         tasks.push((
             "storage-writer",
@@ -120,6 +123,11 @@ pub async fn run(cfg: Config, roles: Roles, listen: Option<String>) -> anyhow::R
             auth: Arc::new(dmp_api::auth::Auth::from_api_config(&cfg.api)),
             segments_topic: cfg.topics.segments.clone(),
             stopping: stop_rx.clone(),
+            suppressions: roles.storage_writer.then(|| suppressions.clone()),
+            deleted_suppress_ms: (cfg.api.deleted_user_suppress_secs as i64).saturating_mul(1000),
+            suppression_settle: Duration::from_millis(
+                cfg.storage_writer.suppression_reload_ms * 2 + 1000,
+            ),
             progress: (roles.storage_writer || roles.segmenter).then(|| {
                 (
                     progress.clone(),

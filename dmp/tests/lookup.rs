@@ -219,3 +219,120 @@ async fn given_api_keys_when_calling_then_401_without_403_for_another_role() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("api.keys.admin"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_user_deleted_when_late_events_arrive_then_row_stays_gone_and_partners_told() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(&rules, RULES).unwrap();
+    let (mut child, url) = start(
+        &dir.path().join("data"),
+        &[("DMP__SEGMENTER__RULES", rules.to_str().unwrap())],
+    );
+    let http = reqwest::Client::new();
+    let ts = dmp_core::clock::now_ms() - 1000;
+    let post = |events: serde_json::Value| {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            let r = http
+                .post(format!("{url}/v1/events"))
+                .json(&events)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 202);
+        }
+    };
+    post(serde_json::json!([{"uid": "anna", "ts": ts, "url": "https://cats.example/"}])).await;
+    let v: serde_json::Value = http
+        .get(format!(
+            "{url}/v1/users/anna/segments?min_event_ts={ts}&wait_ms=5000"
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["segments"][0]["id"], "cats", "{v}");
+
+    let r = http
+        .delete(format!("{url}/v1/users/anna"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["deleted"], true);
+    assert_eq!(v["removed"], serde_json::json!(["cats"]));
+    let gone = |http: reqwest::Client, url: String| async move {
+        http.get(format!("{url}/v1/users/anna/segments"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_eq!(gone(http.clone(), url.clone()).await, 404);
+
+    // Partners are told: the user's last segment record is an empty set.
+    let mut r = http
+        .get(format!("{url}/v1/stream/segments?group=deletion"))
+        .send()
+        .await
+        .unwrap();
+    let mut text = String::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while text.matches("\"anna\"").count() < 2 && std::time::Instant::now() < deadline {
+        if let Ok(Ok(Some(c))) = tokio::time::timeout(Duration::from_millis(500), r.chunk()).await {
+            text.push_str(&String::from_utf8_lossy(&c));
+        }
+    }
+    drop(r);
+    let last = text
+        .lines()
+        .filter(|l| l.contains("\"anna\""))
+        .last()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .expect("segment records for anna");
+    assert_eq!(last["record"]["segments"], serde_json::json!([]), "{last}");
+    assert_eq!(last["record"]["removed"], serde_json::json!(["cats"]));
+    assert_eq!(last["record"]["rules_version"], "deleted");
+
+    // A late event is dropped by the storage writer: the user stays gone.
+    post(serde_json::json!([{"uid": "anna", "ts": ts + 500, "url": "https://cats.example/again"}]))
+        .await;
+    let started = std::time::Instant::now();
+    loop {
+        let m = http
+            .get(format!("{url}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if m.lines()
+            .any(|l| l.starts_with("dmp_storage_writer_events_total{outcome=\"suppressed\"} 1"))
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no suppressed event counted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(gone(http.clone(), url.clone()).await, 404);
+    // Deleting someone unknown still suppresses them (a request may come before their events).
+    let v: serde_json::Value = http
+        .delete(format!("{url}/v1/users/nobody"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["deleted"], false);
+    assert!(v["suppressed_until"].as_i64().unwrap() > ts);
+    assert!(sigterm(&mut child).success());
+}

@@ -211,6 +211,9 @@ async fn http_ingest(secs: u64, with_writer: bool) {
         segments_topic: "dmp.segments".into(),
         stopping: tokio::sync::watch::channel(false).1,
         progress: None,
+        suppressions: None,
+        deleted_suppress_ms: 86_400_000,
+        suppression_settle: std::time::Duration::from_secs(3),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/v1/events", listener.local_addr().unwrap());

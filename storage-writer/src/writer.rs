@@ -57,6 +57,8 @@ pub struct StorageWriter {
     enricher: Enricher,
     ua_written: lru::LruCache<u64, ()>,
     progress: Option<std::sync::Arc<dmp_core::health::Progress>>,
+    suppressions: Option<std::sync::Arc<dmp_store::suppress::Suppressions>>,
+    suppression_reload: Duration,
 }
 
 impl StorageWriter {
@@ -77,6 +79,8 @@ impl StorageWriter {
             enricher,
             ua_written: lru::LruCache::new(NonZeroUsize::new(100_000).expect("non-zero")),
             progress: None,
+            suppressions: None,
+            suppression_reload: Duration::from_millis(cfg.storage_writer.suppression_reload_ms),
         }
     }
 
@@ -87,6 +91,14 @@ impl StorageWriter {
         for r in records {
             metrics::histogram!(m::WAIT).record(((now - r.timestamp).max(0)) as f64 / 1000.0);
             match Event::parse(&r.value, r.timestamp, &self.limits) {
+                Ok(ev)
+                    if self
+                        .suppressions
+                        .as_ref()
+                        .is_some_and(|s| s.is_suppressed(&ev.uid, now)) =>
+                {
+                    metrics::counter!(m::EVENTS, "outcome" => "suppressed").increment(1);
+                }
                 Ok(ev) => {
                     let en = self.enricher.enrich(ev.ip.as_deref(), ev.ua.as_deref());
                     if en.bad_ip {
@@ -258,6 +270,15 @@ impl StorageWriter {
         Ok(())
     }
 
+    /// Drops the events of users in `s` (deleted users), reloading it from the store.
+    pub fn with_suppressions(
+        mut self,
+        s: std::sync::Arc<dmp_store::suppress::Suppressions>,
+    ) -> StorageWriter {
+        self.suppressions = Some(s);
+        self
+    }
+
     /// Reports progress (for readiness) into `p`.
     pub fn with_progress(mut self, p: std::sync::Arc<dmp_core::health::Progress>) -> StorageWriter {
         p.beat(ROLE);
@@ -274,9 +295,24 @@ impl StorageWriter {
             .await?;
         let mut tracker = OffsetTracker::new();
         tracing::info!(group = %self.group, topic = %topic, "storage writer started");
+        let mut reloaded: Option<Instant> = None;
         let result = loop {
             if *shutdown.borrow() {
                 break Ok(());
+            }
+            if let Some(s) = &self.suppressions {
+                if reloaded.is_none_or(|t| t.elapsed() >= self.suppression_reload) {
+                    let (s, store) = (s.clone(), self.store.clone());
+                    let now = dmp_core::clock::now_ms();
+                    match tokio::task::spawn_blocking(move || s.reload(store.as_ref(), now)).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, "reloading suppressed users failed")
+                        }
+                        Err(e) => tracing::warn!(error = %e, "reloading suppressed users failed"),
+                    }
+                    reloaded = Some(Instant::now());
+                }
             }
             let records = tokio::select! {
                 r = consumer.poll(self.batch_max, Duration::from_millis(200)) => match r {

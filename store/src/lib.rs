@@ -18,6 +18,7 @@ pub mod conformance;
 pub mod embedded;
 mod instrumented;
 pub mod metrics;
+pub mod suppress;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
