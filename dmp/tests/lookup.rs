@@ -290,8 +290,7 @@ async fn given_user_deleted_when_late_events_arrive_then_row_stays_gone_and_part
     drop(r);
     let last = text
         .lines()
-        .filter(|l| l.contains("\"anna\""))
-        .last()
+        .rfind(|l| l.contains("\"anna\""))
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
         .expect("segment records for anna");
     assert_eq!(last["record"]["segments"], serde_json::json!([]), "{last}");
