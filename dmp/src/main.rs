@@ -60,6 +60,10 @@ enum Command {
         /// Listen address of the HTTP API (overrides `api.listen`).
         #[arg(long, value_name = "ADDR")]
         listen: Option<String>,
+        /// Also post generated traffic (and use the demo rules unless segmenter.rules is set),
+        /// so segments and audiences appear within seconds.
+        #[arg(long)]
+        demo: bool,
     },
     /// Run the HTTP API alone (ingest with its spill; needs a bus another process does not own).
     Api {
@@ -146,7 +150,9 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Run { listen } => roles::run(cfg, roles::Roles::ALL, listen).await,
+            Command::Run { listen, demo } => {
+                roles::run_with(cfg, roles::Roles::ALL, listen, demo).await
+            }
             Command::Api { listen } => {
                 let roles = roles::Roles {
                     api: true,

@@ -42,6 +42,25 @@ impl Roles {
 /// Runs the roles until SIGTERM or Ctrl-C, then drains: the API stops accepting, the writer
 /// finishes and commits its batch, the database is synced.
 pub async fn run(cfg: Config, roles: Roles, listen: Option<String>) -> anyhow::Result<()> {
+    run_with(cfg, roles, listen, false).await
+}
+
+/// [`run`], with `demo`: generated traffic posted to this process's own API, and the demo rules
+/// (`loadtest/scenarios/demo-rules.toml`) when no rule file is configured.
+pub async fn run_with(
+    mut cfg: Config,
+    roles: Roles,
+    listen: Option<String>,
+    demo: bool,
+) -> anyhow::Result<()> {
+    if demo && cfg.segmenter.rules.is_empty() {
+        std::fs::create_dir_all(&cfg.data_dir)
+            .with_context(|| format!("cannot create {}", cfg.data_dir.display()))?;
+        let path = cfg.data_dir.join("demo-rules.toml");
+        std::fs::write(&path, dmp_loadtest::generator::DEMO_RULES)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        cfg.segmenter.rules = path.display().to_string();
+    }
     let prometheus = dmp_core::telemetry::init_metrics();
     let started = std::time::Instant::now();
     let backends = Backends::open(&cfg).await?;
@@ -145,6 +164,23 @@ pub async fn run(cfg: Config, roles: Roles, listen: Option<String>) -> anyhow::R
         crate::out(format_args!(
             "dmp is ready: http://{addr}/  (POST /v1/events, GET /px.gif, /healthz, /readyz, /metrics, /v1/topics)"
         ))?;
+        if demo {
+            let key = cfg
+                .api
+                .keys
+                .ingest
+                .first()
+                .or(cfg.api.keys.admin.first())
+                .cloned();
+            tasks.push((
+                "demo",
+                tokio::spawn(demo_traffic(format!("http://{addr}"), key, stop_rx.clone())),
+            ));
+            crate::out(format_args!(
+                "demo: posting generated traffic (about 200 events/s); open http://{addr}/ for the planner, \
+                 or curl http://{addr}/v1/segments"
+            ))?;
+        }
     } else {
         crate::out(format_args!("dmp is ready (roles: {roles:?})"))?;
     }
@@ -230,4 +266,32 @@ fn rules_fn(cfg: &Config) -> anyhow::Result<dmp_api::lookup::RulesFn> {
         )
     })?;
     Ok(Arc::new(move || w.current()))
+}
+
+/// Posts generated traffic (sessions of 2,000 users, about 200 events/s) to the API at `base`
+/// until `stop`.
+async fn demo_traffic(
+    base: String,
+    key: Option<String>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let mut gen = dmp_loadtest::generator::Generator::new(dmp_core::clock::now_ms() as u64, 2_000);
+    let http = reqwest::Client::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        let batch = gen.batch(dmp_core::clock::now_ms(), 100);
+        let mut req = http.post(format!("{base}/v1/events")).json(&batch);
+        if let Some(k) = &key {
+            req = req.bearer_auth(k);
+        }
+        match req.send().await {
+            Ok(r) if r.status().is_success() => {}
+            Ok(r) => tracing::warn!(status = %r.status(), "demo traffic refused"),
+            Err(e) => tracing::warn!(error = %e, "demo traffic not posted"),
+        }
+    }
 }

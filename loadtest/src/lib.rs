@@ -1,7 +1,10 @@
-//! `dmp-loadtest`: realistic traffic and measurement. **Empty until the loadtest issue.**
+//! `dmp-loadtest`: realistic traffic and measurement.
 //!
-//! What will live here: the scenario-driven generator (heavy-tailed users, sessions, Russian and
-//! English vocabularies, real user agents, bots, partner bursts, a daily curve) that knows the
-//! ground truth, the open-loop drivers, and the report with charts under `loadtest/runs/`.
-//! Today's measurements are the criterion benches of `dmp-bus` and `dmp-store`
-//! (docs/benchmarks.md). Nothing here behaves yet.
+//! Built so far: [`generator`], synthetic traffic with known ground truth (the generator behind
+//! `dmp run --demo`).
+//!
+//! Not built yet (loadtest issue): scenario files, partner-file bursts and the daily curve, the
+//! open-loop drivers, the measurements against the ground truth, and the report with charts under
+//! `loadtest/runs/`. Today's measurements are the benches of each crate (docs/benchmarks.md).
+
+pub mod generator;
