@@ -43,7 +43,13 @@ async fn given_demo_flag_when_dmp_runs_then_segments_fill_within_seconds() {
             .as_array()
             .unwrap()
             .iter()
-            .filter(|s| s["days"].as_object().unwrap().values().any(|n| n.as_u64() > Some(0)))
+            .filter(|s| {
+                s["days"]
+                    .as_object()
+                    .unwrap()
+                    .values()
+                    .any(|n| n.as_u64() > Some(0))
+            })
             .map(|s| s["id"].as_str().unwrap().to_string())
             .collect();
         if with_users.len() >= 5 {
@@ -57,7 +63,9 @@ async fn given_demo_flag_when_dmp_runs_then_segments_fill_within_seconds() {
     };
     eprintln!("demo: all demo segments have users {filled:?} after start");
     let v: serde_json::Value = http
-        .get(format!("{url}/v1/audience?expr=cat_lovers%20and%20not%20news_readers"))
+        .get(format!(
+            "{url}/v1/audience?expr=cat_lovers%20and%20not%20news_readers"
+        ))
         .send()
         .await
         .unwrap()
