@@ -228,6 +228,8 @@ impl Worker {
                 st.dedupe.read(&uid, w);
             }
             let Some(row) = row else { continue };
+            // Every cell this evaluation writes to the user's row goes in one put (one delta).
+            let mut row_cells: Vec<Cell> = Vec::with_capacity(4);
             let started = Instant::now();
             let eval = rules.evaluate(&row, now);
             if let Some(c) = &self.counters {
@@ -277,15 +279,12 @@ impl Worker {
                     uid.clone().into_bytes(),
                     update.to_json(),
                 ));
-                out.puts.push(Put {
-                    row: uid.clone(),
-                    cells: vec![Cell::new(
-                        FAMILY_SEGMENTS,
-                        qualifier,
-                        now,
-                        serde_json::to_vec(&after).expect("a map serialises"),
-                    )],
-                });
+                row_cells.push(Cell::new(
+                    FAMILY_SEGMENTS,
+                    qualifier,
+                    now,
+                    serde_json::to_vec(&after).expect("a map serialises"),
+                ));
                 metrics::counter!(m::PUBLISHED, "topic_kind" => kind).increment(1);
                 if kind == "live" && last_event_ts > 0 {
                     metrics::histogram!(m::END_TO_END)
@@ -294,20 +293,17 @@ impl Worker {
             }
             // When and with what the user was last evaluated (for point lookups), in the same
             // batch as the memberships.
-            out.puts.push(Put {
-                row: uid.clone(),
-                cells: vec![Cell::new(
-                    FAMILY_SEGMENTS,
-                    EVALUATED,
-                    now,
-                    serde_json::to_vec(&Evaluated {
-                        at: now,
-                        last_event_ts,
-                        rules_version: rules.version().to_string(),
-                    })
-                    .expect("a struct serialises"),
-                )],
-            });
+            row_cells.push(Cell::new(
+                FAMILY_SEGMENTS,
+                EVALUATED,
+                now,
+                serde_json::to_vec(&Evaluated {
+                    at: now,
+                    last_event_ts,
+                    rules_version: rules.version().to_string(),
+                })
+                .expect("a struct serialises"),
+            ));
             // The next re-evaluation, durable: recorded in the row and as a timer row.
             let plan = timers::plan(
                 timers::recorded(&row),
@@ -316,10 +312,7 @@ impl Worker {
                 now,
             );
             if let Some(cell) = plan.recheck {
-                out.puts.push(Put {
-                    row: uid.clone(),
-                    cells: vec![cell],
-                });
+                row_cells.push(cell);
             }
             if let Some(p) = plan.create {
                 metrics::counter!(m::TIMERS_SCHEDULED).increment(1);
@@ -331,6 +324,10 @@ impl Worker {
             if let Some(p) = plan.delete {
                 out.deletes.push(p.row_key(&uid));
             }
+            out.puts.push(Put {
+                row: uid,
+                cells: row_cells,
+            });
         }
         out
     }
