@@ -56,6 +56,28 @@ impl Drop for Syncer {
     }
 }
 
+/// Makes the journal durable without holding fjall's journal lock through the fsync: the
+/// journal's userspace buffer goes to the OS under the lock (fast), then the journal files are
+/// fsynced through descriptors of our own. `persist(SyncData)` would hold the lock for the whole
+/// fsync, and every write of every role would wait behind a slow disk (measured: p99 stalls of
+/// 100+ ms in the segmenter's change-to-segment latency).
+fn sync_journals(db: &Database, dir: &std::path::Path) -> std::io::Result<()> {
+    db.persist(PersistMode::Buffer)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|x| x == "jnl") {
+            match std::fs::File::open(&path) {
+                Ok(f) => f.sync_data()?,
+                // Rotated away and deleted meanwhile: its data is in tables fjall wrote.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
+}
+
 impl EmbeddedDatabase {
     /// Opens (or creates) the database at `path` with the memory bounds of `cfg` and the store's
     /// TTL compaction filter for `schema`.
@@ -81,13 +103,20 @@ impl EmbeddedDatabase {
         let handle = if cfg.fsync_interval_ms > 0 {
             let (db2, stop2) = (db.clone(), stop.clone());
             let every = Duration::from_millis(cfg.fsync_interval_ms);
+            let dir = path.to_path_buf();
             Some(
                 std::thread::Builder::new()
                     .name("dmp-fsync".into())
                     .spawn(move || {
+                        let mut last = std::time::Instant::now();
                         while !stop2.load(Ordering::Acquire) {
+                            // Wake often enough to stop promptly; sync every `every`.
                             std::thread::sleep(every.min(Duration::from_millis(100)));
-                            if let Err(e) = db2.persist(PersistMode::SyncData) {
+                            if last.elapsed() < every {
+                                continue;
+                            }
+                            last = std::time::Instant::now();
+                            if let Err(e) = sync_journals(&db2, &dir) {
                                 tracing::error!(error = %e, "periodic fsync failed");
                             }
                         }
