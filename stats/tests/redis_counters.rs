@@ -134,9 +134,19 @@ impl Server {
 
     /// kill -9, keeping the data directory.
     fn kill(mut self) -> (u16, tempfile::TempDir) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-        (self.port, self.dir)
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let dir = tempfile::tempdir().unwrap();
+        let dir = std::mem::replace(&mut self.dir, dir);
+        (self.port, dir)
+    }
+}
+
+impl Drop for Server {
+    /// Never leaves a redis-server behind, whatever the test's outcome.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
