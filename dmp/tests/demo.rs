@@ -11,13 +11,15 @@ use common::{dmp, sigterm};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn given_demo_flag_when_dmp_runs_then_segments_fill_within_seconds() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = dmp()
-        .args(["run", "--demo", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = common::Running(
+        dmp()
+            .args(["run", "--demo", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let first = lines.next().unwrap().unwrap();
     let url = first

@@ -11,7 +11,7 @@ use common::{dmp, sigterm, start, topic_high};
 
 use dmp_store::{Get, UserStore};
 
-fn stop(mut child: std::process::Child) {
+fn stop(mut child: common::Running) {
     let status = sigterm(&mut child);
     assert!(status.success(), "dmp run exited with {status}");
 }

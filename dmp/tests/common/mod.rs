@@ -12,8 +12,33 @@ pub fn dmp() -> Command {
     c
 }
 
+/// A `dmp` child process that is killed when dropped, so a failing test never leaves it running.
+pub struct Running(pub Child);
+
+impl std::ops::Deref for Running {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Running {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// Starts `dmp run` on a free port; returns the child and the base URL it printed.
-pub fn start(data_dir: &std::path::Path, extra_env: &[(&str, &str)]) -> (Child, String) {
+pub fn start(data_dir: &std::path::Path, extra_env: &[(&str, &str)]) -> (Running, String) {
     let mut cmd = dmp();
     cmd.args(["run", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
@@ -34,7 +59,7 @@ pub fn start(data_dir: &std::path::Path, extra_env: &[(&str, &str)]) -> (Child, 
         .unwrap_or_else(|| panic!("no URL in {line:?}"))
         .trim_end_matches('/')
         .to_string();
-    (child, url)
+    (Running(child), url)
 }
 
 /// Sends SIGTERM and waits (at most 20 s) for the process to exit.
