@@ -31,9 +31,7 @@ pub struct Params {
 }
 
 fn bad(status: StatusCode, reason: impl Into<String>) -> Response {
-    metrics::counter!("dmp_api_requests_refused_total", "endpoint" => "audience", "status" => status.as_u16().to_string())
-        .increment(1);
-    (status, Json(serde_json::json!({ "error": reason.into() }))).into_response()
+    crate::refuse("audience", status, reason)
 }
 
 /// A refusal: its status and reason.

@@ -13,8 +13,7 @@
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::response::Response;
 
 /// Caller roles.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,16 +138,7 @@ impl Auth {
         if self.role_is_open(role) {
             return Ok(());
         }
-        let presented = headers
-            .get("x-api-key")
-            .and_then(|v| v.to_str().ok())
-            .or_else(|| {
-                headers
-                    .get(axum::http::header::AUTHORIZATION)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.strip_prefix("Bearer "))
-            });
-        let Some(key) = presented else {
+        let Some(key) = presented_key(headers) else {
             return Err((
                 StatusCode::UNAUTHORIZED,
                 format!(
@@ -187,38 +177,38 @@ pub async fn require(
             if let Some(l) = &auth.limiter {
                 let caller = caller_of(&req);
                 if let Err(wait) = l.take(caller) {
-                    metrics::counter!("dmp_api_requests_refused_total", "endpoint" => role.name(), "status" => "429")
-                        .increment(1);
-                    return (
+                    let mut r = crate::refuse(
+                        role.name(),
                         StatusCode::TOO_MANY_REQUESTS,
-                        [(axum::http::header::RETRY_AFTER, (wait.ceil() as u64).max(1).to_string())],
-                        Json(serde_json::json!({ "error": "rate limit exceeded (api.rate_limit_per_second)" })),
-                    )
-                        .into_response();
+                        "rate limit exceeded (api.rate_limit_per_second)",
+                    );
+                    r.headers_mut().insert(
+                        axum::http::header::RETRY_AFTER,
+                        axum::http::HeaderValue::from((wait.ceil() as u64).max(1)),
+                    );
+                    return r;
                 }
             }
             next.run(req).await
         }
-        Err((status, reason)) => {
-            metrics::counter!("dmp_api_requests_refused_total", "endpoint" => role.name(), "status" => status.as_u16().to_string())
-                .increment(1);
-            (status, Json(serde_json::json!({ "error": reason }))).into_response()
-        }
+        Err((status, reason)) => crate::refuse(role.name(), status, reason),
     }
 }
 
-/// Who is calling: the key's digest, else the client address.
-fn caller_of(req: &Request) -> [u8; 32] {
-    let h = req.headers();
-    let key = h
-        .get("x-api-key")
+/// The key a request presents: `x-api-key`, else `Authorization: Bearer`.
+fn presented_key(h: &HeaderMap) -> Option<&str> {
+    h.get("x-api-key")
         .and_then(|v| v.to_str().ok())
         .or_else(|| {
             h.get(axum::http::header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.strip_prefix("Bearer "))
-        });
-    match key {
+        })
+}
+
+/// Who is calling: the key's digest, else the client address.
+fn caller_of(req: &Request) -> [u8; 32] {
+    match presented_key(req.headers()) {
         Some(k) => digest(k.trim()),
         None => {
             let ip = req

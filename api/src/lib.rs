@@ -139,6 +139,18 @@ async fn planner_page() -> Response {
         .into_response()
 }
 
+/// A refusal of the audience, lookup, stream and key-checked endpoints: counted in
+/// `dmp_api_requests_refused_total{endpoint,status}`, answered as `{"error": reason}`.
+pub(crate) fn refuse(
+    endpoint: &'static str,
+    status: StatusCode,
+    reason: impl Into<String>,
+) -> Response {
+    metrics::counter!("dmp_api_requests_refused_total", "endpoint" => endpoint, "status" => status.as_u16().to_string())
+        .increment(1);
+    (status, Json(serde_json::json!({ "error": reason.into() }))).into_response()
+}
+
 async fn healthz() -> &'static str {
     "ok\n"
 }

@@ -39,9 +39,7 @@ pub struct Params {
 }
 
 fn refuse(status: StatusCode, reason: impl Into<String>) -> Response {
-    metrics::counter!("dmp_api_requests_refused_total", "endpoint" => "lookup", "status" => status.as_u16().to_string())
-        .increment(1);
-    (status, Json(serde_json::json!({ "error": reason.into() }))).into_response()
+    crate::refuse("lookup", status, reason)
 }
 
 fn int(name: &str, v: &Option<String>) -> Result<Option<i64>, String> {
@@ -54,6 +52,16 @@ fn int(name: &str, v: &Option<String>) -> Result<Option<i64>, String> {
     }
 }
 
+/// A refusal when `uid` is not one ingest accepts (1 to 256 bytes, no control characters).
+fn bad_uid(uid: &str) -> Option<Response> {
+    (uid.is_empty() || uid.len() > 256 || uid.chars().any(char::is_control)).then(|| {
+        refuse(
+            StatusCode::BAD_REQUEST,
+            "uid: 1 to 256 bytes without control characters",
+        )
+    })
+}
+
 /// `GET /v1/users/{uid}/segments`.
 pub async fn segments(
     State(state): State<AppState>,
@@ -61,11 +69,8 @@ pub async fn segments(
     Query(p): Query<Params>,
 ) -> Response {
     let started = Instant::now();
-    if uid.is_empty() || uid.len() > 256 || uid.chars().any(char::is_control) {
-        return refuse(
-            StatusCode::BAD_REQUEST,
-            "uid: 1 to 256 bytes without control characters",
-        );
+    if let Some(r) = bad_uid(&uid) {
+        return r;
     }
     let explain = match p.explain.as_deref() {
         None | Some("0") | Some("false") => false,
@@ -167,11 +172,8 @@ pub async fn segments(
 /// `api.deleted_user_suppress_secs` so late events do not bring the user back. Counters are
 /// HyperLogLogs: a user cannot be taken out of a day's count, which ages out with retention.
 pub async fn delete(State(state): State<AppState>, Path(uid): Path<String>) -> Response {
-    if uid.is_empty() || uid.len() > 256 || uid.chars().any(char::is_control) {
-        return refuse(
-            StatusCode::BAD_REQUEST,
-            "uid: 1 to 256 bytes without control characters",
-        );
+    if let Some(r) = bad_uid(&uid) {
+        return r;
     }
     let now = dmp_core::clock::now_ms();
     let until = now + state.deleted_suppress_ms;

@@ -16,7 +16,6 @@ use axum::body::Body;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use serde::Deserialize;
 
 use dmp_bus::TopicPartition;
@@ -31,9 +30,7 @@ pub struct Params {
 }
 
 fn refuse(status: StatusCode, reason: impl Into<String>) -> Response {
-    metrics::counter!("dmp_api_requests_refused_total", "endpoint" => "stream", "status" => status.as_u16().to_string())
-        .increment(1);
-    (status, Json(serde_json::json!({ "error": reason.into() }))).into_response()
+    crate::refuse("stream", status, reason)
 }
 
 /// `0:41,3:17` -> [(0, 41), (3, 17)].
