@@ -251,8 +251,7 @@ impl Segmenter {
                             continue;
                         }
                         ::metrics::counter!(m::TIMERS_FIRED).increment(1);
-                        let w = (dmp_core::partition::uid_hash(due.uid.as_bytes()) % n as u64) as usize;
-                        let mut job = worker::Job {
+                        let job = worker::Job {
                             uid: due.uid.clone(),
                             ts: due.pending.due,
                             msg_ts: due.pending.due,
@@ -260,16 +259,8 @@ impl Segmenter {
                             offset: 0,
                             timer: Some(due),
                         };
-                        loop {
-                            match senders[w].try_send(job) {
-                                Ok(()) => break,
-                                Err(TrySendError::Full(j)) => {
-                                    job = j;
-                                    while let Ok((tp, off)) = done_rx.try_recv() { tracker.done(&tp, off); }
-                                    tokio::time::sleep(Duration::from_millis(1)).await;
-                                }
-                                Err(TrySendError::Disconnected(_)) => break 'run Ok(()),
-                            }
+                        if !dispatch(&senders, job, &mut done_rx, &mut tracker).await {
+                            break 'run Ok(());
                         }
                     }
                     in_flight = seen;
@@ -284,19 +275,9 @@ impl Segmenter {
                             tracker.done(&tp, r.offset);
                             continue;
                         };
-                        let w = (dmp_core::partition::uid_hash(change.uid.as_bytes()) % n as u64) as usize;
-                        let mut job = worker::Job { uid: change.uid, ts: change.ts, msg_ts: r.timestamp, tp, offset: r.offset, timer: None };
-                        // Bounded queues: wait for room (the Kafka consumer keeps polling meanwhile).
-                        loop {
-                            match senders[w].try_send(job) {
-                                Ok(()) => break,
-                                Err(TrySendError::Full(j)) => {
-                                    job = j;
-                                    while let Ok((tp, off)) = done_rx.try_recv() { tracker.done(&tp, off); }
-                                    tokio::time::sleep(Duration::from_millis(1)).await;
-                                }
-                                Err(TrySendError::Disconnected(_)) => break 'run Ok(()),
-                            }
+                        let job = worker::Job { uid: change.uid, ts: change.ts, msg_ts: r.timestamp, tp, offset: r.offset, timer: None };
+                        if !dispatch(&senders, job, &mut done_rx, &mut tracker).await {
+                            break 'run Ok(());
                         }
                     }
                 }
@@ -328,5 +309,30 @@ impl Segmenter {
         consumer.close().await?;
         tracing::info!("segmenter stopped");
         result
+    }
+}
+
+/// Hands `job` to the worker of its user (sharded by uid hash), waiting for room in that
+/// worker's bounded queue; finished work keeps being collected meanwhile, and the Kafka consumer
+/// keeps polling on its own thread. False when the workers are gone.
+async fn dispatch(
+    senders: &[SyncSender<worker::Job>],
+    mut job: worker::Job,
+    done_rx: &mut tokio::sync::mpsc::UnboundedReceiver<(TopicPartition, u64)>,
+    tracker: &mut OffsetTracker,
+) -> bool {
+    let w = (dmp_core::partition::uid_hash(job.uid.as_bytes()) % senders.len() as u64) as usize;
+    loop {
+        match senders[w].try_send(job) {
+            Ok(()) => return true,
+            Err(TrySendError::Full(j)) => {
+                job = j;
+                while let Ok((tp, off)) = done_rx.try_recv() {
+                    tracker.done(&tp, off);
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Err(TrySendError::Disconnected(_)) => return false,
+        }
     }
 }
