@@ -280,15 +280,6 @@ pub fn days(from: u32, to: u32) -> Result<Vec<u32>, String> {
     Ok((0..n as u32).rev().map(|k| days_before(to, k)).collect())
 }
 
-/// A segment's sketch over days (None: nobody on any of them).
-pub fn range_sketch(
-    c: &dyn SegmentCounters,
-    segment: &str,
-    days: &[u32],
-) -> Result<Option<Hll>, StatsError> {
-    c.range_sketch(segment, days)
-}
-
 /// The segments of `e` when it is one segment or an `or` of segments.
 fn union_of(e: &Expr) -> Option<Vec<&str>> {
     match e {
@@ -358,7 +349,7 @@ pub fn estimate(
     let mut sketches = Vec::with_capacity(k);
     let mut sizes = std::collections::BTreeMap::new();
     for id in &ids {
-        let h = range_sketch(c, id, days)?.unwrap_or_default();
+        let h = c.range_sketch(id, days)?.unwrap_or_default();
         sizes.insert(id.clone(), h.count());
         sketches.push(h);
     }
@@ -368,7 +359,7 @@ pub fn estimate(
             for s in segs {
                 match ids.iter().position(|i| i == s) {
                     Some(i) => h.merge(&sketches[i]),
-                    None => h.merge(&range_sketch(c, s, days)?.unwrap_or_default()),
+                    None => h.merge(&c.range_sketch(s, days)?.unwrap_or_default()),
                 }
             }
             Ok(h)
@@ -411,7 +402,7 @@ pub fn estimate(
     // The universe: `all` (only needed when the users in no segment are selected).
     let outside_selected = expr.selects(&ids, 0);
     let universe = if outside_selected {
-        let mut all = range_sketch(c, ALL, days)?.unwrap_or_default();
+        let mut all = c.range_sketch(ALL, days)?.unwrap_or_default();
         all.merge(merged[full].as_ref().expect("computed"));
         all.count() as f64
     } else {
