@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{dmp, sigterm, start};
+use common::{dmp, post_events, sigterm, start_with_rules};
 
 const RULES: &str = r#"
 version = "audience-1"
@@ -23,12 +23,7 @@ when = '''any(url.host == "dogs.example")'''
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn given_counted_segments_when_planner_asks_then_estimates_with_intervals() {
     let dir = tempfile::tempdir().unwrap();
-    let rules = dir.path().join("rules.toml");
-    std::fs::write(&rules, RULES).unwrap();
-    let (mut child, url) = start(
-        &dir.path().join("data"),
-        &[("DMP__SEGMENTER__RULES", rules.to_str().unwrap())],
-    );
+    let (mut child, url) = start_with_rules(dir.path(), RULES);
     // 300 cat people, 200 dog people, 100 of them both, 400 neither: 800 users.
     let now = dmp_core::clock::now_ms();
     let mut events = Vec::new();
@@ -51,13 +46,7 @@ async fn given_counted_segments_when_planner_asks_then_estimates_with_intervals(
         }
     }
     let http = reqwest::Client::new();
-    let r = http
-        .post(format!("{url}/v1/events"))
-        .json(&events)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
+    post_events(&url, &events).await;
     let audience = |expr: &'static str| {
         let http = http.clone();
         let url = url.clone();

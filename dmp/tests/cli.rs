@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Instant;
 
-use common::{dmp, sigterm, start, topic_high};
+use common::{dmp, post_events, sigterm, start, topic_high};
 
 #[tokio::test]
 async fn given_empty_data_dir_when_dmp_runs_then_api_answers_and_sigterm_stops_it() {
@@ -247,19 +247,12 @@ async fn given_dmp_run_with_rules_when_events_posted_then_segment_records_appear
         "/../rules/examples/dmp-rules.toml"
     );
     let (mut child, url) = start(dir.path(), &[("DMP__SEGMENTER__RULES", rules)]);
-    let http = reqwest::Client::new();
     let now = dmp_core::clock::now_ms();
     let events: Vec<serde_json::Value> = (0..3)
         .map(|i| serde_json::json!({"uid": "anna", "ts": now - 1000 * i, "type": "search", "q": "ипотека"}))
         .collect();
     let posted = std::time::Instant::now();
-    let r = http
-        .post(format!("{url}/v1/events"))
-        .json(&events)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
+    post_events(&url, &events).await;
     while topic_high(&url, "dmp.segments") == 0 {
         assert!(
             posted.elapsed() < std::time::Duration::from_secs(10),

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{sigterm, start};
+use common::{post_events, sigterm, start, start_with_rules};
 
 const RULES: &str = r#"
 version = "lookup-1"
@@ -23,12 +23,7 @@ when = '''count(type == "search" and q contains "mortgage", 30d) >= 2'''
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn given_posted_events_when_looked_up_with_min_event_ts_then_segments_within_a_second() {
     let dir = tempfile::tempdir().unwrap();
-    let rules = dir.path().join("rules.toml");
-    std::fs::write(&rules, RULES).unwrap();
-    let (mut child, url) = start(
-        &dir.path().join("data"),
-        &[("DMP__SEGMENTER__RULES", rules.to_str().unwrap())],
-    );
+    let (mut child, url) = start_with_rules(dir.path(), RULES);
     let http = reqwest::Client::new();
     let ts = dmp_core::clock::now_ms() - 1000;
     let events = serde_json::json!([
@@ -37,13 +32,7 @@ async fn given_posted_events_when_looked_up_with_min_event_ts_then_segments_with
         {"uid": "anna", "ts": ts, "url": "https://cats.example/kittens"},
     ]);
     let posted = Instant::now();
-    let r = http
-        .post(format!("{url}/v1/events"))
-        .json(&events)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
+    post_events(&url, &events).await;
     let r = http
         .get(format!(
             "{url}/v1/users/anna/segments?min_event_ts={ts}&wait_ms=5000"
@@ -223,27 +212,14 @@ async fn given_api_keys_when_calling_then_401_without_403_for_another_role() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn given_user_deleted_when_late_events_arrive_then_row_stays_gone_and_partners_told() {
     let dir = tempfile::tempdir().unwrap();
-    let rules = dir.path().join("rules.toml");
-    std::fs::write(&rules, RULES).unwrap();
-    let (mut child, url) = start(
-        &dir.path().join("data"),
-        &[("DMP__SEGMENTER__RULES", rules.to_str().unwrap())],
-    );
+    let (mut child, url) = start_with_rules(dir.path(), RULES);
     let http = reqwest::Client::new();
     let ts = dmp_core::clock::now_ms() - 1000;
-    let post = |events: serde_json::Value| {
-        let (http, url) = (http.clone(), url.clone());
-        async move {
-            let r = http
-                .post(format!("{url}/v1/events"))
-                .json(&events)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 202);
-        }
-    };
-    post(serde_json::json!([{"uid": "anna", "ts": ts, "url": "https://cats.example/"}])).await;
+    post_events(
+        &url,
+        &serde_json::json!([{"uid": "anna", "ts": ts, "url": "https://cats.example/"}]),
+    )
+    .await;
     let v: serde_json::Value = http
         .get(format!(
             "{url}/v1/users/anna/segments?min_event_ts={ts}&wait_ms=5000"
@@ -298,8 +274,11 @@ async fn given_user_deleted_when_late_events_arrive_then_row_stays_gone_and_part
     assert_eq!(last["record"]["rules_version"], "deleted");
 
     // A late event is dropped by the storage writer: the user stays gone.
-    post(serde_json::json!([{"uid": "anna", "ts": ts + 500, "url": "https://cats.example/again"}]))
-        .await;
+    post_events(
+        &url,
+        &serde_json::json!([{"uid": "anna", "ts": ts + 500, "url": "https://cats.example/again"}]),
+    )
+    .await;
     let started = std::time::Instant::now();
     loop {
         let m = http

@@ -8,7 +8,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{sigterm, start};
+use common::{post_events, sigterm, start_with_rules};
 
 const RULES: &str = r#"
 version = "planner-1"
@@ -52,12 +52,7 @@ fn browser(args: &[&str], url: &str) -> std::process::Output {
 async fn given_counted_segments_when_page_opened_in_chromium_then_numbers_and_chart_render() {
     let _ = chromium();
     let dir = tempfile::tempdir().unwrap();
-    let rules = dir.path().join("rules.toml");
-    std::fs::write(&rules, RULES).unwrap();
-    let (mut child, url) = start(
-        &dir.path().join("data"),
-        &[("DMP__SEGMENTER__RULES", rules.to_str().unwrap())],
-    );
+    let (mut child, url) = start_with_rules(dir.path(), RULES);
     let now = dmp_core::clock::now_ms();
     let events: Vec<serde_json::Value> = (0..600)
         .map(|u| {
@@ -66,13 +61,7 @@ async fn given_counted_segments_when_page_opened_in_chromium_then_numbers_and_ch
         })
         .collect();
     let http = reqwest::Client::new();
-    let r = http
-        .post(format!("{url}/v1/events"))
-        .json(&events)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
+    post_events(&url, &events).await;
     let started = Instant::now();
     loop {
         let v: serde_json::Value = http

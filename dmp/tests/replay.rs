@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{dmp, sigterm, start, topic_high};
+use common::{dmp, post_events, sigterm, start, topic_high};
 
 fn offsets(out: &std::process::Output) -> Vec<u64> {
     let text = String::from_utf8_lossy(&out.stdout);
@@ -28,13 +28,7 @@ async fn given_consumed_topic_when_replayed_then_group_moves_to_the_time() {
     let events: Vec<serde_json::Value> = (0..40)
         .map(|i| serde_json::json!({"uid": format!("u{i}"), "url": "https://news.example/"}))
         .collect();
-    let r = reqwest::Client::new()
-        .post(format!("{url}/v1/events"))
-        .json(&events)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
+    post_events(&url, &events).await;
     let started = Instant::now();
     while topic_high(&url, "dmp.user-changes") < 40 {
         assert!(started.elapsed() < Duration::from_secs(20), "not written");

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{sigterm, start};
+use common::{post_events, sigterm, start_with_rules};
 
 const RULES: &str = r#"
 version = "stream-1"
@@ -44,22 +44,11 @@ async fn lines(url: &str, want: usize) -> Vec<serde_json::Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn given_segment_records_when_partner_streams_then_ndjson_resumable_by_ack() {
     let dir = tempfile::tempdir().unwrap();
-    let rules = dir.path().join("rules.toml");
-    std::fs::write(&rules, RULES).unwrap();
-    let (mut child, url) = start(
-        &dir.path().join("data"),
-        &[("DMP__SEGMENTER__RULES", rules.to_str().unwrap())],
-    );
+    let (mut child, url) = start_with_rules(dir.path(), RULES);
     let events: Vec<serde_json::Value> = (0..20)
         .map(|u| serde_json::json!({"uid": format!("u{u}"), "url": "https://cats.example/"}))
         .collect();
-    let r = reqwest::Client::new()
-        .post(format!("{url}/v1/events"))
-        .json(&events)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
+    post_events(&url, &events).await;
 
     let first = lines(&format!("{url}/v1/stream/segments?group=acme"), 20).await;
     assert_eq!(first.len(), 20, "{first:?}");

@@ -62,6 +62,27 @@ pub fn start(data_dir: &std::path::Path, extra_env: &[(&str, &str)]) -> (Running
     (Running(child), url)
 }
 
+/// Starts `dmp run` with `rules` as its rule file (`dir/rules.toml`), data in `dir/data`.
+pub fn start_with_rules(dir: &std::path::Path, rules: &str) -> (Running, String) {
+    let path = dir.join("rules.toml");
+    std::fs::write(&path, rules).unwrap();
+    start(
+        &dir.join("data"),
+        &[("DMP__SEGMENTER__RULES", path.to_str().unwrap())],
+    )
+}
+
+/// Posts `events` to `POST /v1/events` and expects 202.
+pub async fn post_events(url: &str, events: &(impl serde::Serialize + ?Sized)) {
+    let r = reqwest::Client::new()
+        .post(format!("{url}/v1/events"))
+        .json(events)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap_or_default());
+}
+
 /// Sends SIGTERM and waits (at most 20 s) for the process to exit.
 pub fn sigterm(child: &mut Child) -> ExitStatus {
     let pid = child.id().to_string();
