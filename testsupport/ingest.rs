@@ -57,6 +57,7 @@ pub async fn serve(cfg: &Config, bus: Option<Arc<dyn Bus>>) -> Served {
         rules: None,
         auth: std::sync::Arc::new(dmp_api::auth::Auth::open()),
         segments_topic: "dmp.segments".into(),
+        segments_current_topic: "dmp.segments.current".into(),
         stopping: tokio::sync::watch::channel(false).1,
         progress: None,
         suppressions: None,

@@ -57,6 +57,8 @@ pub struct AppState {
     pub auth: Arc<auth::Auth>,
     /// `topics.segments`, for the partner stream.
     pub segments_topic: String,
+    /// `topics.segments_current` (compacted), for the partner stream and deletions.
+    pub segments_current_topic: String,
     /// The consuming roles' progress and after how long without it a role counts as stuck
     /// (None: no role in this process).
     pub progress: Option<(Arc<dmp_core::health::Progress>, Duration)>,

@@ -212,6 +212,18 @@ pub async fn delete(State(state): State<AppState>, Path(uid): Path<String>) -> R
             );
         }
     }
+    // On the compacted topic the user's key gets a tombstone, so compaction forgets the user.
+    let tombstone = dmp_bus::ProduceRecord::new(uid.clone().into_bytes(), Vec::new());
+    if let Err(e) = state
+        .bus
+        .produce(&state.segments_current_topic, vec![tombstone])
+        .await
+    {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the row is deleted but the tombstone on the current-state topic was not published: {e}"),
+        );
+    }
     // A writer in another process learns of the suppression at its next reload; an event it
     // wrote meanwhile would recreate the row, so the row is deleted once more after that.
     let (store, key) = (state.store.clone(), uid.clone());

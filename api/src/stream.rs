@@ -1,14 +1,18 @@
-//! `GET /v1/stream/segments?group=NAME[&ack=P:OFFSET,…]`: partners read `dmp.segments` over
-//! HTTP, without Kafka (the embedded bus's way to reach them; on Kafka they can use their own
-//! consumer groups directly).
+//! `GET /v1/stream/segments?group=NAME[&topic=current][&ack=P:OFFSET,…]`: partners read
+//! `dmp.segments` (or, with `topic=current`, the compacted `dmp.segments.current`) over HTTP,
+//! without Kafka (the embedded bus's way to reach them; on Kafka they can use their own consumer
+//! groups directly).
 //!
 //! The answer is NDJSON, one line per segment record:
-//! `{"partition":P,"offset":O,"timestamp":MS,"record":{…SegmentUpdate…}}`, streamed as records
-//! arrive. The group's position is stored by dmp: a reconnecting client first acknowledges what
-//! it has durably processed (`ack=0:41,3:17`: the next offset to read per partition), which is
-//! committed, and the stream resumes from the group's committed position. Nothing is committed
-//! on the client's behalf, so a dropped connection re-sends what was not acknowledged
-//! (at-least-once). One connection per group at a time; the stream ends when the server stops.
+//! `{"partition":P,"offset":O,"timestamp":MS,"key":UID,"record":{…SegmentUpdate…}}`, streamed as
+//! records arrive. On the current topic a deleted user's line is a tombstone: `"record":null`.
+//! A new partner reads `topic=current` from the start to get the latest set of every user, and
+//! keeps reading it for every change after. The group's position is stored by dmp, per topic: a
+//! reconnecting client first acknowledges what it has durably processed (`ack=0:41,3:17`: the
+//! next offset to read per partition), which is committed, and the stream resumes from the
+//! group's committed position. Nothing is committed on the client's behalf, so a dropped
+//! connection re-sends what was not acknowledged (at-least-once). One connection per group at a
+//! time; the stream ends when the server stops.
 
 use std::time::Duration;
 
@@ -26,6 +30,7 @@ use crate::AppState;
 #[derive(Debug, Deserialize)]
 pub struct Params {
     group: Option<String>,
+    topic: Option<String>,
     ack: Option<String>,
 }
 
@@ -66,7 +71,16 @@ pub async fn segments(State(state): State<AppState>, Query(p): Query<Params>) ->
         Ok(a) => a,
         Err(e) => return refuse(StatusCode::BAD_REQUEST, e),
     };
-    let topic = state.segments_topic.clone();
+    let topic = match p.topic.as_deref() {
+        None | Some("segments") => state.segments_topic.clone(),
+        Some("current") => state.segments_current_topic.clone(),
+        Some(other) => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                format!("topic: segments (every change, the default) or current (the latest record of each user, compacted), not {other:?}"),
+            )
+        }
+    };
     let mut consumer = match state
         .bus
         .consumer(&format!("partner.{group}"), std::slice::from_ref(&topic))
@@ -96,10 +110,12 @@ pub async fn segments(State(state): State<AppState>, Query(p): Query<Params>) ->
                 Ok(records) => {
                     let mut out = Vec::with_capacity(records.len() * 256);
                     for r in records {
+                        // A tombstone (deleted user, current topic) has no record.
                         let line = serde_json::json!({
                             "partition": r.partition,
                             "offset": r.offset,
                             "timestamp": r.timestamp,
+                            "key": String::from_utf8_lossy(&r.key),
                             "record": serde_json::from_slice::<serde_json::Value>(&r.value)
                                 .unwrap_or(serde_json::Value::Null),
                         });

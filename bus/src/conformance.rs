@@ -1,7 +1,8 @@
 //! The conformance suite every [`Bus`] backend passes: order within a partition, key to the same
 //! partition (Kafka's murmur2), consumer groups independent of each other, members of one group
 //! sharing partitions, commit and resume, seek by timestamp, committed offsets surviving a
-//! restart, a batch produce of 10k, end offsets, and clear errors.
+//! restart, a batch produce of 10k, end offsets, a compacted topic ending with each key's newest
+//! record (tombstones as empty values), and clear errors.
 //!
 //! A backend's test implements [`Harness`] and calls [`run_all`]; each check uses its own topics
 //! and groups, so a broker can be shared between checks.
@@ -14,7 +15,7 @@ use async_trait::async_trait;
 
 use dmp_core::partition::partition_for_key;
 
-use crate::{Bus, BusError, Consumer, ProduceRecord, Record, TopicPartition};
+use crate::{Bus, BusError, Cleanup, Consumer, ProduceRecord, Record, TopicPartition};
 
 /// What a backend's test provides.
 #[async_trait]
@@ -35,6 +36,11 @@ pub trait Harness: Send {
     /// and only check that reported offsets never run ahead of the records.
     fn exact_watermarks(&self) -> bool {
         true
+    }
+    /// Compacts every compacted topic now, where the backend lets the test do that (None: the
+    /// broker compacts on its own schedule).
+    fn compact_now(&self) -> Option<CheckResult> {
+        None
     }
 }
 
@@ -90,6 +96,7 @@ pub async fn run_all(h: &mut dyn Harness) -> Vec<String> {
     check!(restart_keeps_records_and_committed_offsets);
     check!(batch_produce_of_10k);
     check!(end_offsets_count_records);
+    check!(compacted_topic_ends_with_newest_of_each_key);
     check!(errors_are_clear);
     failures
 }
@@ -529,6 +536,71 @@ async fn end_offsets_count_records(h: &mut dyn Harness) -> CheckResult {
         "topic list lacks {t}"
     );
     Ok(())
+}
+
+/// Whether or when the backend compacts is its own business; what a reader from the start must
+/// see is every key's newest record, after any older one, with tombstones as empty values.
+async fn compacted_topic_ends_with_newest_of_each_key(h: &mut dyn Harness) -> CheckResult {
+    let t = h.unique("compacted");
+    let bus = h.bus();
+    let created = bus
+        .create_topic_with(&t, 3, Cleanup::Compact)
+        .await
+        .map_err(e)?;
+    ensure!(created, "topic {t} already existed");
+    let mut newest: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+    let mut last = vec![None::<u64>; 3];
+    for round in 0..3 {
+        let batch: Vec<ProduceRecord> = (0..50)
+            .map(|k| ProduceRecord::new(format!("user{k}"), format!("round{round}")))
+            .chain(
+                (0..5)
+                    .filter(|_| round == 2)
+                    .map(|k| ProduceRecord::new(format!("user{}", k * 7), Vec::new())),
+            )
+            .collect();
+        let delivered = bus.produce(&t, batch.clone()).await.map_err(e)?;
+        for (r, d) in batch.into_iter().zip(delivered) {
+            newest.insert(r.key, r.value);
+            let l = &mut last[d.partition as usize];
+            *l = Some(l.map_or(d.offset, |o: u64| o.max(d.offset)));
+        }
+    }
+    if let Some(embedded) = h.compact_now() {
+        embedded?;
+    }
+    let mut c = bus
+        .consumer(&h.unique("g-compacted"), std::slice::from_ref(&t))
+        .await
+        .map_err(e)?;
+    let deadline = tokio::time::Instant::now() + h.patience();
+    let mut seen: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+    let mut at = vec![None::<u64>; 3];
+    while at != last {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "read up to {at:?}, not to the last offsets {last:?}"
+        );
+        for r in c.poll(1000, Duration::from_millis(200)).await.map_err(e)? {
+            let prev = &mut at[r.partition as usize];
+            ensure!(
+                prev.is_none_or(|p| r.offset > p),
+                "offsets out of order in partition {}",
+                r.partition
+            );
+            *prev = Some(r.offset);
+            seen.insert(r.key, r.value);
+        }
+    }
+    ensure!(
+        seen == newest,
+        "the last record read of each key is not its newest ({} keys differ)",
+        newest
+            .iter()
+            .filter(|(k, v)| seen.get(*k) != Some(v))
+            .count()
+    );
+    c.close().await.map_err(e)
 }
 
 async fn errors_are_clear(h: &mut dyn Harness) -> CheckResult {

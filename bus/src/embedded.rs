@@ -5,13 +5,19 @@
 //! ```text
 //! bus.log   topic_id:u32 partition:u32 base_offset:u64     -> a chunk: count:varint, then per
 //!                                                             record ts:i64 key_len:varint key
-//!                                                             value_len:varint value
+//!                                                             value_len:varint value; or, once
+//!                                                             compacted, 0x00 span:varint
+//!                                                             count:varint, then per record
+//!                                                             delta:varint and the same fields
 //! bus.tidx  topic_id:u32 partition:u32 ts:u64 offset:u64   -> ()   (only records that raise the
 //!                                                                   partition's max timestamp)
 //! bus.meta  "t" name                                        -> topic_id:u32 partitions:u32
+//!                                                             [flags:u8, 1 = compacted]
 //!           "s" topic_id partition base_offset              -> bytes:u64 max_ts:i64 (a segment)
 //!           "l" topic_id partition                          -> low offset:u64
 //!           "g" group_len:u16 group topic_id partition      -> committed offset:u64
+//!           "c" topic_id partition                          -> cleaned up to:u64 kept:u64
+//!                                                             tombstones:u64 at:i64
 //! ```
 //! As Kafka stores record batches, a produce stores each partition's records as chunks of up to
 //! 1000 records under the offset of their first record: one LSM entry per partition and batch,
@@ -19,6 +25,16 @@
 //! A produce writes its chunks, their index entries and segment totals in one atomic batch
 //! (fsynced first when `fsync_interval_ms = 0`), then publishes the new high offsets and wakes
 //! consumers. Retention deletes whole segments (never the newest) past the age or size bound.
+//! Compacted topics are never deleted by age or size. A compaction of a partition (when the
+//! records written since its last one reach both `compact_min_dirty_records` and the number it
+//! kept then, Kafka's dirty ratio of one half) maps each key of that dirty part to its newest
+//! offset, then rewrites the partition's chunks up to there without the records a newer one of
+//! the same key replaces, and without tombstones (empty values) older than
+//! `tombstone_retention_hours`. (Their segment totals count what was written, not what is kept:
+//! no retention reads them.) Offsets never change: a compacted chunk stores each record's
+//! distance from its base. Each rewrite batch removes old chunks and inserts the chunks holding
+//! their survivors atomically, and readers read from a snapshot, so a reader sees a chunk either
+//! whole before or whole after compaction.
 //! `seek_group_to_time` uses the time index: the first record whose timestamp reaches the target
 //! among records that raised the partition's maximum, as Kafka's time index does.
 //!
@@ -32,7 +48,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use fjall::{Keyspace, PersistMode};
+use fjall::{Keyspace, OwnedWriteBatch, PersistMode, Readable};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
 
@@ -43,8 +59,8 @@ use dmp_store::embedded::EmbeddedDatabase;
 
 use crate::metrics as m;
 use crate::{
-    Bus, BusError, Consumer, ConsumerHealth, Delivered, PartitionOffsets, ProduceRecord, Record,
-    Result, TopicInfo, TopicPartition,
+    Bus, BusError, Cleanup, Consumer, ConsumerHealth, Delivered, PartitionOffsets, ProduceRecord,
+    Record, Result, TopicInfo, TopicPartition,
 };
 
 const LOG: &str = "bus.log";
@@ -67,6 +83,14 @@ struct PartitionState {
     max_ts: i64,
     /// Retention segments by base offset.
     segments: BTreeMap<u64, Segment>,
+    /// Compacted topics: offsets below this have been compacted.
+    cleaned: u64,
+    /// Compacted topics: records kept below `cleaned` after the last compaction.
+    clean_kept: u64,
+    /// Compacted topics: tombstones among them.
+    clean_tombstones: u64,
+    /// Compacted topics: when the last compaction ran, epoch ms.
+    cleaned_at: i64,
 }
 
 impl PartitionState {
@@ -78,6 +102,8 @@ impl PartitionState {
 struct Topic {
     id: u32,
     name: Arc<str>,
+    /// Compacted (keep the newest record per key) rather than deleted by age and size.
+    compacted: bool,
     partitions: Vec<Mutex<PartitionState>>,
     /// Published high offsets (readers never look past them).
     high: Vec<AtomicU64>,
@@ -102,6 +128,8 @@ struct Inner {
     next_member: AtomicU64,
     notify: Notify,
     cfg: BusConfig,
+    /// One compaction at a time.
+    compaction: Mutex<()>,
 }
 
 /// The embedded bus. Cheap to clone.
@@ -159,6 +187,9 @@ fn be_u64(b: &[u8]) -> Result<u64> {
 /// Most records in one stored chunk.
 const CHUNK_RECORDS: usize = 1000;
 
+/// Most distinct keys one compaction pass maps (the rest waits for the next pass).
+const MAX_DIRTY: usize = 2_000_000;
+
 fn encode_chunk(records: &[(i64, &ProduceRecord)]) -> Vec<u8> {
     let size: usize = records
         .iter()
@@ -176,16 +207,48 @@ fn encode_chunk(records: &[(i64, &ProduceRecord)]) -> Vec<u8> {
     out
 }
 
-/// The number of records in a chunk (its header).
-fn chunk_count(mut buf: &[u8]) -> Result<u64> {
-    dmp_store::codec::get_varint(&mut buf).map_err(BusError::Corrupt)
+/// A compacted chunk: records with their distance from the chunk's base offset.
+fn encode_sparse_chunk(base: u64, records: &[(u64, i64, &[u8], &[u8])]) -> Vec<u8> {
+    let size: usize = records.iter().map(|r| 8 + 20 + r.2.len() + r.3.len()).sum();
+    let mut out = Vec::with_capacity(11 + size);
+    out.push(0);
+    let span = records.last().map_or(0, |r| r.0 - base + 1);
+    dmp_store::codec::put_varint(&mut out, span);
+    dmp_store::codec::put_varint(&mut out, records.len() as u64);
+    for (offset, ts, key, value) in records {
+        dmp_store::codec::put_varint(&mut out, offset - base);
+        out.extend_from_slice(&ts.to_be_bytes());
+        dmp_store::codec::put_varint(&mut out, key.len() as u64);
+        out.extend_from_slice(key);
+        dmp_store::codec::put_varint(&mut out, value.len() as u64);
+        out.extend_from_slice(value);
+    }
+    out
 }
 
-/// Decodes a chunk, calling `f(index, ts, key, value)` for each record; `f` returns false to stop.
-fn decode_chunk(mut buf: &[u8], mut f: impl FnMut(u64, i64, &[u8], &[u8]) -> bool) -> Result<()> {
+/// A chunk's header: the offsets it spans from its base, the records it holds, and where its
+/// records start. A written chunk has at least one record, so a leading 0 marks a compacted one.
+fn chunk_header(mut buf: &[u8]) -> Result<(u64, u64, bool, &[u8])> {
+    let first = dmp_store::codec::get_varint(&mut buf).map_err(BusError::Corrupt)?;
+    if first != 0 {
+        return Ok((first, first, false, buf));
+    }
+    let span = dmp_store::codec::get_varint(&mut buf).map_err(BusError::Corrupt)?;
     let count = dmp_store::codec::get_varint(&mut buf).map_err(BusError::Corrupt)?;
+    Ok((span, count, true, buf))
+}
+
+/// Decodes a chunk, calling `f(index, ts, key, value)` for each record, where `index` is the
+/// record's distance from the chunk's base offset; `f` returns false to stop.
+fn decode_chunk(buf: &[u8], mut f: impl FnMut(u64, i64, &[u8], &[u8]) -> bool) -> Result<()> {
+    let (_, count, sparse, mut buf) = chunk_header(buf)?;
     let truncated = || BusError::Corrupt("truncated record in chunk".into());
     for i in 0..count {
+        let i = if sparse {
+            dmp_store::codec::get_varint(&mut buf).map_err(BusError::Corrupt)?
+        } else {
+            i
+        };
         if buf.len() < 8 {
             return Err(truncated());
         }
@@ -226,6 +289,7 @@ impl EmbeddedBus {
             next_member: AtomicU64::new(1),
             notify: Notify::new(),
             cfg: cfg.clone(),
+            compaction: Mutex::new(()),
         };
         let bus = EmbeddedBus {
             inner: Arc::new(inner),
@@ -240,11 +304,12 @@ impl EmbeddedBus {
         for kv in inner.meta.prefix(b"t") {
             let (k, v) = kv.into_inner()?;
             let name = String::from_utf8_lossy(&k[1..]).into_owned();
-            if v.len() != 8 {
+            if v.len() != 8 && v.len() != 9 {
                 return Err(BusError::Corrupt(format!("topic entry of {name:?}")));
             }
             let id = u32::from_be_bytes(v[..4].try_into().expect("4 bytes"));
             let n = u32::from_be_bytes(v[4..8].try_into().expect("4 bytes"));
+            let compacted = v.get(8).is_some_and(|f| f & 1 == 1);
             let mut parts = Vec::with_capacity(n as usize);
             let mut high = Vec::with_capacity(n as usize);
             for p in 0..n {
@@ -255,7 +320,7 @@ impl EmbeddedBus {
                 let next = match inner.log.prefix(part_prefix(id, p)).next_back() {
                     Some(kv) => {
                         let (k, v) = kv.into_inner()?;
-                        be_u64(&k[8..])? + chunk_count(&v)?
+                        be_u64(&k[8..])? + chunk_header(&v)?.0
                     }
                     None => low,
                 }
@@ -279,11 +344,26 @@ impl EmbeddedBus {
                         },
                     );
                 }
+                let (cleaned, clean_kept, clean_tombstones, cleaned_at) =
+                    match inner.meta.get(meta_key(b'c', id, p, None))? {
+                        Some(v) if v.len() == 32 => (
+                            be_u64(&v[..8])?,
+                            be_u64(&v[8..16])?,
+                            be_u64(&v[16..24])?,
+                            be_u64(&v[24..])? as i64,
+                        ),
+                        Some(_) => return Err(BusError::Corrupt("compaction entry".into())),
+                        None => (0, 0, 0, 0),
+                    };
                 parts.push(Mutex::new(PartitionState {
                     next,
                     low,
                     max_ts,
                     segments,
+                    cleaned,
+                    clean_kept,
+                    clean_tombstones,
+                    cleaned_at,
                 }));
                 high.push(AtomicU64::new(next));
             }
@@ -292,6 +372,7 @@ impl EmbeddedBus {
                 Arc::new(Topic {
                     id,
                     name: name.into(),
+                    compacted,
                     partitions: parts,
                     high,
                     produce_lock: Mutex::new(()),
@@ -422,11 +503,14 @@ impl EmbeddedBus {
         if from >= high || max == 0 {
             return Ok(from);
         }
+        // One snapshot for the whole read: a compaction replaces chunks while we read.
+        let snap = self.inner.db.db().snapshot();
         // The chunk holding `from` is the last one whose base offset is <= from.
-        let start = match self
-            .inner
-            .log
-            .range(log_key(t.id, p, 0)..=log_key(t.id, p, from))
+        let start = match snap
+            .range(
+                &self.inner.log,
+                log_key(t.id, p, 0)..=log_key(t.id, p, from),
+            )
             .next_back()
         {
             Some(kv) => kv.key()?.to_vec(),
@@ -437,7 +521,7 @@ impl EmbeddedBus {
         // One allocation for the whole poll: growing record by record reallocates (and copies)
         // the vector a dozen times, each time into fresh memory the kernel must zero.
         out.reserve((high - from).min(max as u64) as usize);
-        for kv in self.inner.log.range(start..log_key(t.id, p, high).to_vec()) {
+        for kv in snap.range(&self.inner.log, start..log_key(t.id, p, high).to_vec()) {
             let (k, v) = kv.into_inner()?;
             let base = be_u64(&k[8..])?;
             decode_chunk(&v, |i, ts, key, value| {
@@ -464,6 +548,10 @@ impl EmbeddedBus {
                 break;
             }
         }
+        if taken < max {
+            // Everything below `high` was read: on a compacted topic the rest are gaps.
+            pos = high;
+        }
         Ok(pos)
     }
 
@@ -473,7 +561,7 @@ impl EmbeddedBus {
         let topics: Vec<Arc<Topic>> = self.inner.topics.read().values().cloned().collect();
         let max_age = self.inner.cfg.retention_hours as i64 * 3_600_000;
         let mut deleted = 0;
-        for t in topics {
+        for t in topics.into_iter().filter(|t| !t.compacted) {
             for p in 0..t.partitions.len() as u32 {
                 loop {
                     let victim = {
@@ -526,7 +614,7 @@ impl EmbeddedBus {
             .range(log_key(t.id, p, base)..log_key(t.id, p, next_base))
         {
             let (k, v) = kv.into_inner()?;
-            deleted += chunk_count(&v)?;
+            deleted += chunk_header(&v)?.1;
             batch.remove(&inner.log, k);
             if batch.len() >= 10_000 {
                 std::mem::replace(&mut batch, inner.db.db().batch()).commit()?;
@@ -545,7 +633,8 @@ impl EmbeddedBus {
         Ok(deleted)
     }
 
-    /// Starts a background thread that applies retention every `every` until the bus is dropped.
+    /// Starts a background thread that applies retention and compaction every `every` until the
+    /// bus is dropped.
     pub fn spawn_retention(&self, every: Duration) {
         let weak = Arc::downgrade(&self.inner);
         std::thread::Builder::new()
@@ -557,8 +646,169 @@ impl EmbeddedBus {
                 if let Err(e) = bus.enforce_retention(now_ms()) {
                     tracing::error!(error = %e, "bus retention failed");
                 }
+                if let Err(e) = bus.compact(now_ms(), false) {
+                    tracing::error!(error = %e, "bus compaction failed");
+                }
             })
             .expect("spawning a thread");
+    }
+
+    /// Compacts every partition of every compacted topic that is due (all of them with `force`):
+    /// see the module documentation. A partition is also due when its last compaction kept
+    /// tombstones and ran longer ago than their retention. Returns the records removed.
+    pub fn compact(&self, now: i64, force: bool) -> Result<u64> {
+        let _one = self.inner.compaction.lock();
+        let topics: Vec<Arc<Topic>> = self.inner.topics.read().values().cloned().collect();
+        let mut removed = 0;
+        for t in topics.into_iter().filter(|t| t.compacted) {
+            for p in 0..t.partitions.len() as u32 {
+                let high = t.high[p as usize].load(Ordering::Acquire);
+                let (cleaned, kept, tombstones, at) = {
+                    let st = t.partitions[p as usize].lock();
+                    (
+                        st.cleaned,
+                        st.clean_kept,
+                        st.clean_tombstones,
+                        st.cleaned_at,
+                    )
+                };
+                let dirty = high.saturating_sub(cleaned);
+                let due = dirty >= self.inner.cfg.compact_min_dirty_records && dirty >= kept;
+                let retention = self.inner.cfg.tombstone_retention_hours as i64 * 3_600_000;
+                let expiring = tombstones > 0 && now.saturating_sub(at) >= retention;
+                if force || due || expiring {
+                    removed += self.compact_partition(&t, p, now)?;
+                }
+            }
+        }
+        if removed > 0 {
+            metrics::counter!(m::COMPACTED_RECORDS).increment(removed);
+        }
+        Ok(removed)
+    }
+
+    /// Compacts one partition up to a bounded dirty part; returns the records removed.
+    fn compact_partition(&self, t: &Topic, p: u32, now: i64) -> Result<u64> {
+        let inner = &self.inner;
+        let started = Instant::now();
+        let snap = inner.db.db().snapshot();
+        let high = t.high[p as usize].load(Ordering::Acquire);
+        let cleaned = t.partitions[p as usize].lock().cleaned;
+        let tombstone_before =
+            now.saturating_sub(inner.cfg.tombstone_retention_hours as i64 * 3_600_000);
+        // 1. The newest offset of each key written since the last compaction, over whole chunks
+        // of at most MAX_DIRTY records, so the map's memory is bounded.
+        let mut newest: HashMap<Vec<u8>, u64> = HashMap::new();
+        let mut end = cleaned;
+        let first = snap
+            .range(&inner.log, log_key(t.id, p, 0)..=log_key(t.id, p, cleaned))
+            .next_back()
+            .map(|kv| kv.key().map(|k| k.to_vec()))
+            .transpose()?
+            .unwrap_or_else(|| log_key(t.id, p, cleaned).to_vec());
+        for kv in snap.range(&inner.log, first..log_key(t.id, p, high).to_vec()) {
+            let (k, v) = kv.into_inner()?;
+            let base = be_u64(&k[8..])?;
+            let span = chunk_header(&v)?.0;
+            decode_chunk(&v, |i, _, key, _| {
+                if base + i >= cleaned {
+                    newest.insert(key.to_vec(), base + i);
+                }
+                true
+            })?;
+            end = base + span;
+            if newest.len() >= MAX_DIRTY {
+                break;
+            }
+        }
+        let end = end.max(cleaned);
+        // 2. Rewrite every chunk below `end`: survivors are regrouped into chunks of up to
+        // CHUNK_RECORDS. Each batch replaces whole old chunks with the chunks of their survivors
+        // (a key both removed and rewritten is only written: one batch must not do both).
+        let mut old_keys: Vec<Vec<u8>> = Vec::new();
+        let mut new_chunks: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        let mut pending: Vec<(u64, i64, Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut removed = 0u64;
+        let mut kept = 0u64;
+        let mut tombstones = 0u64;
+        let regroup = |pending: &mut Vec<(u64, i64, Vec<u8>, Vec<u8>)>,
+                       upto: usize,
+                       new_chunks: &mut BTreeMap<Vec<u8>, Vec<u8>>| {
+            for group in pending[..upto].chunks(CHUNK_RECORDS) {
+                let base = group[0].0;
+                let refs: Vec<(u64, i64, &[u8], &[u8])> = group
+                    .iter()
+                    .map(|(o, ts, k, v)| (*o, *ts, k.as_slice(), v.as_slice()))
+                    .collect();
+                new_chunks.insert(
+                    log_key(t.id, p, base).to_vec(),
+                    encode_sparse_chunk(base, &refs),
+                );
+            }
+            pending.drain(..upto);
+        };
+        let write = |old_keys: &mut Vec<Vec<u8>>,
+                     new_chunks: &mut BTreeMap<Vec<u8>, Vec<u8>>|
+         -> Result<OwnedWriteBatch> {
+            let mut batch = inner.db.db().batch();
+            for k in old_keys.drain(..) {
+                if !new_chunks.contains_key(&k) {
+                    batch.remove(&inner.log, k);
+                }
+            }
+            for (k, v) in std::mem::take(new_chunks) {
+                batch.insert(&inner.log, k, v);
+            }
+            Ok(batch)
+        };
+        for kv in snap.range(&inner.log, log_key(t.id, p, 0)..log_key(t.id, p, end)) {
+            let (k, v) = kv.into_inner()?;
+            let base = be_u64(&k[8..])?;
+            old_keys.push(k.to_vec());
+            decode_chunk(&v, |i, ts, key, value| {
+                let offset = base + i;
+                let replaced = newest.get(key).is_some_and(|&n| n > offset);
+                let expired_tombstone = value.is_empty() && ts < tombstone_before;
+                if replaced || expired_tombstone {
+                    removed += 1;
+                } else {
+                    kept += 1;
+                    tombstones += value.is_empty() as u64;
+                    pending.push((offset, ts, key.to_vec(), value.to_vec()));
+                }
+                true
+            })?;
+            // Commit only at old-chunk boundaries, with every survivor of those chunks written.
+            if old_keys.len() >= 256 {
+                let all = pending.len();
+                regroup(&mut pending, all, &mut new_chunks);
+                write(&mut old_keys, &mut new_chunks)?.commit()?;
+            } else if pending.len() >= CHUNK_RECORDS {
+                let full = pending.len() - pending.len() % CHUNK_RECORDS;
+                regroup(&mut pending, full, &mut new_chunks);
+            }
+        }
+        let all = pending.len();
+        regroup(&mut pending, all, &mut new_chunks);
+        let mut batch = write(&mut old_keys, &mut new_chunks)?;
+        let mut c = end.to_be_bytes().to_vec();
+        c.extend_from_slice(&kept.to_be_bytes());
+        c.extend_from_slice(&tombstones.to_be_bytes());
+        c.extend_from_slice(&now.to_be_bytes());
+        batch.insert(&inner.meta, meta_key(b'c', t.id, p, None), c);
+        batch.commit()?;
+        {
+            let mut st = t.partitions[p as usize].lock();
+            st.cleaned = end;
+            st.clean_kept = kept;
+            st.clean_tombstones = tombstones;
+            st.cleaned_at = now;
+        }
+        tracing::debug!(
+            topic = %t.name, partition = p, end, kept, removed,
+            took_ms = started.elapsed().as_millis() as u64, "compacted"
+        );
+        Ok(removed)
     }
 
     fn committed_sync(&self, group: &str, t: &Topic, p: u32) -> Result<Option<u64>> {
@@ -641,7 +891,12 @@ impl EmbeddedBus {
 
 #[async_trait]
 impl Bus for EmbeddedBus {
-    async fn create_topic(&self, name: &str, partitions: u32) -> Result<bool> {
+    async fn create_topic_with(
+        &self,
+        name: &str,
+        partitions: u32,
+        cleanup: Cleanup,
+    ) -> Result<bool> {
         dmp_core::config::check_topic_name("topic", name)
             .map_err(|e| BusError::Rejected(e.to_string()))?;
         if partitions == 0 || partitions > 1024 {
@@ -654,8 +909,12 @@ impl Bus for EmbeddedBus {
             return Ok(false);
         }
         let id = topics.values().map(|t| t.id + 1).max().unwrap_or(1);
+        let compacted = cleanup == Cleanup::Compact;
         let mut v = id.to_be_bytes().to_vec();
         v.extend_from_slice(&partitions.to_be_bytes());
+        if compacted {
+            v.push(1);
+        }
         let mut key = vec![b't'];
         key.extend_from_slice(name.as_bytes());
         self.inner.meta.insert(key, v)?;
@@ -665,6 +924,7 @@ impl Bus for EmbeddedBus {
             Arc::new(Topic {
                 id,
                 name: name.into(),
+                compacted,
                 partitions: (0..partitions)
                     .map(|_| {
                         Mutex::new(PartitionState {
@@ -672,6 +932,10 @@ impl Bus for EmbeddedBus {
                             low: 0,
                             max_ts: i64::MIN,
                             segments: BTreeMap::new(),
+                            cleaned: 0,
+                            clean_kept: 0,
+                            clean_tombstones: 0,
+                            cleaned_at: 0,
                         })
                     })
                     .collect(),

@@ -15,14 +15,14 @@
 //! - Any librdkafka property can be passed through `[kafka.common]`, `[kafka.producer]` and
 //!   `[kafka.consumer]` (SASL, TLS, tuning).
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use parking_lot::{Mutex, RwLock};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance};
@@ -37,8 +37,8 @@ use dmp_core::partition::partition_for_key;
 
 use crate::metrics as m;
 use crate::{
-    Bus, BusError, Consumer, ConsumerHealth, Delivered, PartitionOffsets, ProduceRecord, Record,
-    Result, TopicInfo, TopicPartition,
+    Bus, BusError, Cleanup, Consumer, ConsumerHealth, Delivered, PartitionOffsets, ProduceRecord,
+    Record, Result, TopicInfo, TopicPartition,
 };
 
 const META_TIMEOUT: Duration = Duration::from_secs(10);
@@ -115,6 +115,25 @@ impl KafkaBus {
             meta,
             partitions: RwLock::new(HashMap::new()),
         })
+    }
+
+    /// A topic's configuration as the broker describes it (for example `cleanup.policy`).
+    pub async fn topic_config(&self, name: &str) -> Result<BTreeMap<String, String>> {
+        let opts = AdminOptions::new().request_timeout(Some(META_TIMEOUT));
+        let results = self
+            .admin
+            .describe_configs(&[ResourceSpecifier::Topic(name)], &opts)
+            .await
+            .map_err(map_err)?;
+        match results.into_iter().next() {
+            Some(Ok(resource)) => Ok(resource
+                .entries
+                .into_iter()
+                .filter_map(|e| e.value.map(|v| (e.name, v)))
+                .collect()),
+            Some(Err(code)) => Err(map_err(KafkaError::AdminOp(code))),
+            None => Err(BusError::Backend("no result for describe_configs".into())),
+        }
     }
 
     fn consumer_config(&self, group: &str) -> ClientConfig {
@@ -238,14 +257,22 @@ async fn blocking<T: Send + 'static>(
 
 #[async_trait]
 impl Bus for KafkaBus {
-    async fn create_topic(&self, name: &str, partitions: u32) -> Result<bool> {
+    async fn create_topic_with(
+        &self,
+        name: &str,
+        partitions: u32,
+        cleanup: Cleanup,
+    ) -> Result<bool> {
         dmp_core::config::check_topic_name("topic", name)
             .map_err(|e| BusError::Rejected(e.to_string()))?;
-        let topic = NewTopic::new(
+        let mut topic = NewTopic::new(
             name,
             partitions as i32,
             TopicReplication::Fixed(self.replication),
         );
+        if cleanup == Cleanup::Compact {
+            topic = topic.set("cleanup.policy", "compact");
+        }
         let opts = AdminOptions::new().operation_timeout(Some(META_TIMEOUT));
         let results = self
             .admin
@@ -298,11 +325,14 @@ impl Bus for KafkaBus {
         for r in &records {
             let partition = partition_for_key(&r.key, n) as i32;
             bytes += (r.key.len() + r.value.len()) as u64;
-            let mut rec = FutureRecord::to(topic)
-                .key(&r.key)
-                .payload(&r.value)
+            let mut rec = FutureRecord::<[u8], [u8]>::to(topic)
+                .key(&r.key[..])
                 .partition(partition)
                 .timestamp(r.timestamp.unwrap_or(now));
+            // An empty value travels as a null payload: a tombstone on a compacted topic.
+            if !r.value.is_empty() {
+                rec = rec.payload(&r.value[..]);
+            }
             loop {
                 match self.producer.send_result(rec) {
                     Ok(f) => {

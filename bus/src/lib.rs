@@ -179,11 +179,33 @@ pub struct ConsumerHealth {
     pub paused: bool,
 }
 
+/// How a topic lets go of old records.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Cleanup {
+    /// Records are deleted by age and size (Kafka's `cleanup.policy=delete`).
+    #[default]
+    Delete,
+    /// Only the newest record of each key is kept; an empty value is a tombstone, itself removed
+    /// after a while (Kafka's `cleanup.policy=compact`).
+    Compact,
+}
+
 /// The log.
 #[async_trait]
 pub trait Bus: Send + Sync {
-    /// Creates a topic; `Ok(false)` when it already exists (with whatever partitions it has).
-    async fn create_topic(&self, name: &str, partitions: u32) -> Result<bool>;
+    /// Creates a topic deleted by age and size; `Ok(false)` when it already exists (with whatever
+    /// partitions and cleanup it has).
+    async fn create_topic(&self, name: &str, partitions: u32) -> Result<bool> {
+        self.create_topic_with(name, partitions, Cleanup::Delete)
+            .await
+    }
+    /// Creates a topic with the given cleanup; `Ok(false)` when it already exists.
+    async fn create_topic_with(
+        &self,
+        name: &str,
+        partitions: u32,
+        cleanup: Cleanup,
+    ) -> Result<bool>;
     /// Every topic.
     async fn topics(&self) -> Result<Vec<TopicInfo>>;
     /// Produces a batch; returns when every record is acknowledged (durable per the backend's
@@ -265,7 +287,15 @@ pub async fn ensure_topics(
 ) -> Result<Vec<String>> {
     let mut created = Vec::new();
     for name in topics.all() {
-        if bus.create_topic(name, topics.partitions).await? {
+        let cleanup = if topics.compacted(name) {
+            Cleanup::Compact
+        } else {
+            Cleanup::Delete
+        };
+        if bus
+            .create_topic_with(name, topics.partitions, cleanup)
+            .await?
+        {
             created.push(name.to_string());
         }
     }

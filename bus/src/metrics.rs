@@ -13,6 +13,8 @@ pub const CONSUMED_RECORDS: &str = "dmp_bus_consumed_records_total";
 pub const ERRORS: &str = "dmp_bus_errors_total";
 /// Records deleted by retention (counter).
 pub const RETENTION_DELETED_RECORDS: &str = "dmp_bus_retention_deleted_records_total";
+/// Records removed from compacted topics by compaction (counter).
+pub const COMPACTED_RECORDS: &str = "dmp_bus_compacted_records_total";
 /// Times a Kafka consumer exceeded `max.poll.interval.ms` (counter).
 pub const MAX_POLL_EXCEEDED: &str = "dmp_bus_max_poll_exceeded_total";
 /// Times a Kafka consumer paused its partitions because the application was behind (counter).

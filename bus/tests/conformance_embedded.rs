@@ -38,6 +38,15 @@ impl Harness for Embedded {
     fn unique(&self, base: &str) -> String {
         format!("{base}-{}", self.n.fetch_add(1, Ordering::Relaxed))
     }
+
+    fn compact_now(&self) -> Option<Result<(), String>> {
+        let bus = self.bus.as_ref().unwrap();
+        Some(
+            bus.compact(dmp_core::clock::now_ms(), true)
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+        )
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

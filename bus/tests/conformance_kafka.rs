@@ -75,3 +75,36 @@ async fn given_real_broker_when_running_conformance_then_every_check_passes() {
         failures.join("\n")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a Kafka-protocol broker: run scripts/test.sh"]
+async fn given_real_broker_when_dmp_creates_its_topics_then_the_current_state_topic_is_compacted() {
+    let bus = connect();
+    let mut topics = dmp_core::Config::defaults().topics;
+    let run = dmp_core::clock::now_ms();
+    topics.segments = format!("segments-{run}");
+    topics.segments_current = format!("segments-current-{run}");
+    for t in [
+        &mut topics.events,
+        &mut topics.user_changes,
+        &mut topics.segments_shadow,
+        &mut topics.dead_letter,
+    ] {
+        *t = format!("{t}-{run}");
+    }
+    topics.partitions = 2;
+    let created = dmp_bus::ensure_topics(bus.as_ref(), &topics).await.unwrap();
+    assert_eq!(created.len(), 6);
+    let current = bus.topic_config(&topics.segments_current).await.unwrap();
+    assert_eq!(
+        current.get("cleanup.policy").map(String::as_str),
+        Some("compact"),
+        "{current:?}"
+    );
+    let plain = bus.topic_config(&topics.segments).await.unwrap();
+    assert_ne!(
+        plain.get("cleanup.policy").map(String::as_str),
+        Some("compact"),
+        "{plain:?}"
+    );
+}

@@ -102,6 +102,8 @@ pub struct Topics {
     pub user_changes: String,
     /// Segment records for partners.
     pub segments: String,
+    /// The latest segment record of each user, compacted (partners start from it).
+    pub segments_current: String,
     /// Segment records of rules in shadow mode.
     pub segments_shadow: String,
     /// Rejected records with their reason.
@@ -113,12 +115,19 @@ pub struct Topics {
 }
 
 impl Topics {
+    /// Whether dmp creates topic `name` compacted (the latest record per key) rather than deleted
+    /// by age and size.
+    pub fn compacted(&self, name: &str) -> bool {
+        name == self.segments_current
+    }
+
     /// Every topic dmp uses.
-    pub fn all(&self) -> [&str; 5] {
+    pub fn all(&self) -> [&str; 6] {
         [
             &self.events,
             &self.user_changes,
             &self.segments,
+            &self.segments_current,
             &self.segments_shadow,
             &self.dead_letter,
         ]
@@ -149,6 +158,10 @@ pub struct BusConfig {
     pub retention_bytes: u64,
     /// Records per retention segment.
     pub segment_records: u64,
+    /// Records written since a compacted partition's last compaction that trigger the next one.
+    pub compact_min_dirty_records: u64,
+    /// Hours a tombstone on a compacted topic is kept before a compaction removes it.
+    pub tombstone_retention_hours: u64,
 }
 
 /// `[kafka]`.
@@ -417,6 +430,7 @@ impl Config {
             ("topics.events", &self.topics.events),
             ("topics.user_changes", &self.topics.user_changes),
             ("topics.segments", &self.topics.segments),
+            ("topics.segments_current", &self.topics.segments_current),
             ("topics.segments_shadow", &self.topics.segments_shadow),
             ("topics.dead_letter", &self.topics.dead_letter),
         ] {
@@ -443,6 +457,18 @@ impl Config {
             self.bus.segment_records,
             1024,
             1 << 24,
+        )?;
+        range(
+            "bus.compact_min_dirty_records",
+            self.bus.compact_min_dirty_records,
+            1,
+            100_000_000,
+        )?;
+        range(
+            "bus.tombstone_retention_hours",
+            self.bus.tombstone_retention_hours,
+            0,
+            87_600,
         )?;
         range(
             "kafka.max_buffered_records",

@@ -238,9 +238,19 @@ async fn topics(cfg: Config, command: TopicsCommand) -> anyhow::Result<()> {
                 None => cfg.topics.all().iter().map(|s| s.to_string()).collect(),
             };
             for name in names {
-                let created = bus.create_topic(&name, partitions).await?;
+                let cleanup = if cfg.topics.compacted(&name) {
+                    dmp_bus::Cleanup::Compact
+                } else {
+                    dmp_bus::Cleanup::Delete
+                };
+                let created = bus.create_topic_with(&name, partitions, cleanup).await?;
                 let what = if created {
-                    format!("created with {partitions} partitions")
+                    let how = if cleanup == dmp_bus::Cleanup::Compact {
+                        ", compacted"
+                    } else {
+                        ""
+                    };
+                    format!("created with {partitions} partitions{how}")
                 } else {
                     "exists".to_string()
                 };

@@ -141,6 +141,7 @@ pub async fn run_with(
             rules: Some(rules_fn(&cfg)?),
             auth: Arc::new(dmp_api::auth::Auth::from_api_config(&cfg.api)),
             segments_topic: cfg.topics.segments.clone(),
+            segments_current_topic: cfg.topics.segments_current.clone(),
             stopping: stop_rx.clone(),
             suppressions: roles.storage_writer.then(|| suppressions.clone()),
             deleted_suppress_ms: (cfg.api.deleted_user_suppress_secs as i64).saturating_mul(1000),

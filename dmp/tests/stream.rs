@@ -1,6 +1,7 @@
 //! Partners without Kafka: `GET /v1/stream/segments?group=NAME` streams segment records as NDJSON;
 //! a reconnecting partner acknowledges what it processed and resumes after it, and what it did
-//! not acknowledge comes again.
+//! not acknowledge comes again. A new partner reading `topic=current` gets every user's latest
+//! record, and a deleted user's tombstone.
 
 mod common;
 
@@ -14,6 +15,10 @@ version = "stream-1"
 [[segment]]
 id = "cats"
 when = '''any(url.host == "cats.example")'''
+
+[[segment]]
+id = "dogs"
+when = '''any(url.host == "dogs.example")'''
 "#;
 
 /// Reads NDJSON lines from a streaming response until `want` lines (or 20 s).
@@ -105,4 +110,70 @@ async fn given_segment_records_when_partner_streams_then_ndjson_resumable_by_ack
     assert_eq!(open.status(), 200);
     assert!(sigterm(&mut child).success());
     drop(open);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_changed_and_deleted_users_when_new_partner_reads_current_then_latest_state_of_each()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, url) = start_with_rules(dir.path(), RULES);
+    let cats: Vec<serde_json::Value> = (0..10)
+        .map(|u| serde_json::json!({"uid": format!("u{u}"), "url": "https://cats.example/"}))
+        .collect();
+    post_events(&url, &cats).await;
+    assert_eq!(
+        lines(&format!("{url}/v1/stream/segments?group=watch"), 10)
+            .await
+            .len(),
+        10
+    );
+    let dogs: Vec<serde_json::Value> = (0..5)
+        .map(|u| serde_json::json!({"uid": format!("u{u}"), "url": "https://dogs.example/"}))
+        .collect();
+    post_events(&url, &dogs).await;
+    // Both topics get the changes: 10 + 5 records on the change stream.
+    let mut all = lines(&format!("{url}/v1/stream/segments?group=watch2"), 15).await;
+    assert_eq!(all.len(), 15);
+    all.retain(|l| l["record"]["segments"].as_array().unwrap().len() == 2);
+    assert_eq!(all.len(), 5, "five users are now in cats and dogs");
+    let r = reqwest::Client::new()
+        .delete(format!("{url}/v1/users/u9"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // A partner arriving now reads the current-state topic from the start.
+    let current = lines(
+        &format!("{url}/v1/stream/segments?group=newcomer&topic=current"),
+        16,
+    )
+    .await;
+    assert_eq!(current.len(), 16, "{current:?}");
+    let mut latest = std::collections::BTreeMap::new();
+    for l in &current {
+        latest.insert(l["key"].as_str().unwrap().to_string(), l["record"].clone());
+    }
+    assert_eq!(latest.len(), 10);
+    for u in 0..9 {
+        let segs = &latest[&format!("u{u}")]["segments"];
+        let want = if u < 5 {
+            serde_json::json!(["cats", "dogs"])
+        } else {
+            serde_json::json!(["cats"])
+        };
+        assert_eq!(segs, &want, "u{u}");
+    }
+    assert!(
+        latest["u9"].is_null(),
+        "a deleted user ends with a tombstone"
+    );
+    let r = reqwest::Client::new()
+        .get(format!("{url}/v1/stream/segments?group=x&topic=all"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("topic"));
+    assert!(sigterm(&mut child).success());
 }

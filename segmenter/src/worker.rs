@@ -361,9 +361,11 @@ impl Worker {
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
+        // The current-state topic gets the same records: compaction keeps each user's newest.
         for (topic, records) in [
-            (&self.topics.segments, out.live),
-            (&self.topics.segments_shadow, out.shadow),
+            (&self.topics.segments, &out.live),
+            (&self.topics.segments_current, &out.live),
+            (&self.topics.segments_shadow, &out.shadow),
         ] {
             if records.is_empty() {
                 continue;

@@ -209,6 +209,7 @@ async fn http_ingest(secs: u64, with_writer: bool) {
         rules: None,
         auth: std::sync::Arc::new(dmp_api::auth::Auth::open()),
         segments_topic: "dmp.segments".into(),
+        segments_current_topic: "dmp.segments.current".into(),
         stopping: tokio::sync::watch::channel(false).1,
         progress: None,
         suppressions: None,
