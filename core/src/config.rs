@@ -292,8 +292,12 @@ pub struct SegmenterConfig {
     pub pin_cores: bool,
     /// Changes queued per worker.
     pub queue_capacity: usize,
+    /// Skip changes an earlier read already saw (and coalesce a user's changes in one batch).
+    pub dedupe: bool,
     /// Dedupe LRU entries per worker.
     pub dedupe_capacity: usize,
+    /// Skip users changing faster than `blacklist_max_changes` per window.
+    pub blacklist: bool,
     /// Blacklist window, seconds.
     pub blacklist_window_secs: u64,
     /// Changes within the window above which a user is a bot.

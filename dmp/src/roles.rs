@@ -77,10 +77,29 @@ pub async fn run_with(
             StorageWriter::new(backends.bus.clone(), backends.store.clone(), &cfg, enricher)
                 .with_progress(progress.clone())
                 .with_suppressions(suppressions.clone());
+        // Its own thread and runtime: the writer's CPU is then its own (per-role CPU in the
+        // loadtest, `top -H`), and the API's tasks cannot delay it.
         let rx = stop_rx.clone();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("dmp-writer".into())
+            .spawn(move || {
+                let r = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .thread_name("dmp-writer")
+                    .build()
+                    .map_err(anyhow::Error::from)
+                    .and_then(|rt| rt.block_on(writer.run(rx)).map_err(anyhow::Error::from));
+                let _ = done_tx.send(r);
+            })
+            .context("cannot start the storage writer's thread")?;
         tasks.push((
             "storage-writer",
-            tokio::spawn(async move { writer.run(rx).await.map_err(anyhow::Error::from) }),
+            tokio::spawn(async move {
+                done_rx.await.unwrap_or_else(|_| {
+                    Err(anyhow::anyhow!("the storage writer's thread panicked"))
+                })
+            }),
         ));
     }
 

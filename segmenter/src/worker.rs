@@ -143,13 +143,15 @@ impl Worker {
         batch: Vec<Job>,
     ) {
         let now = dmp_core::clock::now_ms();
-        // Users to evaluate: from changes that need a read, and from due timers.
+        // Users to evaluate: from changes that need a read, and from due timers. Without dedupe,
+        // a user's second change in the batch goes to a second round, and so on.
         let mut users: BTreeMap<String, Reason> = BTreeMap::new();
+        let mut rounds: Vec<BTreeMap<String, Reason>> = Vec::new();
         let mut new_bots = Vec::new();
         let mut dropped_timers = Vec::new();
         for j in &batch {
             if let Some(t) = &j.timer {
-                if st.blacklist.banned(&j.uid, now) {
+                if self.cfg.blacklist && st.blacklist.banned(&j.uid, now) {
                     dropped_timers.push(t.key.clone());
                     continue;
                 }
@@ -166,7 +168,12 @@ impl Worker {
             }
             counters.received.increment(1);
             metrics::histogram!(m::WAIT).record(((now - j.msg_ts).max(0)) as f64 / 1000.0);
-            match st.blacklist.check(&j.uid, now) {
+            let verdict = if self.cfg.blacklist {
+                st.blacklist.check(&j.uid, now)
+            } else {
+                Verdict::Pass
+            };
+            match verdict {
                 Verdict::Pass => {}
                 Verdict::NewBot => {
                     metrics::counter!(m::BOTS).increment(1);
@@ -178,6 +185,21 @@ impl Worker {
                     counters.bot.increment(1);
                     continue;
                 }
+            }
+            if !self.cfg.dedupe {
+                let reason = || Reason {
+                    trigger: "change",
+                    partition: j.tp.partition,
+                    fired: Vec::new(),
+                };
+                if !users.contains_key(&j.uid) {
+                    users.insert(j.uid.clone(), reason());
+                } else if let Some(r) = rounds.iter_mut().find(|r| !r.contains_key(&j.uid)) {
+                    r.insert(j.uid.clone(), reason());
+                } else {
+                    rounds.push(BTreeMap::from([(j.uid.clone(), reason())]));
+                }
+                continue;
             }
             if !st.dedupe.needs_read(&j.uid, j.ts) {
                 counters.duplicate.increment(1);
@@ -194,6 +216,10 @@ impl Worker {
         if !users.is_empty() || !new_bots.is_empty() || !dropped_timers.is_empty() {
             let mut out = self.evaluate(st, users, new_bots);
             out.deletes.extend(dropped_timers);
+            self.write(rt, out);
+        }
+        for round in rounds {
+            let out = self.evaluate(st, round, Vec::new());
             self.write(rt, out);
         }
         for j in batch {

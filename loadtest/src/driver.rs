@@ -1,0 +1,328 @@
+//! Open-loop drivers: events are due on a schedule that does not wait for dmp, each stamped with
+//! the time it was due, so a slow dmp shows as latency and backlog instead of hiding behind a
+//! slower sender (no coordinated omission).
+//!
+//! Every tick the driver starts as many sessions as the rate asks for (a session's later pages
+//! are due seconds later), sends the events that are due, and every `partner_every_seconds`
+//! sends a partner dump in one burst. Events go, in batches of at most `batch_max`, with at most
+//! `connections` batches in flight:
+//! - `http`: `POST /v1/events` as NDJSON;
+//! - `bus`: produced to `topics.events` on Kafka, as dmp's ingest would;
+//! - `files`: one NDJSON file per batch, handed to `dmp import`.
+//!
+//! A batch that fails is retried until dmp takes it (events are idempotent in the store). Only
+//! acknowledged events reach the [`Oracle`].
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+use crate::generator::{Event, Generator};
+use crate::measure::{DumpArrivals, Percentiles};
+use crate::oracle::Oracle;
+use crate::scenario::{Driver, Traffic};
+
+/// Where events go.
+#[derive(Clone)]
+pub enum Target {
+    /// dmp's HTTP API at this base URL.
+    Http(String),
+    /// A Kafka bus and the events topic.
+    Bus(Arc<dyn dmp_bus::Bus>, String),
+    /// `dmp import` of files written under this directory, into the API at this base URL.
+    Files {
+        /// The dmp binary.
+        dmp: PathBuf,
+        /// Where the files go.
+        dir: PathBuf,
+        /// The API's base URL.
+        api: String,
+    },
+}
+
+/// Shared counters the sampler reads while the driver runs.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Events made due.
+    pub offered: AtomicU64,
+    /// Events acknowledged.
+    pub acked: AtomicU64,
+    /// Batches that failed and were sent again.
+    pub retries: AtomicU64,
+}
+
+/// What one drive did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Driven {
+    /// Events made due.
+    pub offered: u64,
+    /// Events acknowledged.
+    pub acked: u64,
+    /// Batches sent again after a failure.
+    pub retries: u64,
+    /// Seconds from the first due event to the last acknowledgement.
+    pub seconds: f64,
+    /// Acknowledgement latency from the time each batch's first event was due, ms.
+    pub ack_latency_ms: Percentiles,
+}
+
+/// Everything a drive needs.
+pub struct Drive<'a> {
+    /// Where events go.
+    pub target: Target,
+    /// The traffic generator.
+    pub gen: &'a mut Generator,
+    /// The ground truth, fed with acknowledged events.
+    pub oracle: Arc<Mutex<Oracle>>,
+    /// Partner dump arrival times per uid.
+    pub dumps: DumpArrivals,
+    /// Counters for the sampler.
+    pub progress: Arc<Progress>,
+    /// The scenario's traffic.
+    pub traffic: &'a Traffic,
+    /// The scenario's driver settings.
+    pub driver: &'a Driver,
+}
+
+struct Batch {
+    events: Vec<Event>,
+    /// The uid of each event.
+    uids: Vec<String>,
+    body: Vec<u8>,
+    due_ms: i64,
+    dump: bool,
+}
+
+async fn send(target: &Target, batch: &Batch, seq: u64) -> anyhow::Result<()> {
+    match target {
+        Target::Http(base) => {
+            let r = client()
+                .post(format!("{base}/v1/events"))
+                .header("content-type", "application/x-ndjson")
+                .body(batch.body.clone())
+                .send()
+                .await?;
+            if !r.status().is_success() {
+                anyhow::bail!("ingest answered {}", r.status());
+            }
+            Ok(())
+        }
+        Target::Bus(bus, topic) => {
+            let now = dmp_core::clock::now_ms();
+            let records: Vec<dmp_bus::ProduceRecord> = batch
+                .body
+                .split(|b| *b == b'\n')
+                .filter(|l| !l.is_empty())
+                .zip(&batch.uids)
+                .map(|(line, uid)| dmp_bus::ProduceRecord {
+                    key: uid.as_bytes().to_vec(),
+                    value: line.to_vec(),
+                    timestamp: Some(now),
+                })
+                .collect();
+            bus.produce(topic, records).await?;
+            Ok(())
+        }
+        Target::Files { dmp, dir, api } => {
+            let path = dir.join(format!("batch-{seq}.ndjson"));
+            tokio::fs::write(&path, &batch.body).await?;
+            let out = tokio::process::Command::new(dmp)
+                .arg("import")
+                .arg("--source")
+                .arg("loadtest")
+                .arg("--api")
+                .arg(api)
+                .arg(&path)
+                .stdout(std::process::Stdio::null())
+                .output()
+                .await?;
+            if !out.status.success() {
+                anyhow::bail!(
+                    "dmp import failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            let _ = tokio::fs::remove_file(&path).await;
+            Ok(())
+        }
+    }
+}
+
+fn client() -> reqwest::Client {
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    CLIENT
+        .get_or_init(|| {
+            reqwest::Client::builder()
+                .pool_max_idle_per_host(64)
+                .build()
+                .expect("an HTTP client")
+        })
+        .clone()
+}
+
+impl Drive<'_> {
+    /// Drives traffic at `rate` events/s (times the daily curve when on) for `seconds`.
+    pub async fn run(self, rate: f64, seconds: u64) -> Driven {
+        let tick = Duration::from_millis(self.driver.tick_ms);
+        let sem = Arc::new(tokio::sync::Semaphore::new(self.driver.connections));
+        let hist = Arc::new(Mutex::new(
+            Histogram::<u64>::new_with_bounds(1, 3_600_000, 3).expect("valid bounds"),
+        ));
+        let start = Instant::now();
+        let start_ms = dmp_core::clock::now_ms();
+        let mut pending: BinaryHeap<Reverse<(i64, u64)>> = BinaryHeap::new();
+        let mut slots: std::collections::HashMap<u64, Event> = std::collections::HashMap::new();
+        let mut seq = 0u64;
+        let mut started = 0.0f64;
+        let mut generated = 0u64;
+        let mut last = 0.0f64;
+        let mut next_dump = self.traffic.partner_every_seconds as f64;
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut batch_seq = 0u64;
+        let mut session_buf = Vec::new();
+        let mut interval = tokio::time::interval(tick);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            interval.tick().await;
+            let elapsed = start.elapsed().as_secs_f64();
+            let now_ms = start_ms + (elapsed * 1000.0) as i64;
+            let running = elapsed < seconds as f64;
+            if running {
+                let r = if self.traffic.daily_curve {
+                    let phase = (elapsed / self.traffic.day_seconds as f64).fract();
+                    rate * crate::generator::day_curve(phase)
+                } else {
+                    rate
+                };
+                started += r * (elapsed - last);
+                last = elapsed;
+                // Sessions whose events sum to the rate; later pages are due later.
+                while (generated as f64) < started {
+                    session_buf.clear();
+                    generated += self.gen.session(now_ms, &mut session_buf) as u64;
+                    for e in session_buf.drain(..) {
+                        pending.push(Reverse((e.ts, seq)));
+                        slots.insert(seq, e);
+                        seq += 1;
+                    }
+                }
+            }
+            let mut due: Vec<Event> = Vec::new();
+            while let Some(Reverse((ts, s))) = pending.peek().copied() {
+                if ts > now_ms || (!running && ts > start_ms + seconds as i64 * 1000) {
+                    break;
+                }
+                pending.pop();
+                due.push(slots.remove(&s).expect("a pending event"));
+            }
+            let mut batches: Vec<Batch> = Vec::new();
+            for chunk in due.chunks(self.driver.batch_max) {
+                batches.push(self.batch(chunk.to_vec(), false));
+            }
+            if running
+                && self.traffic.partner_dump_events > 0
+                && elapsed >= next_dump
+                && self.traffic.partner_every_seconds > 0
+            {
+                next_dump += self.traffic.partner_every_seconds as f64;
+                let dump = self
+                    .gen
+                    .partner_dump(now_ms, self.traffic.partner_dump_events);
+                for chunk in dump.chunks(self.driver.batch_max) {
+                    batches.push(self.batch(chunk.to_vec(), true));
+                }
+            }
+            for b in batches {
+                self.progress
+                    .offered
+                    .fetch_add(b.events.len() as u64, Ordering::Relaxed);
+                // Waiting here for a free connection is part of the latency: `due_ms` stays.
+                let permit = sem.clone().acquire_owned().await.expect("open semaphore");
+                let (target, oracle, dumps, progress, hist) = (
+                    self.target.clone(),
+                    self.oracle.clone(),
+                    self.dumps.clone(),
+                    self.progress.clone(),
+                    hist.clone(),
+                );
+                batch_seq += 1;
+                let n = batch_seq;
+                tasks.spawn(async move {
+                    let mut backoff = Duration::from_millis(50);
+                    while let Err(e) = send(&target, &b, n).await {
+                        tracing::warn!(error = %e, "batch not taken; sending it again");
+                        progress.retries.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                    }
+                    drop(permit);
+                    let acked_ms = dmp_core::clock::now_ms();
+                    {
+                        let mut o = oracle.lock().expect("not poisoned");
+                        for e in &b.events {
+                            o.observe(e);
+                        }
+                    }
+                    if b.dump {
+                        let mut d = dumps.lock().expect("not poisoned");
+                        for uid in &b.uids {
+                            d.insert(uid.clone(), acked_ms);
+                        }
+                    } else {
+                        let _ = hist
+                            .lock()
+                            .expect("not poisoned")
+                            .record((acked_ms - b.due_ms).max(1) as u64);
+                    }
+                    progress
+                        .acked
+                        .fetch_add(b.events.len() as u64, Ordering::Relaxed);
+                });
+            }
+            while tasks.try_join_next().is_some() {}
+            if !running && pending.is_empty() {
+                break;
+            }
+            if !running
+                && pending
+                    .peek()
+                    .is_some_and(|Reverse((ts, _))| *ts > start_ms + seconds as i64 * 1000)
+            {
+                // Pages of sessions that would have continued past the end are not sent.
+                break;
+            }
+        }
+        while tasks.join_next().await.is_some() {}
+        let h = hist.lock().expect("not poisoned");
+        Driven {
+            offered: self.progress.offered.load(Ordering::Relaxed),
+            acked: self.progress.acked.load(Ordering::Relaxed),
+            retries: self.progress.retries.load(Ordering::Relaxed),
+            seconds: start.elapsed().as_secs_f64(),
+            ack_latency_ms: Percentiles::of(&h, 1.0),
+        }
+    }
+
+    fn batch(&self, events: Vec<Event>, dump: bool) -> Batch {
+        let mut body = Vec::with_capacity(events.len() * 300);
+        for e in &events {
+            self.gen.write_ndjson(e, &mut body);
+        }
+        let users = self.gen.users();
+        Batch {
+            due_ms: events.iter().map(|e| e.ts).min().unwrap_or(0),
+            uids: events
+                .iter()
+                .map(|e| users[e.user as usize].uid.clone())
+                .collect(),
+            events,
+            body,
+            dump,
+        }
+    }
+}

@@ -1,0 +1,452 @@
+//! The report of a run: `report.json` (everything measured), `summary.md` (the headline table
+//! docs/benchmarks.md keeps) and PNG charts: throughput and latency over time, the shares of
+//! changes evaluated / skipped as duplicates / skipped as bots (the chart FACETz published), and
+//! audience estimates against the truth.
+
+use std::path::Path;
+
+use anyhow::bail;
+use plotters::prelude::*;
+
+use crate::run::{Phase, Report};
+
+/// Fonts tried for chart text (`DMP_LOADTEST_FONT` first). Debian: `fonts-dejavu-core`.
+const FONTS: [&str; 4] = [
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+];
+
+fn register_font() -> anyhow::Result<()> {
+    static DONE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    DONE.get_or_init(|| {
+        let candidates: Vec<String> = std::env::var("DMP_LOADTEST_FONT")
+            .into_iter()
+            .chain(FONTS.iter().map(|s| s.to_string()))
+            .collect();
+        for path in &candidates {
+            if let Ok(bytes) = std::fs::read(path) {
+                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+                return plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+                    .map_err(|_| format!("{path} is not a TrueType font"));
+            }
+        }
+        Err(format!(
+            "no font for the charts: install fonts-dejavu-core or set DMP_LOADTEST_FONT (tried {})",
+            candidates.join(", ")
+        ))
+    })
+    .clone()
+    .map_err(anyhow::Error::msg)
+}
+
+type Res = anyhow::Result<()>;
+
+fn err<E: std::fmt::Display>(e: E) -> anyhow::Error {
+    anyhow::anyhow!("drawing a chart: {e}")
+}
+
+/// Writes `report.json`, `summary.md` and the charts of every phase into `dir`.
+pub fn write(report: &Report, dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("report.json"), serde_json::to_vec_pretty(report)?)?;
+    std::fs::write(dir.join("summary.md"), summary(report))?;
+    register_font()?;
+    for p in &report.phases {
+        throughput_chart(p, &dir.join(format!("{}-throughput.png", p.label)))?;
+        latency_chart(p, &dir.join(format!("{}-latency.png", p.label)))?;
+        shares_chart(p, &dir.join(format!("{}-shares.png", p.label)))?;
+        if !p.audience.is_empty() {
+            audience_chart(p, &dir.join(format!("{}-audience.png", p.label)))?;
+        }
+    }
+    Ok(())
+}
+
+/// Per-second rates from cumulative samples.
+fn rates(p: &Phase, f: impl Fn(&crate::measure::Sample) -> f64) -> Vec<(f64, f64)> {
+    p.samples
+        .windows(2)
+        .map(|w| {
+            let dt = (w[1].t - w[0].t).max(1e-9);
+            (w[1].t, (f(&w[1]) - f(&w[0])) / dt)
+        })
+        .collect()
+}
+
+fn throughput_chart(p: &Phase, path: &Path) -> Res {
+    let series = [
+        ("offered", rates(p, |s| s.offered as f64), BLUE),
+        ("acknowledged", rates(p, |s| s.acked as f64), GREEN),
+        ("stored", rates(p, |s| s.stored), RED),
+        ("changes", rates(p, |s| s.changes), MAGENTA),
+    ];
+    let xmax = p.samples.last().map_or(1.0, |s| s.t).max(1.0);
+    let ymax = series
+        .iter()
+        .flat_map(|(_, v, _)| v.iter().map(|x| x.1))
+        .fold(1.0, f64::max)
+        * 1.1;
+    let root = BitMapBackend::new(path, (1000, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("{}: events per second", p.label),
+            ("sans-serif", 22),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(80)
+        .build_cartesian_2d(0f64..xmax, 0f64..ymax)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds since the traffic started")
+        .y_desc("per second")
+        .draw()
+        .map_err(err)?;
+    for (name, points, color) in series {
+        chart
+            .draw_series(LineSeries::new(points, color.stroke_width(2)))
+            .map_err(err)?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(err)?;
+    root.present().map_err(err)?;
+    Ok(())
+}
+
+fn latency_chart(p: &Phase, path: &Path) -> Res {
+    // p50 and p99 per second of publication.
+    let mut by_sec: std::collections::BTreeMap<u64, Vec<u64>> = Default::default();
+    for (t, ms) in &p.latency_series {
+        if *t >= 0.0 {
+            by_sec.entry(*t as u64).or_default().push(*ms);
+        }
+    }
+    let mut p50 = Vec::new();
+    let mut p99 = Vec::new();
+    for (s, mut v) in by_sec {
+        v.sort_unstable();
+        let q = |q: f64| v[((v.len() - 1) as f64 * q) as usize] as f64;
+        p50.push((s as f64, q(0.5).max(1.0)));
+        p99.push((s as f64, q(0.99).max(1.0)));
+    }
+    let xmax = p.samples.last().map_or(1.0, |s| s.t).max(1.0);
+    let ymax = p99.iter().map(|x| x.1).fold(10.0, f64::max) * 2.0;
+    let root = BitMapBackend::new(path, (1000, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!(
+                "{}: event → segment record latency (ms, log scale)",
+                p.label
+            ),
+            ("sans-serif", 22),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(80)
+        .build_cartesian_2d(0f64..xmax, (1f64..ymax).log_scale())
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds since the traffic started")
+        .y_desc("ms")
+        .draw()
+        .map_err(err)?;
+    for (name, points, color) in [("p50", p50, BLUE), ("p99", p99, RED)] {
+        chart
+            .draw_series(LineSeries::new(points, color.stroke_width(2)))
+            .map_err(err)?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(err)?;
+    root.present().map_err(err)?;
+    Ok(())
+}
+
+fn shares_chart(p: &Phase, path: &Path) -> Res {
+    let ev = rates(p, |s| s.evaluated);
+    let dup = rates(p, |s| s.duplicate);
+    let bot = rates(p, |s| s.bot);
+    let total = rates(p, |s| s.changes);
+    // Shares of the changes received each second, stacked: evaluated, duplicate, bot.
+    let share = |i: usize, parts: &[&Vec<(f64, f64)>]| -> f64 {
+        let t = total[i].1;
+        if t <= 0.0 {
+            return 0.0;
+        }
+        (parts.iter().map(|v| v[i].1).sum::<f64>() / t).min(1.0)
+    };
+    let n = total.len();
+    let top: Vec<(f64, f64)> = (0..n)
+        .map(|i| (total[i].0, share(i, &[&ev, &dup, &bot])))
+        .collect();
+    let mid: Vec<(f64, f64)> = (0..n)
+        .map(|i| (total[i].0, share(i, &[&ev, &dup])))
+        .collect();
+    let low: Vec<(f64, f64)> = (0..n).map(|i| (total[i].0, share(i, &[&ev]))).collect();
+    let xmax = p.samples.last().map_or(1.0, |s| s.t).max(1.0);
+    let root = BitMapBackend::new(path, (1000, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!(
+                "{}: changes evaluated / skipped as duplicates / skipped as bots",
+                p.label
+            ),
+            ("sans-serif", 22),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..xmax, 0f64..1.05f64)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds since the traffic started")
+        .y_desc("share of changes")
+        .draw()
+        .map_err(err)?;
+    for (name, points, color) in [
+        ("skipped: bot", top, RED),
+        ("skipped: duplicate", mid, YELLOW),
+        ("evaluated", low, GREEN),
+    ] {
+        chart
+            .draw_series(AreaSeries::new(points, 0.0, color.mix(0.7).filled()))
+            .map_err(err)?
+            .label(name)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 15, y + 5)], color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(err)?;
+    root.present().map_err(err)?;
+    Ok(())
+}
+
+fn audience_chart(p: &Phase, path: &Path) -> Res {
+    let n = p.audience.len();
+    let ymax = p
+        .audience
+        .iter()
+        .map(|a| a.high.max(a.truth) as f64)
+        .fold(1.0, f64::max)
+        * 1.15;
+    let root = BitMapBackend::new(path, (1000, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let labels: Vec<String> = p.audience.iter().map(|a| a.expr.clone()).collect();
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!(
+                "{}: audience estimates (bar: interval, dot: estimate) and truth (cross)",
+                p.label
+            ),
+            ("sans-serif", 20),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(80)
+        .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), 0f64..ymax)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_labels(n)
+        .x_label_formatter(&|x| {
+            let i = x.round();
+            if (x - i).abs() < 0.01 && i >= 0.0 {
+                labels.get(i as usize).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .y_desc("users")
+        .draw()
+        .map_err(err)?;
+    chart
+        .draw_series(p.audience.iter().enumerate().map(|(i, a)| {
+            ErrorBar::new_vertical(
+                i as f64,
+                a.low as f64,
+                a.estimate as f64,
+                a.high as f64,
+                BLUE.stroke_width(2),
+                20,
+            )
+        }))
+        .map_err(err)?;
+    chart
+        .draw_series(
+            p.audience
+                .iter()
+                .enumerate()
+                .map(|(i, a)| Cross::new((i as f64, a.truth as f64), 8, RED.stroke_width(2))),
+        )
+        .map_err(err)?;
+    root.present().map_err(err)?;
+    Ok(())
+}
+
+/// The headline table, in Markdown.
+pub fn summary(r: &Report) -> String {
+    let mut s = String::new();
+    let setup = |k: &str| r.setup.get(k).cloned().unwrap_or_default();
+    s.push_str(&format!(
+        "### loadtest `{}` ({})\n\nMachine: {} x {} ({}), {}; load before {}; dmp {}.\nCommand: `{}`\n\n",
+        r.scenario.name,
+        setup("date"),
+        setup("cpus"),
+        setup("cpu_model").trim(),
+        setup("memory"),
+        setup("kernel"),
+        setup("load_before"),
+        setup("git").replace('\n', " "),
+        setup("command"),
+    ));
+    s.push_str("| phase | offered ev/s | stored ev/s | p50 / p99 / p99.9 event→segment | topic wait p99 (events, changes) | evaluated / duplicate / bot | CPU s per 1K events (total; writer, segmenter, api) | peak RSS | wrong users | cold start |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
+    for p in &r.phases {
+        let offered = if p.driven.seconds > 0.0 {
+            p.driven.offered as f64 / p.driven.seconds
+        } else {
+            0.0
+        };
+        let wait = |t: &str| {
+            p.topic_wait_s.get(t).map_or("-".to_string(), |(_, p99)| {
+                format!("{:.0} ms", p99 * 1000.0)
+            })
+        };
+        let cpu = |k: &str| p.cpu_per_1k_events.get(k).copied().unwrap_or(0.0);
+        let wrong = p.correctness.as_ref().map_or("-".to_string(), |c| {
+            format!(
+                "{} of {} ({} not evaluated)",
+                c.wrong_total, c.users, c.not_evaluated
+            )
+        });
+        s.push_str(&format!(
+            "| {} | {:.0} | {:.0} | {:.0} / {:.0} / {:.0} ms | {}, {} | {:.0}% / {:.0}% / {:.0}% | {:.3}; {:.3}, {:.3}, {:.3} | {:.0} MiB | {} | {:.0} ms |\n",
+            p.label,
+            offered,
+            p.stored_rate,
+            p.event_to_segment_ms.p50,
+            p.event_to_segment_ms.p99,
+            p.event_to_segment_ms.p999,
+            wait("dmp.events"),
+            wait("dmp.user-changes"),
+            p.share_evaluated * 100.0,
+            p.share_duplicate * 100.0,
+            p.share_bot * 100.0,
+            cpu("total"),
+            cpu("storage-writer"),
+            cpu("segmenter"),
+            cpu("api"),
+            p.peak_rss_mib,
+            wrong,
+            p.cold_start_ms,
+        ));
+    }
+    for p in &r.phases {
+        if let Some(max) = p.max_sustained_rate {
+            s.push_str(&format!(
+                "\n{}: highest sustained rate {max:.0} events/s (steps: {}).\n",
+                p.label,
+                p.steps
+                    .iter()
+                    .map(|st| format!(
+                        "{:.0}{}",
+                        st.rate,
+                        if st.sustained { "" } else { " not sustained" }
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        if let Some(l) = &p.lookups {
+            s.push_str(&format!(
+                "\n{}: lookups {:.0} req/s asked, {:.0} answered; p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms; {} errors.\n",
+                p.label,
+                l.target_rate,
+                l.achieved_rate,
+                l.latency_ms.p50,
+                l.latency_ms.p99,
+                l.latency_ms.p999,
+                l.errors
+            ));
+        }
+        if !p.audience.is_empty() {
+            s.push_str(&format!("\n{}: audience estimates vs truth:", p.label));
+            for a in &p.audience {
+                s.push_str(&format!(
+                    " {} {} in [{}, {}] truth {}{};",
+                    a.expr,
+                    a.estimate,
+                    a.low,
+                    a.high,
+                    a.truth,
+                    if a.within { "" } else { " OUTSIDE" }
+                ));
+            }
+            s.push('\n');
+        }
+    }
+    if let Some(saving) = &r.dedupe_saving {
+        s.push_str(&format!(
+            "\nDedupe + blacklist off / on, CPU per event: total {:.2}x, segmenter {:.2}x.\n",
+            saving.get("total").copied().unwrap_or(0.0),
+            saving.get("segmenter").copied().unwrap_or(0.0)
+        ));
+    }
+    s
+}
+
+/// Fails when the run's correctness checks failed (for CI): wrong users, users never
+/// evaluated, lookup errors, or audience estimates outside their intervals.
+pub fn verdict(r: &Report) -> anyhow::Result<()> {
+    let mut problems = Vec::new();
+    for p in &r.phases {
+        if let Some(c) = &p.correctness {
+            if c.wrong_total > 0 || c.not_evaluated > 0 || c.errors > 0 {
+                problems.push(format!(
+                    "{}: {} wrong users, {} not evaluated, {} failed lookups (first: {:?})",
+                    p.label,
+                    c.wrong_total,
+                    c.not_evaluated,
+                    c.errors,
+                    c.wrong.first()
+                ));
+            }
+        }
+        for a in p.audience.iter().filter(|a| !a.within) {
+            problems.push(format!(
+                "{}: audience {:?} estimated {} in [{}, {}], truth {}",
+                p.label, a.expr, a.estimate, a.low, a.high, a.truth
+            ));
+        }
+        if !p.graceful_stop {
+            problems.push(format!("{}: dmp did not stop cleanly on SIGTERM", p.label));
+        }
+    }
+    if !problems.is_empty() {
+        bail!("the run's checks failed:\n{}", problems.join("\n"));
+    }
+    Ok(())
+}
