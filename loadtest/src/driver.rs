@@ -3,7 +3,8 @@
 //! slower sender (no coordinated omission).
 //!
 //! Every tick the driver starts as many sessions as the rate asks for (a session's later pages
-//! are due seconds later), sends the events that are due, and every `partner_every_seconds`
+//! are due seconds later; sessions that began in the 90 s before the start are generated first,
+//! so the rate is steady from the first second), sends the events that are due, and every `partner_every_seconds`
 //! sends a partner dump in one burst. Events go, in batches of at most `batch_max`, with at most
 //! `connections` batches in flight:
 //! - `http`: `POST /v1/events` as NDJSON;
@@ -185,6 +186,28 @@ impl Drive<'_> {
         let mut tasks = tokio::task::JoinSet::new();
         let mut batch_seq = 0u64;
         let mut session_buf = Vec::new();
+        let mut last_ts: std::collections::HashMap<u32, i64> = std::collections::HashMap::new();
+        // Sessions that began before the traffic did: their later pages fall due from the first
+        // tick, so the rate is steady from the start (sessions last up to a minute and a half).
+        {
+            let r0 = if self.traffic.daily_curve {
+                rate * crate::generator::day_curve(0.0)
+            } else {
+                rate
+            };
+            let prewarm_ms = 90_000.0;
+            let mut made = 0.0f64;
+            while made < r0 * prewarm_ms / 1000.0 {
+                let at = start_ms - prewarm_ms as i64 + (made / r0 * 1000.0) as i64;
+                session_buf.clear();
+                made += self.gen.session(at, &mut session_buf) as f64;
+                for e in session_buf.drain(..).filter(|e| e.ts >= start_ms) {
+                    pending.push(Reverse((e.ts, seq)));
+                    slots.insert(seq, e);
+                    seq += 1;
+                }
+            }
+        }
         let mut interval = tokio::time::interval(tick);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
@@ -218,7 +241,15 @@ impl Drive<'_> {
                     break;
                 }
                 pending.pop();
-                due.push(slots.remove(&s).expect("a pending event"));
+                let mut e = slots.remove(&s).expect("a pending event");
+                // A user's row keeps one version per millisecond (HBase's model): two events of
+                // one user in the same millisecond would be one, so the later moves on by 1 ms.
+                let last = last_ts.entry(e.user).or_insert(i64::MIN);
+                if e.ts <= *last {
+                    e.ts = *last + 1;
+                }
+                *last = e.ts;
+                due.push(e);
             }
             let mut batches: Vec<Batch> = Vec::new();
             for chunk in due.chunks(self.driver.batch_max) {

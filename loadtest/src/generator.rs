@@ -192,9 +192,10 @@ pub struct Event {
     pub src: &'static str,
 }
 
-/// Activity weight of a bot, and the cap of a human's (the Pareto tail is cut there so that at
-/// the scenarios' rates no human changes often enough to trip the bot blacklist).
-const BOT_WEIGHT: f64 = 10.0;
+/// How often a bot starts a crawl relative to a human's sessions (with crawls of 200 pages on
+/// average, bots make about 40% of the events), and the cap of a human's activity (the Pareto
+/// tail is cut there so that no human changes often enough to trip the bot blacklist).
+const BOT_WEIGHT: f64 = 0.4;
 const HUMAN_WEIGHT_CAP: f64 = 5.0;
 
 /// The traffic generator.
@@ -204,6 +205,8 @@ pub struct Generator {
     users: Vec<User>,
     /// Cumulative activity weights, to pick users.
     cumulative: Vec<f64>,
+    /// (user, ts) of every partner dump event so far.
+    dumped: std::collections::HashSet<(u32, i64)>,
 }
 
 impl Generator {
@@ -262,6 +265,7 @@ impl Generator {
             rng,
             users: population,
             cumulative,
+            dumped: Default::default(),
         }
     }
 
@@ -280,12 +284,13 @@ impl Generator {
 
     /// One session starting at `start` (ms), appended to `out`; returns its number of events.
     /// A human opens 1-5 pages: background tabs within a few hundred ms (30%) or a click path
-    /// with 2-20 s between pages. A bot crawls 5-20 pages, one every 100-600 ms.
+    /// with 2-20 s between pages. A bot crawls 100-300 pages in one burst, one every 50-250 ms
+    /// (a crawler visiting a site: hundreds of pages a minute, then quiet).
     pub fn session(&mut self, start: i64, out: &mut Vec<Event>) -> usize {
         let u = self.pick();
         let user = &self.users[u];
         if user.bot {
-            let pages = 5 + self.rng.below(16);
+            let pages = 100 + self.rng.below(201);
             let mut ts = start;
             for _ in 0..pages {
                 out.push(Event {
@@ -297,7 +302,7 @@ impl Generator {
                     q: None,
                     src: "web",
                 });
-                ts += 100 + self.rng.below(500) as i64;
+                ts += 50 + self.rng.below(201) as i64;
             }
             return pages as usize;
         }
@@ -328,7 +333,9 @@ impl Generator {
         pages as usize
     }
 
-    /// A partner's file dump: `n` events of humans from 1 to 48 hours before `now`.
+    /// A partner's file dump: `n` events of humans from 1 to 48 hours before `now`. No two
+    /// events of one user in all dumps share a millisecond (a row keeps one version per
+    /// millisecond, so they would be one event).
     pub fn partner_dump(&mut self, now: i64, n: usize) -> Vec<Event> {
         let mut out = Vec::with_capacity(n);
         while out.len() < n {
@@ -336,11 +343,15 @@ impl Generator {
             if self.users[u].bot {
                 continue;
             }
+            let ts = now - 3_600_000 - self.rng.below(47 * 3_600_000) as i64;
+            if !self.dumped.insert((u as u32, ts)) {
+                continue;
+            }
             let interests = &self.users[u].interests;
             let interest = interests[self.rng.below(interests.len() as u64) as usize];
             out.push(Event {
                 user: u as u32,
-                ts: now - 3_600_000 - self.rng.below(47 * 3_600_000) as i64,
+                ts,
                 kind: Kind::Pageview,
                 host: interest.host(),
                 page: self.rng.below(500) as u32,
@@ -449,7 +460,7 @@ mod tests {
     fn given_seed_when_generating_then_deterministic_sessions_with_bots() {
         let mut a = Generator::new(7, 1_000);
         let mut b = Generator::new(7, 1_000);
-        let (ea, eb) = (events(&mut a, 300), events(&mut b, 300));
+        let (ea, eb) = (events(&mut a, 3000), events(&mut b, 3000));
         assert_eq!(ea, eb, "same seed, same traffic");
         assert!((20..=90).contains(&a.bots()), "{} bots of 1000", a.bots());
         let json: Vec<serde_json::Value> = ea.iter().map(|e| a.to_json(e)).collect();

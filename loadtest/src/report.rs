@@ -322,8 +322,8 @@ pub fn summary(r: &Report) -> String {
         setup("git").replace('\n', " "),
         setup("command"),
     ));
-    s.push_str("| phase | offered ev/s | stored ev/s | p50 / p99 / p99.9 event→segment | topic wait p99 (events, changes) | evaluated / duplicate / bot | CPU s per 1K events (total; writer, segmenter, api) | peak RSS | wrong users | cold start |\n");
-    s.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
+    s.push_str("| phase | offered ev/s | stored ev/s | p50 / p99 / p99.9 event→segment | topic wait p99 (events, changes) | evaluated / duplicate / bot | CPU s per 1K events (total; writer, segmenter, api, storage) | peak RSS | drain | wrong users | cold start |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
     for p in &r.phases {
         let offered = if p.driven.seconds > 0.0 {
             p.driven.offered as f64 / p.driven.seconds
@@ -343,7 +343,7 @@ pub fn summary(r: &Report) -> String {
             )
         });
         s.push_str(&format!(
-            "| {} | {:.0} | {:.0} | {:.0} / {:.0} / {:.0} ms | {}, {} | {:.0}% / {:.0}% / {:.0}% | {:.3}; {:.3}, {:.3}, {:.3} | {:.0} MiB | {} | {:.0} ms |\n",
+            "| {} | {:.0} | {:.0} | {:.0} / {:.0} / {:.0} ms | {}, {} | {:.0}% / {:.0}% / {:.0}% | {:.3}; {:.3}, {:.3}, {:.3}, {:.3} | {:.0} MiB | {} | {} | {:.0} ms |\n",
             p.label,
             offered,
             p.stored_rate,
@@ -359,7 +359,10 @@ pub fn summary(r: &Report) -> String {
             cpu("storage-writer"),
             cpu("segmenter"),
             cpu("api"),
+            cpu("embedded-storage"),
             p.peak_rss_mib,
+            p.drain_seconds
+                .map_or("not within 15 min".to_string(), |d| format!("{d:.0} s")),
             wrong,
             p.cold_start_ms,
         ));
@@ -419,7 +422,8 @@ pub fn summary(r: &Report) -> String {
 }
 
 /// Fails when the run's correctness checks failed (for CI): wrong users, users never
-/// evaluated, lookup errors, or audience estimates outside their intervals.
+/// evaluated, lookup errors, audience estimates more than three standard errors off, or a dmp
+/// that did not stop cleanly.
 pub fn verdict(r: &Report) -> anyhow::Result<()> {
     let mut problems = Vec::new();
     for p in &r.phases {
@@ -435,9 +439,14 @@ pub fn verdict(r: &Report) -> anyhow::Result<()> {
                 ));
             }
         }
-        for a in p.audience.iter().filter(|a| !a.within) {
+        // The intervals are two standard errors: about one estimate in twenty misses them by
+        // design, so the verdict allows three before it calls a miss a failure.
+        for a in p.audience.iter().filter(|a| {
+            let half = (a.high - a.low) as f64 / 2.0;
+            (a.truth as f64 - a.estimate as f64).abs() > 1.5 * half
+        }) {
             problems.push(format!(
-                "{}: audience {:?} estimated {} in [{}, {}], truth {}",
+                "{}: audience {:?} estimated {} in [{}, {}], truth {} (beyond three standard errors)",
                 p.label, a.expr, a.estimate, a.low, a.high, a.truth
             ));
         }

@@ -44,8 +44,6 @@ pub struct Correctness {
     pub not_evaluated: u64,
     /// Lookups that failed.
     pub errors: u64,
-    /// Seconds from the end of the traffic until every human was evaluated with its newest event.
-    pub drain_seconds: f64,
     /// The first wrong users.
     pub wrong: Vec<Wrong>,
 }
@@ -126,6 +124,9 @@ pub struct Phase {
     pub steps: Vec<Step>,
     /// find_max: the highest rate sustained.
     pub max_sustained_rate: Option<f64>,
+    /// Seconds from the end of the traffic until every event was written and every change
+    /// evaluated (None: not within 15 minutes).
+    pub drain_seconds: Option<f64>,
     /// Every user against the truth.
     pub correctness: Option<Correctness>,
     /// Audience estimates against the truth.
@@ -394,8 +395,11 @@ async fn phase(
         "traffic done"
     );
 
+    let drained = wait_drained(&http, &dmp.url, &progress, Duration::from_secs(900)).await;
+    phase.drain_seconds = drained.map(|_| traffic_end.elapsed().as_secs_f64());
+    tracing::info!(drain_seconds = ?phase.drain_seconds, "pipeline drained");
     if scenario.checks.correctness {
-        phase.correctness = Some(check_users(&dmp.url, &gen, &oracle, traffic_end).await);
+        phase.correctness = Some(check_users(&dmp.url, &gen, &oracle).await);
     }
     // Figures of the traffic: from the first sample after the warmup to the last sample before
     // the checks started.
@@ -491,13 +495,41 @@ async fn phase(
     Ok(phase)
 }
 
-/// Looks every user up once its newest event has been evaluated and compares with the truth.
-async fn check_users(
+/// Waits until the storage writer has written every acknowledged event and the segmenter has
+/// received every change the writer emitted, with both counts still for a second (a change is
+/// counted when a worker takes it, and evaluated right after).
+async fn wait_drained(
+    http: &reqwest::Client,
     base: &str,
-    gen: &Generator,
-    oracle: &Arc<Mutex<Oracle>>,
-    traffic_end: Instant,
-) -> Correctness {
+    progress: &Progress,
+    timeout: Duration,
+) -> Option<()> {
+    let deadline = Instant::now() + timeout;
+    let mut last = (f64::NAN, f64::NAN);
+    let mut still = 0;
+    while Instant::now() < deadline {
+        if let Ok(s) = measure::scrape(http, base).await {
+            let stored = s.sum("dmp_storage_writer_events_total");
+            let emitted = s.sum("dmp_storage_writer_changes_emitted_total");
+            let received = s.sum("dmp_segmenter_changes_received_total");
+            let acked = progress.acked.load(Ordering::Relaxed) as f64;
+            if stored >= acked && received >= emitted && (stored, received) == last {
+                still += 1;
+                if still >= 4 {
+                    return Some(());
+                }
+            } else {
+                still = 0;
+            }
+            last = (stored, received);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    None
+}
+
+/// Looks every user up once its newest event has been evaluated and compares with the truth.
+async fn check_users(base: &str, gen: &Generator, oracle: &Arc<Mutex<Oracle>>) -> Correctness {
     let users: Vec<(String, bool, Vec<&'static str>, Option<i64>)> = {
         let o = oracle.lock().expect("not poisoned");
         o.active()
@@ -548,12 +580,11 @@ async fn check_users(
                     _ => tokio::time::sleep(Duration::from_millis(500)).await,
                 }
             }
-            (uid, bot, expected, answer, Instant::now())
+            (uid, bot, expected, answer)
         });
     }
     let mut c = Correctness::default();
-    let mut last_fresh = traffic_end;
-    while let Some(Ok((uid, bot, expected, answer, at))) = tasks.join_next().await {
+    while let Some(Ok((uid, bot, expected, answer))) = tasks.join_next().await {
         c.users += 1;
         c.bots += bot as u64;
         let Some((v, fresh)) = answer else {
@@ -562,8 +593,6 @@ async fn check_users(
         };
         if !fresh {
             c.not_evaluated += 1;
-        } else if !bot {
-            last_fresh = last_fresh.max(at);
         }
         let got: Vec<String> = v["segments"]
             .as_array()
@@ -589,7 +618,6 @@ async fn check_users(
             }
         }
     }
-    c.drain_seconds = last_fresh.duration_since(traffic_end).as_secs_f64();
     c
 }
 
