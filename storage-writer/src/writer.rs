@@ -399,7 +399,7 @@ fn dead_letter(r: &Record, reason: &str, error: &str) -> ProduceRecord {
 /// A batch's write time: the clock, but always after the previous batch's. The segmenter's
 /// dedupe skips a change whose write time an earlier read already saw; two batches stamped in the
 /// same millisecond would make it skip the second batch's change although its read saw only the
-/// first (the loadtest's ground truth caught 7 users of 176K missing a segment that way).
+/// first.
 pub fn next_write_time(last: &mut i64, now: i64) -> i64 {
     let t = now.max(last.saturating_add(1));
     *last = t;
