@@ -66,16 +66,28 @@ fn check_main_phase(p: &run::Phase, users: usize) {
 async fn given_ci_scenario_when_run_then_every_user_matches_the_ground_truth() {
     let s = scenario("ci.toml");
     let report = run_and_report(&s).await;
-    assert_eq!(report.phases.len(), 2, "with dedupe on, then off");
-    let (on, off) = (&report.phases[0], &report.phases[1]);
+    assert_eq!(report.phases.len(), 3, "both on, blacklist off, both off");
+    let (on, no_bl, off) = (&report.phases[0], &report.phases[1], &report.phases[2]);
     check_main_phase(on, s.users);
     let shares = on.share_evaluated + on.share_duplicate + on.share_bot;
     assert!((shares - 1.0).abs() < 0.05, "shares add up: {shares}");
     assert!(on.share_bot > 0.0, "bots were caught by the blacklist");
-    assert_eq!(off.share_bot, 0.0, "no blacklist in the second phase");
-    assert_eq!(off.share_duplicate, 0.0, "no dedupe in the second phase");
-    assert_eq!(off.correctness.as_ref().unwrap().wrong_total, 0);
-    assert!(report.dedupe_saving.as_ref().unwrap()["total"] > 0.0);
+    assert_eq!(no_bl.share_bot, 0.0, "no blacklist in the second phase");
+    assert!(
+        no_bl.share_duplicate > 0.0,
+        "dedupe still on in the second phase"
+    );
+    assert_eq!(off.share_bot, 0.0, "no blacklist in the third phase");
+    assert_eq!(off.share_duplicate, 0.0, "no dedupe in the third phase");
+    for p in [no_bl, off] {
+        assert_eq!(
+            p.correctness.as_ref().unwrap().wrong_total,
+            0,
+            "{}",
+            p.label
+        );
+    }
+    assert!(report.dedupe_saving.as_ref().unwrap()["total: both off / both on"] > 0.0);
     let l = on.lookups.as_ref().unwrap();
     assert_eq!(l.errors, 0);
     assert!(l.latency_ms.count > 0);

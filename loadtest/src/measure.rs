@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use std::sync::Mutex;
 
@@ -323,13 +323,19 @@ pub struct LookupFigures {
     /// Requests per second answered.
     pub achieved_rate: f64,
     /// Latency from each request's scheduled time to its answer, ms (coordinated omission
-    /// corrected: a late start counts).
+    /// corrected: a late start counts, including the client timer's 1 ms granularity).
     pub latency_ms: Percentiles,
+    /// From sending each request to its answer, ms (the server's time plus loopback and the
+    /// client's own work).
+    pub service_ms: Percentiles,
     /// Answers other than 200.
     pub errors: u64,
 }
 
-/// Looks up random users of `uids` at `rate` per second for `seconds`, open loop.
+/// Looks up random users of `uids` at `rate` per second for `seconds`, open loop: request `k` is
+/// due at `k / rate`; `connections` workers each take every `connections`-th request, wait until
+/// it is due and send it, so a slow answer delays the worker's next request and that delay counts
+/// in the next request's latency (measured from when it was due).
 pub async fn lookups(
     base: &str,
     uids: Arc<Vec<String>>,
@@ -342,44 +348,59 @@ pub async fn lookups(
         .pool_max_idle_per_host(connections)
         .build()
         .expect("an HTTP client");
-    let hist = Arc::new(Mutex::new(
-        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
-    ));
-    let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let sem = Arc::new(tokio::sync::Semaphore::new(connections));
-    let start = Instant::now();
+    let start = tokio::time::Instant::now() + Duration::from_millis(50);
     let total = (rate * seconds as f64) as u64;
-    let mut rng = crate::generator::Rng::new(seed);
-    let mut tasks = tokio::task::JoinSet::new();
-    for k in 0..total {
-        let due = start + Duration::from_secs_f64(k as f64 / rate);
-        tokio::time::sleep_until(due.into()).await;
-        let permit = sem.clone().acquire_owned().await.expect("open semaphore");
-        let uid = uids[rng.below(uids.len() as u64) as usize].clone();
-        let (http, hist, errors, done) = (http.clone(), hist.clone(), errors.clone(), done.clone());
-        let url = format!("{base}/v1/users/{uid}/segments");
-        tasks.spawn(async move {
-            let ok = matches!(http.get(&url).send().await, Ok(r) if r.status().is_success());
-            let us = due.elapsed().as_micros() as u64;
-            drop(permit);
-            if ok {
-                let _ = hist.lock().expect("not poisoned").record(us.max(1));
-                done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            } else {
-                errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut workers = tokio::task::JoinSet::new();
+    for w in 0..connections as u64 {
+        let (http, uids, base) = (http.clone(), uids.clone(), base.to_string());
+        workers.spawn(async move {
+            let mut hist =
+                Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+            let mut service =
+                Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+            let mut errors = 0u64;
+            let mut rng = crate::generator::Rng::new(seed ^ (w + 1).wrapping_mul(0x9e37_79b9));
+            let mut url = String::with_capacity(base.len() + 64);
+            let mut k = w;
+            while k < total {
+                let due = start + Duration::from_secs_f64(k as f64 / rate);
+                tokio::time::sleep_until(due).await;
+                url.clear();
+                url.push_str(&base);
+                url.push_str("/v1/users/");
+                url.push_str(&uids[rng.below(uids.len() as u64) as usize]);
+                url.push_str("/segments");
+                let sent = tokio::time::Instant::now();
+                let ok = match http.get(&url).send().await {
+                    Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
+                    Err(_) => false,
+                };
+                if ok {
+                    let _ = hist.record((due.elapsed().as_micros() as u64).max(1));
+                    let _ = service.record((sent.elapsed().as_micros() as u64).max(1));
+                } else {
+                    errors += 1;
+                }
+                k += connections as u64;
             }
+            (hist, service, errors)
         });
-        while tasks.try_join_next().is_some() {}
     }
-    while tasks.join_next().await.is_some() {}
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+    let mut service = hist.clone();
+    let mut errors = 0;
+    while let Some(Ok((h, sv, e))) = workers.join_next().await {
+        let _ = hist.add(&h);
+        let _ = service.add(&sv);
+        errors += e;
+    }
     let elapsed = start.elapsed().as_secs_f64();
-    let h = hist.lock().expect("not poisoned");
     LookupFigures {
         target_rate: rate,
-        achieved_rate: done.load(std::sync::atomic::Ordering::Relaxed) as f64 / elapsed,
-        latency_ms: Percentiles::of(&h, 0.001),
-        errors: errors.load(std::sync::atomic::Ordering::Relaxed),
+        achieved_rate: hist.len() as f64 / elapsed,
+        latency_ms: Percentiles::of(&hist, 0.001),
+        service_ms: Percentiles::of(&service, 0.001),
+        errors,
     }
 }
 

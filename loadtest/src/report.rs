@@ -246,27 +246,33 @@ fn shares_chart(p: &Phase, path: &Path) -> Res {
 
 fn audience_chart(p: &Phase, path: &Path) -> Res {
     let n = p.audience.len();
-    let ymax = p
+    // Everything relative to the truth, in percent: the interval as a bar, the estimate on it.
+    let rel = |x: u64, truth: u64| (x as f64 - truth as f64) / (truth.max(1) as f64) * 100.0;
+    let span = p
         .audience
         .iter()
-        .map(|a| a.high.max(a.truth) as f64)
+        .flat_map(|a| [rel(a.low, a.truth).abs(), rel(a.high, a.truth).abs()])
         .fold(1.0, f64::max)
-        * 1.15;
+        * 1.2;
     let root = BitMapBackend::new(path, (1000, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
-    let labels: Vec<String> = p.audience.iter().map(|a| a.expr.clone()).collect();
+    let labels: Vec<String> = p
+        .audience
+        .iter()
+        .map(|a| format!("{} ({})", a.expr, a.truth))
+        .collect();
     let mut chart = ChartBuilder::on(&root)
         .caption(
             format!(
-                "{}: audience estimates (bar: interval, dot: estimate) and truth (cross)",
+                "{}: audience estimates, % off the true size (bar: stated interval)",
                 p.label
             ),
             ("sans-serif", 20),
         )
         .margin(12)
         .x_label_area_size(40)
-        .y_label_area_size(80)
-        .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), 0f64..ymax)
+        .y_label_area_size(70)
+        .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), -span..span)
         .map_err(err)?;
     chart
         .configure_mesh()
@@ -279,28 +285,27 @@ fn audience_chart(p: &Phase, path: &Path) -> Res {
                 String::new()
             }
         })
-        .y_desc("users")
+        .y_desc("% off the truth")
         .draw()
         .map_err(err)?;
     chart
+        .draw_series(LineSeries::new(
+            vec![(-0.5, 0.0), (n as f64 - 0.5, 0.0)],
+            RED.stroke_width(1),
+        ))
+        .map_err(err)?;
+    chart
         .draw_series(p.audience.iter().enumerate().map(|(i, a)| {
+            let color = if a.within { BLUE } else { RED };
             ErrorBar::new_vertical(
                 i as f64,
-                a.low as f64,
-                a.estimate as f64,
-                a.high as f64,
-                BLUE.stroke_width(2),
+                rel(a.low, a.truth),
+                rel(a.estimate, a.truth),
+                rel(a.high, a.truth),
+                color.stroke_width(2),
                 20,
             )
         }))
-        .map_err(err)?;
-    chart
-        .draw_series(
-            p.audience
-                .iter()
-                .enumerate()
-                .map(|(i, a)| Cross::new((i as f64, a.truth as f64), 8, RED.stroke_width(2))),
-        )
         .map_err(err)?;
     root.present().map_err(err)?;
     Ok(())
@@ -385,13 +390,16 @@ pub fn summary(r: &Report) -> String {
         }
         if let Some(l) = &p.lookups {
             s.push_str(&format!(
-                "\n{}: lookups {:.0} req/s asked, {:.0} answered; p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms; {} errors.\n",
+                "\n{}: lookups {:.0} req/s asked, {:.0} answered; from the scheduled time p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms; from sending p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms; {} errors.\n",
                 p.label,
                 l.target_rate,
                 l.achieved_rate,
                 l.latency_ms.p50,
                 l.latency_ms.p99,
                 l.latency_ms.p999,
+                l.service_ms.p50,
+                l.service_ms.p99,
+                l.service_ms.p999,
                 l.errors
             ));
         }
@@ -412,11 +420,11 @@ pub fn summary(r: &Report) -> String {
         }
     }
     if let Some(saving) = &r.dedupe_saving {
-        s.push_str(&format!(
-            "\nDedupe + blacklist off / on, CPU per event: total {:.2}x, segmenter {:.2}x.\n",
-            saving.get("total").copied().unwrap_or(0.0),
-            saving.get("segmenter").copied().unwrap_or(0.0)
-        ));
+        s.push_str("\nCPU per event, without / with:");
+        for (k, v) in saving {
+            s.push_str(&format!(" {k} {v:.2}x;"));
+        }
+        s.push('\n');
     }
     s
 }
