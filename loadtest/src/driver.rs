@@ -168,7 +168,7 @@ fn client() -> reqwest::Client {
 
 impl Drive<'_> {
     /// Drives traffic at `rate` events/s (times the daily curve when on) for `seconds`.
-    pub async fn run(self, rate: f64, seconds: u64) -> Driven {
+    pub async fn run(&mut self, rate: f64, seconds: u64) -> Driven {
         let tick = Duration::from_millis(self.driver.tick_ms);
         let sem = Arc::new(tokio::sync::Semaphore::new(self.driver.connections));
         let hist = Arc::new(Mutex::new(

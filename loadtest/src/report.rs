@@ -75,38 +75,51 @@ fn rates(p: &Phase, f: impl Fn(&crate::measure::Sample) -> f64) -> Vec<(f64, f64
         .collect()
 }
 
-fn throughput_chart(p: &Phase, path: &Path) -> Res {
-    let series = [
-        ("offered", rates(p, |s| s.offered as f64), BLUE),
-        ("acknowledged", rates(p, |s| s.acked as f64), GREEN),
-        ("stored", rates(p, |s| s.stored), RED),
-        ("changes", rates(p, |s| s.changes), MAGENTA),
-    ];
+/// A named line of (seconds, value) points in a colour.
+type Series = (&'static str, Vec<(f64, f64)>, RGBColor);
+
+/// Lines over the run's seconds, with a legend. With `log`, values are drawn on a log10 axis
+/// (labelled in the values themselves).
+fn line_chart(
+    p: &Phase,
+    path: &Path,
+    title: &str,
+    y_desc: &str,
+    series: Vec<Series>,
+    log: bool,
+) -> Res {
     let xmax = p.samples.last().map_or(1.0, |s| s.t).max(1.0);
+    let y = |v: f64| if log { v.max(1.0).log10() } else { v };
     let ymax = series
         .iter()
-        .flat_map(|(_, v, _)| v.iter().map(|x| x.1))
+        .flat_map(|(_, v, _)| v.iter().map(|x| y(x.1)))
         .fold(1.0, f64::max)
-        * 1.1;
+        * if log { 1.15 } else { 1.1 };
     let root = BitMapBackend::new(path, (1000, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let mut chart = ChartBuilder::on(&root)
-        .caption(
-            format!("{}: events per second", p.label),
-            ("sans-serif", 22),
-        )
+        .caption(format!("{}: {title}", p.label), ("sans-serif", 22))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(80)
         .build_cartesian_2d(0f64..xmax, 0f64..ymax)
         .map_err(err)?;
+    let label = |v: &f64| {
+        if log {
+            format!("{:.0}", 10f64.powf(*v))
+        } else {
+            format!("{v:.0}")
+        }
+    };
     chart
         .configure_mesh()
         .x_desc("seconds since the traffic started")
-        .y_desc("per second")
+        .y_desc(y_desc)
+        .y_label_formatter(&label)
         .draw()
         .map_err(err)?;
     for (name, points, color) in series {
+        let points: Vec<(f64, f64)> = points.into_iter().map(|(t, v)| (t, y(v))).collect();
         chart
             .draw_series(LineSeries::new(points, color.stroke_width(2)))
             .map_err(err)?
@@ -123,6 +136,16 @@ fn throughput_chart(p: &Phase, path: &Path) -> Res {
     Ok(())
 }
 
+fn throughput_chart(p: &Phase, path: &Path) -> Res {
+    let series = vec![
+        ("offered", rates(p, |s| s.offered as f64), BLUE),
+        ("acknowledged", rates(p, |s| s.acked as f64), GREEN),
+        ("stored", rates(p, |s| s.stored), RED),
+        ("changes", rates(p, |s| s.changes), MAGENTA),
+    ];
+    line_chart(p, path, "events per second", "per second", series, false)
+}
+
 fn latency_chart(p: &Phase, path: &Path) -> Res {
     // p50 and p99 per second of publication.
     let mut by_sec: std::collections::BTreeMap<u64, Vec<u64>> = Default::default();
@@ -136,47 +159,17 @@ fn latency_chart(p: &Phase, path: &Path) -> Res {
     for (s, mut v) in by_sec {
         v.sort_unstable();
         let q = |q: f64| v[((v.len() - 1) as f64 * q) as usize] as f64;
-        p50.push((s as f64, q(0.5).max(1.0)));
-        p99.push((s as f64, q(0.99).max(1.0)));
+        p50.push((s as f64, q(0.5)));
+        p99.push((s as f64, q(0.99)));
     }
-    let xmax = p.samples.last().map_or(1.0, |s| s.t).max(1.0);
-    let ymax = p99.iter().map(|x| x.1).fold(10.0, f64::max) * 2.0;
-    let root = BitMapBackend::new(path, (1000, 500)).into_drawing_area();
-    root.fill(&WHITE).map_err(err)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            format!(
-                "{}: event → segment record latency (ms, log scale)",
-                p.label
-            ),
-            ("sans-serif", 22),
-        )
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(80)
-        .build_cartesian_2d(0f64..xmax, (1f64..ymax).log_scale())
-        .map_err(err)?;
-    chart
-        .configure_mesh()
-        .x_desc("seconds since the traffic started")
-        .y_desc("ms")
-        .draw()
-        .map_err(err)?;
-    for (name, points, color) in [("p50", p50, BLUE), ("p99", p99, RED)] {
-        chart
-            .draw_series(LineSeries::new(points, color.stroke_width(2)))
-            .map_err(err)?
-            .label(name)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(err)?;
-    root.present().map_err(err)?;
-    Ok(())
+    line_chart(
+        p,
+        path,
+        "event → segment record latency (log scale)",
+        "ms",
+        vec![("p50", p50, BLUE), ("p99", p99, RED)],
+        true,
+    )
 }
 
 fn shares_chart(p: &Phase, path: &Path) -> Res {

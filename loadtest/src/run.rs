@@ -324,19 +324,21 @@ async fn phase(
         }
     };
     let traffic_start = Instant::now();
+    // The drives of this run share its generator and ground truth.
+    let mut drive = Drive {
+        target: target.clone(),
+        gen: &mut gen,
+        oracle: oracle.clone(),
+        dumps: dumps.clone(),
+        progress: progress.clone(),
+        traffic: &scenario.traffic,
+        driver: &scenario.driver,
+    };
     match scenario.traffic.mode {
         Mode::Open => {
-            phase.driven = Drive {
-                target: target.clone(),
-                gen: &mut gen,
-                oracle: oracle.clone(),
-                dumps: dumps.clone(),
-                progress: progress.clone(),
-                traffic: &scenario.traffic,
-                driver: &scenario.driver,
-            }
-            .run(scenario.traffic.rate, scenario.traffic.seconds)
-            .await;
+            phase.driven = drive
+                .run(scenario.traffic.rate, scenario.traffic.seconds)
+                .await;
         }
         Mode::FindMax => {
             let mut rate = scenario.traffic.rate;
@@ -344,17 +346,7 @@ async fn phase(
                 let before = measure::scrape(&http, &dmp.url).await?;
                 let lat_before = latencies.lock().expect("not poisoned").series.len();
                 let t0 = Instant::now();
-                let d = Drive {
-                    target: target.clone(),
-                    gen: &mut gen,
-                    oracle: oracle.clone(),
-                    dumps: dumps.clone(),
-                    progress: progress.clone(),
-                    traffic: &scenario.traffic,
-                    driver: &scenario.driver,
-                }
-                .run(rate, scenario.traffic.seconds)
-                .await;
+                let d = drive.run(rate, scenario.traffic.seconds).await;
                 let after = measure::scrape(&http, &dmp.url).await?;
                 let secs = t0.elapsed().as_secs_f64();
                 let stored = after.sum("dmp_storage_writer_events_total")
