@@ -109,14 +109,7 @@ async fn given_counted_segments_when_planner_asks_then_estimates_with_intervals(
     assert_eq!(r.status(), 400);
     assert!(r.text().await.unwrap().contains("from"));
     // Daily sizes.
-    let v: serde_json::Value = http
-        .get(format!("{url}/v1/segments"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: serde_json::Value = common::get_json(&http, format!("{url}/v1/segments")).await;
     let ids: Vec<&str> = v["segments"]
         .as_array()
         .unwrap()

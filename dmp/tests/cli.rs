@@ -18,14 +18,7 @@ async fn given_empty_data_dir_when_dmp_runs_then_api_answers_and_sigterm_stops_i
     let ready = http.get(format!("{url}/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 200, "{:?}", ready.text().await);
     eprintln!("dmp run: cold start to ready in {:?}", started.elapsed());
-    let topics: serde_json::Value = http
-        .get(format!("{url}/v1/topics"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let topics: serde_json::Value = common::get_json(&http, format!("{url}/v1/topics")).await;
     let names: Vec<&str> = topics
         .as_array()
         .unwrap()

@@ -33,14 +33,7 @@ async fn given_demo_flag_when_dmp_runs_then_segments_fill_within_seconds() {
     let http = reqwest::Client::new();
     let started = Instant::now();
     let filled = loop {
-        let v: serde_json::Value = http
-            .get(format!("{url}/v1/segments"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: serde_json::Value = common::get_json(&http, format!("{url}/v1/segments")).await;
         let with_users: Vec<String> = v["segments"]
             .as_array()
             .unwrap()
@@ -64,16 +57,11 @@ async fn given_demo_flag_when_dmp_runs_then_segments_fill_within_seconds() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     eprintln!("demo: all demo segments have users {filled:?} after start");
-    let v: serde_json::Value = http
-        .get(format!(
-            "{url}/v1/audience?expr=cat_lovers%20and%20not%20news_readers"
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: serde_json::Value = common::get_json(
+        &http,
+        format!("{url}/v1/audience?expr=cat_lovers%20and%20not%20news_readers"),
+    )
+    .await;
     assert!(v["estimate"].as_u64().unwrap() > 0, "{v}");
     assert!(sigterm(&mut child).success());
 }

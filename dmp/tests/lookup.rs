@@ -61,14 +61,8 @@ async fn given_posted_events_when_looked_up_with_min_event_ts_then_segments_with
     eprintln!("post -> segments through the lookup API in {seen:?}");
 
     // Explanations: the events that made each segment match.
-    let v: serde_json::Value = http
-        .get(format!("{url}/v1/users/anna/segments?explain=1"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: serde_json::Value =
+        common::get_json(&http, format!("{url}/v1/users/anna/segments?explain=1")).await;
     let mortgage = v["explain"]["mortgage"].as_array().unwrap();
     assert_eq!(mortgage.len(), 2, "{v}");
     assert_eq!(mortgage[0]["cells"]["q"], "best mortgage", "{v}");
@@ -99,17 +93,14 @@ async fn given_posted_events_when_looked_up_with_min_event_ts_then_segments_with
     }
     // Waiting for data that never comes is bounded and says it is not fresh.
     let waited = Instant::now();
-    let v: serde_json::Value = http
-        .get(format!(
+    let v: serde_json::Value = common::get_json(
+        &http,
+        format!(
             "{url}/v1/users/anna/segments?min_event_ts={}&wait_ms=300",
             ts + 60_000
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        ),
+    )
+    .await;
     assert_eq!(v["fresh"], false);
     assert!(waited.elapsed() >= Duration::from_millis(300));
     assert!(waited.elapsed() < Duration::from_secs(3));
@@ -220,16 +211,11 @@ async fn given_user_deleted_when_late_events_arrive_then_row_stays_gone_and_part
         &serde_json::json!([{"uid": "anna", "ts": ts, "url": "https://cats.example/"}]),
     )
     .await;
-    let v: serde_json::Value = http
-        .get(format!(
-            "{url}/v1/users/anna/segments?min_event_ts={ts}&wait_ms=5000"
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: serde_json::Value = common::get_json(
+        &http,
+        format!("{url}/v1/users/anna/segments?min_event_ts={ts}&wait_ms=5000"),
+    )
+    .await;
     assert_eq!(v["segments"][0]["id"], "cats", "{v}");
 
     let r = http

@@ -64,14 +64,8 @@ async fn given_counted_segments_when_page_opened_in_chromium_then_numbers_and_ch
     post_events(&url, &events).await;
     let started = Instant::now();
     loop {
-        let v: serde_json::Value = http
-            .get(format!("{url}/v1/audience?expr=all"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: serde_json::Value =
+            common::get_json(&http, format!("{url}/v1/audience?expr=all")).await;
         if v["estimate"].as_u64() == Some(600) {
             break;
         }

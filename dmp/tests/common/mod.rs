@@ -72,6 +72,11 @@ pub fn start_with_rules(dir: &std::path::Path, rules: &str) -> (Running, String)
     )
 }
 
+/// `GET url` answered with JSON (any status), parsed.
+pub async fn get_json(http: &reqwest::Client, url: impl reqwest::IntoUrl) -> serde_json::Value {
+    http.get(url).send().await.unwrap().json().await.unwrap()
+}
+
 /// Posts `events` to `POST /v1/events` and expects 202.
 pub async fn post_events(url: &str, events: &(impl serde::Serialize + ?Sized)) {
     let r = reqwest::Client::new()
