@@ -48,22 +48,13 @@ pub async fn serve(cfg: &Config, bus: Option<Arc<dyn Bus>>) -> Served {
         spill,
         cfg.api.clone(),
     ));
-    let state = dmp_api::AppState {
-        bus: bus.clone(),
-        store: store.clone(),
-        prometheus: dmp_core::telemetry::init_metrics(),
+    let state = dmp_api::AppState::new(
+        bus.clone(),
+        store.clone(),
+        dmp_core::telemetry::init_metrics(),
         ingest,
-        counters: None,
-        rules: None,
-        auth: std::sync::Arc::new(dmp_api::auth::Auth::open()),
-        segments_topic: "dmp.segments".into(),
-        segments_current_topic: "dmp.segments.current".into(),
-        stopping: tokio::sync::watch::channel(false).1,
-        progress: None,
-        suppressions: None,
-        deleted_suppress_ms: 86_400_000,
-        suppression_settle: std::time::Duration::from_secs(3),
-    };
+        cfg,
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (stop, rx) = watch::channel(false);

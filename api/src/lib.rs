@@ -74,6 +74,39 @@ pub struct AppState {
     pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
+impl AppState {
+    /// The state of an API with ingest and the store's lookups: open to every caller, no
+    /// counters, rules or consuming roles in the process; topics and deletion settings from
+    /// `cfg`. A process with more sets those fields over this one.
+    pub fn new(
+        bus: Arc<dyn Bus>,
+        store: Arc<dyn UserStore>,
+        prometheus: PrometheusHandle,
+        ingest: Arc<ingest::Ingest>,
+        cfg: &dmp_core::Config,
+    ) -> AppState {
+        AppState {
+            bus,
+            store,
+            prometheus,
+            ingest,
+            counters: None,
+            rules: None,
+            auth: Arc::new(auth::Auth::open()),
+            segments_topic: cfg.topics.segments.clone(),
+            segments_current_topic: cfg.topics.segments_current.clone(),
+            progress: None,
+            suppressions: None,
+            deleted_suppress_ms: (cfg.api.deleted_user_suppress_secs as i64).saturating_mul(1000),
+            // Writers in other processes reload suppressions every `suppression_reload_ms`.
+            suppression_settle: Duration::from_millis(
+                cfg.storage_writer.suppression_reload_ms * 2 + 1000,
+            ),
+            stopping: tokio::sync::watch::channel(false).1,
+        }
+    }
+}
+
 /// The router with every endpoint.
 pub fn router(state: AppState) -> Router {
     use auth::Role;

@@ -152,27 +152,24 @@ pub async fn run_with(
             .with_context(|| format!("cannot listen on {listen}"))?;
         let addr = listener.local_addr()?;
         let state = dmp_api::AppState {
-            bus: backends.bus.clone(),
-            store: backends.store.clone(),
-            prometheus,
-            ingest,
             counters: counters.clone(),
             rules: Some(rules_fn(&cfg)?),
             auth: Arc::new(dmp_api::auth::Auth::from_api_config(&cfg.api)),
-            segments_topic: cfg.topics.segments.clone(),
-            segments_current_topic: cfg.topics.segments_current.clone(),
             stopping: stop_rx.clone(),
             suppressions: roles.storage_writer.then(|| suppressions.clone()),
-            deleted_suppress_ms: (cfg.api.deleted_user_suppress_secs as i64).saturating_mul(1000),
-            suppression_settle: Duration::from_millis(
-                cfg.storage_writer.suppression_reload_ms * 2 + 1000,
-            ),
             progress: (roles.storage_writer || roles.segmenter).then(|| {
                 (
                     progress.clone(),
                     Duration::from_secs(cfg.api.ready_stuck_secs),
                 )
             }),
+            ..dmp_api::AppState::new(
+                backends.bus.clone(),
+                backends.store.clone(),
+                prometheus,
+                ingest,
+                &cfg,
+            )
         };
         let mut rx = stop_rx.clone();
         server = Some(tokio::spawn(async move {
