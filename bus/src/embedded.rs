@@ -495,6 +495,27 @@ impl EmbeddedBus {
         Ok(delivered)
     }
 
+    /// The key of the chunk holding `offset`: the last one whose base offset is at or before it
+    /// (the key `offset` would have when there is none).
+    fn chunk_holding(
+        &self,
+        snap: &fjall::Snapshot,
+        tid: u32,
+        p: u32,
+        offset: u64,
+    ) -> Result<Vec<u8>> {
+        match snap
+            .range(
+                &self.inner.log,
+                log_key(tid, p, 0)..=log_key(tid, p, offset),
+            )
+            .next_back()
+        {
+            Some(kv) => Ok(kv.key()?.to_vec()),
+            None => Ok(log_key(tid, p, offset).to_vec()),
+        }
+    }
+
     /// Reads up to `max` records of one partition from `from`; returns the next position.
     fn read(&self, t: &Topic, p: u32, from: u64, max: usize, out: &mut Vec<Record>) -> Result<u64> {
         let high = t.high[p as usize].load(Ordering::Acquire);
@@ -505,17 +526,7 @@ impl EmbeddedBus {
         }
         // One snapshot for the whole read: a compaction replaces chunks while we read.
         let snap = self.inner.db.db().snapshot();
-        // The chunk holding `from` is the last one whose base offset is <= from.
-        let start = match snap
-            .range(
-                &self.inner.log,
-                log_key(t.id, p, 0)..=log_key(t.id, p, from),
-            )
-            .next_back()
-        {
-            Some(kv) => kv.key()?.to_vec(),
-            None => log_key(t.id, p, from).to_vec(),
-        };
+        let start = self.chunk_holding(&snap, t.id, p, from)?;
         let mut pos = from;
         let mut taken = 0usize;
         // One allocation for the whole poll: growing record by record reallocates (and copies)
@@ -700,12 +711,7 @@ impl EmbeddedBus {
         // of at most MAX_DIRTY records, so the map's memory is bounded.
         let mut newest: HashMap<Vec<u8>, u64> = HashMap::new();
         let mut end = cleaned;
-        let first = snap
-            .range(&inner.log, log_key(t.id, p, 0)..=log_key(t.id, p, cleaned))
-            .next_back()
-            .map(|kv| kv.key().map(|k| k.to_vec()))
-            .transpose()?
-            .unwrap_or_else(|| log_key(t.id, p, cleaned).to_vec());
+        let first = self.chunk_holding(&snap, t.id, p, cleaned)?;
         for kv in snap.range(&inner.log, first..log_key(t.id, p, high).to_vec()) {
             let (k, v) = kv.into_inner()?;
             let base = be_u64(&k[8..])?;
@@ -749,7 +755,7 @@ impl EmbeddedBus {
         };
         let write = |old_keys: &mut Vec<Vec<u8>>,
                      new_chunks: &mut BTreeMap<Vec<u8>, Vec<u8>>|
-         -> Result<OwnedWriteBatch> {
+         -> OwnedWriteBatch {
             let mut batch = inner.db.db().batch();
             for k in old_keys.drain(..) {
                 if !new_chunks.contains_key(&k) {
@@ -759,7 +765,7 @@ impl EmbeddedBus {
             for (k, v) in std::mem::take(new_chunks) {
                 batch.insert(&inner.log, k, v);
             }
-            Ok(batch)
+            batch
         };
         for kv in snap.range(&inner.log, log_key(t.id, p, 0)..log_key(t.id, p, end)) {
             let (k, v) = kv.into_inner()?;
@@ -782,7 +788,7 @@ impl EmbeddedBus {
             if old_keys.len() >= 256 {
                 let all = pending.len();
                 regroup(&mut pending, all, &mut new_chunks);
-                write(&mut old_keys, &mut new_chunks)?.commit()?;
+                write(&mut old_keys, &mut new_chunks).commit()?;
             } else if pending.len() >= CHUNK_RECORDS {
                 let full = pending.len() - pending.len() % CHUNK_RECORDS;
                 regroup(&mut pending, full, &mut new_chunks);
@@ -790,7 +796,7 @@ impl EmbeddedBus {
         }
         let all = pending.len();
         regroup(&mut pending, all, &mut new_chunks);
-        let mut batch = write(&mut old_keys, &mut new_chunks)?;
+        let mut batch = write(&mut old_keys, &mut new_chunks);
         let mut c = end.to_be_bytes().to_vec();
         c.extend_from_slice(&kept.to_be_bytes());
         c.extend_from_slice(&tombstones.to_be_bytes());
