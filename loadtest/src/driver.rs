@@ -94,7 +94,8 @@ struct Batch {
     events: Vec<Event>,
     /// The uid of each event.
     uids: Vec<String>,
-    body: Vec<u8>,
+    /// NDJSON; shared, not copied, by each attempt to send it.
+    body: bytes::Bytes,
     due_ms: i64,
     dump: bool,
 }
@@ -345,6 +346,7 @@ impl Drive<'_> {
             self.gen.write_ndjson(e, &mut body);
         }
         let users = self.gen.users();
+        let body = bytes::Bytes::from(body);
         Batch {
             due_ms: events.iter().map(|e| e.ts).min().unwrap_or(0),
             uids: events

@@ -210,14 +210,17 @@ pub fn role_of(thread: &str) -> &'static str {
     }
 }
 
-/// Clock ticks per second of `/proc/*/stat` times.
+/// Clock ticks per second of `/proc/*/stat` times (asked of `getconf` once).
 fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }
 
 /// CPU seconds used so far by each role of process `pid`, summed over its threads (threads that

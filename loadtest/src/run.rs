@@ -102,6 +102,8 @@ pub struct Phase {
     pub latency_series: Vec<(f64, u64)>,
     /// Segment records read from the partner stream.
     pub segment_records: u64,
+    /// Of which left out of the latency figures: a partner dump may have caused them.
+    pub segment_records_after_dumps: u64,
     /// Time waited in each topic (p50, p99 seconds) from dmp's histograms, after the warmup.
     pub topic_wait_s: BTreeMap<String, (f64, f64)>,
     /// Changes received, and the shares evaluated / skipped as duplicates / skipped as bots.
@@ -516,6 +518,7 @@ async fn phase(
         phase.event_to_segment_ms = Percentiles::of(&l.all, 1.0);
         phase.latency_series = l.series.clone();
         phase.segment_records = l.records;
+        phase.segment_records_after_dumps = l.skipped_dump;
     }
     phase.graceful_stop = dmp.stop(Duration::from_secs(60))?;
     // The data directory of a big run is gigabytes; the report and dmp.log stay.
