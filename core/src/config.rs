@@ -330,6 +330,8 @@ pub struct StatsConfig {
     pub response_timeout_ms: u64,
     /// How long `flush` waits for queued updates to be written, ms.
     pub flush_timeout_ms: u64,
+    /// Embedded counters: `lg k` of the theta sketches kept beside the HyperLogLogs (0: none).
+    pub theta_lg_k: u8,
 }
 
 /// `[storage_writer]`.
@@ -769,6 +771,12 @@ impl Config {
             4_000,
         )?;
         range("stats.flush_timeout_ms", st.flush_timeout_ms, 10, 600_000)?;
+        if st.theta_lg_k != 0 && !(8..=20).contains(&st.theta_lg_k) {
+            return Err(ConfigError::key(
+                "stats.theta_lg_k",
+                format!("{} is not 0 (no theta sketches) or 8..=20", st.theta_lg_k),
+            ));
+        }
         if !matches!(self.telemetry.log_format.as_str(), "text" | "json") {
             return Err(ConfigError::key(
                 "telemetry.log_format",

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{dmp, post_events, sigterm, start_with_rules};
+use common::{dmp, post_events, sigterm, start};
 
 const RULES: &str = r#"
 version = "audience-1"
@@ -20,10 +20,48 @@ id = "dogs"
 when = '''any(url.host == "dogs.example")'''
 "#;
 
+/// With theta sketches (the default): fewer users than a sketch holds, so every answer is an
+/// exact count.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn given_counted_segments_when_planner_asks_then_estimates_with_intervals() {
+async fn given_counted_segments_when_planner_asks_then_exact_counts() {
+    planner_asks(
+        &[],
+        [
+            ("cats", 300u64, "exact"),
+            ("cats or dogs", 400, "exact"),
+            ("cats and dogs", 100, "exact"),
+            ("cats and not dogs", 200, "exact"),
+            ("not (cats or dogs)", 400, "exact"),
+            ("(cats and dogs) or not cats", 600, "exact"),
+        ],
+    )
+    .await;
+}
+
+/// Without theta sketches (`stats.theta_lg_k = 0`): the HyperLogLog estimators.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_hll_only_counters_when_planner_asks_then_estimates_with_intervals() {
+    planner_asks(
+        &[("DMP__STATS__THETA_LG_K", "0")],
+        [
+            ("cats", 300u64, "union"),
+            ("cats or dogs", 400, "union"),
+            ("cats and dogs", 100, "joint-mle"),
+            ("cats and not dogs", 200, "joint-mle"),
+            ("not (cats or dogs)", 400, "joint-mle"),
+            ("(cats and dogs) or not cats", 600, "inclusion-exclusion"),
+        ],
+    )
+    .await;
+}
+
+async fn planner_asks(env: &[(&str, &str)], answers: [(&'static str, u64, &str); 6]) {
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, url) = start_with_rules(dir.path(), RULES);
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(&rules, RULES).unwrap();
+    let mut vars = vec![("DMP__SEGMENTER__RULES", rules.to_str().unwrap())];
+    vars.extend_from_slice(env);
+    let (mut child, url) = start(&dir.path().join("data"), &vars);
     // 300 cat people, 200 dog people, 100 of them both, 400 neither: 800 users.
     let now = dmp_core::clock::now_ms();
     let mut events = Vec::new();
@@ -77,14 +115,7 @@ async fn given_counted_segments_when_planner_asks_then_estimates_with_intervals(
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    for (expr, truth, method) in [
-        ("cats", 300u64, "union"),
-        ("cats or dogs", 400, "union"),
-        ("cats and dogs", 100, "joint-mle"),
-        ("cats and not dogs", 200, "joint-mle"),
-        ("not (cats or dogs)", 400, "joint-mle"),
-        ("(cats and dogs) or not cats", 600, "inclusion-exclusion"),
-    ] {
+    for (expr, truth, method) in answers {
         let (status, v) = audience(expr).await;
         assert_eq!(status, 200, "{expr}: {v}");
         let (low, high) = (v["low"].as_u64().unwrap(), v["high"].as_u64().unwrap());
@@ -93,6 +124,9 @@ async fn given_counted_segments_when_planner_asks_then_estimates_with_intervals(
             "{expr}: truth {truth} outside {v}"
         );
         assert_eq!(v["method"], method, "{expr}");
+        if method == "exact" {
+            assert_eq!(v["estimate"].as_u64(), Some(truth), "{expr}: {v}");
+        }
     }
     // Bad questions: position and reason.
     let (status, v) = audience("cats and (dogs").await;
@@ -129,7 +163,7 @@ async fn given_counted_segments_when_planner_asks_then_estimates_with_intervals(
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        text.contains("users (") && text.contains("joint-mle"),
+        text.contains("users (") && text.contains(answers[2].2),
         "{text}"
     );
     let out = dmp()

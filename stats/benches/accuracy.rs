@@ -8,7 +8,11 @@
 //! Knobs: `DMP_BENCH_MAX_N` (largest set size, default 10000000).
 
 use datasketches::theta::{ThetaIntersection, ThetaSketchBuilder};
+use dmp_stats::theta::{sample_hash, ThetaUpdate};
 use dmp_stats::Hll;
+
+/// The theta sketches kept beside the HLLs (the embedded backend's default).
+const LG_K: u8 = dmp_stats::theta::DEFAULT_LG_K;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -27,6 +31,7 @@ struct Trial {
     mle: f64,
     mle_se: f64,
     theta: f64,
+    ours: dmp_stats::theta::Answer,
 }
 
 /// A = [0, n), B = [n - i, 2n - i): |A| = |B| = n, |A ∩ B| = i.
@@ -34,17 +39,21 @@ fn trial(n: u64, i: u64, seed: u64) -> Trial {
     let (mut ha, mut hb) = (Hll::new(), Hll::new());
     let mut ta = ThetaSketchBuilder::default().lg_k(12).build().unwrap();
     let mut tb = ThetaSketchBuilder::default().lg_k(12).build().unwrap();
+    let (mut oa, mut ob) = (ThetaUpdate::new(LG_K), ThetaUpdate::new(LG_K));
     let base = seed << 40;
     for e in 0..2 * n - i {
         let v = mix(base + e);
-        let bytes = v.to_le_bytes();
+        let hash = dmp_stats::hll::hash_of(&v.to_le_bytes());
+        let sample = sample_hash(hash);
         if e < n {
-            ha.add(&bytes);
+            ha.add_hash(hash);
             ta.update(v);
+            oa.update(sample);
         }
         if e >= n - i {
-            hb.add(&bytes);
+            hb.add_hash(hash);
             tb.update(v);
+            ob.update(sample);
         }
     }
     let mut u = ha.clone();
@@ -58,6 +67,7 @@ fn trial(n: u64, i: u64, seed: u64) -> Trial {
     x.update(&ta).unwrap();
     x.update(&tb).unwrap();
     let theta = x.to_sketch(true).map_or(0.0, |s| s.estimate());
+    let ours = dmp_stats::theta::evaluate(&[&oa.compact(), &ob.compact()], None, |m| m == 3);
     Trial {
         truth: i as f64,
         ie,
@@ -65,6 +75,16 @@ fn trial(n: u64, i: u64, seed: u64) -> Trial {
         mle: j.both,
         mle_se: j.se[2],
         theta,
+        ours,
+    }
+}
+
+/// How many times smaller `ours` is ("exact" when it has no error).
+fn ratio(other: f64, ours: f64) -> String {
+    if ours == 0.0 {
+        "exact".into()
+    } else {
+        format!("{:.1}x", other / ours)
     }
 }
 
@@ -81,9 +101,10 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000_000);
-    println!("| n = \\|A\\| = \\|B\\| | Jaccard | intersection | trials | inclusion-exclusion | joint MLE (ours) | theta k=4096 | MLE vs IE | MLE covered | IE covered |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("| n = \\|A\\| = \\|B\\| | Jaccard | intersection | trials | inclusion-exclusion | joint MLE (HLL only) | ours: theta k=2^{LG_K} | DataSketches theta k=4096 | ours vs IE | ours vs DataSketches | ours covered | MLE covered | IE covered |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let (mut covered, mut total) = (0usize, 0usize);
+    let (mut mle_covered, mut mle_total) = (0usize, 0usize);
     let mut seed = 1;
     for n in [10_000u64, 100_000, 1_000_000, 10_000_000] {
         if n > max_n {
@@ -111,25 +132,38 @@ fn main() {
                     .count()
             };
             let mle_cov = cover(|t| (t.mle, t.mle_se));
+            let ours_cov = ts
+                .iter()
+                .filter(|t| t.ours.low <= t.truth && t.truth <= t.ours.high)
+                .count();
             let ie_cov = cover(|t| (t.ie, t.ie_se));
-            covered += mle_cov;
+            covered += ours_cov;
+            mle_covered += mle_cov;
+            mle_total += ts.len();
             total += ts.len();
-            let (ie, mle, th) = (
+            let (ie, mle, th, ours) = (
                 rel_rmse(&ts, |t| t.ie),
                 rel_rmse(&ts, |t| t.mle),
                 rel_rmse(&ts, |t| t.theta),
+                rel_rmse(&ts, |t| t.ours.estimate),
             );
             println!(
-                "| {n} | {jac} | {i} | {trials} | {:.1}% | {:.1}% | {:.1}% | {:.1}x | {mle_cov}/{trials} | {ie_cov}/{trials} |",
+                "| {n} | {jac} | {i} | {trials} | {:.1}% | {:.1}% | {:.1}% | {:.1}% | {} | {} | {ours_cov}/{trials} | {mle_cov}/{trials} | {ie_cov}/{trials} |",
                 ie * 100.0,
                 mle * 100.0,
+                ours * 100.0,
                 th * 100.0,
-                ie / mle
+                ratio(ie, ours),
+                ratio(th, ours),
             );
         }
     }
     println!(
-        "\njoint MLE intervals (two standard errors) covered the truth in {covered} of {total} trials ({:.1}%)",
+        "\nour intervals (score interval, two standard errors) covered the truth in {covered} of {total} trials ({:.1}%)",
         100.0 * covered as f64 / total as f64
+    );
+    println!(
+        "joint MLE intervals covered the truth in {mle_covered} of {mle_total} trials ({:.1}%)",
+        100.0 * mle_covered as f64 / mle_total as f64
     );
 }

@@ -125,17 +125,30 @@ fn main() {
     let per_user = env("DMP_BENCH_SEGMENTS", 5);
     let updates = (users * (per_user + 1)) as f64;
     let w = workload(users, per_user, "");
-    let c = EmbeddedCounters::in_memory();
-    let secs = run(&c, &w);
-    println!(
-        "embedded (in memory, flushed nowhere): {users} users x {} segments = {updates} updates in {secs:.2} s = {:.1}M updates/s",
-        per_user + 1,
-        updates / secs / 1e6
-    );
-    let (p50, p99) = audience_latency(&EmbeddedCounters::in_memory(), "q");
-    println!(
-        "audience, embedded: 3 segments x 30 days, \"a and b and not c\": p50 {p50:.2} ms, p99 {p99:.2} ms"
-    );
+    for (what, lg_k) in [
+        ("HLL only", 0u8),
+        ("HLL + theta", dmp_stats::theta::DEFAULT_LG_K),
+    ] {
+        let c = EmbeddedCounters::in_memory().with_theta(lg_k);
+        let secs = run(&c, &w);
+        println!(
+            "embedded, {what} (in memory, flushed nowhere): {users} users x {} segments = {updates} updates in {secs:.2} s = {:.1}M updates/s",
+            per_user + 1,
+            updates / secs / 1e6
+        );
+    }
+    for (what, lg_k) in [
+        ("HLL only", 0u8),
+        ("HLL + theta", dmp_stats::theta::DEFAULT_LG_K),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, _store) = dmp_store::embedded::open_temp(dir.path()).unwrap();
+        let c = EmbeddedCounters::open(&db).unwrap().with_theta(lg_k);
+        let (p50, p99) = audience_latency(&c, "q");
+        println!(
+            "audience, embedded {what} (flushed to disk; the 27 older days' theta sketches read from it): 3 segments x 30 days, \"a and b and not c\": p50 {p50:.2} ms, p99 {p99:.2} ms"
+        );
+    }
     let Ok(url) = std::env::var("DMP_BENCH_REDIS") else {
         println!("DMP_BENCH_REDIS not set: Redis figures skipped");
         return;

@@ -5,12 +5,23 @@
 //! to the embedded database (keyspace `stats.hll`) every `flush()` call. A kill -9 loses at most
 //! the updates since the last flush. HLL updates are idempotent, so the segmenter replaying a
 //! change after a crash does not inflate a count.
+//!
+//! Beside each HyperLogLog the embedded backend keeps a theta sketch ([`crate::theta`], keyspace
+//! `stats.theta`) for audience intersections. Its records per (segment, day):
+//! - a full record (the compact sketch, sorted), rewritten when the sketch lowers its threshold,
+//!   after [`MAX_DELTAS`] delta records, and when the sketch leaves memory;
+//! - delta records: the hashes added since the previous flush, so a flush writes what changed,
+//!   not the whole sketch.
+//!
+//! Days within two days of today stay in memory while written; older ones are read from disk when
+//! asked for, or when a late event reaches them (then they leave at the next flush).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use parking_lot::Mutex;
 
 use crate::hll::Hll;
+use crate::theta::{Added, Theta, ThetaUpdate};
 
 /// Counter failures.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +83,15 @@ pub trait SegmentCounters: Send + Sync {
         }
         Ok(out)
     }
+    /// The theta sketch of `segment` on `day`, from backends that keep them (None: this backend
+    /// keeps none, or nobody was counted).
+    fn theta(&self, _segment: &str, _day: u32) -> Result<Option<Theta>, StatsError> {
+        Ok(None)
+    }
+    /// The union of `segment`'s theta sketches over `days`; None when this backend keeps none.
+    fn range_theta(&self, _segment: &str, _days: &[u32]) -> Result<Option<Theta>, StatsError> {
+        Ok(None)
+    }
     /// Every (segment, day) with a sketch.
     fn segments(&self) -> Result<Vec<(String, u32)>, StatsError>;
     /// Makes recorded updates durable.
@@ -109,24 +129,119 @@ pub fn valid_day(day: u32) -> bool {
 
 const SHARDS: usize = 16;
 const KEYSPACE: &str = "stats.hll";
+const THETA_KEYSPACE: &str = "stats.theta";
+/// Delta records of one theta sketch before they are folded into its full record.
+pub const MAX_DELTAS: u32 = 32;
+/// Theta sketches of days this many days before today or older leave memory after a flush.
+const THETA_HOT_DAYS: u32 = 3;
+/// Element hashes a (segment, day) collects before it applies them to its sketches in one pass
+/// (the registers and the theta table are then walked while in cache, instead of a cache miss
+/// or two per update: 100 segments' sketches do not fit in a core's cache).
+const PENDING_MAX: usize = 1024;
+
+/// One (segment, day) in memory.
+#[derive(Default)]
+struct DayCounters {
+    hll: Hll,
+    /// None: no theta sketches kept, or this day's is on disk only.
+    theta: Option<ThetaState>,
+    /// Element hashes recorded, not applied yet.
+    pending: Vec<u64>,
+    /// Changed since the last flush (as far as applied).
+    dirty: bool,
+}
+
+impl DayCounters {
+    /// Applies the pending hashes to the HLL and the theta sketch (if in memory);
+    /// `keep_fresh`: remember hashes added to the theta sketch for a delta record.
+    fn apply(&mut self, keep_fresh: bool) {
+        if self.pending.is_empty() {
+            return;
+        }
+        for h in &self.pending {
+            self.dirty |= self.hll.add_hash(*h);
+        }
+        if let Some(t) = &mut self.theta {
+            let theta = t.sketch.theta();
+            let samples: Vec<u64> = self
+                .pending
+                .iter()
+                .map(|h| crate::theta::sample_hash(*h))
+                .filter(|s| *s < theta)
+                .collect();
+            let ThetaState {
+                sketch,
+                fresh,
+                rewrite,
+                ..
+            } = t;
+            let dirty = &mut self.dirty;
+            sketch.update_many(&samples, |s, added| match added {
+                Added::No => {}
+                Added::Inserted => {
+                    if keep_fresh {
+                        fresh.push(s);
+                    }
+                    *dirty = true;
+                }
+                Added::Rebuilt => {
+                    fresh.clear();
+                    *rewrite = true;
+                    *dirty = true;
+                }
+            });
+        }
+        self.pending.clear();
+    }
+}
+
+/// A theta sketch in memory and what its stored records lack.
+struct ThetaState {
+    sketch: ThetaUpdate,
+    /// Hashes added since the last flush (written as one delta record).
+    fresh: Vec<u64>,
+    /// The threshold fell (or the stored records could not be read): write a full record and
+    /// drop the deltas.
+    rewrite: bool,
+    /// Delta records on disk.
+    deltas: u32,
+    /// The stored delta count is unknown (a read failed): delete deltas by scanning.
+    scan_deltas: bool,
+}
+
+impl ThetaState {
+    fn new(sketch: ThetaUpdate) -> ThetaState {
+        ThetaState {
+            sketch,
+            fresh: Vec::new(),
+            rewrite: false,
+            deltas: 0,
+            scan_deltas: false,
+        }
+    }
+}
 
 #[derive(Default)]
 struct Shard {
-    /// segment -> day -> sketch (nested, so a lookup by `&str` allocates nothing).
-    sketches: HashMap<Box<str>, HashMap<u32, Hll>, foldhash::fast::RandomState>,
-    dirty: HashSet<(String, u32)>,
+    /// segment -> day -> counters (nested, so a lookup by `&str` allocates nothing).
+    days: HashMap<Box<str>, HashMap<u32, DayCounters>, foldhash::fast::RandomState>,
 }
 
 impl Shard {
-    fn get(&self, segment: &str, day: u32) -> Option<&Hll> {
-        self.sketches.get(segment)?.get(&day)
+    #[cfg(test)]
+    fn get(&self, segment: &str, day: u32) -> Option<&DayCounters> {
+        self.days.get(segment)?.get(&day)
     }
 
-    fn get_or_insert(&mut self, segment: &str, day: u32) -> &mut Hll {
-        if !self.sketches.contains_key(segment) {
-            self.sketches.insert(segment.into(), HashMap::new());
+    fn get_mut(&mut self, segment: &str, day: u32) -> Option<&mut DayCounters> {
+        self.days.get_mut(segment)?.get_mut(&day)
+    }
+
+    fn get_or_insert(&mut self, segment: &str, day: u32) -> &mut DayCounters {
+        if !self.days.contains_key(segment) {
+            self.days.insert(segment.into(), HashMap::new());
         }
-        self.sketches
+        self.days
             .get_mut(segment)
             .expect("inserted above")
             .entry(day)
@@ -134,17 +249,17 @@ impl Shard {
     }
 
     fn keys(&self) -> Vec<(String, u32)> {
-        self.sketches
+        self.days
             .iter()
             .flat_map(|(s, days)| days.keys().map(|d| (s.to_string(), *d)))
             .collect()
     }
 
     fn remove(&mut self, segment: &str, day: u32) {
-        if let Some(days) = self.sketches.get_mut(segment) {
+        if let Some(days) = self.days.get_mut(segment) {
             days.remove(&day);
             if days.is_empty() {
-                self.sketches.remove(segment);
+                self.days.remove(segment);
             }
         }
     }
@@ -153,9 +268,17 @@ impl Shard {
 /// Counters kept in memory and flushed to the embedded database.
 pub struct EmbeddedCounters {
     shards: Vec<Mutex<Shard>>,
-    store: Option<(dmp_store::embedded::EmbeddedDatabase, fjall::Keyspace)>,
+    store: Option<Stored>,
     /// Sketches of days older than this many days are dropped at flush (0: kept).
     retention_days: u32,
+    /// `lg k` of the theta sketches kept beside the HLLs (None: none kept).
+    theta_lg_k: Option<u8>,
+}
+
+struct Stored {
+    db: dmp_store::embedded::EmbeddedDatabase,
+    hll: fjall::Keyspace,
+    theta: fjall::Keyspace,
 }
 
 fn key(segment: &str, day: u32) -> Vec<u8> {
@@ -163,6 +286,71 @@ fn key(segment: &str, day: u32) -> Vec<u8> {
     k.push(0);
     k.extend_from_slice(&day.to_be_bytes());
     k
+}
+
+/// A theta sketch's full record: `key` then 0.
+fn full_key(segment: &str, day: u32) -> Vec<u8> {
+    let mut k = key(segment, day);
+    k.push(0);
+    k
+}
+
+/// A theta sketch's delta record `seq`: `key`, 1, then `seq`.
+fn delta_key(segment: &str, day: u32, seq: u32) -> Vec<u8> {
+    let mut k = key(segment, day);
+    k.push(1);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// What a (segment, day)'s theta records on disk hold.
+struct StoredTheta {
+    /// The threshold and sorted hashes of the full record and every delta.
+    sketch: Theta,
+    deltas: u32,
+}
+
+fn read_theta(
+    ks: &fjall::Keyspace,
+    segment: &str,
+    day: u32,
+) -> Result<Option<StoredTheta>, StatsError> {
+    let prefix = key(segment, day);
+    let corrupt = |why: &str| StatsError::Corrupt(format!("theta of {segment} on {day}: {why}"));
+    let mut full: Option<Theta> = None;
+    let mut added: Vec<u64> = Vec::new();
+    let mut deltas = 0u32;
+    for kv in ks.prefix(&prefix) {
+        let (k, v) = kv.into_inner()?;
+        match k.get(prefix.len()) {
+            Some(0) => full = Some(Theta::from_bytes(&v).map_err(|e| corrupt(e.0))?),
+            Some(1) => {
+                if v.len() % 8 != 0 {
+                    return Err(corrupt("delta record length"));
+                }
+                added.extend(
+                    v.chunks_exact(8)
+                        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))),
+                );
+                deltas += 1;
+            }
+            _ => return Err(corrupt("record kind")),
+        }
+    }
+    if full.is_none() && deltas == 0 {
+        return Ok(None);
+    }
+    let full = full.unwrap_or_default();
+    // The full record is sorted: only the deltas need sorting, then one merge.
+    let sketch = if added.is_empty() {
+        full
+    } else {
+        Theta::union(
+            &[full.clone(), Theta::new(full.theta(), added)],
+            usize::MAX - 1,
+        )
+    };
+    Ok(Some(StoredTheta { sketch, deltas }))
 }
 
 fn shard_of(segment: &str) -> usize {
@@ -176,7 +364,14 @@ impl EmbeddedCounters {
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             store: None,
             retention_days: 0,
+            theta_lg_k: Some(crate::theta::DEFAULT_LG_K),
         }
+    }
+
+    /// Keeps theta sketches of `2^lg_k` hashes beside the HLLs (0: none).
+    pub fn with_theta(mut self, lg_k: u8) -> EmbeddedCounters {
+        self.theta_lg_k = (lg_k > 0).then_some(lg_k);
+        self
     }
 
     /// Drops sketches of days more than `days` before today at each flush.
@@ -185,11 +380,13 @@ impl EmbeddedCounters {
         self
     }
 
-    /// Counters persisted in the embedded database; loads every stored sketch.
+    /// Counters persisted in the embedded database; loads every stored HyperLogLog (theta
+    /// sketches are read when needed).
     pub fn open(
         db: &dmp_store::embedded::EmbeddedDatabase,
     ) -> Result<EmbeddedCounters, StatsError> {
         let ks = db.keyspace(KEYSPACE)?;
+        let theta = db.keyspace(THETA_KEYSPACE)?;
         let c = EmbeddedCounters::in_memory();
         for kv in ks.iter() {
             let (k, v) = kv.into_inner()?;
@@ -205,39 +402,163 @@ impl EmbeddedCounters {
             );
             let hll =
                 Hll::from_registers(&v).ok_or_else(|| StatsError::Corrupt(segment.clone()))?;
-            *c.shards[shard_of(&segment)]
+            c.shards[shard_of(&segment)]
                 .lock()
-                .get_or_insert(&segment, day) = hll;
+                .get_or_insert(&segment, day)
+                .hll = hll;
         }
         Ok(EmbeddedCounters {
-            store: Some((db.clone(), ks)),
+            store: Some(Stored {
+                db: db.clone(),
+                hll: ks,
+                theta,
+            }),
             ..c
         })
     }
+
+    /// The theta sketch of a day to update: from its stored records, else new.
+    fn load_theta(&self, segment: &str, day: u32, lg_k: u8) -> ThetaState {
+        let loaded = match &self.store {
+            Some(st) => read_theta(&st.theta, segment, day),
+            None => Ok(None),
+        };
+        match loaded {
+            Ok(Some(t)) => ThetaState {
+                deltas: t.deltas,
+                ..ThetaState::new(ThetaUpdate::from_parts(
+                    lg_k,
+                    t.sketch.theta(),
+                    t.sketch.hashes().iter().copied(),
+                ))
+            },
+            Ok(None) => ThetaState::new(ThetaUpdate::new(lg_k)),
+            Err(e) => {
+                // Start over: the next flush replaces the unreadable records.
+                tracing::error!(segment, day, error = %e, "theta sketch unreadable; starting it again");
+                metrics::counter!("dmp_stats_theta_reset_total").increment(1);
+                ThetaState {
+                    rewrite: true,
+                    scan_deltas: true,
+                    ..ThetaState::new(ThetaUpdate::new(lg_k))
+                }
+            }
+        }
+    }
+}
+
+/// Puts a theta sketch's pending changes into `batch`: a delta record of its fresh hashes, or a
+/// full record (and no deltas) when its threshold fell, its deltas are many, or `fold` asks (the
+/// sketch is about to leave memory: stored whole and sorted, it is read back in one piece).
+fn write_theta(
+    batch: &mut fjall::OwnedWriteBatch,
+    ks: &fjall::Keyspace,
+    segment: &str,
+    day: u32,
+    st: &mut ThetaState,
+    fold: bool,
+) -> Result<(), StatsError> {
+    let unfolded = st.deltas > 0 || !st.fresh.is_empty();
+    if st.rewrite || st.deltas >= MAX_DELTAS || (fold && unfolded) {
+        if st.scan_deltas {
+            for kv in ks.prefix(key(segment, day)) {
+                batch.remove(ks, kv.key()?.to_vec());
+            }
+        } else {
+            for seq in 0..st.deltas {
+                batch.remove(ks, delta_key(segment, day, seq));
+            }
+        }
+        batch.insert(ks, full_key(segment, day), st.sketch.compact().to_bytes());
+        st.deltas = 0;
+        st.rewrite = false;
+        st.scan_deltas = false;
+        st.fresh.clear();
+    } else if !st.fresh.is_empty() {
+        let mut v = Vec::with_capacity(st.fresh.len() * 8);
+        for h in st.fresh.drain(..) {
+            v.extend_from_slice(&h.to_le_bytes());
+        }
+        batch.insert(ks, delta_key(segment, day, st.deltas), v);
+        st.deltas += 1;
+    }
+    Ok(())
 }
 
 impl SegmentCounters for EmbeddedCounters {
     fn record(&self, day: u32, uid: &str, segments: &[&str]) {
+        let hash = crate::hll::hash_of(uid.as_bytes());
+        let keep_fresh = self.store.is_some();
         for seg in segments.iter().copied().chain(std::iter::once(ALL)) {
             let mut shard = self.shards[shard_of(seg)].lock();
-            if shard.get_or_insert(seg, day).add(uid.as_bytes()) {
-                shard.dirty.insert((seg.to_string(), day));
+            let d = shard.get_or_insert(seg, day);
+            if let (Some(lg_k), None) = (self.theta_lg_k, &d.theta) {
+                d.theta = Some(self.load_theta(seg, day, lg_k));
+            }
+            d.pending.push(hash);
+            if d.pending.len() >= PENDING_MAX {
+                d.apply(keep_fresh);
             }
         }
     }
 
     fn count(&self, segment: &str, day: u32) -> Result<u64, StatsError> {
+        let keep_fresh = self.store.is_some();
         Ok(self.shards[shard_of(segment)]
             .lock()
-            .get(segment, day)
-            .map_or(0, Hll::count))
+            .get_mut(segment, day)
+            .map_or(0, |d| {
+                d.apply(keep_fresh);
+                d.hll.count()
+            }))
     }
 
     fn sketch(&self, segment: &str, day: u32) -> Result<Option<Hll>, StatsError> {
+        let keep_fresh = self.store.is_some();
         Ok(self.shards[shard_of(segment)]
             .lock()
-            .get(segment, day)
-            .cloned())
+            .get_mut(segment, day)
+            .map(|d| {
+                d.apply(keep_fresh);
+                d.hll.clone()
+            }))
+    }
+
+    fn theta(&self, segment: &str, day: u32) -> Result<Option<Theta>, StatsError> {
+        if self.theta_lg_k.is_none() {
+            return Ok(None);
+        }
+        let keep_fresh = self.store.is_some();
+        let held = self.shards[shard_of(segment)]
+            .lock()
+            .get_mut(segment, day)
+            .and_then(|d| {
+                d.apply(keep_fresh);
+                d.theta.as_mut().map(|t| t.sketch.compact())
+            });
+        if held.is_some() {
+            return Ok(held);
+        }
+        match &self.store {
+            Some(st) => Ok(read_theta(&st.theta, segment, day)?.map(|t| t.sketch)),
+            None => Ok(None),
+        }
+    }
+
+    fn range_theta(&self, segment: &str, days: &[u32]) -> Result<Option<Theta>, StatsError> {
+        let Some(lg_k) = self.theta_lg_k else {
+            return Ok(None);
+        };
+        let mut parts = Vec::new();
+        for d in days {
+            match self.theta(segment, *d)? {
+                Some(t) => parts.push(t),
+                // Counted before theta sketches were kept: the range has none to answer from.
+                None if self.count(segment, *d)? > 0 => return Ok(None),
+                None => {}
+            }
+        }
+        Ok(Some(Theta::union(&parts, 1 << lg_k)))
     }
 
     fn segments(&self) -> Result<Vec<(String, u32)>, StatsError> {
@@ -248,38 +569,82 @@ impl SegmentCounters for EmbeddedCounters {
     }
 
     fn flush(&self) -> Result<(), StatsError> {
-        let oldest = (self.retention_days > 0)
-            .then(|| days_before(day_of(dmp_core::clock::now_ms()), self.retention_days));
+        let today = day_of(dmp_core::clock::now_ms());
+        let oldest = (self.retention_days > 0).then(|| days_before(today, self.retention_days));
         let mut expired = Vec::new();
         for shard in &self.shards {
             let mut s = shard.lock();
             if let Some(oldest) = oldest {
                 let old: Vec<(String, u32)> =
                     s.keys().into_iter().filter(|(_, d)| *d < oldest).collect();
-                for k in old {
-                    s.remove(&k.0, k.1);
-                    s.dirty.remove(&k);
-                    expired.push(k);
+                for (seg, day) in old {
+                    s.remove(&seg, day);
+                    expired.push((seg, day));
                 }
             }
         }
-        let Some((db, ks)) = &self.store else {
+        let Some(st) = &self.store else {
             return Ok(());
         };
-        let mut batch = db.db().batch().durability(db.batch_durability());
+        let cold = days_before(today, THETA_HOT_DAYS);
+        let mut batch = st.db.db().batch().durability(st.db.batch_durability());
         for (seg, day) in expired {
-            batch.remove(ks, key(&seg, day));
+            batch.remove(&st.hll, key(&seg, day));
+            for kv in st.theta.prefix(key(&seg, day)) {
+                batch.remove(&st.theta, kv.key()?.to_vec());
+            }
         }
-        for shard in &self.shards {
+        let mut written: Vec<(usize, String, u32)> = Vec::new();
+        for (i, shard) in self.shards.iter().enumerate() {
             let mut s = shard.lock();
-            let dirty: Vec<(String, u32)> = s.dirty.drain().collect();
-            for k in dirty {
-                if let Some(h) = s.get(&k.0, k.1) {
-                    batch.insert(ks, key(&k.0, k.1), h.registers().to_vec());
+            for (seg, days) in s.days.iter_mut() {
+                for (day, d) in days.iter_mut() {
+                    d.apply(true);
+                    let fold = *day <= cold;
+                    let folding = fold && d.theta.as_ref().is_some_and(|t| t.deltas > 0);
+                    if !d.dirty && !folding {
+                        continue;
+                    }
+                    if d.dirty {
+                        batch.insert(&st.hll, key(seg, *day), d.hll.registers().to_vec());
+                    }
+                    if let Some(t) = &mut d.theta {
+                        write_theta(&mut batch, &st.theta, seg, *day, t, fold)?;
+                    }
+                    d.dirty = false;
+                    written.push((i, seg.to_string(), *day));
                 }
             }
         }
-        batch.commit()?;
+        if let Err(e) = batch.commit() {
+            // Nothing of this flush is on disk: write everything again next time.
+            for (i, seg, day) in written {
+                let mut s = self.shards[i].lock();
+                if let Some(d) = s.get_mut(&seg, day) {
+                    d.dirty = true;
+                    if let Some(t) = &mut d.theta {
+                        t.rewrite = true;
+                        t.scan_deltas = true;
+                    }
+                }
+            }
+            return Err(e.into());
+        }
+        // Cold sketches whose records hold everything leave memory (a late event reads them back).
+        for shard in &self.shards {
+            let mut s = shard.lock();
+            for days in s.days.values_mut() {
+                for (day, d) in days.iter_mut() {
+                    let on_disk = d
+                        .theta
+                        .as_ref()
+                        .is_some_and(|t| !t.rewrite && t.deltas == 0 && t.fresh.is_empty());
+                    if *day <= cold && !d.dirty && d.pending.is_empty() && on_disk {
+                        d.theta = None;
+                    }
+                }
+            }
+        }
         Ok(())
     }
 
@@ -361,6 +726,148 @@ mod tests {
             again.segments().unwrap().len(),
             4,
             "cats and all, two days each"
+        );
+    }
+
+    fn theta_records(db: &dmp_store::embedded::EmbeddedDatabase) -> Vec<Vec<u8>> {
+        let ks = db.keyspace(THETA_KEYSPACE).unwrap();
+        ks.iter().map(|kv| kv.key().unwrap().to_vec()).collect()
+    }
+
+    #[test]
+    fn given_theta_sketches_when_flushed_then_reopened_with_the_sample_of_the_last_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, _store) = dmp_store::embedded::open_temp(dir.path()).unwrap();
+        let today = day_of(dmp_core::clock::now_ms());
+        // k = 1024: the sketch lowers its threshold many times over 30K users (full records),
+        // and grows between flushes (delta records).
+        let c = EmbeddedCounters::open(&db).unwrap().with_theta(10);
+        for i in 0..30_000 {
+            c.record(today, &format!("u{i}"), &["cats"]);
+            if i % 700 == 0 {
+                c.flush().unwrap();
+            }
+        }
+        c.flush().unwrap();
+        let flushed = c.theta("cats", today).unwrap().unwrap();
+        assert!(!flushed.is_exact());
+        let err = (flushed.estimate() - 30_000.0).abs() / 30_000.0;
+        assert!(err < 0.15, "{}", flushed.estimate());
+        // Not flushed: lost with the process, as the HLL updates are.
+        for i in 30_000..31_000 {
+            c.record(today, &format!("u{i}"), &["cats"]);
+        }
+        drop(c);
+        let again = EmbeddedCounters::open(&db).unwrap().with_theta(10);
+        assert_eq!(again.theta("cats", today).unwrap().unwrap(), flushed);
+        // Updates go on from the stored sketch.
+        again.record(today, "late", &["cats"]);
+        again.flush().unwrap();
+        let t = again.theta("cats", today).unwrap().unwrap();
+        assert!(t.hashes().len() >= flushed.hashes().len() - 1);
+    }
+
+    #[test]
+    fn given_many_small_flushes_when_written_then_deltas_are_folded_into_the_full_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, _store) = dmp_store::embedded::open_temp(dir.path()).unwrap();
+        let today = day_of(dmp_core::clock::now_ms());
+        let c = EmbeddedCounters::open(&db).unwrap().with_theta(12);
+        for round in 0..(MAX_DELTAS as usize + 5) {
+            for i in 0..10 {
+                c.record(today, &format!("u{round}-{i}"), &["dogs"]);
+            }
+            c.flush().unwrap();
+        }
+        let prefix = key("dogs", today);
+        let records = theta_records(&db)
+            .into_iter()
+            .filter(|k| k.starts_with(&prefix))
+            .count();
+        assert!(records <= MAX_DELTAS as usize + 1, "{records} records");
+        let t = c.theta("dogs", today).unwrap().unwrap();
+        assert!(t.is_exact());
+        assert_eq!(t.hashes().len(), (MAX_DELTAS as usize + 5) * 10);
+        drop(c);
+        let again = EmbeddedCounters::open(&db).unwrap().with_theta(12);
+        assert_eq!(again.theta("dogs", today).unwrap().unwrap(), t);
+    }
+
+    #[test]
+    fn given_an_old_day_when_flushed_then_its_theta_leaves_memory_and_is_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, _store) = dmp_store::embedded::open_temp(dir.path()).unwrap();
+        let old = days_before(day_of(dmp_core::clock::now_ms()), 10);
+        let c = EmbeddedCounters::open(&db).unwrap().with_theta(10);
+        for i in 0..5_000 {
+            c.record(old, &format!("u{i}"), &["birds"]);
+        }
+        c.flush().unwrap();
+        let in_memory = |c: &EmbeddedCounters| {
+            c.shards[shard_of("birds")]
+                .lock()
+                .get("birds", old)
+                .is_some_and(|d| d.theta.is_some())
+        };
+        assert!(!in_memory(&c), "an old day leaves memory after its flush");
+        let t = c.theta("birds", old).unwrap().unwrap();
+        assert!((t.estimate() - 5_000.0).abs() < 1_000.0, "{}", t.estimate());
+        // A late event reads it back, adds, and it leaves again after the next flush.
+        for i in 5_000..5_200 {
+            c.record(old, &format!("u{i}"), &["birds"]);
+        }
+        assert!(in_memory(&c));
+        c.flush().unwrap();
+        assert!(!in_memory(&c));
+        let after = c.theta("birds", old).unwrap().unwrap();
+        assert!(after.estimate() > t.estimate() * 0.9);
+        drop(c);
+        let again = EmbeddedCounters::open(&db).unwrap().with_theta(10);
+        assert_eq!(again.theta("birds", old).unwrap().unwrap(), after);
+    }
+
+    #[test]
+    fn given_retention_when_flushed_then_theta_records_go_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, _store) = dmp_store::embedded::open_temp(dir.path()).unwrap();
+        let today = day_of(dmp_core::clock::now_ms());
+        let c = EmbeddedCounters::open(&db).unwrap().with_retention(30);
+        c.record(days_before(today, 31), "u", &["cats"]);
+        c.record(today, "u", &["cats"]);
+        c.flush().unwrap();
+        let days: std::collections::BTreeSet<u32> = theta_records(&db)
+            .iter()
+            .map(|k| {
+                let sep = k.iter().position(|b| *b == 0).unwrap();
+                u32::from_be_bytes(k[sep + 1..sep + 5].try_into().unwrap())
+            })
+            .collect();
+        assert_eq!(days.into_iter().collect::<Vec<_>>(), vec![today]);
+    }
+
+    #[test]
+    fn given_an_unreadable_theta_record_when_updated_then_started_again_and_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, _store) = dmp_store::embedded::open_temp(dir.path()).unwrap();
+        let today = day_of(dmp_core::clock::now_ms());
+        let ks = db.keyspace(THETA_KEYSPACE).unwrap();
+        ks.insert(full_key("cats", today), b"garbage".to_vec())
+            .unwrap();
+        ks.insert(delta_key("cats", today, 0), vec![1u8; 8])
+            .unwrap();
+        let c = EmbeddedCounters::open(&db).unwrap();
+        assert!(c.theta("cats", today).is_err(), "reads name the corruption");
+        c.record(today, "u1", &["cats"]);
+        c.flush().unwrap();
+        let t = c.theta("cats", today).unwrap().unwrap();
+        assert_eq!(t.hashes().len(), 1);
+        assert_eq!(
+            theta_records(&db)
+                .iter()
+                .filter(|k| k.starts_with(&key("cats", today)))
+                .count(),
+            1,
+            "the bad records were replaced by one full record"
         );
     }
 }

@@ -39,9 +39,18 @@ pub fn murmur64a(key: &[u8], seed: u64) -> u64 {
     h
 }
 
+/// An element's hash, as Redis's HyperLogLog computes it.
+pub fn hash_of(element: &[u8]) -> u64 {
+    murmur64a(element, 0xadc8_3b19)
+}
+
 /// The register and value an element sets.
 pub fn register_of(element: &[u8]) -> (usize, u8) {
-    let hash = murmur64a(element, 0xadc8_3b19);
+    register_of_hash(hash_of(element))
+}
+
+/// The register and value an element with this [`hash_of`] sets.
+pub fn register_of_hash(hash: u64) -> (usize, u8) {
     let index = (hash & (REGISTERS as u64 - 1)) as usize;
     let rest = (hash >> P) | (1u64 << Q);
     (index, (rest.trailing_zeros() + 1) as u8)
@@ -75,7 +84,12 @@ impl Hll {
 
     /// Adds an element; true when a register changed (as PFADD's reply).
     pub fn add(&mut self, element: &[u8]) -> bool {
-        let (i, v) = register_of(element);
+        self.add_hash(hash_of(element))
+    }
+
+    /// Adds an element by its [`hash_of`] (callers that need the hash for more than this).
+    pub fn add_hash(&mut self, hash: u64) -> bool {
+        let (i, v) = register_of_hash(hash);
         if self.registers[i] < v {
             self.registers[i] = v;
             true

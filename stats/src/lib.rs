@@ -9,6 +9,8 @@
 //!   embedded implementation (in memory, flushed to the embedded database, retention in days);
 //! - [`redis_counters`]: the same in Redis through a Lua script (batched or per user);
 //! - [`conformance`]: checks both backends pass;
+//! - [`theta`]: theta (KMV) sketches kept beside the HyperLogLogs (embedded backend), which
+//!   resolve intersections and differences HyperLogLog registers cannot;
 //! - [`audience`]: estimates of segment expressions (and, or, not) over day ranges.
 
 pub mod audience;
@@ -18,6 +20,7 @@ pub mod hll;
 pub mod joint;
 pub mod redis_counters;
 pub mod redis_format;
+pub mod theta;
 
 pub use counters::{
     day_of, days_before, epoch_ms_of, valid_day, EmbeddedCounters, SegmentCounters, StatsError, ALL,
@@ -39,7 +42,9 @@ pub fn open(
             )
         })?;
         return Ok(std::sync::Arc::new(
-            EmbeddedCounters::open(db)?.with_retention(cfg.retention_days),
+            EmbeddedCounters::open(db)?
+                .with_retention(cfg.retention_days)
+                .with_theta(cfg.theta_lg_k),
         ));
     }
     if url.starts_with("redis://") {
