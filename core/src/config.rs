@@ -975,6 +975,8 @@ mod tests {
                 "storage_writer.geoip[0]",
             ),
             ("DMP__API__MAX_BODY_BYTES", "10", "api.max_body_bytes"),
+            ("DMP__STATS__THETA_LG_K", "4", "stats.theta_lg_k"),
+            ("DMP__STATS__THETA_LG_K", "21", "stats.theta_lg_k"),
         ];
         for (k, v, key) in cases {
             let err = Config::load(None, env(&[(k, v)])).unwrap_err().to_string();

@@ -77,6 +77,17 @@ fn plain_pfadd(url: &str, w: &[(String, Vec<String>)]) -> f64 {
     started.elapsed().as_secs_f64()
 }
 
+/// CPU seconds redis-server has used (`INFO cpu`: user + system).
+fn redis_cpu(url: &str) -> f64 {
+    let mut con = redis::Client::open(url).unwrap().get_connection().unwrap();
+    let info: String = redis::cmd("INFO").arg("cpu").query(&mut con).unwrap();
+    info.lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(k, _)| *k == "used_cpu_sys" || *k == "used_cpu_user")
+        .map(|(_, v)| v.trim().parse::<f64>().unwrap_or(0.0))
+        .sum()
+}
+
 fn flushdb(url: &str) {
     let mut con = redis::Client::open(url).unwrap().get_connection().unwrap();
     let _: () = redis::cmd("FLUSHDB").query(&mut con).unwrap();
@@ -161,6 +172,7 @@ fn main() {
             ("plain pipelined PFADD", None),
         ] {
             flushdb(&url);
+            let cpu_before = redis_cpu(&url);
             let secs = match mode {
                 Some(m) => {
                     let c = RedisCounters::open(redis_opts(&url, m)).unwrap();
@@ -168,9 +180,11 @@ fn main() {
                 }
                 None => plain_pfadd(&url, &w),
             };
+            let busy = (redis_cpu(&url) - cpu_before) / secs;
             println!(
-                "redis, round {round}, {name}: {updates} updates in {secs:.2} s = {:.2}M updates/s",
-                updates / secs / 1e6
+                "redis, round {round}, {name}: {updates} updates in {secs:.2} s = {:.2}M updates/s (redis-server busy {:.0}% of a core)",
+                updates / secs / 1e6,
+                busy * 100.0
             );
         }
     }

@@ -11,6 +11,9 @@
 //!   inside the script (one PFADD per key); `per_user` is FACETz's design, one call per user
 //!   with that user's keys (calls are pipelined).
 //! - Keys expire at the end of their day plus `retention_days` (`EXPIREAT`).
+//! - The batched script turns keys that get many users dense early (see [`BATCHED_SCRIPT`]):
+//!   Redis's sparse encoding costs a scan per added element, most of Redis's time when every key
+//!   of a new day is small.
 //! - [`SegmentCounters::flush`] waits until everything queued before it is in Redis (or fails
 //!   after `flush_timeout_ms`, so the segmenter defers its offset commit).
 
@@ -28,13 +31,43 @@ use crate::redis_format::RedisHll;
 /// Key prefix of the counters.
 pub const PREFIX: &str = "dmp:hll:";
 
+/// The Lua that makes key `k` dense early when it gets `n` users in this call: see
+/// [`BATCHED_SCRIPT`].
+macro_rules! make_dense_lua {
+    () => {
+        r#"
+  if n >= 16 then
+    local enc = redis.call('GETRANGE', KEYS[k], 4, 4)
+    if enc == '' then
+      if dense == nil then dense = 'HYLL' .. string.rep('\0', 12300) end
+      redis.call('SET', KEYS[k], dense)
+    elseif enc == '\1' and redis.call('STRLEN', KEYS[k]) > 300 then
+      if dense == nil then dense = 'HYLL' .. string.rep('\0', 12300) end
+      redis.call('SET', 'dmp:hll:dense-empty', dense)
+      redis.call('PFMERGE', KEYS[k], 'dmp:hll:dense-empty')
+      redis.call('DEL', 'dmp:hll:dense-empty')
+    end
+  end
+"#
+    };
+}
+
 /// The batched script. KEYS: the distinct keys of the call. ARGV[1..#KEYS]: the EXPIREAT time of
 /// each key (0: none); then pairs (uid, its keys), the keys as 2-byte big-endian indexes into KEYS
 /// (0-based), so a user costs two arguments whatever its segment count. Updates are grouped by key
 /// inside the script, and each key gets one PFADD (in slices of 4000, under Lua's unpack limit).
-pub const BATCHED_SCRIPT: &str = r#"
+///
+/// Keys that get at least 16 users in one call are made dense early: created as an empty dense
+/// HyperLogLog (`HYLL`, encoding 0, a valid cached count of 0, 12288 zero bytes of registers)
+/// when new, or merged into one (PFMERGE writes dense when a source is dense) once their sparse
+/// bytes pass 300. PFADD would keep them sparse up to `hll-sparse-max-bytes` (3000), and a
+/// sparse sketch costs Redis a scan of its bytes per added element: most of Redis's time at the
+/// start of each day, when every key is new. The registers, and so the counts, are the same; a
+/// key of a few hundred users takes 12 KiB instead of a few hundred bytes.
+pub const BATCHED_SCRIPT: &str = concat!(
+    r#"
 local nkeys = #KEYS
-local groups = {}
+local groups, counts = {}, {}
 local byte = string.byte
 for i = nkeys + 1, #ARGV, 2 do
   local uid = ARGV[i]
@@ -42,21 +75,30 @@ for i = nkeys + 1, #ARGV, 2 do
   for j = 1, #ks, 2 do
     local hi, lo = byte(ks, j, j + 1)
     local k = hi * 256 + lo + 1
-    local g = groups[k]
-    if g == nil then g = {}; groups[k] = g end
-    g[#g + 1] = uid
+    local n = counts[k]
+    if n == nil then
+      groups[k] = {uid}; counts[k] = 1
+    else
+      n = n + 1; counts[k] = n; groups[k][n] = uid
+    end
   end
 end
 local changed = 0
+local dense = nil
 for k, uids in pairs(groups) do
-  for s = 1, #uids, 4000 do
-    changed = changed + redis.call('PFADD', KEYS[k], unpack(uids, s, math.min(s + 3999, #uids)))
+  local n = counts[k]
+"#,
+    make_dense_lua!(),
+    r#"
+  for s = 1, n, 4000 do
+    changed = changed + redis.call('PFADD', KEYS[k], unpack(uids, s, math.min(s + 3999, n)))
   end
   local at = tonumber(ARGV[k])
   if at > 0 then redis.call('EXPIREAT', KEYS[k], at) end
 end
 return changed
-"#;
+"#
+);
 
 /// The per-user script. KEYS: the user's keys. ARGV[1]: the user; ARGV[2..]: the EXPIREAT time of
 /// each key (0: none).
@@ -534,7 +576,7 @@ impl Writer {
                     self.done(&b);
                     continue;
                 }
-                let cmd = build_batched(&self.batched, &self.shared.names, &self.opts, &b.users);
+                let cmd = self.build_call(&b.users);
                 let sent = self
                     .connected()
                     .and_then(|con| con.send_packed_command(&cmd.get_packed_command()));
@@ -638,8 +680,13 @@ impl Writer {
         }
     }
 
+    /// The batched script's call for these users.
+    fn build_call(&self, users: &[Update]) -> redis::Cmd {
+        build_batched(&self.batched, &self.shared.names, &self.opts, users)
+    }
+
     fn send_batched(&mut self, users: &[Update]) -> redis::RedisResult<()> {
-        let cmd = build_batched(&self.batched, &self.shared.names, &self.opts, users);
+        let cmd = self.build_call(users);
         let _: i64 = cmd.query(self.connected()?)?;
         Ok(())
     }

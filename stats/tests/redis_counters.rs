@@ -1,4 +1,5 @@
-//! The Redis counters against real redis-servers: the conformance suite in both modes, scripts
+//! The Redis counters against real redis-servers: the conformance suite in both modes, keys made
+//! dense early with the registers of the same PFADDs, scripts
 //! lost to `SCRIPT FLUSH` and to a restart, and Redis down (the segmenter's calls never block,
 //! updates queue within the bound, flush reports the outage, everything queued lands after).
 //! Needs `DMP_TEST_REDIS=redis://127.0.0.1:PORT` (scripts/test.sh starts one) and `redis-server`
@@ -65,6 +66,72 @@ fn given_keys_when_written_then_they_expire_after_retention() {
         .unwrap();
     // 2026-11-22 00:00 UTC + 31 days.
     assert_eq!(at, 1_795_305_600 + 31 * 86_400);
+}
+
+#[test]
+#[ignore = "needs a redis-server: run scripts/test.sh"]
+fn given_many_users_per_call_when_counted_then_keys_go_dense_early_with_the_same_registers() {
+    let url = shared_url();
+    let c = RedisCounters::open(options(&url, Mode::Batched)).unwrap();
+    let (big, slow) = (
+        format!("{}big", prefix("d")),
+        format!("{}slow", prefix("d")),
+    );
+    let day = 20_261_122;
+    let (mut big_truth, mut slow_truth) = (dmp_stats::Hll::new(), dmp_stats::Hll::new());
+    // 1000 users in one call: created dense.
+    for i in 0..1000 {
+        let uid = format!("b{i}");
+        c.record(day, &uid, &[&big]);
+        big_truth.add(uid.as_bytes());
+    }
+    c.flush().unwrap();
+    // 400 users 4 per call stay sparse (PFADD's encoding); then 300 more at once (calls of many
+    // users) turn the sketch dense by a merge, long before Redis would (3000 bytes).
+    let mut con = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let get = |con: &mut redis::Connection, seg: &str| -> Vec<u8> {
+        redis::cmd("GET")
+            .arg(dmp_stats::redis_counters::key(seg, day))
+            .query(con)
+            .unwrap()
+    };
+    for i in 0..700 {
+        if i == 400 {
+            let sparse = get(&mut con, &slow);
+            assert_eq!(sparse[4], 1, "4 users a call leave the key sparse");
+            assert!(sparse.len() > 300, "{} bytes", sparse.len());
+        }
+        let uid = format!("s{i}");
+        c.record(day, &uid, &[&slow]);
+        slow_truth.add(uid.as_bytes());
+        if i % 4 == 3 && i < 400 {
+            c.flush().unwrap();
+        }
+    }
+    c.flush().unwrap();
+    for (seg, truth) in [(&big, &big_truth), (&slow, &slow_truth)] {
+        let bytes = get(&mut con, seg);
+        assert_eq!(bytes[4], 0, "{seg} is dense");
+        let h = dmp_stats::RedisHll::from_bytes(&bytes).unwrap();
+        assert_eq!(
+            &h.to_hll(),
+            truth,
+            "{seg}: the registers of the same PFADDs"
+        );
+        let count: u64 = redis::cmd("PFCOUNT")
+            .arg(dmp_stats::redis_counters::key(seg, day))
+            .query(&mut con)
+            .unwrap();
+        assert_eq!(count, truth.count(), "{seg}");
+    }
+    let scratch: bool = redis::cmd("EXISTS")
+        .arg("dmp:hll:dense-empty")
+        .query(&mut con)
+        .unwrap();
+    assert!(!scratch, "the merge's scratch key is gone");
 }
 
 fn script_flush(url: &str) {
