@@ -137,7 +137,7 @@ const THETA_HOT_DAYS: u32 = 3;
 /// Element hashes a (segment, day) collects before it applies them to its sketches in one pass
 /// (the registers and the theta table are then walked while in cache, instead of a cache miss
 /// or two per update: 100 segments' sketches do not fit in a core's cache).
-const PENDING_MAX: usize = 1024;
+const PENDING_MAX: usize = 4096;
 
 /// One (segment, day) in memory.
 #[derive(Default)]
