@@ -383,7 +383,7 @@ pub fn estimate(
         sizes.insert(id.clone(), h.count());
         sketches.push(h);
     }
-    if let Some(t) = theta_estimate(c, expr, &ids, &sketches, days)? {
+    if let Some(t) = theta_estimate(c, expr, &ids, &sketches, days, &mut sizes)? {
         return Ok(Estimate {
             segments: sizes,
             ..t
@@ -492,19 +492,26 @@ pub fn estimate(
 
 /// The estimate from theta sketches, when the backend keeps them for every segment involved (and
 /// for `all` when the expression selects users in none of its segments). A plain union is also
-/// counted by the merged HyperLogLog, and the two are combined.
+/// counted by the merged HyperLogLog, and the two are combined. A segment whose sketches still
+/// hold all its users gets its exact size in `sizes`.
 fn theta_estimate(
     c: &dyn SegmentCounters,
     expr: &Expr,
     ids: &[String],
     sketches: &[Hll],
     days: &[u32],
+    sizes: &mut Sizes,
 ) -> Result<Option<Estimate>, StatsError> {
     let mut leaves = Vec::with_capacity(ids.len());
     for id in ids {
         match c.range_theta(id, days)? {
             Some(t) => leaves.push(t),
             None => return Ok(None),
+        }
+    }
+    for (id, t) in ids.iter().zip(&leaves) {
+        if t.is_exact() {
+            sizes.insert(id.clone(), t.hashes().len() as u64);
         }
     }
     let mut merged = Hll::new();
@@ -528,10 +535,10 @@ fn theta_estimate(
     let union = merged.count() as f64;
     let sizes = Sizes::new();
     if t.se == 0.0 {
-        // Every sketch still held all its users: the answer is a count, not an estimate.
-        let mut e = answer(t.estimate, 0.0, "exact", union, sizes);
-        e.union = e.union.max(e.estimate);
-        return Ok(Some(e));
+        // Every sketch still held all its users: the answer is a count, not an estimate, and so
+        // is the union.
+        let all = crate::theta::evaluate(&refs, universe.as_ref(), |m| outside_selected || m != 0);
+        return Ok(Some(answer(t.estimate, 0.0, "exact", all.estimate, sizes)));
     }
     if union_of(expr).is_some() {
         let n = union;
@@ -670,6 +677,19 @@ mod tests {
                 (truth, truth, truth, "exact", false),
                 "{src}"
             );
+            for (seg, n) in [("a", 6_000), ("b", 6_000), ("c", 500)] {
+                assert!(
+                    e.segments.get(seg).is_none_or(|got| *got == n),
+                    "{src}: {e:?}"
+                );
+            }
+            // `all` joins the union when the expression selects users outside its segments.
+            let union = match src {
+                "a" | "b and c" => 6_000,
+                "not a" | "not (a or b or c)" => 20_000,
+                _ => 10_000,
+            };
+            assert_eq!(e.union, union, "{src}: {e:?}");
         }
     }
 
