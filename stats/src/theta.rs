@@ -324,10 +324,13 @@ impl Theta {
         Ok(Theta { theta, hashes })
     }
 
-    /// The union of sketches (several days of one segment), keeping at most `k` hashes: the
-    /// threshold is the smallest of theirs, lowered further to keep `k`.
+    /// The union of sketches (several days of one segment), keeping at most `k` hashes or as
+    /// many as the largest input holds, whichever is more (a day's sketch holds up to `1.5k`,
+    /// and a one-day union stays exact while it is): the threshold is the smallest of theirs,
+    /// lowered further to keep that many.
     pub fn union(sketches: &[Theta], k: usize) -> Theta {
         let theta = sketches.iter().map(|s| s.theta).min().unwrap_or(EXACT);
+        let k = sketches.iter().map(|s| s.hashes.len()).fold(k, usize::max);
         let acc = match sketches {
             [] => Vec::new(),
             [one] => one.hashes[..one.hashes.partition_point(|h| *h < theta)].to_vec(),
@@ -554,9 +557,10 @@ mod tests {
         let days = [sketch(0..30_000, 10), sketch(20_000..60_000, 10)];
         let compact: Vec<Theta> = days.into_iter().map(|mut d| d.compact()).collect();
         let u = Theta::union(&compact, 1024);
-        assert_eq!(u.hashes().len(), 1024);
+        let keep = compact.iter().map(|d| d.hashes().len()).max().unwrap();
+        assert_eq!(u.hashes().len(), keep);
         let below = (0..60_000).filter(|i| h(*i) < u.theta()).count();
-        assert_eq!(below, 1024, "every element below the union's theta is held");
+        assert_eq!(below, keep, "every element below the union's theta is held");
         let err = (u.estimate() - 60_000.0).abs() / 60_000.0;
         assert!(err < 0.15, "{}", u.estimate());
     }
@@ -627,7 +631,14 @@ mod tests {
         all.retain(|x| *x < theta);
         all.sort_unstable();
         all.dedup();
-        assert_eq!(u.hashes(), &all[..1024]);
-        assert_eq!(u.theta(), all[1024]);
+        // As many as the largest day holds (more than k = 1024).
+        let keep = days.iter().map(|d| d.hashes().len()).max().unwrap();
+        assert!(keep > 1024);
+        assert_eq!(u.hashes(), &all[..keep]);
+        assert_eq!(u.theta(), all[keep]);
+        // One day alone comes back whole: an exact sketch stays exact.
+        let one = sketch(0..1500, 10).compact();
+        assert!(one.is_exact());
+        assert_eq!(Theta::union(std::slice::from_ref(&one), 1024), one);
     }
 }
