@@ -729,19 +729,25 @@ mod tests {
         assert_eq!(e.method, "joint-mle");
     }
 
-    #[test]
-    fn given_tiny_intersection_when_estimated_by_theta_then_flagged_too_small() {
-        let c = EmbeddedCounters::in_memory().with_theta(10);
+    /// 200K users: x = the first 100K plus `both`, y = the rest.
+    fn tiny_overlap(theta_lg_k: u8, both: u32) -> EmbeddedCounters {
+        let c = EmbeddedCounters::in_memory().with_theta(theta_lg_k);
         for u in 0..200_000 {
             let segs: &[&str] = if u < 100_000 {
                 &["x"]
-            } else if u < 100_003 {
+            } else if u < 100_000 + both {
                 &["x", "y"]
             } else {
                 &["y"]
             };
             c.record(20_261_122, &format!("u{u}"), segs);
         }
+        c
+    }
+
+    #[test]
+    fn given_tiny_intersection_when_estimated_by_theta_then_flagged_too_small() {
+        let c = tiny_overlap(10, 3);
         let e = estimate(&c, &parse("x and y").unwrap(), &[20_261_122]).unwrap();
         assert_eq!(e.method, "theta");
         assert!(e.too_small, "3 of a 200K union: {e:?}");
@@ -750,17 +756,7 @@ mod tests {
 
     #[test]
     fn given_tiny_intersection_when_estimated_then_flagged_too_small() {
-        let c = EmbeddedCounters::in_memory().with_theta(0);
-        for u in 0..200_000 {
-            let segs: &[&str] = if u < 100_000 {
-                &["x"]
-            } else if u < 100_050 {
-                &["x", "y"]
-            } else {
-                &["y"]
-            };
-            c.record(20_261_122, &format!("u{u}"), segs);
-        }
+        let c = tiny_overlap(0, 50);
         let e = estimate(&c, &parse("x and y").unwrap(), &[20_261_122]).unwrap();
         assert!(e.too_small, "50 of a 200K union: {e:?}");
         assert!(e.low <= 50 && 50 <= e.high, "{e:?}");
