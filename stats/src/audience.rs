@@ -384,10 +384,7 @@ pub fn estimate(
         sketches.push(h);
     }
     if let Some(t) = theta_estimate(c, expr, &ids, &sketches, days, &mut sizes)? {
-        return Ok(Estimate {
-            segments: sizes,
-            ..t
-        });
+        return Ok(t);
     }
     if let Some(sh) = shape(expr) {
         let union = |segs: &[&str]| -> Result<Hll, StatsError> {
@@ -492,8 +489,8 @@ pub fn estimate(
 
 /// The estimate from theta sketches, when the backend keeps them for every segment involved (and
 /// for `all` when the expression selects users in none of its segments). A plain union is also
-/// counted by the merged HyperLogLog, and the two are combined. A segment whose sketches still
-/// hold all its users gets its exact size in `sizes`.
+/// counted by the merged HyperLogLog, and the two are combined. The answer takes `sizes`, where a
+/// segment whose sketches still hold all its users gets its exact size.
 fn theta_estimate(
     c: &dyn SegmentCounters,
     expr: &Expr,
@@ -509,41 +506,41 @@ fn theta_estimate(
             None => return Ok(None),
         }
     }
-    for (id, t) in ids.iter().zip(&leaves) {
-        if t.is_exact() {
-            sizes.insert(id.clone(), t.hashes().len() as u64);
-        }
-    }
-    let mut merged = Hll::new();
-    for h in sketches {
-        merged.merge(h);
-    }
     let outside_selected = expr.selects(ids, 0);
     let universe = if outside_selected {
         match c.range_theta(ALL, days)? {
-            Some(t) => {
-                merged.merge(&c.range_sketch(ALL, days)?.unwrap_or_default());
-                Some(t)
-            }
+            Some(t) => Some(t),
             None => return Ok(None),
         }
     } else {
         None
     };
+    for (id, t) in ids.iter().zip(&leaves) {
+        if t.is_exact() {
+            sizes.insert(id.clone(), t.hashes().len() as u64);
+        }
+    }
+    let sizes = std::mem::take(sizes);
     let refs: Vec<&crate::theta::Theta> = leaves.iter().collect();
     let t = crate::theta::evaluate(&refs, universe.as_ref(), |m| expr.selects(ids, m));
-    let union = merged.count() as f64;
-    let sizes = Sizes::new();
     if t.se == 0.0 {
         // Every sketch still held all its users: the answer is a count, not an estimate, and so
         // is the union.
         let all = crate::theta::evaluate(&refs, universe.as_ref(), |m| outside_selected || m != 0);
         return Ok(Some(answer(t.estimate, 0.0, "exact", all.estimate, sizes)));
     }
+    // The HyperLogLogs' union: the answer's `union`, and a plain union's second measurement.
+    let mut merged = Hll::new();
+    for h in sketches {
+        merged.merge(h);
+    }
+    if outside_selected {
+        merged.merge(&c.range_sketch(ALL, days)?.unwrap_or_default());
+    }
+    let union = merged.count() as f64;
     if union_of(expr).is_some() {
-        let n = union;
-        let (est, se) = combine(&t, n, n * HLL_RSE);
-        return Ok(Some(answer(est, se, "union+theta", n, sizes)));
+        let (est, se) = combine(&t, union, union * HLL_RSE);
+        return Ok(Some(answer(est, se, "union+theta", union, sizes)));
     }
     let est = t.estimate;
     Ok(Some(Estimate {
