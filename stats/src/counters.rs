@@ -340,16 +340,7 @@ fn read_theta(
     if full.is_none() && deltas == 0 {
         return Ok(None);
     }
-    let full = full.unwrap_or_default();
-    // The full record is sorted: only the deltas need sorting, then one merge.
-    let sketch = if added.is_empty() {
-        full
-    } else {
-        Theta::union(
-            &[full.clone(), Theta::new(full.theta(), added)],
-            usize::MAX - 1,
-        )
-    };
+    let sketch = full.unwrap_or_default().with_added(added);
     Ok(Some(StoredTheta { sketch, deltas }))
 }
 
@@ -447,6 +438,19 @@ impl EmbeddedCounters {
     }
 }
 
+/// Puts the removal of every theta record of (`segment`, `day`) into `batch`.
+fn remove_records(
+    batch: &mut fjall::OwnedWriteBatch,
+    ks: &fjall::Keyspace,
+    segment: &str,
+    day: u32,
+) -> Result<(), StatsError> {
+    for kv in ks.prefix(key(segment, day)) {
+        batch.remove(ks, kv.key()?.to_vec());
+    }
+    Ok(())
+}
+
 /// Puts a theta sketch's pending changes into `batch`: a delta record of its fresh hashes, or a
 /// full record (and no deltas) when its threshold fell, its deltas are many, or `fold` asks (the
 /// sketch is about to leave memory: stored whole and sorted, it is read back in one piece).
@@ -461,9 +465,7 @@ fn write_theta(
     let unfolded = st.deltas > 0 || !st.fresh.is_empty();
     if st.rewrite || st.deltas >= MAX_DELTAS || (fold && unfolded) {
         if st.scan_deltas {
-            for kv in ks.prefix(key(segment, day)) {
-                batch.remove(ks, kv.key()?.to_vec());
-            }
+            remove_records(batch, ks, segment, day)?;
         } else {
             for seq in 0..st.deltas {
                 batch.remove(ks, delta_key(segment, day, seq));
@@ -590,9 +592,7 @@ impl SegmentCounters for EmbeddedCounters {
         let mut batch = st.db.db().batch().durability(st.db.batch_durability());
         for (seg, day) in expired {
             batch.remove(&st.hll, key(&seg, day));
-            for kv in st.theta.prefix(key(&seg, day)) {
-                batch.remove(&st.theta, kv.key()?.to_vec());
-            }
+            remove_records(&mut batch, &st.theta, &seg, day)?;
         }
         let mut written: Vec<(usize, String, u32)> = Vec::new();
         for (i, shard) in self.shards.iter().enumerate() {

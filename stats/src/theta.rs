@@ -264,11 +264,22 @@ impl Theta {
     /// `theta` dropped).
     pub fn new(theta: u64, mut hashes: Vec<u64>) -> Theta {
         hashes.retain(|h| *h < theta && *h != 0);
-        // Stable sort: linear on a sorted run followed by a few more (a full record and its
-        // deltas).
-        hashes.sort();
+        hashes.sort_unstable();
         hashes.dedup();
         Theta { theta, hashes }
+    }
+
+    /// The sketch with more hashes (any order, duplicates and those at or above its threshold
+    /// dropped): only they are sorted, then merged in (a full record and its deltas).
+    pub fn with_added(self, more: Vec<u64>) -> Theta {
+        if more.is_empty() {
+            return self;
+        }
+        let more = Theta::new(self.theta, more);
+        Theta {
+            hashes: merge_below(&self.hashes, &more.hashes, self.theta, usize::MAX),
+            theta: self.theta,
+        }
     }
 
     /// The threshold.
