@@ -22,6 +22,8 @@
 //! As Kafka stores record batches, a produce stores each partition's records as chunks of up to
 //! 1000 records under the offset of their first record: one LSM entry per partition and batch,
 //! not per record. A read seeks to the chunk holding its start offset and decodes forward.
+//! Chunks of [`BLOB_THRESHOLD`] bytes or more live in fjall's blob files (key-value separation):
+//! flushes write them once and LSM compactions move only their keys.
 //! A produce writes its chunks, their index entries and segment totals in one atomic batch
 //! (fsynced first when `fsync_interval_ms = 0`), then publishes the new high offsets and wakes
 //! consumers. Retention deletes whole segments (never the newest) past the age or size bound.
@@ -64,6 +66,8 @@ use crate::{
 };
 
 const LOG: &str = "bus.log";
+/// Chunks of this many bytes or more are stored apart from the keys, in blob files.
+const BLOB_THRESHOLD: u32 = 4096;
 const TIDX: &str = "bus.tidx";
 const META: &str = "bus.meta";
 
@@ -276,7 +280,11 @@ fn decode_chunk(buf: &[u8], mut f: impl FnMut(u64, i64, &[u8], &[u8]) -> bool) -
 impl EmbeddedBus {
     /// Opens the bus's keyspaces in the shared database and recovers every topic's offsets.
     pub fn open(db: &EmbeddedDatabase, cfg: &BusConfig) -> Result<EmbeddedBus> {
-        let log = db.keyspace(LOG)?;
+        let log = db.keyspace_with(LOG, |o| {
+            o.with_kv_separation(Some(
+                fjall::KvSeparationOptions::default().separation_threshold(BLOB_THRESHOLD),
+            ))
+        })?;
         let tidx = db.keyspace(TIDX)?;
         let meta = db.keyspace(META)?;
         let inner = Inner {

@@ -150,6 +150,18 @@ impl EmbeddedDatabase {
         })
     }
 
+    /// Opens (or creates) a keyspace with the configured memtable bound and further options.
+    pub fn keyspace_with(
+        &self,
+        name: &str,
+        more: impl FnOnce(KeyspaceCreateOptions) -> KeyspaceCreateOptions,
+    ) -> Result<Keyspace, fjall::Error> {
+        let bytes = self.memtable_bytes;
+        self.db.keyspace(name, || {
+            more(KeyspaceCreateOptions::default().max_memtable_size(bytes))
+        })
+    }
+
     /// Whether every batch is fsynced before it is acknowledged.
     pub fn sync_each_batch(&self) -> bool {
         self.sync_each_batch
