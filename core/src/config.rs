@@ -191,6 +191,8 @@ pub struct StoreConfig {
     pub max_row_cells: usize,
     /// Repack a row when a read finds more unpacked writes than this.
     pub repack_after_deltas: usize,
+    /// MiB of recently read rows the embedded store keeps merged in memory (0: off).
+    pub row_cache_mb: u64,
     /// Column families.
     pub families: BTreeMap<String, FamilyConfig>,
 }
@@ -500,6 +502,9 @@ impl Config {
             1,
             1024,
         )?;
+        if self.store.row_cache_mb != 0 {
+            range("store.row_cache_mb", self.store.row_cache_mb, 8, 1 << 20)?;
+        }
         if self.store.families.is_empty() {
             return Err(ConfigError::key(
                 "store.families",

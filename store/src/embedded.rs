@@ -23,6 +23,7 @@ use parking_lot::Mutex;
 use dmp_core::config::{Embedded, StoreConfig};
 use dmp_core::{Cell, Row};
 
+use crate::row_cache::RowCache;
 use crate::{check_row_key, codec, Get, Put, Result, Schema, StoreError, UserStore};
 
 /// Name of the keyspace holding rows.
@@ -205,6 +206,7 @@ pub struct EmbeddedStore {
     seq: AtomicU64,
     seq_reserved: Mutex<u64>,
     locks: Vec<Mutex<()>>,
+    cache: RowCache,
 }
 
 impl EmbeddedStore {
@@ -231,7 +233,13 @@ impl EmbeddedStore {
             seq: AtomicU64::new(start),
             seq_reserved: Mutex::new(reserved),
             locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+            cache: RowCache::new(cfg.row_cache_mb as usize * 1024 * 1024),
         })
+    }
+
+    /// Bytes held by the row cache and the rows in it.
+    pub fn row_cache_usage(&self) -> (usize, usize) {
+        self.cache.usage()
     }
 
     /// Cells physically stored for a row (before merging, TTL and versions): for tests and ops.
@@ -367,6 +375,59 @@ impl EmbeddedStore {
         Ok(())
     }
 
+    /// Repacks a cached row: its merged value becomes the base and the deltas the cache lists are
+    /// removed, with no LSM read. Skipped when a write arrived since the last merge.
+    fn repack_cached(&self, row: &str) -> Result<()> {
+        let _guard = self.lock_for(row).lock();
+        let Some((base, delta_keys)) = self.cache.repack_plan(row) else {
+            return Ok(());
+        };
+        if delta_keys.is_empty() {
+            return Ok(());
+        }
+        let mut base_key = row.as_bytes().to_vec();
+        base_key.extend_from_slice(&[0, 0]);
+        let mut batch = self.db.db.batch().durability(self.db.batch_durability());
+        if base.len() <= 1 {
+            batch.remove(&self.rows, base_key);
+        } else {
+            batch.insert(&self.rows, base_key, base);
+        }
+        for k in &delta_keys {
+            batch.remove(&self.rows, k.as_slice());
+        }
+        batch.commit()?;
+        self.cache.repacked(row, &delta_keys);
+        metrics::counter!(crate::metrics::REPACKS).increment(1);
+        Ok(())
+    }
+
+    /// A read served by the row cache: the cached base and the writes since, merged (TTL and
+    /// versions applied as of now); the merge goes back to the cache.
+    fn get_cached(&self, row: &str, cached: crate::row_cache::Cached) -> Result<Vec<Cell>> {
+        let corrupt = |reason| StoreError::Corrupt {
+            row: row.to_string(),
+            reason,
+        };
+        let mut raw = RawRow::default();
+        codec::decode(&cached.base, |c| raw.base.push(c)).map_err(corrupt)?;
+        let had_pending = !cached.pending.is_empty();
+        let mut pending = cached.pending;
+        pending.sort_unstable_by_key(|(seq, _)| *seq);
+        for (order, (_, value)) in pending.iter().enumerate() {
+            codec::decode(value, |c| raw.deltas.push((c, order as u32))).map_err(corrupt)?;
+        }
+        let cells = self.merge(raw, dmp_core::clock::now_ms());
+        if had_pending {
+            let base = bytes::Bytes::from(codec::encode(&cells));
+            self.cache.merged(row, cached.writes, base);
+        }
+        if cached.deltas_on_disk > self.repack_after {
+            self.repack_cached(row)?;
+        }
+        Ok(cells)
+    }
+
     fn next_seqs(&self, n: u64, batch: &mut fjall::OwnedWriteBatch) -> u64 {
         let start = self.seq.fetch_add(n, Ordering::Relaxed);
         let end = start + n;
@@ -433,7 +494,7 @@ impl UserStore for EmbeddedStore {
         let mut batch = self.db.db.batch().durability(self.db.batch_durability());
         let mut seq = self.next_seqs(puts.len() as u64, &mut batch);
         let mut kvs = Vec::with_capacity(puts.len());
-        for p in puts {
+        for (i, p) in puts.iter().enumerate() {
             if p.cells.is_empty() {
                 continue;
             }
@@ -441,27 +502,53 @@ impl UserStore for EmbeddedStore {
             key.extend_from_slice(p.row.as_bytes());
             key.extend_from_slice(&[0, 1]);
             key.extend_from_slice(&seq.to_be_bytes());
+            kvs.push((key, bytes::Bytes::from(codec::encode(&p.cells)), i, seq));
             seq += 1;
-            kvs.push((key, codec::encode(&p.cells)));
         }
         // In key order: consecutive memtable inserts then walk nearby skiplist nodes (that are in
         // cache) instead of a random path each. Keys are unique (sequence numbers).
         kvs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        for (key, value) in kvs {
-            batch.insert(&self.rows, key, value);
+        for (key, value, _, _) in &kvs {
+            batch.insert(&self.rows, key.as_slice(), value.clone());
         }
         batch.commit()?;
+        if self.cache.enabled() {
+            for (key, value, i, seq) in kvs {
+                self.cache.written(&puts[i].row, seq, value, key);
+            }
+        }
         Ok(())
     }
 
     fn get(&self, get: &Get) -> Result<Option<Row>> {
         check_row_key(&get.row)?;
-        let raw = self.read_parts(&get.row)?;
-        let needs_repack = raw.delta_keys.len() > self.repack_after;
-        let cells = self.merge(raw, dmp_core::clock::now_ms());
-        if needs_repack {
-            self.repack(&get.row)?;
-        }
+        let cells = if let Some(cached) = self.cache.get(&get.row) {
+            metrics::counter!(crate::metrics::ROW_CACHE_HITS).increment(1);
+            self.get_cached(&get.row, cached)?
+        } else {
+            // Taken before the read: a write the read does not see moves it (see row_cache).
+            let generation = self.cache.generation(&get.row);
+            let raw = self.read_parts(&get.row)?;
+            let needs_repack = raw.delta_keys.len() > self.repack_after;
+            let delta_keys = if self.cache.enabled() && !needs_repack {
+                raw.delta_keys.clone()
+            } else {
+                // A repack below removes every delta the read saw (and any later one would have
+                // moved the generation, so the row would not be cached).
+                Vec::new()
+            };
+            let cells = self.merge(raw, dmp_core::clock::now_ms());
+            if needs_repack {
+                self.repack(&get.row)?;
+            }
+            if self.cache.enabled() {
+                metrics::counter!(crate::metrics::ROW_CACHE_MISSES).increment(1);
+                // A buffer of the cache's own: the cells read are slices of LSM blocks.
+                let base = bytes::Bytes::from(codec::encode(&cells));
+                self.cache.insert(&get.row, generation, base, delta_keys);
+            }
+            cells
+        };
         let cells = self.filter(get, cells);
         Ok((!cells.is_empty()).then(|| Row {
             key: get.row.clone(),
@@ -479,6 +566,7 @@ impl UserStore for EmbeddedStore {
             batch.remove(&self.rows, kv.key()?);
         }
         batch.commit()?;
+        self.cache.remove(row);
         Ok(())
     }
 
@@ -598,7 +686,14 @@ impl CompactionFilter for TtlFilter {
 
 /// Opens a store in `dir` with default settings, for tests and benches.
 pub fn open_temp(dir: &std::path::Path) -> Result<(EmbeddedDatabase, EmbeddedStore)> {
-    let cfg = dmp_core::Config::defaults();
+    open_temp_with(dir, &dmp_core::Config::defaults())
+}
+
+/// Opens a store in `dir` with the embedded and store settings of `cfg`, for tests and benches.
+pub fn open_temp_with(
+    dir: &std::path::Path,
+    cfg: &dmp_core::Config,
+) -> Result<(EmbeddedDatabase, EmbeddedStore)> {
     let db = EmbeddedDatabase::open(dir, &cfg.embedded, &Schema::new(cfg.store.families.clone()))?;
     let store = EmbeddedStore::open(&db, &cfg.store)?;
     Ok((db, store))

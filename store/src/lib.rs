@@ -18,6 +18,7 @@ pub mod conformance;
 pub mod embedded;
 mod instrumented;
 pub mod metrics;
+mod row_cache;
 pub mod suppress;
 
 use std::collections::BTreeMap;

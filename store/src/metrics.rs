@@ -14,3 +14,7 @@ pub const REPACKS: &str = "dmp_store_repacks_total";
 pub const ERRORS: &str = "dmp_store_errors_total";
 /// Cells dropped by TTL during compaction (counter).
 pub const TTL_DROPPED_CELLS: &str = "dmp_store_ttl_dropped_cells_total";
+/// Whole-row reads the embedded store answered from its row cache (counter).
+pub const ROW_CACHE_HITS: &str = "dmp_store_row_cache_hits_total";
+/// Whole-row reads that went to the LSM while the row cache is on (counter).
+pub const ROW_CACHE_MISSES: &str = "dmp_store_row_cache_misses_total";

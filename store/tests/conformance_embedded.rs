@@ -3,18 +3,23 @@
 
 use dmp_core::clock::{now_ms, DAY_MS};
 use dmp_core::Cell;
-use dmp_store::embedded::{major_compact, open_temp};
+use dmp_store::embedded::{major_compact, open_temp, open_temp_with};
 use dmp_store::{conformance, Get, Instrumented, Put, UserStore};
 
 #[test]
 fn given_embedded_store_when_running_conformance_then_every_check_passes() {
     let mut failures = Vec::new();
-    for (name, check) in conformance::checks() {
-        let dir = tempfile::tempdir().unwrap();
-        let (_db, store) = open_temp(dir.path()).unwrap();
-        let store = Instrumented::new(store);
-        if let Err(e) = check(&store) {
-            failures.push(format!("{name}: {e}"));
+    // With the default row cache, without one, and with the smallest (rows evicted).
+    for cache_mb in [512, 0, 8] {
+        let mut cfg = dmp_core::Config::defaults();
+        cfg.store.row_cache_mb = cache_mb;
+        for (name, check) in conformance::checks() {
+            let dir = tempfile::tempdir().unwrap();
+            let (_db, store) = open_temp_with(dir.path(), &cfg).unwrap();
+            let store = Instrumented::new(store);
+            if let Err(e) = check(&store) {
+                failures.push(format!("{name} (row_cache_mb = {cache_mb}): {e}"));
+            }
         }
     }
     assert!(

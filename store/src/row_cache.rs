@@ -1,0 +1,265 @@
+//! The embedded store's cache of recently read rows, kept up to date by every write.
+//!
+//! A segmenter reads a user's whole row moments after the storage writer appended to it, and the
+//! LSM range read of the row's base and deltas was most of the segmenter's CPU. The cache holds,
+//! per row, the merged row as one packed value (the base a repack would write) plus the packed
+//! values written since, so a read decodes two or three buffers instead of iterating every LSM
+//! table that may hold the row.
+//!
+//! **Coherence.** A cached entry is always the merge of every committed write of its row:
+//! - a write commits to the LSM first, then, under the entry's shard lock, appends its packed
+//!   cells to the entry (if the row is cached) and bumps the shard's generation;
+//! - a read that misses notes the shard's generation *before* it reads the LSM and inserts what
+//!   it read only if the generation has not moved. A write that the read's snapshot did not see
+//!   either bumped the generation before the insert (nothing is inserted) or finds the inserted
+//!   entry and appends itself to it;
+//! - deleting a row removes its entry and bumps the generation the same way.
+//!
+//! The entry also lists the row's delta records on disk, so a repack writes the cached merged
+//! row as the new base and removes exactly those deltas, without reading the LSM.
+//!
+//! **Bounds.** The cache is split into [`SHARDS`] shards, each an LRU bounded in bytes (packed
+//! values, delta keys and a fixed overhead per entry); a row larger than an eighth of a shard is
+//! not cached. Values are copies in buffers of the cache's own, never slices of LSM blocks.
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+
+/// Number of independently locked shards.
+pub const SHARDS: usize = 256;
+/// Bytes counted per entry beyond its buffers (map slot, LRU links, vectors).
+const ENTRY_OVERHEAD: usize = 160;
+
+/// One cached row.
+pub(crate) struct Entry {
+    /// The merged row, packed (`codec::encode` of HBase-ordered cells, versions applied).
+    pub base: Bytes,
+    /// Packed cells of writes after `base` with their sequence numbers (the delta keys' order:
+    /// a higher one wins a coordinate), in the order they were recorded.
+    pub pending: Vec<(u64, Bytes)>,
+    /// The row's delta records on disk (keys), in the order they were recorded.
+    pub delta_keys: Vec<Vec<u8>>,
+    /// Writes recorded since the entry was inserted.
+    pub writes: u64,
+}
+
+impl Entry {
+    fn bytes(&self, row: &str) -> usize {
+        ENTRY_OVERHEAD
+            + row.len()
+            + self.base.len()
+            + self.pending.iter().map(|(_, b)| b.len()).sum::<usize>()
+            + self.delta_keys.iter().map(|k| k.len() + 24).sum::<usize>()
+    }
+}
+
+struct Shard {
+    map: lru::LruCache<Box<str>, Entry>,
+    bytes: usize,
+    generation: u64,
+}
+
+/// What a cached read returns: the row's packed parts, and how many delta records it has on disk.
+pub(crate) struct Cached {
+    pub base: Bytes,
+    pub pending: Vec<(u64, Bytes)>,
+    pub deltas_on_disk: usize,
+    /// The entry's write count, for [`RowCache::merged`].
+    pub writes: u64,
+}
+
+/// The cache (see the module doc). Capacity 0 turns it off: every call is a no-op or a miss.
+pub(crate) struct RowCache {
+    shards: Box<[Mutex<Shard>]>,
+    shard_capacity: usize,
+}
+
+impl RowCache {
+    /// A cache of at most `capacity` bytes in all.
+    pub fn new(capacity: usize) -> RowCache {
+        let shards = if capacity == 0 { 0 } else { SHARDS };
+        RowCache {
+            shards: (0..shards)
+                .map(|_| {
+                    Mutex::new(Shard {
+                        map: lru::LruCache::unbounded(),
+                        bytes: 0,
+                        generation: 0,
+                    })
+                })
+                .collect(),
+            shard_capacity: capacity / SHARDS.max(1),
+        }
+    }
+
+    /// Whether the cache is on.
+    pub fn enabled(&self) -> bool {
+        !self.shards.is_empty()
+    }
+
+    fn shard(&self, row: &str) -> &Mutex<Shard> {
+        let h = dmp_core::partition::uid_hash(row.as_bytes());
+        // The high bits: the low ones pick the store's lock stripe and the bus partition.
+        &self.shards[(h >> 40) as usize % self.shards.len()]
+    }
+
+    /// The row's shard generation, to pass to [`RowCache::insert`] after reading the LSM.
+    pub fn generation(&self, row: &str) -> u64 {
+        if !self.enabled() {
+            return 0;
+        }
+        self.shard(row).lock().generation
+    }
+
+    /// The cached row, most recently used now.
+    pub fn get(&self, row: &str) -> Option<Cached> {
+        if !self.enabled() {
+            return None;
+        }
+        let mut shard = self.shard(row).lock();
+        let e = shard.map.get(row)?;
+        Some(Cached {
+            base: e.base.clone(),
+            pending: e.pending.clone(),
+            deltas_on_disk: e.delta_keys.len(),
+            writes: e.writes,
+        })
+    }
+
+    /// Caches a row read from the LSM when no write or delete touched its shard since
+    /// `generation` was taken (before the read). `base` must be a buffer of its own.
+    pub fn insert(&self, row: &str, generation: u64, base: Bytes, delta_keys: Vec<Vec<u8>>) {
+        if !self.enabled() {
+            return;
+        }
+        let entry = Entry {
+            base,
+            pending: Vec::new(),
+            delta_keys,
+            writes: 0,
+        };
+        let size = entry.bytes(row);
+        if size > self.shard_capacity / 8 {
+            return;
+        }
+        let mut shard = self.shard(row).lock();
+        if shard.generation != generation || shard.map.contains(row) {
+            return;
+        }
+        shard.map.put(row.into(), entry);
+        shard.bytes += size;
+        self.evict(&mut shard);
+    }
+
+    /// Records a committed write of packed `cells` under delta key `key` (sequence `seq`).
+    pub fn written(&self, row: &str, seq: u64, cells: Bytes, key: Vec<u8>) {
+        if !self.enabled() {
+            return;
+        }
+        let mut guard = self.shard(row).lock();
+        let shard = &mut *guard;
+        shard.generation += 1;
+        let Some(e) = shard.map.peek_mut(row) else {
+            return;
+        };
+        let before = e.bytes(row);
+        e.pending.push((seq, cells));
+        e.delta_keys.push(key);
+        e.writes += 1;
+        let after = e.bytes(row);
+        shard.bytes = shard.bytes + after - before;
+        if after > self.shard_capacity / 8 {
+            let gone = shard.map.pop(row).map(|e| e.bytes(row)).unwrap_or(0);
+            shard.bytes -= gone;
+        }
+        self.evict(shard);
+    }
+
+    /// Replaces a cached row's parts with their merge `base`, when nothing was written since the
+    /// read that saw `writes` (otherwise leaves them; the next read merges again).
+    pub fn merged(&self, row: &str, writes: u64, base: Bytes) {
+        if !self.enabled() {
+            return;
+        }
+        let mut guard = self.shard(row).lock();
+        let shard = &mut *guard;
+        let Some(e) = shard.map.peek_mut(row) else {
+            return;
+        };
+        if e.writes != writes {
+            return;
+        }
+        let before = e.bytes(row);
+        e.base = base;
+        e.pending.clear();
+        let after = e.bytes(row);
+        shard.bytes = shard.bytes + after - before;
+        self.evict(shard);
+    }
+
+    /// The merged row and the delta keys to remove when repacking from the cache, if the row is
+    /// cached with no write since its last merge.
+    pub fn repack_plan(&self, row: &str) -> Option<(Bytes, Vec<Vec<u8>>)> {
+        if !self.enabled() {
+            return None;
+        }
+        let shard = self.shard(row).lock();
+        let e = shard.map.peek(row)?;
+        e.pending
+            .is_empty()
+            .then(|| (e.base.clone(), e.delta_keys.clone()))
+    }
+
+    /// Forgets delta keys a committed repack removed.
+    pub fn repacked(&self, row: &str, removed: &[Vec<u8>]) {
+        if !self.enabled() {
+            return;
+        }
+        let mut guard = self.shard(row).lock();
+        let shard = &mut *guard;
+        let Some(e) = shard.map.peek_mut(row) else {
+            return;
+        };
+        let before = e.bytes(row);
+        // Removed keys are the oldest ones, in order.
+        let n = e
+            .delta_keys
+            .iter()
+            .zip(removed)
+            .take_while(|(a, b)| a == b)
+            .count();
+        e.delta_keys.drain(..n);
+        let after = e.bytes(row);
+        shard.bytes = shard.bytes + after - before;
+    }
+
+    /// Forgets a row (after its deletion committed).
+    pub fn remove(&self, row: &str) {
+        if !self.enabled() {
+            return;
+        }
+        let mut guard = self.shard(row).lock();
+        let shard = &mut *guard;
+        shard.generation += 1;
+        if let Some(e) = shard.map.pop(row) {
+            shard.bytes -= e.bytes(row);
+        }
+    }
+
+    /// Bytes held and rows cached, over all shards.
+    pub fn usage(&self) -> (usize, usize) {
+        self.shards.iter().fold((0, 0), |(b, n), s| {
+            let s = s.lock();
+            (b + s.bytes, n + s.map.len())
+        })
+    }
+
+    fn evict(&self, shard: &mut Shard) {
+        while shard.bytes > self.shard_capacity {
+            match shard.map.pop_lru() {
+                Some((row, e)) => shard.bytes -= e.bytes(&row),
+                None => break,
+            }
+        }
+    }
+}
