@@ -422,7 +422,7 @@ impl EmbeddedStore {
             let base = bytes::Bytes::from(codec::encode(&cells));
             self.cache.merged(row, cached.writes, base);
         }
-        if cached.deltas_on_disk > self.repack_after {
+        if cached.deltas_on_disk > self.repack_after * 4 {
             self.repack_cached(row)?;
         }
         Ok(cells)
