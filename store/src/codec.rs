@@ -11,11 +11,19 @@ use dmp_core::Cell;
 
 const FORMAT: u8 = 1;
 
-/// Encodes cells into one packed value.
+/// Encodes cells into one packed value, in a buffer of exactly its size (the value is kept as is
+/// by the memtable and the row cache, so spare capacity would be memory nobody counts).
 pub fn encode(cells: &[Cell]) -> Vec<u8> {
     let size: usize = cells
         .iter()
-        .map(|c| 1 + c.family.len() + 5 + c.qualifier.len() + 10 + 5 + c.value.len())
+        .map(|c| {
+            1 + c.family.len()
+                + varint_len(c.qualifier.len() as u64)
+                + c.qualifier.len()
+                + varint_len(zigzag(c.ts))
+                + varint_len(c.value.len() as u64)
+                + c.value.len()
+        })
         .sum();
     let mut out = Vec::with_capacity(1 + size);
     out.push(FORMAT);
@@ -87,6 +95,11 @@ fn unzigzag(v: u64) -> i64 {
     ((v >> 1) as i64) ^ -((v & 1) as i64)
 }
 
+/// Bytes of `v` as an unsigned LEB128 varint.
+fn varint_len(v: u64) -> usize {
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
+}
+
 /// Appends an unsigned LEB128 varint.
 pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
@@ -114,6 +127,32 @@ pub fn get_varint(buf: &mut &[u8]) -> Result<u64, String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn given_cells_when_encoded_then_the_buffer_is_exactly_the_value() {
+        let cells: Vec<dmp_core::Cell> = [
+            0i64,
+            1,
+            -1,
+            63,
+            64,
+            1 << 20,
+            1_795_000_000_000,
+            i64::MIN,
+            i64::MAX,
+        ]
+        .iter()
+        .enumerate()
+        .map(|(i, ts)| dmp_core::Cell::new("e", "q".repeat(i * 40), *ts, vec![7u8; i * 50]))
+        .collect();
+        let v = super::encode(&cells);
+        assert_eq!(v.len(), v.capacity());
+        for v in [0u64, 1, 127, 128, 16383, 16384, u64::MAX] {
+            let mut out = Vec::new();
+            super::put_varint(&mut out, v);
+            assert_eq!(super::varint_len(v), out.len(), "{v}");
+        }
+    }
+
     use super::*;
     use proptest::prelude::*;
 
