@@ -1121,7 +1121,7 @@ impl EmbeddedConsumer {
     }
 
     fn try_read(&mut self, max: usize) -> Result<Vec<Record>> {
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(max.min(1024));
         let n = self.owned.len();
         for i in 0..n {
             if out.len() >= max {

@@ -30,7 +30,9 @@ pub fn ua_dictionary_row(id: u64) -> String {
 /// The cells of one event (the event's strings move into the cells: no copies).
 pub fn event_cells(ev: Event, en: &Enrichment) -> Vec<Cell> {
     let ts = ev.ts;
-    let mut cells = Vec::with_capacity(9 + ev.attrs.len());
+    // Five event fields, ip, geo, four user-agent cells, crawler, first_seen, and the writer's
+    // `m:written` (pushed later): no growth.
+    let mut cells = Vec::with_capacity(14 + ev.attrs.len());
     for (q, v) in [
         ("type", ev.kind),
         ("url", ev.url),
