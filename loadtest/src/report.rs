@@ -400,12 +400,17 @@ pub fn summary(r: &Report) -> String {
             s.push_str(&format!("\n{}: audience estimates vs truth:", p.label));
             for a in &p.audience {
                 s.push_str(&format!(
-                    " {} {} in [{}, {}] truth {}{};",
+                    " {} {} in [{}, {}] truth {}{}{};",
                     a.expr,
                     a.estimate,
                     a.low,
                     a.high,
                     a.truth,
+                    if a.bots_never_counted > 0 {
+                        format!(" ({} bots never evaluated left out)", a.bots_never_counted)
+                    } else {
+                        String::new()
+                    },
                     if a.within { "" } else { " OUTSIDE" }
                 ));
             }

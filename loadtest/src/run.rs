@@ -46,6 +46,10 @@ pub struct Correctness {
     pub errors: u64,
     /// The first wrong users.
     pub wrong: Vec<Wrong>,
+    /// Bots the rules put in a segment (or in the audience check's intersection) that dmp left
+    /// in none, because the blacklist stopped them before their first evaluation: dmp never
+    /// counted them, so the audience check takes them off the truth.
+    pub bots_never_counted: BTreeMap<String, u64>,
 }
 
 /// One audience estimate against the truth.
@@ -53,8 +57,11 @@ pub struct Correctness {
 pub struct AudienceCheck {
     /// The expression.
     pub expr: String,
-    /// The true number of users.
+    /// The true number of users: the rules' members, less bots dmp rightly never evaluated
+    /// (see [`Correctness::bots_never_counted`]).
     pub truth: u64,
+    /// Of the rules' members, bots the blacklist stopped before their first evaluation.
+    pub bots_never_counted: u64,
     /// dmp's estimate.
     pub estimate: u64,
     /// Its interval.
@@ -471,7 +478,12 @@ async fn phase(
             phase.samples.iter().map(|s| s.peak_rss).max().unwrap_or(0) as f64 / 1_048_576.0;
     }
     if scenario.checks.audience {
-        phase.audience = check_audience(&dmp.url, &oracle).await?;
+        let bots = phase
+            .correctness
+            .as_ref()
+            .map(|c| c.bots_never_counted.clone())
+            .unwrap_or_default();
+        phase.audience = check_audience(&dmp.url, &oracle, &bots).await?;
     }
     if scenario.checks.lookup_rate > 0.0 {
         let uids: Vec<String> = {
@@ -638,6 +650,14 @@ async fn check_users(base: &str, gen: &Generator, oracle: &Arc<Mutex<Oracle>>) -
         got_sorted.sort();
         // A bot may have been blacklisted before its first evaluation: then it has no segment.
         let right = got_sorted == expected || (bot && got_sorted.is_empty());
+        if bot && got_sorted.is_empty() && !expected.is_empty() {
+            for s in &expected {
+                *c.bots_never_counted.entry(s.to_string()).or_default() += 1;
+            }
+            if expected.contains(&BOTH.0) && expected.contains(&BOTH.1) {
+                *c.bots_never_counted.entry(both_expr()).or_default() += 1;
+            }
+        }
         if !right {
             c.wrong_total += 1;
             if c.wrong.len() < 20 {
@@ -653,14 +673,22 @@ async fn check_users(base: &str, gen: &Generator, oracle: &Arc<Mutex<Oracle>>) -
     c
 }
 
+/// The intersection the audience check asks about.
+const BOTH: (&str, &str) = ("cat_lovers", "mortgage_seekers");
+
+fn both_expr() -> String {
+    format!("{} and {}", BOTH.0, BOTH.1)
+}
+
 /// Audience estimates of each segment and of one intersection over the days of the run.
 async fn check_audience(
     base: &str,
     oracle: &Arc<Mutex<Oracle>>,
+    bots_never_counted: &BTreeMap<String, u64>,
 ) -> anyhow::Result<Vec<AudienceCheck>> {
     let (sizes, both) = {
         let o = oracle.lock().expect("not poisoned");
-        (o.segment_sizes(), o.both("cat_lovers", "mortgage_seekers"))
+        (o.segment_sizes(), o.both(BOTH.0, BOTH.1))
     };
     let day = chrono::Utc::now().format("%Y-%m-%d").to_string();
     let yesterday = (chrono::Utc::now() - chrono::Duration::days(1))
@@ -670,8 +698,10 @@ async fn check_audience(
     let mut out = Vec::new();
     let mut exprs: Vec<(String, u64)> =
         SEGMENTS.iter().map(|s| (s.to_string(), sizes[s])).collect();
-    exprs.push(("cat_lovers and mortgage_seekers".into(), both));
-    for (expr, truth) in exprs {
+    exprs.push((both_expr(), both));
+    for (expr, members) in exprs {
+        let bots = bots_never_counted.get(&expr).copied().unwrap_or(0);
+        let truth = members - bots;
         // The run may cross midnight (UTC): users are counted on the day they were evaluated.
         let v: serde_json::Value = http
             .get(format!("{base}/v1/audience"))
@@ -689,6 +719,7 @@ async fn check_audience(
         out.push(AudienceCheck {
             expr,
             truth,
+            bots_never_counted: bots,
             estimate,
             low,
             high,

@@ -22,7 +22,7 @@ pub struct EventView<'a> {
     /// Cells of family `e` with this version.
     pub cells: Vec<(&'a str, &'a [u8])>,
     /// The same cells as text, and lowercased on first use (for `contains` and hosts).
-    text: Vec<(Cow<'a, str>, std::cell::OnceCell<String>)>,
+    text: Vec<(Cow<'a, str>, std::cell::OnceCell<Option<String>>)>,
     /// Index in `cells` of each well-known qualifier ([`crate::lang::SLOTS`]); `u16::MAX`: absent.
     slots: [u16; crate::lang::SLOTS.len()],
     /// Parts derived once per event, as byte ranges: host (in the lowercased text) and path (in
@@ -93,7 +93,7 @@ impl<'a> UserView<'a> {
                 )
             })
             .map(|(ts, cells)| {
-                let text: Vec<(Cow<'_, str>, std::cell::OnceCell<String>)> = cells
+                let text: Vec<(Cow<'_, str>, std::cell::OnceCell<Option<String>>)> = cells
                     .iter()
                     .map(|(_, v)| (text(v), std::cell::OnceCell::new()))
                     .collect();
@@ -108,7 +108,7 @@ impl<'a> UserView<'a> {
                 for (k, slot) in [1usize, 2].into_iter().enumerate() {
                     if slots[slot] != u16::MAX {
                         let (t, low) = &text[slots[slot] as usize];
-                        let low = low.get_or_init(|| t.to_lowercase());
+                        let low = lowered(t, low);
                         hosts[k] = Some(range_in(low, host(low)));
                         paths[k] = Some(range_in(t, path(t)));
                     }
@@ -174,6 +174,16 @@ enum Value<'a> {
     Str(Cow<'a, str>),
     Dur(i64),
     Missing,
+}
+
+/// The lowercased text, made on first use: `t` itself when it is ASCII with no capital letter
+/// (most URLs and hosts), else a lowercased copy kept in `low`.
+fn lowered<'v>(t: &'v str, low: &'v std::cell::OnceCell<Option<String>>) -> &'v str {
+    low.get_or_init(|| {
+        (!t.bytes().all(|b| b.is_ascii() && !b.is_ascii_uppercase())).then(|| t.to_lowercase())
+    })
+    .as_deref()
+    .unwrap_or(t)
 }
 
 fn text(v: &[u8]) -> Cow<'_, str> {
@@ -542,7 +552,7 @@ fn field_raw<'v>(f: &Field, ev: &'v EventView<'v>) -> Option<&'v str> {
         Field::Cell(q) => ev.index(q).map(|i| ev.text[i].0.as_ref()),
         Field::Host(s) => {
             let (t, l) = &ev.text[ev.slot(*s)?];
-            sub(l.get_or_init(|| t.to_lowercase()), ev.hosts[which(*s)]?)
+            sub(lowered(t, l), ev.hosts[which(*s)]?)
         }
         Field::Path(s) => sub(&ev.text[ev.slot(*s)?].0, ev.paths[which(*s)]?),
         Field::Geo(part) => sub(&ev.text[ev.slot(6)?].0, ev.geo[*part]?),
@@ -555,7 +565,7 @@ fn field_text<'v>(f: &Field, ev: &'v EventView<'v>, lower: bool) -> Option<Cow<'
     let at = |i: usize, low: bool| -> &'v str {
         let (t, l) = &ev.text[i];
         if low {
-            l.get_or_init(|| t.to_lowercase()).as_str()
+            lowered(t, l)
         } else {
             t.as_ref()
         }
@@ -615,6 +625,20 @@ fn compare(l: &Value<'_>, op: CmpOp, r: &Value<'_>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn given_text_when_lowercased_then_copied_only_when_not_already_lowercase_ascii() {
+        for (t, want, copied) in [
+            ("https://cats.example/a", "https://cats.example/a", false),
+            ("https://Cats.Example/A", "https://cats.example/a", true),
+            ("ипотека", "ипотека", true),
+            ("ИПОТЕКА", "ипотека", true),
+        ] {
+            let low = std::cell::OnceCell::new();
+            assert_eq!(lowered(t, &low), want);
+            assert_eq!(low.get().unwrap().is_some(), copied, "{t}");
+        }
+    }
 
     /// The compiled form of every event condition shape agrees with the interpreter, event by
     /// event, including missing fields, case, non-ASCII text and regexes that are only prefixes.
