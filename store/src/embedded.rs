@@ -237,6 +237,11 @@ impl EmbeddedStore {
         })
     }
 
+    /// Drops every row from the row cache, as eviction would (the next reads go to the LSM).
+    pub fn clear_row_cache(&self) {
+        self.cache.clear();
+    }
+
     /// Bytes held by the row cache and the rows in it.
     pub fn row_cache_usage(&self) -> (usize, usize) {
         self.cache.usage()

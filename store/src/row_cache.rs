@@ -246,6 +246,15 @@ impl RowCache {
         }
     }
 
+    /// Drops every cached row, as eviction would.
+    pub fn clear(&self) {
+        for s in self.shards.iter() {
+            let mut s = s.lock();
+            s.map.clear();
+            s.bytes = 0;
+        }
+    }
+
     /// Bytes held and rows cached, over all shards.
     pub fn usage(&self) -> (usize, usize) {
         self.shards.iter().fold((0, 0), |(b, n), s| {

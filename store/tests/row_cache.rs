@@ -110,22 +110,21 @@ proptest! {
     }
 }
 
-/// Two writers (one per family, as the storage writer and the segmenter are) and two readers on
-/// 16 rows for a second: afterwards every row read through the cache equals the LSM's, and the
-/// cache answered most reads and repacked rows without reading the LSM.
+/// Two writers (one per family, as the storage writer and the segmenter are; 3000 batches each)
+/// and two readers on 16 rows, reading until the writers are done while a third thread keeps
+/// emptying the cache: afterwards every row read through the cache equals the LSM's, and repacks
+/// from the cache kept the rows' deltas bounded.
 #[test]
 fn given_concurrent_writers_and_readers_then_the_cache_equals_the_lsm() {
     let dir = tempfile::tempdir().unwrap();
     let (db, store) = open_temp_with(dir.path(), &config(64)).unwrap();
     let store = Arc::new(store);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut threads = Vec::new();
+    let mut writers = Vec::new();
     for (w, family) in ["e", "s"].into_iter().enumerate() {
-        let (store, stop) = (store.clone(), stop.clone());
-        threads.push(std::thread::spawn(move || {
-            let mut n = 0i64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                n += 1;
+        let store = store.clone();
+        writers.push(std::thread::spawn(move || {
+            for n in 1..=3000i64 {
                 let puts: Vec<Put> = (0..4)
                     .map(|i| Put {
                         row: format!("u{}", (n * 7 + i + w as i64) % 16),
@@ -139,12 +138,26 @@ fn given_concurrent_writers_and_readers_then_the_cache_equals_the_lsm() {
                     .collect();
                 store.put(&puts).unwrap();
             }
+        }));
+    }
+    let mut readers = Vec::new();
+    // Rows keep leaving the cache, so reads keep missing and racing the writes (a miss that
+    // inserts what it read after a write it did not see would leave the row stale).
+    {
+        let (store, stop) = (store.clone(), stop.clone());
+        readers.push(std::thread::spawn(move || {
+            let mut n = 0i64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                store.clear_row_cache();
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
             n
         }));
     }
     for _ in 0..2 {
         let (store, stop) = (store.clone(), stop.clone());
-        threads.push(std::thread::spawn(move || {
+        readers.push(std::thread::spawn(move || {
             let mut n = 0i64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 n += 1;
@@ -153,13 +166,12 @@ fn given_concurrent_writers_and_readers_then_the_cache_equals_the_lsm() {
             n
         }));
     }
-    std::thread::sleep(std::time::Duration::from_secs(1));
+    for w in writers {
+        w.join().unwrap();
+    }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let counts: Vec<i64> = threads.into_iter().map(|t| t.join().unwrap()).collect();
-    assert!(
-        counts.iter().all(|n| *n > 100),
-        "every thread made progress: {counts:?}"
-    );
+    let reads: Vec<i64> = readers.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(reads.iter().all(|n| *n > 0), "reads: {reads:?}");
     let lsm = lsm_reader(&db);
     for r in 0..16 {
         let g = Get::row(format!("u{r}"));
@@ -168,7 +180,7 @@ fn given_concurrent_writers_and_readers_then_the_cache_equals_the_lsm() {
         assert_eq!(store.get(&g).unwrap(), want, "row u{r}");
     }
     let (bytes, rows) = store.row_cache_usage();
-    assert_eq!(rows, 16, "every row cached ({bytes} bytes)");
+    assert_eq!(rows, 16, "every row cached again ({bytes} bytes)");
     // Repacks from the cache keep the rows' delta records bounded.
     for r in 0..16 {
         let stored = store.stored_cells(&format!("u{r}")).unwrap();
@@ -195,18 +207,20 @@ fn given_a_cached_row_over_the_repack_threshold_then_it_is_repacked_without_an_l
     };
     put(1);
     assert!(store.get(&Get::row("u")).unwrap().is_some()); // cached now
-    for ts in 2..=20 {
+                                                           // A cached row is repacked after 4 x repack_after_deltas (32) writes: 40 puts repack once.
+    for ts in 2..=40 {
         put(ts);
         store.get(&Get::row("u")).unwrap();
     }
     let row = store.get(&Get::row("u")).unwrap().unwrap();
-    // 20 versions of e:page, the newest s:current only (max_versions = 1).
-    assert_eq!(row.cells.len(), 21);
+    // 40 versions of e:page, the newest s:current only (max_versions = 1).
+    assert_eq!(row.cells.len(), 41);
     assert_eq!(
         row.cells.iter().find(|c| c.family == "s").unwrap().value,
-        "s20"
+        "s40"
     );
     let stored = store.stored_cells("u").unwrap();
-    assert!(stored <= 21 + 2 * 9, "{stored} cells stored: repacked");
+    // Unrepacked: 80 cells (2 per put). Repacked at the 33rd delta: a base of 34, then 7 deltas.
+    assert!(stored <= 34 + 2 * 7, "{stored} cells stored: repacked");
     assert_eq!(lsm_reader(&db).get(&Get::row("u")).unwrap(), Some(row));
 }
