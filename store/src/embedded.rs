@@ -32,6 +32,9 @@ const META_KEYSPACE: &str = "store.meta";
 const SEQ_KEY: &[u8] = b"seq.reserved";
 const SEQ_BLOCK: u64 = 1 << 24;
 const LOCK_STRIPES: usize = 1024;
+/// A cached row is repacked after this many times `repack_after_deltas` writes: reads of it do
+/// not pay for deltas, and each repack writes the whole row.
+const CACHED_REPACK_FACTOR: usize = 4;
 
 /// The embedded fjall database shared by the embedded bus and store, with its fsync policy.
 /// Cloning is cheap; the periodic fsync stops when the last clone is dropped.
@@ -145,10 +148,7 @@ impl EmbeddedDatabase {
 
     /// Opens (or creates) a keyspace with the configured memtable bound.
     pub fn keyspace(&self, name: &str) -> Result<Keyspace, fjall::Error> {
-        let bytes = self.memtable_bytes;
-        self.db.keyspace(name, || {
-            KeyspaceCreateOptions::default().max_memtable_size(bytes)
-        })
+        self.keyspace_with(name, |o| o)
     }
 
     /// Opens (or creates) a keyspace with the configured memtable bound and further options.
@@ -364,16 +364,22 @@ impl EmbeddedStore {
         }
         let delta_keys = std::mem::take(&mut raw.delta_keys);
         let cells = self.merge(raw, dmp_core::clock::now_ms());
+        self.write_repack(row, codec::encode(&cells).into(), &delta_keys)
+    }
+
+    /// Commits a repack: `base` (packed cells; an empty one removes the base) replaces the row's
+    /// base and `delta_keys` are removed, in one batch. The caller holds the row's lock.
+    fn write_repack(&self, row: &str, base: bytes::Bytes, delta_keys: &[Vec<u8>]) -> Result<()> {
         let mut base_key = row.as_bytes().to_vec();
         base_key.extend_from_slice(&[0, 0]);
         let mut batch = self.db.db.batch().durability(self.db.batch_durability());
-        if cells.is_empty() {
+        if base.len() <= 1 {
             batch.remove(&self.rows, base_key);
         } else {
-            batch.insert(&self.rows, base_key, codec::encode(&cells));
+            batch.insert(&self.rows, base_key, base);
         }
         for k in delta_keys {
-            batch.remove(&self.rows, k);
+            batch.remove(&self.rows, k.as_slice());
         }
         batch.commit()?;
         metrics::counter!(crate::metrics::REPACKS).increment(1);
@@ -390,20 +396,8 @@ impl EmbeddedStore {
         if delta_keys.is_empty() {
             return Ok(());
         }
-        let mut base_key = row.as_bytes().to_vec();
-        base_key.extend_from_slice(&[0, 0]);
-        let mut batch = self.db.db.batch().durability(self.db.batch_durability());
-        if base.len() <= 1 {
-            batch.remove(&self.rows, base_key);
-        } else {
-            batch.insert(&self.rows, base_key, base);
-        }
-        for k in &delta_keys {
-            batch.remove(&self.rows, k.as_slice());
-        }
-        batch.commit()?;
+        self.write_repack(row, base, &delta_keys)?;
         self.cache.repacked(row, &delta_keys);
-        metrics::counter!(crate::metrics::REPACKS).increment(1);
         Ok(())
     }
 
@@ -427,7 +421,7 @@ impl EmbeddedStore {
             let base = bytes::Bytes::from(codec::encode(&cells));
             self.cache.merged(row, cached.writes, base);
         }
-        if cached.deltas_on_disk > self.repack_after * 4 {
+        if cached.deltas_on_disk > self.repack_after * CACHED_REPACK_FACTOR {
             self.repack_cached(row)?;
         }
         Ok(cells)

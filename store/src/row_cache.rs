@@ -151,21 +151,23 @@ impl RowCache {
         self.evict(&mut shard);
     }
 
-    /// Records a committed write of packed `cells` under delta key `key` (sequence `seq`).
-    pub fn written(&self, row: &str, seq: u64, cells: Bytes, key: Vec<u8>) {
+    /// Changes a cached row under its shard's lock, keeping the shard's byte count: a row grown
+    /// past the size limit leaves the cache, and the shard is trimmed to its capacity. `write`
+    /// (a committed write) moves the shard's generation first, cached row or not.
+    fn update(&self, row: &str, write: bool, change: impl FnOnce(&mut Entry)) {
         if !self.enabled() {
             return;
         }
         let mut guard = self.shard(row).lock();
         let shard = &mut *guard;
-        shard.generation += 1;
+        if write {
+            shard.generation += 1;
+        }
         let Some(e) = shard.map.peek_mut(row) else {
             return;
         };
         let before = e.bytes(row);
-        e.pending.push((seq, cells));
-        e.delta_keys.push(key);
-        e.writes += 1;
+        change(e);
         let after = e.bytes(row);
         shard.bytes = shard.bytes + after - before;
         if after > self.shard_capacity / 8 {
@@ -175,26 +177,24 @@ impl RowCache {
         self.evict(shard);
     }
 
+    /// Records a committed write of packed `cells` under delta key `key` (sequence `seq`).
+    pub fn written(&self, row: &str, seq: u64, cells: Bytes, key: Vec<u8>) {
+        self.update(row, true, |e| {
+            e.pending.push((seq, cells));
+            e.delta_keys.push(key);
+            e.writes += 1;
+        });
+    }
+
     /// Replaces a cached row's parts with their merge `base`, when nothing was written since the
     /// read that saw `writes` (otherwise leaves them; the next read merges again).
     pub fn merged(&self, row: &str, writes: u64, base: Bytes) {
-        if !self.enabled() {
-            return;
-        }
-        let mut guard = self.shard(row).lock();
-        let shard = &mut *guard;
-        let Some(e) = shard.map.peek_mut(row) else {
-            return;
-        };
-        if e.writes != writes {
-            return;
-        }
-        let before = e.bytes(row);
-        e.base = base;
-        e.pending.clear();
-        let after = e.bytes(row);
-        shard.bytes = shard.bytes + after - before;
-        self.evict(shard);
+        self.update(row, false, |e| {
+            if e.writes == writes {
+                e.base = base;
+                e.pending.clear();
+            }
+        });
     }
 
     /// The merged row and the delta keys to remove when repacking from the cache, if the row is
@@ -212,25 +212,16 @@ impl RowCache {
 
     /// Forgets delta keys a committed repack removed.
     pub fn repacked(&self, row: &str, removed: &[Vec<u8>]) {
-        if !self.enabled() {
-            return;
-        }
-        let mut guard = self.shard(row).lock();
-        let shard = &mut *guard;
-        let Some(e) = shard.map.peek_mut(row) else {
-            return;
-        };
-        let before = e.bytes(row);
-        // Removed keys are the oldest ones, in order.
-        let n = e
-            .delta_keys
-            .iter()
-            .zip(removed)
-            .take_while(|(a, b)| a == b)
-            .count();
-        e.delta_keys.drain(..n);
-        let after = e.bytes(row);
-        shard.bytes = shard.bytes + after - before;
+        self.update(row, false, |e| {
+            // Removed keys are the oldest ones, in order.
+            let n = e
+                .delta_keys
+                .iter()
+                .zip(removed)
+                .take_while(|(a, b)| a == b)
+                .count();
+            e.delta_keys.drain(..n);
+        });
     }
 
     /// Forgets a row (after its deletion committed).
