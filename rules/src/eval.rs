@@ -19,10 +19,9 @@ use crate::lang::{CmpOp, Cond, Expr, Field, Pred};
 pub struct EventView<'a> {
     /// Event time (ms).
     pub ts: i64,
-    /// Cells of family `e` with this version.
-    pub cells: Vec<(&'a str, &'a [u8])>,
-    /// The same cells as text, and lowercased on first use (for `contains` and hosts).
-    text: Vec<(Cow<'a, str>, std::cell::OnceCell<Option<String>>)>,
+    /// Cells of family `e` with this version, each with its value as text, lowercased on first
+    /// use (for `contains` and hosts). One allocation per event.
+    cells: Vec<EventCell<'a>>,
     /// Index in `cells` of each well-known qualifier ([`crate::lang::SLOTS`]); `u16::MAX`: absent.
     slots: [u16; crate::lang::SLOTS.len()],
     /// Parts derived once per event, as byte ranges: host (in the lowercased text) and path (in
@@ -32,19 +31,106 @@ pub struct EventView<'a> {
     geo: [Option<(u32, u32)>; 3],
 }
 
+#[derive(Debug, Clone)]
+struct EventCell<'a> {
+    qualifier: &'a str,
+    value: &'a [u8],
+    /// The value as text: itself when it is UTF-8, else a lossy copy made on first use (binary
+    /// values such as `ip` are seldom read as text, and the copy allocates).
+    text: Text<'a>,
+    low: std::cell::OnceCell<Option<String>>,
+}
+
+#[derive(Debug, Clone)]
+enum Text<'a> {
+    Utf8(&'a str),
+    Binary(std::cell::OnceCell<String>),
+}
+
+impl<'a> EventCell<'a> {
+    fn text(&self) -> &str {
+        match &self.text {
+            Text::Utf8(s) => s,
+            Text::Binary(copy) => {
+                copy.get_or_init(|| String::from_utf8_lossy(self.value).into_owned())
+            }
+        }
+    }
+}
+
 fn range_in(outer: &str, inner: &str) -> (u32, u32) {
     let start = inner.as_ptr() as usize - outer.as_ptr() as usize;
     (start as u32, (start + inner.len()) as u32)
 }
 
 impl<'a> EventView<'a> {
+    /// The event's cells of family `e`: (qualifier, value).
+    pub fn cells(&self) -> impl Iterator<Item = (&'a str, &'a [u8])> + '_ {
+        self.cells.iter().map(|c| (c.qualifier, c.value))
+    }
+
     fn index(&self, q: &str) -> Option<usize> {
-        self.cells.iter().position(|(k, _)| *k == q)
+        self.cells.iter().position(|c| c.qualifier == q)
     }
 
     fn slot(&self, s: usize) -> Option<usize> {
         let i = self.slots[s];
         (i != u16::MAX).then_some(i as usize)
+    }
+
+    /// The text of cell `i`, and its lowercased copy made on first use.
+    fn text(&self, i: usize) -> (&str, &std::cell::OnceCell<Option<String>>) {
+        let c = &self.cells[i];
+        (c.text(), &c.low)
+    }
+
+    /// Groups one run of cells of the same time.
+    fn new(ts: i64, run: impl ExactSizeIterator<Item = &'a dmp_core::Cell>) -> EventView<'a> {
+        let mut slots = [u16::MAX; crate::lang::SLOTS.len()];
+        let cells: Vec<EventCell<'a>> = run
+            .enumerate()
+            .map(|(i, c)| {
+                let (qualifier, value) = (c.qualifier.as_str(), &c.value[..]);
+                if let Some(s) = crate::lang::slot_of(qualifier) {
+                    slots[s] = i as u16;
+                }
+                EventCell {
+                    qualifier,
+                    value,
+                    text: match std::str::from_utf8(value) {
+                        Ok(s) => Text::Utf8(s),
+                        Err(_) => Text::Binary(std::cell::OnceCell::new()),
+                    },
+                    low: std::cell::OnceCell::new(),
+                }
+            })
+            .collect();
+        let mut hosts = [None; 2];
+        let mut paths = [None; 2];
+        for (k, slot) in [1usize, 2].into_iter().enumerate() {
+            if slots[slot] != u16::MAX {
+                let c = &cells[slots[slot] as usize];
+                let t = c.text();
+                let low = lowered(t, &c.low);
+                hosts[k] = Some(range_in(low, host(low)));
+                paths[k] = Some(range_in(t, path(t)));
+            }
+        }
+        let mut geo = [None; 3];
+        if slots[6] != u16::MAX {
+            let t: &str = cells[slots[6] as usize].text();
+            for (k, part) in t.split('/').take(3).enumerate() {
+                geo[k] = Some(range_in(t, part));
+            }
+        }
+        EventView {
+            ts,
+            cells,
+            slots,
+            hosts,
+            paths,
+            geo,
+        }
     }
 }
 
@@ -66,13 +152,15 @@ pub struct UserView<'a> {
 impl<'a> UserView<'a> {
     /// Groups a row's cells into events.
     pub fn new(row: &'a Row, now: i64) -> UserView<'a> {
-        // Cells of family `e` by time, newest first; runs of one time are one event.
-        let mut timed: Vec<(i64, &'a str, &'a [u8])> = Vec::with_capacity(row.cells.len());
+        // Cells of family `e` by time, newest first, then in row order (qualifiers sorted); runs
+        // of one time are one event. Sorting (time, index) pairs, not the cells, moves 16 bytes an
+        // element, and with the index in the key an unstable sort gives the stable order.
+        let mut order: Vec<(std::cmp::Reverse<i64>, u32)> = Vec::with_capacity(row.cells.len());
         let mut attrs = HashMap::new();
         let mut first_seen = None;
-        for c in &row.cells {
+        for (i, c) in row.cells.iter().enumerate() {
             if c.family == FAMILY_EVENTS {
-                timed.push((c.ts, c.qualifier.as_str(), &c.value[..]));
+                order.push((std::cmp::Reverse(c.ts), i as u32));
                 if let Some(a) = c.qualifier.strip_prefix("a.") {
                     // Cells come newest first per qualifier: keep the first seen.
                     attrs.entry(a).or_insert(&c.value[..]);
@@ -83,52 +171,14 @@ impl<'a> UserView<'a> {
                 ));
             }
         }
-        timed.sort_by_key(|c| std::cmp::Reverse(c.0));
-        let events = timed
+        order.sort_unstable();
+        let events = order
             .chunk_by(|a, b| a.0 == b.0)
             .map(|run| {
-                (
-                    run[0].0,
-                    run.iter().map(|(_, q, v)| (*q, *v)).collect::<Vec<_>>(),
+                EventView::new(
+                    run[0].0 .0,
+                    run.iter().map(|(_, i)| &row.cells[*i as usize]),
                 )
-            })
-            .map(|(ts, cells)| {
-                let text: Vec<(Cow<'_, str>, std::cell::OnceCell<Option<String>>)> = cells
-                    .iter()
-                    .map(|(_, v)| (text(v), std::cell::OnceCell::new()))
-                    .collect();
-                let mut slots = [u16::MAX; crate::lang::SLOTS.len()];
-                for (i, (q, _)) in cells.iter().enumerate() {
-                    if let Some(s) = crate::lang::slot_of(q) {
-                        slots[s] = i as u16;
-                    }
-                }
-                let mut hosts = [None; 2];
-                let mut paths = [None; 2];
-                for (k, slot) in [1usize, 2].into_iter().enumerate() {
-                    if slots[slot] != u16::MAX {
-                        let (t, low) = &text[slots[slot] as usize];
-                        let low = lowered(t, low);
-                        hosts[k] = Some(range_in(low, host(low)));
-                        paths[k] = Some(range_in(t, path(t)));
-                    }
-                }
-                let mut geo = [None; 3];
-                if slots[6] != u16::MAX {
-                    let t: &str = &text[slots[6] as usize].0;
-                    for (k, part) in t.split('/').take(3).enumerate() {
-                        geo[k] = Some(range_in(t, part));
-                    }
-                }
-                EventView {
-                    ts,
-                    cells,
-                    text,
-                    slots,
-                    hosts,
-                    paths,
-                    geo,
-                }
             })
             .collect();
         UserView {
@@ -218,21 +268,48 @@ fn same_bytes(a: &[u8], b: &[u8]) -> bool {
     }
 }
 
+/// What follows the first `://` of a URL (the whole text when there is none). A byte scan: the
+/// substring search `split_once("://")` builds a searcher per call, and this runs twice an event.
+fn after_scheme(url: &str) -> &str {
+    let b = url.as_bytes();
+    let mut from = 0;
+    while let Some(p) = b[from..].iter().position(|&c| c == b':') {
+        let colon = from + p;
+        if b[colon + 1..].starts_with(b"//") {
+            return &url[colon + 3..];
+        }
+        from = colon + 1;
+    }
+    url
+}
+
 fn host(url: &str) -> &str {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let rest = after_scheme(url);
+    let end = rest
+        .bytes()
+        .position(|c| matches!(c, b'/' | b'?' | b'#'))
+        .unwrap_or(rest.len());
     let authority = &rest[..end];
-    let authority = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    authority.split(':').next().unwrap_or(authority)
+    let authority = match authority.bytes().rposition(|c| c == b'@') {
+        Some(at) => &authority[at + 1..],
+        None => authority,
+    };
+    match authority.bytes().position(|c| c == b':') {
+        Some(port) => &authority[..port],
+        None => authority,
+    }
 }
 
 fn path(url: &str) -> &str {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let Some(start) = rest.find('/') else {
+    let rest = after_scheme(url);
+    let Some(start) = rest.bytes().position(|c| c == b'/') else {
         return "/";
     };
     let p = &rest[start..];
-    &p[..p.find(['?', '#']).unwrap_or(p.len())]
+    &p[..p
+        .bytes()
+        .position(|c| matches!(c, b'?' | b'#'))
+        .unwrap_or(p.len())]
 }
 
 /// The evaluation of one rule: collects evidence and the recheck time.
@@ -505,9 +582,8 @@ impl<'v> Eval<'v> {
                 cells: ev
                     .cells
                     .iter()
-                    .zip(&ev.text)
-                    .map(|((q, _), (t, _))| {
-                        let mut s = t.to_string();
+                    .map(|c| {
+                        let (q, mut s) = (c.qualifier, c.text().to_string());
                         if s.chars().count() > 120 {
                             s = s.chars().take(120).collect::<String>() + "…";
                         }
@@ -548,14 +624,14 @@ fn field_raw<'v>(f: &Field, ev: &'v EventView<'v>) -> Option<&'v str> {
     let which = |slot: usize| usize::from(slot != 1); // url: 0, ref: 1
     let sub = |s: &'v str, (a, b): (u32, u32)| s.get(a as usize..b as usize);
     match f {
-        Field::Slot(s) => ev.slot(*s).map(|i| ev.text[i].0.as_ref()),
-        Field::Cell(q) => ev.index(q).map(|i| ev.text[i].0.as_ref()),
+        Field::Slot(s) => ev.slot(*s).map(|i| ev.text(i).0),
+        Field::Cell(q) => ev.index(q).map(|i| ev.text(i).0),
         Field::Host(s) => {
-            let (t, l) = &ev.text[ev.slot(*s)?];
+            let (t, l) = ev.text(ev.slot(*s)?);
             sub(lowered(t, l), ev.hosts[which(*s)]?)
         }
-        Field::Path(s) => sub(&ev.text[ev.slot(*s)?].0, ev.paths[which(*s)]?),
-        Field::Geo(part) => sub(&ev.text[ev.slot(6)?].0, ev.geo[*part]?),
+        Field::Path(s) => sub(ev.text(ev.slot(*s)?).0, ev.paths[which(*s)]?),
+        Field::Geo(part) => sub(ev.text(ev.slot(6)?).0, ev.geo[*part]?),
     }
 }
 
@@ -563,11 +639,11 @@ fn field_raw<'v>(f: &Field, ev: &'v EventView<'v>) -> Option<&'v str> {
 /// Hosts are always lowercase.
 fn field_text<'v>(f: &Field, ev: &'v EventView<'v>, lower: bool) -> Option<Cow<'v, str>> {
     let at = |i: usize, low: bool| -> &'v str {
-        let (t, l) = &ev.text[i];
+        let (t, l) = ev.text(i);
         if low {
             lowered(t, l)
         } else {
-            t.as_ref()
+            t
         }
     };
     let slice = |s: &'v str, (a, b): (u32, u32)| Cow::Borrowed(&s[a as usize..b as usize]);
@@ -749,6 +825,25 @@ mod tests {
     }
 
     #[test]
+    fn slot_of_names_each_well_known_qualifier_and_nothing_else() {
+        for (i, q) in crate::lang::SLOTS.iter().enumerate() {
+            assert_eq!(crate::lang::slot_of(q), Some(i), "{q}");
+        }
+        for q in [
+            "",
+            "urls",
+            "Url",
+            "a.url",
+            "ua",
+            "ua.device",
+            "geo.city",
+            "qq",
+        ] {
+            assert_eq!(crate::lang::slot_of(q), None, "{q}");
+        }
+    }
+
+    #[test]
     fn short_string_equality_agrees_with_eq() {
         let words = [
             "",
@@ -789,5 +884,35 @@ mod tests {
         assert_eq!(host("bank.example/x"), "bank.example");
         assert_eq!(path("https://bank.example/a/b?x#y"), "/a/b");
         assert_eq!(path("https://bank.example"), "/");
+        assert_eq!(host("mailto:x://a.example:1/p"), "a.example");
+        assert_eq!(path("a:b://c/d"), "/d");
+    }
+
+    /// The splitting as first written with `str` searches, which the byte scans must agree with.
+    fn host_by_search(url: &str) -> &str {
+        let rest = url.split_once("://").map_or(url, |(_, r)| r);
+        let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        let authority = &rest[..end];
+        let authority = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        authority.split(':').next().unwrap_or(authority)
+    }
+
+    fn path_by_search(url: &str) -> &str {
+        let rest = url.split_once("://").map_or(url, |(_, r)| r);
+        let Some(start) = rest.find('/') else {
+            return "/";
+        };
+        let p = &rest[start..];
+        &p[..p.find(['?', '#']).unwrap_or(p.len())]
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn given_any_text_when_split_then_host_and_path_agree_with_str_searches(
+            url in "[a-z:/?#@.Ё]{0,24}"
+        ) {
+            proptest::prop_assert_eq!(host(&url), host_by_search(&url));
+            proptest::prop_assert_eq!(path(&url), path_by_search(&url));
+        }
     }
 }
