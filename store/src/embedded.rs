@@ -35,6 +35,8 @@ const LOCK_STRIPES: usize = 1024;
 /// A cached row is repacked after this many times `repack_after_deltas` writes: reads of it do
 /// not pay for deltas, and each repack writes the whole row.
 const CACHED_REPACK_FACTOR: usize = 4;
+/// Writes pending on a cached row before a read folds them into its merged value.
+const FOLD_AFTER_WRITES: usize = 4;
 
 /// The embedded fjall database shared by the embedded bus and store, with its fsync policy.
 /// Cloning is cheap; the periodic fsync stops when the last clone is dropped.
@@ -285,8 +287,11 @@ impl EmbeddedStore {
             let (key, value) = kv.into_inner()?;
             let value = bytes::Bytes::from(value);
             if key.get(prefix.len()) == Some(&1) {
-                let order = raw.delta_keys.len() as u32;
-                codec::decode(&value, |c| raw.deltas.push((c, order))).map_err(corrupt)?;
+                codec::decode(&value, |c| {
+                    let order = raw.deltas.len() as u32;
+                    raw.deltas.push((c, order))
+                })
+                .map_err(corrupt)?;
                 raw.delta_keys.push(key.to_vec());
             } else {
                 codec::decode(&value, |c| raw.base.push(c)).map_err(corrupt)?;
@@ -296,8 +301,9 @@ impl EmbeddedStore {
     }
 
     /// Merges raw parts: the latest write of each coordinate wins; TTL and versions applied.
-    /// The base is already in HBase order, so only the (few) delta cells are sorted, then the two
-    /// sorted runs are merged in one pass.
+    /// The base is already in HBase order and the deltas are few (a write or two since the last
+    /// merge): they are sorted, each finds its place in the base by binary search, and the base
+    /// moves across in runs. A last pass drops what TTL and versions do not keep.
     fn merge(&self, raw: RawRow, now: i64) -> Vec<Cell> {
         fn key(c: &Cell) -> (&str, &str, std::cmp::Reverse<i64>) {
             (
@@ -309,51 +315,57 @@ impl EmbeddedStore {
         let RawRow {
             base, mut deltas, ..
         } = raw;
-        deltas.sort_unstable_by(|(a, ao), (b, bo)| {
-            key(a).cmp(&key(b)).then_with(|| bo.cmp(ao)) // newest write of a coordinate first
-        });
-        deltas.dedup_by(|later, earlier| later.0.coordinates() == earlier.0.coordinates());
-        let mut out: Vec<Cell> = Vec::with_capacity(base.len() + deltas.len());
-        let mut versions = 0u32;
-        let mut push = |c: Cell, out: &mut Vec<Cell>| {
-            let Some(fam) = self.schema.family(&c.family) else {
-                return; // a family removed from the schema: invisible, as in HBase
-            };
-            match out.last() {
-                Some(last) if last.family == c.family && last.qualifier == c.qualifier => {
-                    versions += 1
+        let mut cells = if deltas.is_empty() {
+            base
+        } else {
+            deltas.sort_unstable_by(|(a, ao), (b, bo)| {
+                key(a).cmp(&key(b)).then_with(|| bo.cmp(ao)) // newest write of a coordinate first
+            });
+            deltas.dedup_by(|later, earlier| later.0.coordinates() == earlier.0.coordinates());
+            let mut out: Vec<Cell> = Vec::with_capacity(base.len() + deltas.len());
+            let mut b = base.into_iter();
+            for (d, _) in deltas {
+                let before = b.as_slice().partition_point(|c| key(c) < key(&d));
+                out.extend(b.by_ref().take(before));
+                if b.as_slice().first().is_some_and(|c| key(c) == key(&d)) {
+                    b.next(); // a later write replaces the base's value
                 }
-                _ => versions = 1,
+                out.push(d);
             }
-            if versions > fam.max_versions {
-                return;
-            }
-            if fam.ttl_days > 0 && c.ts < now - fam.ttl_days as i64 * dmp_core::clock::DAY_MS {
-                return;
-            }
-            out.push(c);
+            out.extend(b);
+            out
         };
-        let mut b = base.into_iter().peekable();
-        let mut d = deltas.into_iter().map(|(c, _)| c).peekable();
-        loop {
-            let next = match (b.peek(), d.peek()) {
-                (None, None) => break,
-                (Some(_), None) => b.next(),
-                (None, Some(_)) => d.next(),
-                (Some(x), Some(y)) => match key(x).cmp(&key(y)) {
-                    std::cmp::Ordering::Less => b.next(),
-                    std::cmp::Ordering::Greater => d.next(),
-                    std::cmp::Ordering::Equal => {
-                        b.next(); // a later write replaces the base's value
-                        d.next()
-                    }
-                },
-            };
-            if let Some(c) = next {
-                push(c, &mut out);
+        self.apply_limits(&mut cells, now);
+        cells
+    }
+
+    /// Drops, from cells in HBase order, those of families no longer in the schema (invisible, as
+    /// in HBase), versions beyond a family's `max_versions` and cells past its TTL.
+    fn apply_limits(&self, cells: &mut Vec<Cell>, now: i64) {
+        let mut keep: Vec<bool> = Vec::with_capacity(cells.len());
+        let mut dropped = false;
+        let mut family: Option<&dmp_core::config::FamilyConfig> = None;
+        let mut cutoff = i64::MIN;
+        let mut versions = 0u32;
+        for (i, c) in cells.iter().enumerate() {
+            let prev = i.checked_sub(1).map(|p| &cells[p]);
+            let same_family = prev.is_some_and(|p| same(&p.family, &c.family));
+            if !same_family {
+                family = self.schema.family(&c.family);
+                cutoff = family.filter(|f| f.ttl_days > 0).map_or(i64::MIN, |f| {
+                    now - f.ttl_days as i64 * dmp_core::clock::DAY_MS
+                });
             }
+            let same_column = same_family && prev.is_some_and(|p| same(&p.qualifier, &c.qualifier));
+            versions = if same_column { versions + 1 } else { 1 };
+            let kept = family.is_some_and(|f| versions <= f.max_versions) && c.ts >= cutoff;
+            dropped |= !kept;
+            keep.push(kept);
         }
-        out
+        if dropped {
+            let mut k = keep.into_iter();
+            cells.retain(|_| k.next().unwrap_or(false));
+        }
     }
 
     fn repack(&self, row: &str) -> Result<()> {
@@ -402,7 +414,9 @@ impl EmbeddedStore {
     }
 
     /// A read served by the row cache: the cached base and the writes since, merged (TTL and
-    /// versions applied as of now); the merge goes back to the cache.
+    /// versions applied as of now). The merge goes back to the cache, re-encoded, once
+    /// [`FOLD_AFTER_WRITES`] writes are pending (or before a repack): merging a few small writes
+    /// costs less than encoding the whole row after each.
     fn get_cached(&self, row: &str, cached: crate::row_cache::Cached) -> Result<Vec<Cell>> {
         let corrupt = |reason| StoreError::Corrupt {
             row: row.to_string(),
@@ -413,15 +427,20 @@ impl EmbeddedStore {
         let had_pending = !cached.pending.is_empty();
         let mut pending = cached.pending;
         pending.sort_unstable_by_key(|(seq, _)| *seq);
-        for (order, (_, value)) in pending.iter().enumerate() {
-            codec::decode(value, |c| raw.deltas.push((c, order as u32))).map_err(corrupt)?;
+        for (_, value) in pending.iter() {
+            codec::decode(value, |c| {
+                let order = raw.deltas.len() as u32;
+                raw.deltas.push((c, order))
+            })
+            .map_err(corrupt)?;
         }
         let cells = self.merge(raw, dmp_core::clock::now_ms());
-        if had_pending {
+        let repack_due = cached.deltas_on_disk > self.repack_after * CACHED_REPACK_FACTOR;
+        if pending.len() >= FOLD_AFTER_WRITES || (had_pending && repack_due) {
             let base = bytes::Bytes::from(codec::encode(&cells));
             self.cache.merged(row, cached.writes, base);
         }
-        if cached.deltas_on_disk > self.repack_after * CACHED_REPACK_FACTOR {
+        if repack_due {
             self.repack_cached(row)?;
         }
         Ok(cells)
@@ -438,8 +457,17 @@ impl EmbeddedStore {
         start
     }
 
-    fn filter(&self, get: &Get, cells: Vec<Cell>) -> Vec<Cell> {
+    fn filter(&self, get: &Get, mut cells: Vec<Cell>) -> Vec<Cell> {
         let cap = get.max_cells.unwrap_or(self.max_row_cells);
+        if get.families.is_empty()
+            && get.columns.is_empty()
+            && get.time_range.is_none()
+            && get.max_versions.is_none()
+        {
+            // The whole row (the segmenter's read): only the cap applies.
+            cells.truncate(cap);
+            return cells;
+        }
         let mut out = Vec::with_capacity(cells.len().min(cap));
         let mut versions = 0u32;
         let mut prev: Option<(compact_str::CompactString, compact_str::CompactString)> = None;
@@ -468,11 +496,32 @@ impl EmbeddedStore {
     }
 }
 
+/// String equality for the short family and qualifier names: lengths first, then one or two word
+/// compares, instead of a call into `memcmp` for every cell of a merge.
+#[inline]
+fn same(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    let w8 = |s: &[u8], i: usize| u64::from_ne_bytes(s[i..i + 8].try_into().expect("8 bytes"));
+    let w4 = |s: &[u8], i: usize| u32::from_ne_bytes(s[i..i + 4].try_into().expect("4 bytes"));
+    match n {
+        0 => true,
+        1..=3 => a == b,
+        4..=7 => w4(a, 0) == w4(b, 0) && w4(a, n - 4) == w4(b, n - 4),
+        8..=16 => w8(a, 0) == w8(b, 0) && w8(a, n - 8) == w8(b, n - 8),
+        _ => a == b,
+    }
+}
+
 #[derive(Default)]
 struct RawRow {
     /// Cells of the base, in HBase order.
     base: Vec<Cell>,
-    /// Cells of later writes with their write order.
+    /// Cells of later writes with their write order (counted per cell: of two cells of one
+    /// coordinate in one write, the later one wins, as of two writes).
     deltas: Vec<(Cell, u32)>,
     delta_keys: Vec<Vec<u8>>,
 }
