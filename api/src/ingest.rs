@@ -86,27 +86,31 @@ impl Ingest {
             return Ok(Landing::Bus);
         }
         let now = dmp_core::clock::now_ms();
-        let records: Vec<ProduceRecord> = events
-            .iter()
-            .map(|e| ProduceRecord {
-                key: e.uid.clone().into_bytes(),
-                value: e.to_json(),
-                timestamp: Some(now),
-            })
-            .collect();
+        // The records go to the bus; should it fail, they are made again for the spill file
+        // (rather than copied on every request in case it does).
+        let records = || -> Vec<ProduceRecord> {
+            events
+                .iter()
+                .map(|e| ProduceRecord {
+                    key: e.uid.clone().into_bytes(),
+                    value: e.to_json(),
+                    timestamp: Some(now),
+                })
+                .collect()
+        };
         let timeout = Duration::from_millis(self.cfg.ingest_timeout_ms);
-        match tokio::time::timeout(timeout, self.bus.produce(&self.topic, records.clone())).await {
+        match tokio::time::timeout(timeout, self.bus.produce(&self.topic, records())).await {
             Ok(Ok(_)) => Ok(Landing::Bus),
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, events = events.len(), "bus refused ingest; spilling");
-                self.spill.append(&records).map(|_| Landing::Spill)
+                self.spill.append(&records()).map(|_| Landing::Spill)
             }
             Err(_) => {
                 tracing::warn!(
                     events = events.len(),
                     "bus did not answer in time; spilling"
                 );
-                self.spill.append(&records).map(|_| Landing::Spill)
+                self.spill.append(&records()).map(|_| Landing::Spill)
             }
         }
     }
@@ -402,11 +406,17 @@ pub async fn events(State(s): State<AppState>, headers: HeaderMap, body: Body) -
     } else {
         raw
     };
-    // Items: parsed JSON values, or the parse error of an NDJSON line.
-    let items: Vec<Result<serde_json::Value, EventError>> = match format {
+    let now = dmp_core::clock::now_ms();
+    let limits = &ingest.limits;
+    // Items: events, or why each could not be one. NDJSON lines take `Event::parse`'s typed,
+    // borrowing parse (no JSON tree per event); a JSON array is parsed whole first.
+    let items: Vec<Result<Event, EventError>> = match format {
         Format::JsonArray => match serde_json::from_slice::<serde_json::Value>(&body) {
-            Ok(serde_json::Value::Array(a)) => a.into_iter().map(Ok).collect(),
-            Ok(obj @ serde_json::Value::Object(_)) => vec![Ok(obj)],
+            Ok(serde_json::Value::Array(a)) => a
+                .into_iter()
+                .map(|v| Event::from_json(v, now, limits))
+                .collect(),
+            Ok(obj @ serde_json::Value::Object(_)) => vec![Event::from_json(obj, now, limits)],
             Ok(_) => {
                 return refuse(
                     EP,
@@ -419,12 +429,7 @@ pub async fn events(State(s): State<AppState>, headers: HeaderMap, body: Body) -
         Format::Ndjson => body
             .split(|b| *b == b'\n')
             .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
-            .map(|line| {
-                let text = std::str::from_utf8(line).map_err(|e| EventError::NotUtf8 {
-                    offset: e.valid_up_to(),
-                })?;
-                serde_json::from_str(text).map_err(|e| EventError::Malformed(e.to_string()))
-            })
+            .map(|line| Event::parse(line, now, limits))
             .collect(),
     };
     if items.len() > cfg.max_batch_events {
@@ -439,18 +444,16 @@ pub async fn events(State(s): State<AppState>, headers: HeaderMap, body: Body) -
         );
     }
     metrics::counter!(mn::RECEIVED, "endpoint" => EP).increment(items.len() as u64);
-    let now = dmp_core::clock::now_ms();
     let mut accepted = Vec::with_capacity(items.len());
     let mut errors = Vec::new();
     for (index, item) in items.into_iter().enumerate() {
-        match item.and_then(|v| {
-            let mut ev = Event::from_json(v, now, &ingest.limits)?;
-            if ev.src.is_none() {
-                ev.src = Some("http".into());
+        match item {
+            Ok(mut ev) => {
+                if ev.src.is_none() {
+                    ev.src = Some("http".into());
+                }
+                accepted.push(ev)
             }
-            Ok(ev)
-        }) {
-            Ok(ev) => accepted.push(ev),
             Err(e) => {
                 metrics::counter!(mn::REJECTED, "endpoint" => EP, "reason" => e.reason())
                     .increment(1);
