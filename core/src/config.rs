@@ -298,6 +298,9 @@ pub struct SegmenterConfig {
     pub dedupe: bool,
     /// Dedupe LRU entries per worker.
     pub dedupe_capacity: usize,
+    /// A change is read no sooner than this many ms after it was written (a user's burst is one
+    /// evaluation); 0 = at once.
+    pub coalesce_ms: u64,
     /// Skip users changing faster than `blacklist_max_changes` per window.
     pub blacklist: bool,
     /// Blacklist window, seconds.
@@ -657,6 +660,7 @@ impl Config {
             1,
             100_000_000,
         )?;
+        range("segmenter.coalesce_ms", sg.coalesce_ms, 0, 10_000)?;
         range(
             "segmenter.blacklist_window_secs",
             sg.blacklist_window_secs,
@@ -982,6 +986,11 @@ mod tests {
             ("DMP__API__MAX_BODY_BYTES", "10", "api.max_body_bytes"),
             ("DMP__STATS__THETA_LG_K", "4", "stats.theta_lg_k"),
             ("DMP__STATS__THETA_LG_K", "21", "stats.theta_lg_k"),
+            (
+                "DMP__SEGMENTER__COALESCE_MS",
+                "60000",
+                "segmenter.coalesce_ms",
+            ),
         ];
         for (k, v, key) in cases {
             let err = Config::load(None, env(&[(k, v)])).unwrap_err().to_string();

@@ -123,6 +123,15 @@ impl Worker {
             ),
         };
         while let Ok(first) = self.jobs.recv() {
+            if self.cfg.coalesce_ms > 0 && first.timer.is_none() {
+                // Let the user's burst land first: changes written meanwhile join this batch (or
+                // are skipped as seen by its read).
+                let due = first.ts + self.cfg.coalesce_ms as i64;
+                let wait = due - dmp_core::clock::now_ms();
+                if wait > 0 {
+                    std::thread::sleep(Duration::from_millis(wait as u64));
+                }
+            }
             let mut batch = vec![first];
             while batch.len() < 1000 {
                 match self.jobs.try_recv() {

@@ -339,6 +339,31 @@ async fn given_events_when_rules_match_then_segment_records_and_row_memberships_
     p.stop().await;
 }
 
+/// With `segmenter.coalesce_ms`, a user's changes written within the window (three pages opened
+/// 150 ms apart, each its own write) are one read and one evaluation that sees all three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_coalescing_when_a_user_changes_three_times_in_a_burst_then_one_evaluation_sees_all()
+{
+    let (rules, counts) = counting_rules(Duration::ZERO);
+    let p = start_with(RULES, |c| c.segmenter.coalesce_ms = 1000, Some(rules), None).await;
+    let now = dmp_core::clock::now_ms();
+    for i in 0..3 {
+        p.post(serde_json::json!([{"uid": "tabs", "ts": now + i, "url": format!("https://cats.example/{i}")}]))
+            .await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    p.drained().await;
+    assert_eq!(counts.lock().unwrap().get("tabs"), Some(&1));
+    let row = p.store.get(&Get::row("tabs")).unwrap().unwrap();
+    let evaluated = dmp_segmenter::evaluated(&row).expect("the evaluation is recorded");
+    assert_eq!(
+        evaluated.last_event_ts,
+        now + 2,
+        "the evaluation saw the last page"
+    );
+    p.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn given_burst_of_changes_when_segmented_then_duplicates_skipped_and_bots_blacklisted() {
     let (rules, counts) = counting_rules(Duration::ZERO);
