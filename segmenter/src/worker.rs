@@ -71,11 +71,20 @@ pub(crate) struct Worker {
     pub counters: Option<Arc<dyn dmp_stats::SegmentCounters>>,
 }
 
-/// This worker's counters, resolved once (labelled by worker index).
+/// This worker's metrics, resolved once (a macro call per change or evaluation looks the key up
+/// in the registry each time).
 struct Counters {
     received: metrics::Counter,
     duplicate: metrics::Counter,
     bot: metrics::Counter,
+    wait: metrics::Histogram,
+    evaluated_change: metrics::Counter,
+    evaluated_timer: metrics::Counter,
+    row_cells: metrics::Histogram,
+    evaluation_time: metrics::Histogram,
+    published_live: metrics::Counter,
+    published_shadow: metrics::Counter,
+    end_to_end: metrics::Histogram,
 }
 
 struct State {
@@ -112,6 +121,14 @@ impl Worker {
             received: metrics::counter!(m::RECEIVED, "worker" => label.clone()),
             duplicate: metrics::counter!(m::SKIPPED_DUPLICATE, "worker" => label.clone()),
             bot: metrics::counter!(m::SKIPPED_BOT, "worker" => label),
+            wait: metrics::histogram!(m::WAIT),
+            evaluated_change: metrics::counter!(m::EVALUATED, "trigger" => "change"),
+            evaluated_timer: metrics::counter!(m::EVALUATED, "trigger" => "timer"),
+            row_cells: metrics::histogram!(m::ROW_CELLS),
+            evaluation_time: metrics::histogram!(m::EVALUATION_TIME),
+            published_live: metrics::counter!(m::PUBLISHED, "topic_kind" => "live"),
+            published_shadow: metrics::counter!(m::PUBLISHED, "topic_kind" => "shadow"),
+            end_to_end: metrics::histogram!(m::END_TO_END),
         };
         let mut st = State {
             dedupe: Dedupe::new(self.cfg.dedupe_capacity),
@@ -176,7 +193,9 @@ impl Worker {
                 continue;
             }
             counters.received.increment(1);
-            metrics::histogram!(m::WAIT).record(((now - j.msg_ts).max(0)) as f64 / 1000.0);
+            counters
+                .wait
+                .record(((now - j.msg_ts).max(0)) as f64 / 1000.0);
             let verdict = if self.cfg.blacklist {
                 st.blacklist.check(&j.uid, now)
             } else {
@@ -223,12 +242,12 @@ impl Worker {
             r.partition = j.tp.partition;
         }
         if !users.is_empty() || !new_bots.is_empty() || !dropped_timers.is_empty() {
-            let mut out = self.evaluate(st, users, new_bots);
+            let mut out = self.evaluate(st, counters, users, new_bots);
             out.deletes.extend(dropped_timers);
             self.write(rt, out);
         }
         for round in rounds {
-            let out = self.evaluate(st, round, Vec::new());
+            let out = self.evaluate(st, counters, round, Vec::new());
             self.write(rt, out);
         }
         for j in batch {
@@ -241,6 +260,7 @@ impl Worker {
     fn evaluate(
         &self,
         st: &mut State,
+        counters: &Counters,
         users: BTreeMap<String, Reason>,
         new_bots: Vec<String>,
     ) -> Output {
@@ -255,9 +275,13 @@ impl Worker {
         }
         for (uid, reason) in users {
             let row = self.read(&uid);
-            metrics::counter!(m::EVALUATED, "trigger" => reason.trigger).increment(1);
+            match reason.trigger {
+                "timer" => counters.evaluated_timer.increment(1),
+                _ => counters.evaluated_change.increment(1),
+            }
             out.deletes.extend(reason.fired);
-            metrics::histogram!(m::ROW_CELLS)
+            counters
+                .row_cells
                 .record(row.as_ref().map_or(0, |r| r.cells.len()) as f64);
             if let Some(w) = row.as_ref().and_then(dmp_storage_writer::cells::written_of) {
                 st.dedupe.read(&uid, w);
@@ -271,7 +295,9 @@ impl Worker {
                 let live: Vec<&str> = eval.live.keys().map(String::as_str).collect();
                 c.record(dmp_stats::day_of(now), &uid, &live);
             }
-            metrics::histogram!(m::EVALUATION_TIME).record(started.elapsed().as_secs_f64());
+            counters
+                .evaluation_time
+                .record(started.elapsed().as_secs_f64());
             let last_event_ts = row
                 .cells
                 .iter()
@@ -279,9 +305,19 @@ impl Worker {
                 .map(|c| c.ts)
                 .max()
                 .unwrap_or(0);
-            for (qualifier, results, records, kind) in [
-                ("current", &eval.live, &mut out.live, "live"),
-                ("shadow", &eval.shadow, &mut out.shadow, "shadow"),
+            for (qualifier, results, records, published) in [
+                (
+                    "current",
+                    &eval.live,
+                    &mut out.live,
+                    &counters.published_live,
+                ),
+                (
+                    "shadow",
+                    &eval.shadow,
+                    &mut out.shadow,
+                    &counters.published_shadow,
+                ),
             ] {
                 let before = memberships(Some(&row), qualifier);
                 let mut after = Memberships::new();
@@ -320,9 +356,10 @@ impl Worker {
                     now,
                     serde_json::to_vec(&after).expect("a map serialises"),
                 ));
-                metrics::counter!(m::PUBLISHED, "topic_kind" => kind).increment(1);
-                if kind == "live" && last_event_ts > 0 {
-                    metrics::histogram!(m::END_TO_END)
+                published.increment(1);
+                if qualifier == "current" && last_event_ts > 0 {
+                    counters
+                        .end_to_end
                         .record(((now - last_event_ts).max(0)) as f64 / 1000.0);
                 }
             }
