@@ -680,18 +680,34 @@ impl Factory for TtlFactory {
     }
 
     fn make_filter(&self, _ctx: &Context) -> Box<dyn CompactionFilter> {
+        let now = dmp_core::clock::now_ms();
         Box::new(TtlFilter {
-            schema: self.schema.clone(),
-            now: dmp_core::clock::now_ms(),
+            cutoffs: self
+                .schema
+                .families()
+                .filter_map(|(name, _)| {
+                    self.schema
+                        .ttl_ms(name)
+                        .map(|ttl| (name.clone(), now - ttl))
+                })
+                .collect(),
             dropped: 0,
         })
     }
 }
 
 struct TtlFilter {
-    schema: Schema,
-    now: i64,
+    /// Families with a TTL, and the version before which their cells are expired.
+    cutoffs: Vec<(String, i64)>,
     dropped: u64,
+}
+
+impl TtlFilter {
+    fn expired(&self, family: &[u8], ts: i64) -> bool {
+        self.cutoffs
+            .iter()
+            .any(|(f, cutoff)| f.as_bytes() == family && ts < *cutoff)
+    }
 }
 
 impl CompactionFilter for TtlFilter {
@@ -700,15 +716,18 @@ impl CompactionFilter for TtlFilter {
         item: ItemAccessor<'_>,
         _ctx: &Context,
     ) -> fjall::compaction::filter::CompactionFilterResult {
+        if self.cutoffs.is_empty() {
+            return Ok(Verdict::Keep);
+        }
         let value = bytes::Bytes::from(item.value()?);
+        // Nearly every value has no expired cell: find that out without decoding it.
+        if !codec::any_cell(&value, |f, ts| self.expired(f, ts)).unwrap_or(false) {
+            return Ok(Verdict::Keep); // nothing expired, or a value we cannot read: never dropped
+        }
         let mut keep = Vec::new();
         let mut dropped = 0u64;
         let decoded = codec::decode(&value, |c| {
-            let expired = self
-                .schema
-                .ttl_ms(&c.family)
-                .is_some_and(|ttl| c.ts < self.now - ttl);
-            if expired {
+            if self.expired(c.family.as_bytes(), c.ts) {
                 dropped += 1;
             } else {
                 keep.push(c);
