@@ -29,6 +29,9 @@ impl Rule for KnownCrawler {
     fn depends_on(&self) -> Vec<String> {
         Vec::new()
     }
+    fn event_qualifiers(&self) -> Option<Vec<String>> {
+        Some(Vec::new()) // reads `m:crawler` from the row
+    }
     fn evaluate(&self, user: &UserView<'_>, _ctx: &Context<'_>) -> Outcome {
         let cell = user
             .row

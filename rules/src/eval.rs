@@ -85,9 +85,10 @@ impl<'a> EventView<'a> {
     }
 
     /// Groups one run of cells of the same time.
-    fn new(ts: i64, run: impl ExactSizeIterator<Item = &'a dmp_core::Cell>) -> EventView<'a> {
+    fn new(ts: i64, run: &[&'a dmp_core::Cell]) -> EventView<'a> {
         let mut slots = [u16::MAX; crate::lang::SLOTS.len()];
         let cells: Vec<EventCell<'a>> = run
+            .iter()
             .enumerate()
             .map(|(i, c)| {
                 let (qualifier, value) = (c.qualifier.as_str(), &c.value[..]);
@@ -152,6 +153,17 @@ pub struct UserView<'a> {
 impl<'a> UserView<'a> {
     /// Groups a row's cells into events.
     pub fn new(row: &'a Row, now: i64) -> UserView<'a> {
+        UserView::build(row, now, None)
+    }
+
+    /// Groups a row's cells into events that hold only the cells of the `only` qualifiers (sorted):
+    /// the events are the same (every cell of family `e` still makes its time an event), the
+    /// cells no rule reads are not built. `row` stays whole.
+    pub fn with_qualifiers(row: &'a Row, now: i64, only: &[String]) -> UserView<'a> {
+        UserView::build(row, now, Some(only))
+    }
+
+    fn build(row: &'a Row, now: i64, only: Option<&[String]>) -> UserView<'a> {
         let mut attrs = HashMap::new();
         let mut first_seen = None;
         for c in &row.cells {
@@ -166,7 +178,7 @@ impl<'a> UserView<'a> {
                 ));
             }
         }
-        let events = group_events(&row.cells);
+        let events = group_events(&row.cells, only);
         UserView {
             row,
             uid: &row.key,
@@ -191,7 +203,7 @@ const MERGE_MAX_COLUMNS: usize = 64;
 /// the events come from merging the runs: the newest head time is the next event, and every run
 /// whose head has that time gives it a cell. That is a few compares per event instead of sorting
 /// every cell. Rows not in that order (many short runs) are sorted.
-fn group_events(cells: &[dmp_core::Cell]) -> Vec<EventView<'_>> {
+fn group_events<'a>(cells: &'a [dmp_core::Cell], only: Option<&[String]>) -> Vec<EventView<'a>> {
     // Runs [start, end) of one qualifier with strictly falling times.
     let mut runs: Vec<(usize, usize)> = Vec::new();
     for (i, c) in cells.iter().enumerate() {
@@ -210,8 +222,12 @@ fn group_events(cells: &[dmp_core::Cell]) -> Vec<EventView<'_>> {
         }
     }
     if runs.len() > MERGE_MAX_COLUMNS {
-        return group_events_by_sort(cells);
+        return group_events_by_sort(cells, only);
     }
+    let wanted: Vec<bool> = runs
+        .iter()
+        .map(|r| wanted(only, &cells[r.0].qualifier))
+        .collect();
     let mut events = Vec::new();
     let mut event: Vec<&dmp_core::Cell> = Vec::with_capacity(runs.len());
     while let Some(ts) = runs
@@ -221,19 +237,29 @@ fn group_events(cells: &[dmp_core::Cell]) -> Vec<EventView<'_>> {
         .max()
     {
         event.clear();
-        for r in runs.iter_mut() {
+        for (r, wanted) in runs.iter_mut().zip(&wanted) {
             if r.0 < r.1 && cells[r.0].ts == ts {
-                event.push(&cells[r.0]);
+                if *wanted {
+                    event.push(&cells[r.0]);
+                }
                 r.0 += 1;
             }
         }
-        events.push(EventView::new(ts, event.iter().copied()));
+        events.push(EventView::new(ts, &event));
     }
     events
 }
 
+/// Whether cells of `qualifier` are built (`only`: the sorted qualifiers rules read; None: all).
+fn wanted(only: Option<&[String]>, qualifier: &str) -> bool {
+    only.is_none_or(|q| q.binary_search_by(|x| x.as_str().cmp(qualifier)).is_ok())
+}
+
 /// [`group_events`] for any order of cells: (time, index) pairs sorted newest first.
-fn group_events_by_sort(cells: &[dmp_core::Cell]) -> Vec<EventView<'_>> {
+fn group_events_by_sort<'a>(
+    cells: &'a [dmp_core::Cell],
+    only: Option<&[String]>,
+) -> Vec<EventView<'a>> {
     let mut order: Vec<(std::cmp::Reverse<i64>, u32)> = cells
         .iter()
         .enumerate()
@@ -243,7 +269,14 @@ fn group_events_by_sort(cells: &[dmp_core::Cell]) -> Vec<EventView<'_>> {
     order.sort_unstable();
     order
         .chunk_by(|a, b| a.0 == b.0)
-        .map(|run| EventView::new(run[0].0 .0, run.iter().map(|(_, i)| &cells[*i as usize])))
+        .map(|run| {
+            let event: Vec<&dmp_core::Cell> = run
+                .iter()
+                .map(|(_, i)| &cells[*i as usize])
+                .filter(|c| wanted(only, &c.qualifier))
+                .collect();
+            EventView::new(run[0].0 .0, &event)
+        })
         .collect()
 }
 
@@ -911,9 +944,18 @@ mod tests {
             if hbase_order {
                 row.sort();
             }
-            let merged = group_events(&row.cells);
-            let sorted = group_events_by_sort(&row.cells);
+            let merged = group_events(&row.cells, None);
+            let sorted = group_events_by_sort(&row.cells, None);
             proptest::prop_assert_eq!(grouped(&merged), grouped(&sorted));
+            // Building only some qualifiers keeps every event and drops exactly the other cells.
+            let only = vec!["q1".to_string(), "q4".to_string()];
+            let keep = |g: Vec<Grouped>| -> Vec<Grouped> {
+                g.into_iter()
+                    .map(|(ts, cells)| (ts, cells.into_iter().filter(|(q, _)| only.contains(q)).collect()))
+                    .collect()
+            };
+            proptest::prop_assert_eq!(grouped(&group_events(&row.cells, Some(&only))), keep(grouped(&sorted)));
+            proptest::prop_assert_eq!(grouped(&group_events_by_sort(&row.cells, Some(&only))), keep(grouped(&sorted)));
         }
     }
 

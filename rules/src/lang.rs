@@ -818,6 +818,38 @@ pub fn parse(src: &str) -> Result<Expr, LangError> {
     Ok(e)
 }
 
+/// The qualifiers of family `e` an expression reads from events (with repeats).
+pub fn event_qualifiers(e: &Expr, out: &mut Vec<String>) {
+    match e {
+        Expr::Field(f) => out.push(
+            match f {
+                Field::Slot(s) | Field::Host(s) | Field::Path(s) => SLOTS[*s],
+                Field::Geo(_) => SLOTS[6],
+                Field::Cell(q) => q.as_str(),
+            }
+            .to_string(),
+        ),
+        Expr::Count(c, _) | Expr::Any(c, _) | Expr::Since(c) => event_qualifiers(&c.expr, out),
+        Expr::Not(x) | Expr::ToNum(x) | Expr::Matches(x, _) => event_qualifiers(x, out),
+        Expr::And(v) | Expr::Or(v) => v.iter().for_each(|x| event_qualifiers(x, out)),
+        Expr::Cmp(a, _, b) | Expr::Contains(a, b) => {
+            event_qualifiers(a, out);
+            event_qualifiers(b, out);
+        }
+        Expr::In(a, v) => {
+            event_qualifiers(a, out);
+            v.iter().for_each(|x| event_qualifiers(x, out));
+        }
+        Expr::Bool(_)
+        | Expr::Num(_)
+        | Expr::Str(_)
+        | Expr::Dur(_)
+        | Expr::Attr(_)
+        | Expr::FirstSeen
+        | Expr::Segment(_) => {}
+    }
+}
+
 /// The ids of the segments an expression refers to.
 pub fn segment_refs(e: &Expr, out: &mut Vec<String>) {
     match e {

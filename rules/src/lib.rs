@@ -65,6 +65,12 @@ pub trait Rule: Send + Sync {
     fn mode(&self) -> Mode;
     /// Segments this rule reads.
     fn depends_on(&self) -> Vec<String>;
+    /// The qualifiers of family `e` this rule reads through [`UserView::events`]; `None` (the
+    /// default): any. When every rule of a set names them, the segmenter's evaluations build only
+    /// those cells of each event (events themselves, and `UserView::row`, stay whole).
+    fn event_qualifiers(&self) -> Option<Vec<String>> {
+        None
+    }
     /// Evaluates the rule for one user.
     fn evaluate(&self, user: &UserView<'_>, ctx: &Context<'_>) -> Outcome;
 }
@@ -111,6 +117,11 @@ impl Rule for DeclaredRule {
         lang::segment_refs(&self.expr, &mut refs);
         refs
     }
+    fn event_qualifiers(&self) -> Option<Vec<String>> {
+        let mut out = Vec::new();
+        lang::event_qualifiers(&self.expr, &mut out);
+        Some(out)
+    }
     fn evaluate(&self, user: &UserView<'_>, ctx: &Context<'_>) -> Outcome {
         eval::Eval::run(&self.expr, user, ctx)
     }
@@ -136,6 +147,8 @@ pub struct RuleSet {
     referenced: Vec<bool>,
     /// Evaluations so far; one in [`TIMING_SAMPLE`] times each rule.
     evaluations: std::sync::atomic::AtomicU64,
+    /// The event qualifiers some rule reads (sorted), if every rule says which.
+    event_qualifiers: Option<Vec<String>>,
 }
 
 /// One evaluation in this many records the time of each rule.
@@ -216,11 +229,22 @@ impl RuleSet {
         let read: std::collections::HashSet<String> =
             order.iter().flat_map(|r| r.depends_on()).collect();
         let referenced = order.iter().map(|r| read.contains(r.id())).collect();
+        let event_qualifiers = order
+            .iter()
+            .map(|r| r.event_qualifiers())
+            .collect::<Option<Vec<Vec<String>>>>()
+            .map(|all| {
+                let mut q: Vec<String> = all.into_iter().flatten().collect();
+                q.sort_unstable();
+                q.dedup();
+                q
+            });
         Ok(RuleSet {
             version,
             referenced,
             rules: order,
             evaluations: std::sync::atomic::AtomicU64::new(0),
+            event_qualifiers,
         })
     }
 
@@ -251,8 +275,17 @@ impl RuleSet {
         self.evaluate_with(row, now, true)
     }
 
+    /// The event qualifiers the rules read, if every rule says which (`None`: any).
+    pub fn event_qualifiers(&self) -> Option<&[String]> {
+        self.event_qualifiers.as_deref()
+    }
+
     fn evaluate_with(&self, row: &Row, now: i64, explain: bool) -> Evaluation {
-        let user = UserView::new(row, now);
+        // Evidence shows every cell of an event; evaluation needs only what the rules read.
+        let user = match (&self.event_qualifiers, explain) {
+            (Some(only), false) => UserView::with_qualifiers(row, now, only),
+            _ => UserView::new(row, now),
+        };
         let timed = self
             .evaluations
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
