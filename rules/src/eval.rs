@@ -205,7 +205,7 @@ const MERGE_MAX_COLUMNS: usize = 64;
 /// every cell. Rows not in that order (many short runs) are sorted.
 fn group_events<'a>(cells: &'a [dmp_core::Cell], only: Option<&[String]>) -> Vec<EventView<'a>> {
     // Runs [start, end) of one qualifier with strictly falling times.
-    let mut runs: Vec<(usize, usize)> = Vec::new();
+    let mut runs: Vec<(usize, usize)> = Vec::with_capacity(16);
     for (i, c) in cells.iter().enumerate() {
         if !same(&c.family, FAMILY_EVENTS) {
             continue;
@@ -228,7 +228,8 @@ fn group_events<'a>(cells: &'a [dmp_core::Cell], only: Option<&[String]>) -> Vec
         .iter()
         .map(|r| wanted(only, &cells[r.0].qualifier))
         .collect();
-    let mut events = Vec::new();
+    // At least as many events as the longest column has versions.
+    let mut events = Vec::with_capacity(runs.iter().map(|r| r.1 - r.0).max().unwrap_or(0));
     let mut event: Vec<&dmp_core::Cell> = Vec::with_capacity(runs.len());
     while let Some(ts) = runs
         .iter()

@@ -423,6 +423,9 @@ impl EmbeddedStore {
             reason,
         };
         let mut raw = RawRow::default();
+        // About one cell per 24 packed bytes: room for most rows without growing (and copying)
+        // the vector of 88-byte cells a few times.
+        raw.base.reserve(cached.base.len() / 24);
         codec::decode(&cached.base, |c| raw.base.push(c)).map_err(corrupt)?;
         let had_pending = !cached.pending.is_empty();
         let mut pending = cached.pending;
