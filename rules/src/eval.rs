@@ -9,7 +9,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 
-use dmp_core::cell::{FAMILY_EVENTS, FAMILY_META};
+use dmp_core::cell::{same, same_bytes, FAMILY_EVENTS, FAMILY_META};
 use dmp_core::Row;
 
 use crate::lang::{CmpOp, Cond, Expr, Field, Pred};
@@ -325,30 +325,6 @@ fn text(v: &[u8]) -> Cow<'_, str> {
     match std::str::from_utf8(v) {
         Ok(s) => Cow::Borrowed(s),
         Err(_) => String::from_utf8_lossy(v),
-    }
-}
-
-/// String equality for the short values of events: lengths first, then one or two word
-/// compares, instead of a call into `memcmp`.
-#[inline]
-fn same(a: &str, b: &str) -> bool {
-    same_bytes(a.as_bytes(), b.as_bytes())
-}
-
-#[inline]
-fn same_bytes(a: &[u8], b: &[u8]) -> bool {
-    let n = a.len();
-    if n != b.len() {
-        return false;
-    }
-    let w8 = |s: &[u8], i: usize| u64::from_ne_bytes(s[i..i + 8].try_into().expect("8 bytes"));
-    let w4 = |s: &[u8], i: usize| u32::from_ne_bytes(s[i..i + 4].try_into().expect("4 bytes"));
-    match n {
-        0 => true,
-        1..=3 => a == b,
-        4..=7 => w4(a, 0) == w4(b, 0) && w4(a, n - 4) == w4(b, n - 4),
-        8..=16 => w8(a, 0) == w8(b, 0) && w8(a, n - 8) == w8(b, n - 8),
-        _ => a == b,
     }
 }
 
@@ -976,38 +952,6 @@ mod tests {
             "qq",
         ] {
             assert_eq!(crate::lang::slot_of(q), None, "{q}");
-        }
-    }
-
-    #[test]
-    fn short_string_equality_agrees_with_eq() {
-        let words = [
-            "",
-            "a",
-            "ab",
-            "abc",
-            "abcd",
-            "abce",
-            "abcde",
-            "search",
-            "searcH",
-            "pageview",
-            "purchase",
-            "smartphone",
-            "smartphonf",
-            "Novosibirsk",
-            "site1.example",
-            "site1.examplf",
-            "0123456789abcdef",
-            "0123456789abcdeF",
-            "0123456789abcdefg",
-            "0123456789abcdefh",
-            "Новосибирск",
-        ];
-        for a in words {
-            for b in words {
-                assert_eq!(same(a, b), a == b, "{a:?} {b:?}");
-            }
         }
     }
 

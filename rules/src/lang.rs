@@ -818,53 +818,51 @@ pub fn parse(src: &str) -> Result<Expr, LangError> {
     Ok(e)
 }
 
-/// The qualifiers of family `e` an expression reads from events (with repeats).
-pub fn event_qualifiers(e: &Expr, out: &mut Vec<String>) {
+/// Calls `f` on `e` and on every expression inside it, conditions of aggregates included.
+pub fn visit(e: &Expr, f: &mut impl FnMut(&Expr)) {
+    f(e);
     match e {
-        Expr::Field(f) => out.push(
-            match f {
-                Field::Slot(s) | Field::Host(s) | Field::Path(s) => SLOTS[*s],
-                Field::Geo(_) => SLOTS[6],
-                Field::Cell(q) => q.as_str(),
-            }
-            .to_string(),
-        ),
-        Expr::Count(c, _) | Expr::Any(c, _) | Expr::Since(c) => event_qualifiers(&c.expr, out),
-        Expr::Not(x) | Expr::ToNum(x) | Expr::Matches(x, _) => event_qualifiers(x, out),
-        Expr::And(v) | Expr::Or(v) => v.iter().for_each(|x| event_qualifiers(x, out)),
+        Expr::Count(c, _) | Expr::Any(c, _) | Expr::Since(c) => visit(&c.expr, f),
+        Expr::Not(x) | Expr::ToNum(x) | Expr::Matches(x, _) => visit(x, f),
+        Expr::And(v) | Expr::Or(v) => v.iter().for_each(|x| visit(x, f)),
         Expr::Cmp(a, _, b) | Expr::Contains(a, b) => {
-            event_qualifiers(a, out);
-            event_qualifiers(b, out);
+            visit(a, f);
+            visit(b, f);
         }
         Expr::In(a, v) => {
-            event_qualifiers(a, out);
-            v.iter().for_each(|x| event_qualifiers(x, out));
+            visit(a, f);
+            v.iter().for_each(|x| visit(x, f));
         }
         Expr::Bool(_)
         | Expr::Num(_)
         | Expr::Str(_)
         | Expr::Dur(_)
+        | Expr::Field(_)
         | Expr::Attr(_)
         | Expr::FirstSeen
         | Expr::Segment(_) => {}
     }
 }
 
+/// The qualifiers of family `e` an expression reads from events (with repeats).
+pub fn event_qualifiers(e: &Expr, out: &mut Vec<String>) {
+    visit(e, &mut |x| {
+        if let Expr::Field(f) = x {
+            let q = match f {
+                Field::Slot(s) | Field::Host(s) | Field::Path(s) => SLOTS[*s],
+                Field::Geo(_) => SLOTS[6],
+                Field::Cell(q) => q.as_str(),
+            };
+            out.push(q.to_string());
+        }
+    });
+}
+
 /// The ids of the segments an expression refers to.
 pub fn segment_refs(e: &Expr, out: &mut Vec<String>) {
-    match e {
-        Expr::Segment(s) => out.push(s.clone()),
-        Expr::Count(c, _) | Expr::Any(c, _) | Expr::Since(c) => segment_refs(&c.expr, out),
-        Expr::Not(x) | Expr::ToNum(x) | Expr::Matches(x, _) => segment_refs(x, out),
-        Expr::And(v) | Expr::Or(v) => v.iter().for_each(|x| segment_refs(x, out)),
-        Expr::Cmp(a, _, b) | Expr::Contains(a, b) => {
-            segment_refs(a, out);
-            segment_refs(b, out);
+    visit(e, &mut |x| {
+        if let Expr::Segment(s) = x {
+            out.push(s.clone());
         }
-        Expr::In(a, v) => {
-            segment_refs(a, out);
-            v.iter().for_each(|x| segment_refs(x, out));
-        }
-        _ => {}
-    }
+    });
 }

@@ -349,14 +349,15 @@ impl EmbeddedStore {
         let mut versions = 0u32;
         for (i, c) in cells.iter().enumerate() {
             let prev = i.checked_sub(1).map(|p| &cells[p]);
-            let same_family = prev.is_some_and(|p| same(&p.family, &c.family));
+            let same_family = prev.is_some_and(|p| dmp_core::cell::same(&p.family, &c.family));
             if !same_family {
                 family = self.schema.family(&c.family);
                 cutoff = family.filter(|f| f.ttl_days > 0).map_or(i64::MIN, |f| {
                     now - f.ttl_days as i64 * dmp_core::clock::DAY_MS
                 });
             }
-            let same_column = same_family && prev.is_some_and(|p| same(&p.qualifier, &c.qualifier));
+            let same_column = same_family
+                && prev.is_some_and(|p| dmp_core::cell::same(&p.qualifier, &c.qualifier));
             versions = if same_column { versions + 1 } else { 1 };
             let kept = family.is_some_and(|f| versions <= f.max_versions) && c.ts >= cutoff;
             dropped |= !kept;
@@ -496,26 +497,6 @@ impl EmbeddedStore {
             out.push(c);
         }
         out
-    }
-}
-
-/// String equality for the short family and qualifier names: lengths first, then one or two word
-/// compares, instead of a call into `memcmp` for every cell of a merge.
-#[inline]
-fn same(a: &str, b: &str) -> bool {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
-    let n = a.len();
-    if n != b.len() {
-        return false;
-    }
-    let w8 = |s: &[u8], i: usize| u64::from_ne_bytes(s[i..i + 8].try_into().expect("8 bytes"));
-    let w4 = |s: &[u8], i: usize| u32::from_ne_bytes(s[i..i + 4].try_into().expect("4 bytes"));
-    match n {
-        0 => true,
-        1..=3 => a == b,
-        4..=7 => w4(a, 0) == w4(b, 0) && w4(a, n - 4) == w4(b, n - 4),
-        8..=16 => w8(a, 0) == w8(b, 0) && w8(a, n - 8) == w8(b, n - 8),
-        _ => a == b,
     }
 }
 
