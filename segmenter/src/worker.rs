@@ -143,8 +143,10 @@ impl Worker {
             if self.cfg.coalesce_ms > 0 && first.timer.is_none() {
                 // Let the user's burst land first: changes written meanwhile join this batch (or
                 // are skipped as seen by its read).
-                let due = first.ts + self.cfg.coalesce_ms as i64;
-                let wait = due - dmp_core::clock::now_ms();
+                // The change's time is the writer's clock: never wait longer than the window,
+                // whatever the skew between the two hosts.
+                let window = self.cfg.coalesce_ms as i64;
+                let wait = (first.ts + window - dmp_core::clock::now_ms()).min(window);
                 if wait > 0 {
                     std::thread::sleep(Duration::from_millis(wait as u64));
                 }

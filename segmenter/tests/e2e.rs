@@ -364,6 +364,39 @@ async fn given_coalescing_when_a_user_changes_three_times_in_a_burst_then_one_ev
     p.stop().await;
 }
 
+/// A change stamped by a writer whose clock runs ahead (10 minutes) waits no longer than the
+/// coalescing window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_coalescing_when_the_writer_clock_is_ahead_then_a_change_waits_only_the_window() {
+    let (rules, counts) = counting_rules(Duration::ZERO);
+    let p = start_with(RULES, |c| c.segmenter.coalesce_ms = 200, Some(rules), None).await;
+    let now = dmp_core::clock::now_ms();
+    p.post(serde_json::json!([{"uid": "ahead", "ts": now, "url": "https://cats.example/"}]))
+        .await;
+    p.drained().await;
+    let ahead = UserChange {
+        uid: "ahead".into(),
+        ts: now + 600_000,
+        last_event_ts: now,
+    };
+    p.bus
+        .produce(
+            &p.cfg.topics.user_changes,
+            vec![ProduceRecord::new("ahead", ahead.to_json())],
+        )
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    p.drained().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "waited {:?}",
+        started.elapsed()
+    );
+    assert_eq!(counts.lock().unwrap().get("ahead"), Some(&2));
+    p.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn given_burst_of_changes_when_segmented_then_duplicates_skipped_and_bots_blacklisted() {
     let (rules, counts) = counting_rules(Duration::ZERO);
