@@ -45,79 +45,82 @@ pub fn encode_cell(out: &mut Vec<u8>, c: &Cell) {
     out.extend_from_slice(&c.value);
 }
 
-/// Decodes a packed value, calling `f` for each cell. Cell values are slices of `value`.
-pub fn decode(value: &bytes::Bytes, mut f: impl FnMut(Cell)) -> Result<(), String> {
-    let mut buf: &[u8] = value;
-    match buf.split_first() {
-        Some((&FORMAT, rest)) => buf = rest,
-        Some((v, _)) => return Err(format!("unknown value format {v}")),
-        None => return Err("empty value".into()),
-    }
-    while !buf.is_empty() {
-        let flen = buf[0] as usize;
-        buf = &buf[1..];
-        let family = take_str(&mut buf, flen)?;
-        let qlen = get_varint(&mut buf)? as usize;
-        let qualifier = take_str(&mut buf, qlen)?;
-        let ts = unzigzag(get_varint(&mut buf)?);
-        let vlen = get_varint(&mut buf)? as usize;
-        if buf.len() < vlen {
-            return Err("truncated cell value".into());
-        }
-        let start = value.len() - buf.len();
-        buf = &buf[vlen..];
-        f(Cell {
-            family,
-            qualifier,
-            ts,
-            value: value.slice(start..start + vlen),
-        });
-    }
-    Ok(())
+/// One cell of a packed value as stored: names as bytes, the value as its range in the value.
+struct RawCell<'a> {
+    family: &'a [u8],
+    qualifier: &'a [u8],
+    ts: i64,
+    value: std::ops::Range<usize>,
 }
 
-/// Whether any cell of a packed value has `f(family, version)` true, walking the encoding without
-/// building cells (no strings, no value slices): what the TTL compaction filter asks of every value
-/// it rewrites, nearly always to hear no. Names are not checked to be UTF-8 here; `decode` does.
-pub fn any_cell(value: &[u8], mut f: impl FnMut(&[u8], i64) -> bool) -> Result<bool, String> {
+/// Walks a packed value's cells, calling `f` for each until it answers `true`; returns whether
+/// one did. The one parser of the format: [`decode`] and [`any_cell`] both go through it.
+fn walk(
+    value: &[u8],
+    mut f: impl FnMut(RawCell<'_>) -> Result<bool, String>,
+) -> Result<bool, String> {
     let mut buf = value;
     match buf.split_first() {
         Some((&FORMAT, rest)) => buf = rest,
         Some((v, _)) => return Err(format!("unknown value format {v}")),
         None => return Err("empty value".into()),
     }
-    let skip = |buf: &mut &[u8], len: usize| -> Result<(), String> {
+    let take = |buf: &mut &'_ [u8], len: usize, what: &str| -> Result<(), String> {
         if buf.len() < len {
-            return Err("truncated cell".into());
+            return Err(format!("truncated {what}"));
         }
         *buf = &buf[len..];
         Ok(())
     };
     while let Some((&flen, rest)) = buf.split_first() {
         buf = rest;
-        let family = buf.get(..flen as usize).ok_or("truncated cell")?;
-        skip(&mut buf, flen as usize)?;
+        let family = buf.get(..flen as usize).unwrap_or_default();
+        take(&mut buf, flen as usize, "cell")?;
         let qlen = get_varint(&mut buf)? as usize;
-        skip(&mut buf, qlen)?;
+        let qualifier = buf.get(..qlen).unwrap_or_default();
+        take(&mut buf, qlen, "cell")?;
         let ts = unzigzag(get_varint(&mut buf)?);
         let vlen = get_varint(&mut buf)? as usize;
-        skip(&mut buf, vlen)?;
-        if f(family, ts) {
+        let start = value.len() - buf.len();
+        take(&mut buf, vlen, "cell value")?;
+        let cell = RawCell {
+            family,
+            qualifier,
+            ts,
+            value: start..start + vlen,
+        };
+        if f(cell)? {
             return Ok(true);
         }
     }
     Ok(false)
 }
 
-fn take_str(buf: &mut &[u8], len: usize) -> Result<compact_str::CompactString, String> {
-    if buf.len() < len {
-        return Err("truncated cell".into());
-    }
-    let s = std::str::from_utf8(&buf[..len])
-        .map_err(|_| "family or qualifier is not UTF-8".to_string())?
-        .into();
-    *buf = &buf[len..];
-    Ok(s)
+/// Decodes a packed value, calling `f` for each cell. Cell values are slices of `value`.
+pub fn decode(value: &bytes::Bytes, mut f: impl FnMut(Cell)) -> Result<(), String> {
+    walk(value, |c| {
+        f(Cell {
+            family: name(c.family)?,
+            qualifier: name(c.qualifier)?,
+            ts: c.ts,
+            value: value.slice(c.value),
+        });
+        Ok(false)
+    })
+    .map(|_| ())
+}
+
+/// Whether any cell of a packed value has `f(family, version)` true, without building cells (no
+/// strings, no value slices): what the TTL compaction filter asks of every value it rewrites,
+/// nearly always to hear no. Names are not checked to be UTF-8 here; `decode` does.
+pub fn any_cell(value: &[u8], mut f: impl FnMut(&[u8], i64) -> bool) -> Result<bool, String> {
+    walk(value, |c| Ok(f(c.family, c.ts)))
+}
+
+fn name(bytes: &[u8]) -> Result<compact_str::CompactString, String> {
+    std::str::from_utf8(bytes)
+        .map(Into::into)
+        .map_err(|_| "family or qualifier is not UTF-8".to_string())
 }
 
 fn zigzag(v: i64) -> u64 {
