@@ -287,11 +287,7 @@ impl EmbeddedStore {
             let (key, value) = kv.into_inner()?;
             let value = bytes::Bytes::from(value);
             if key.get(prefix.len()) == Some(&1) {
-                codec::decode(&value, |c| {
-                    let order = raw.deltas.len() as u32;
-                    raw.deltas.push((c, order))
-                })
-                .map_err(corrupt)?;
+                raw.add_write(&value).map_err(corrupt)?;
                 raw.delta_keys.push(key.to_vec());
             } else {
                 codec::decode(&value, |c| raw.base.push(c)).map_err(corrupt)?;
@@ -352,9 +348,10 @@ impl EmbeddedStore {
             let same_family = prev.is_some_and(|p| dmp_core::cell::same(&p.family, &c.family));
             if !same_family {
                 family = self.schema.family(&c.family);
-                cutoff = family.filter(|f| f.ttl_days > 0).map_or(i64::MIN, |f| {
-                    now - f.ttl_days as i64 * dmp_core::clock::DAY_MS
-                });
+                cutoff = self
+                    .schema
+                    .ttl_ms(&c.family)
+                    .map_or(i64::MIN, |ttl| now - ttl);
             }
             let same_column = same_family
                 && prev.is_some_and(|p| dmp_core::cell::same(&p.qualifier, &c.qualifier));
@@ -428,19 +425,14 @@ impl EmbeddedStore {
         // the vector of 88-byte cells a few times.
         raw.base.reserve(cached.base.len() / 24);
         codec::decode(&cached.base, |c| raw.base.push(c)).map_err(corrupt)?;
-        let had_pending = !cached.pending.is_empty();
         let mut pending = cached.pending;
         pending.sort_unstable_by_key(|(seq, _)| *seq);
         for (_, value) in pending.iter() {
-            codec::decode(value, |c| {
-                let order = raw.deltas.len() as u32;
-                raw.deltas.push((c, order))
-            })
-            .map_err(corrupt)?;
+            raw.add_write(value).map_err(corrupt)?;
         }
         let cells = self.merge(raw, dmp_core::clock::now_ms());
         let repack_due = cached.deltas_on_disk > self.repack_after * CACHED_REPACK_FACTOR;
-        if pending.len() >= FOLD_AFTER_WRITES || (had_pending && repack_due) {
+        if pending.len() >= FOLD_AFTER_WRITES || (!pending.is_empty() && repack_due) {
             let base = bytes::Bytes::from(codec::encode(&cells));
             self.cache.merged(row, cached.writes, base);
         }
@@ -508,6 +500,16 @@ struct RawRow {
     /// coordinate in one write, the later one wins, as of two writes).
     deltas: Vec<(Cell, u32)>,
     delta_keys: Vec<Vec<u8>>,
+}
+
+impl RawRow {
+    /// Adds the cells of one write (a packed value), after every write added before it.
+    fn add_write(&mut self, value: &bytes::Bytes) -> Result<(), String> {
+        codec::decode(value, |c| {
+            let order = self.deltas.len() as u32;
+            self.deltas.push((c, order))
+        })
+    }
 }
 
 impl UserStore for EmbeddedStore {
