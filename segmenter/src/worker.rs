@@ -92,9 +92,16 @@ struct State {
     blacklist: Blacklist,
 }
 
+/// What made a user due for evaluation (the `trigger` label of `EVALUATED`).
+#[derive(Clone, Copy)]
+enum Trigger {
+    Change,
+    Timer,
+}
+
 /// Why a user is evaluated in a batch.
 struct Reason {
-    trigger: &'static str,
+    trigger: Trigger,
     partition: u32,
     /// Timer rows that fired for the user.
     fired: Vec<String>,
@@ -142,9 +149,8 @@ impl Worker {
         while let Ok(first) = self.jobs.recv() {
             if self.cfg.coalesce_ms > 0 && first.timer.is_none() {
                 // Let the user's burst land first: changes written meanwhile join this batch (or
-                // are skipped as seen by its read).
-                // The change's time is the writer's clock: never wait longer than the window,
-                // whatever the skew between the two hosts.
+                // are skipped as seen by its read). The change's time is the writer's clock:
+                // never wait longer than the window, whatever the skew between the two hosts.
                 let window = self.cfg.coalesce_ms as i64;
                 let wait = (first.ts + window - dmp_core::clock::now_ms()).min(window);
                 if wait > 0 {
@@ -186,7 +192,7 @@ impl Worker {
                 users
                     .entry(j.uid.clone())
                     .or_insert_with(|| Reason {
-                        trigger: "timer",
+                        trigger: Trigger::Timer,
                         partition: t.pending.partition,
                         fired: Vec::new(),
                     })
@@ -218,7 +224,7 @@ impl Worker {
             }
             if !self.cfg.dedupe {
                 let reason = || Reason {
-                    trigger: "change",
+                    trigger: Trigger::Change,
                     partition: j.tp.partition,
                     fired: Vec::new(),
                 };
@@ -236,11 +242,11 @@ impl Worker {
                 continue;
             }
             let r = users.entry(j.uid.clone()).or_insert_with(|| Reason {
-                trigger: "change",
+                trigger: Trigger::Change,
                 partition: j.tp.partition,
                 fired: Vec::new(),
             });
-            r.trigger = "change";
+            r.trigger = Trigger::Change;
             r.partition = j.tp.partition;
         }
         if !users.is_empty() || !new_bots.is_empty() || !dropped_timers.is_empty() {
@@ -278,8 +284,8 @@ impl Worker {
         for (uid, reason) in users {
             let row = self.read(&uid);
             match reason.trigger {
-                "timer" => counters.evaluated_timer.increment(1),
-                _ => counters.evaluated_change.increment(1),
+                Trigger::Timer => counters.evaluated_timer.increment(1),
+                Trigger::Change => counters.evaluated_change.increment(1),
             }
             out.deletes.extend(reason.fired);
             counters
