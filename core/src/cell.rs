@@ -14,6 +14,8 @@ pub const FAMILY_EVENTS: &str = "e";
 pub const FAMILY_SEGMENTS: &str = "s";
 /// Family `m`: meta (first seen, bot flag).
 pub const FAMILY_META: &str = "m";
+/// Qualifier prefix of custom attributes in family `e` (`a.<name>`).
+pub const ATTR_PREFIX: &str = "a.";
 
 /// One versioned cell.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -95,6 +97,84 @@ impl Row {
         });
     }
 }
+/// Leaves out the cells of one family whose qualifier a reader does not use, and keeps *when*
+/// they happened: each version at which any cell was left out comes back once as a key-only
+/// cell of that family with an empty qualifier (a marker), before the family's other cells
+/// (HBase order). For readers that group a family's cells by version and read only some
+/// qualifiers: the segmenter's rules group family `e` into events by time and read a few of its
+/// columns, and an event with none of them still counts as an event.
+///
+/// TTL and versions apply first, to every cell, so the markers are exactly the versions the
+/// left-out columns hold in a full read. Rows that store cells under an empty qualifier in the
+/// projected family should not be read with a projection. [`Projection::apply`] is the
+/// definition, in memory; the embedded store applies it while decoding (`Get::projection`), so
+/// left-out cells are never built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Projection {
+    /// The projected family.
+    pub family: String,
+    /// Qualifiers kept.
+    pub qualifiers: Vec<String>,
+    /// Qualifier prefixes kept (`a.` keeps every custom attribute).
+    pub prefixes: Vec<String>,
+}
+
+impl Projection {
+    /// A projection of `family` keeping `qualifiers` and every qualifier starting with one of
+    /// `prefixes`.
+    pub fn new<'a>(
+        family: &str,
+        qualifiers: impl IntoIterator<Item = &'a str>,
+        prefixes: impl IntoIterator<Item = &'a str>,
+    ) -> Projection {
+        Projection {
+            family: family.into(),
+            qualifiers: qualifiers.into_iter().map(Into::into).collect(),
+            prefixes: prefixes.into_iter().map(Into::into).collect(),
+        }
+    }
+
+    /// Whether cells of `qualifier` (in the projected family) are kept.
+    pub fn keeps(&self, qualifier: &[u8]) -> bool {
+        self.qualifiers
+            .iter()
+            .any(|q| same_bytes(q.as_bytes(), qualifier))
+            || self
+                .prefixes
+                .iter()
+                .any(|p| qualifier.starts_with(p.as_bytes()))
+    }
+
+    /// The marker of version `ts`.
+    pub fn marker(&self, ts: i64) -> Cell {
+        Cell::new(self.family.as_str(), "", ts, Bytes::new())
+    }
+
+    /// The projection of `cells` (in HBase order): the definition, for backends with no native
+    /// projection and for tests.
+    pub fn apply(&self, cells: Vec<Cell>) -> Vec<Cell> {
+        let mut out = Vec::with_capacity(cells.len());
+        let mut marks = Vec::new();
+        let mut family_at = None;
+        for c in cells {
+            if c.family == self.family {
+                family_at.get_or_insert(out.len());
+                if !self.keeps(c.qualifier.as_bytes()) {
+                    marks.push(c.ts);
+                    continue;
+                }
+            }
+            out.push(c);
+        }
+        marks.sort_unstable_by(|a, b| b.cmp(a));
+        marks.dedup();
+        if let Some(at) = family_at {
+            out.splice(at..at, marks.into_iter().map(|ts| self.marker(ts)));
+        }
+        out
+    }
+}
+
 /// Equality of the short strings cells are made of (families, qualifiers, most values): lengths
 /// first, then one or two word compares, instead of a call into `memcmp`. Merges and rule
 /// evaluation compare them for every cell.

@@ -19,7 +19,7 @@ pub mod partition;
 pub mod segment;
 pub mod telemetry;
 
-pub use cell::{Cell, Row};
+pub use cell::{Cell, Projection, Row};
 pub use config::Config;
 pub use error::ErrorKind;
 pub use event::{Event, EventError};

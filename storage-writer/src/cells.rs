@@ -72,7 +72,7 @@ pub fn event_cells(ev: Event, en: &Enrichment) -> Vec<Cell> {
     for (k, v) in ev.attrs {
         cells.push(Cell::new(
             FAMILY_EVENTS,
-            format!("a.{k}"),
+            format!("{}{k}", dmp_core::cell::ATTR_PREFIX),
             ts,
             v.into_bytes(),
         ));

@@ -33,6 +33,13 @@ pub fn encode(cells: &[Cell]) -> Vec<u8> {
     out
 }
 
+/// An empty packed value with room for `size` more bytes of cell encodings.
+pub(crate) fn packed_with_capacity(size: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + size);
+    out.push(FORMAT);
+    out
+}
+
 /// Appends one cell.
 pub fn encode_cell(out: &mut Vec<u8>, c: &Cell) {
     debug_assert!(c.family.len() <= 255);
@@ -45,20 +52,55 @@ pub fn encode_cell(out: &mut Vec<u8>, c: &Cell) {
     out.extend_from_slice(&c.value);
 }
 
-/// One cell of a packed value as stored: names as bytes, the value as its range in the value.
-struct RawCell<'a> {
-    family: &'a [u8],
-    qualifier: &'a [u8],
-    ts: i64,
-    value: std::ops::Range<usize>,
+/// One cell of a packed value as stored, borrowed: names as bytes, the value as its range in the
+/// packed value, and the cell's whole encoding (to copy it into another packed value as is).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RawCell<'a> {
+    pub family: &'a [u8],
+    pub qualifier: &'a [u8],
+    pub ts: i64,
+    pub value: (u32, u32),
+    pub encoded: &'a [u8],
+}
+
+impl RawCell<'_> {
+    /// HBase order: family, qualifier, then newest version first.
+    #[inline]
+    pub fn cmp_key(&self, other: &RawCell<'_>) -> std::cmp::Ordering {
+        self.family
+            .cmp(other.family)
+            .then_with(|| self.qualifier.cmp(other.qualifier))
+            .then_with(|| other.ts.cmp(&self.ts))
+    }
+
+    /// Whether two cells have the same coordinates (family, qualifier, version).
+    #[inline]
+    pub fn same_coordinates(&self, other: &RawCell<'_>) -> bool {
+        self.ts == other.ts
+            && dmp_core::cell::same_bytes(self.qualifier, other.qualifier)
+            && dmp_core::cell::same_bytes(self.family, other.family)
+    }
+
+    /// The cell, its value a slice of `packed` (the value this cell was walked from).
+    pub fn to_cell(self, packed: &bytes::Bytes) -> Result<Cell, String> {
+        Ok(Cell {
+            family: name(self.family)?,
+            qualifier: name(self.qualifier)?,
+            ts: self.ts,
+            value: packed.slice(self.value.0 as usize..self.value.1 as usize),
+        })
+    }
 }
 
 /// Walks a packed value's cells, calling `f` for each until it answers `true`; returns whether
 /// one did. The one parser of the format: [`decode`] and [`any_cell`] both go through it.
-fn walk(
-    value: &[u8],
-    mut f: impl FnMut(RawCell<'_>) -> Result<bool, String>,
+pub(crate) fn walk<'a>(
+    value: &'a [u8],
+    mut f: impl FnMut(RawCell<'a>) -> Result<bool, String>,
 ) -> Result<bool, String> {
+    if value.len() > u32::MAX as usize {
+        return Err("packed value over 4 GiB".into());
+    }
     let mut buf = value;
     match buf.split_first() {
         Some((&FORMAT, rest)) => buf = rest,
@@ -73,6 +115,7 @@ fn walk(
         Ok(())
     };
     while let Some((&flen, rest)) = buf.split_first() {
+        let cell_start = value.len() - buf.len();
         buf = rest;
         let family = buf.get(..flen as usize).unwrap_or_default();
         take(&mut buf, flen as usize, "cell")?;
@@ -83,11 +126,13 @@ fn walk(
         let vlen = get_varint(&mut buf)? as usize;
         let start = value.len() - buf.len();
         take(&mut buf, vlen, "cell value")?;
+        let end = value.len() - buf.len();
         let cell = RawCell {
             family,
             qualifier,
             ts,
-            value: start..start + vlen,
+            value: (start as u32, end as u32),
+            encoded: &value[cell_start..end],
         };
         if f(cell)? {
             return Ok(true);
@@ -99,12 +144,7 @@ fn walk(
 /// Decodes a packed value, calling `f` for each cell. Cell values are slices of `value`.
 pub fn decode(value: &bytes::Bytes, mut f: impl FnMut(Cell)) -> Result<(), String> {
     walk(value, |c| {
-        f(Cell {
-            family: name(c.family)?,
-            qualifier: name(c.qualifier)?,
-            ts: c.ts,
-            value: value.slice(c.value),
-        });
+        f(c.to_cell(value)?);
         Ok(false)
     })
     .map(|_| ())

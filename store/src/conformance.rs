@@ -36,6 +36,10 @@ pub fn checks() -> Vec<(&'static str, Check)> {
             same_coordinates_newer_write_wins,
         ),
         ("family_and_column_filters", family_and_column_filters),
+        (
+            "projection_keeps_read_columns_and_marks_the_rest",
+            projection_keeps_read_columns_and_marks_the_rest,
+        ),
         ("time_range_and_max_versions", time_range_and_max_versions),
         ("cell_cap_limits_the_read", cell_cap_limits_the_read),
         ("family_max_versions_enforced", family_max_versions_enforced),
@@ -190,6 +194,58 @@ fn family_and_column_filters(s: &dyn UserStore) -> CheckResult {
     ensure!(
         cols.len() == 1 && cols[0].qualifier == "q",
         "column filter: {cols:?}"
+    );
+    Ok(())
+}
+
+fn projection_keeps_read_columns_and_marks_the_rest(s: &dyn UserStore) -> CheckResult {
+    let t = t0();
+    // Three events in two writes: one with a read cell, one with an attribute, one with only
+    // cells left out; and a later write replacing a left-out cell.
+    put(
+        s,
+        "p",
+        vec![
+            Cell::new("e", "url", t, b"https://a.example/".to_vec()),
+            Cell::new("e", "ua", t, b"1".to_vec()),
+            Cell::new("e", "a.plan", t - 1, b"gold".to_vec()),
+            Cell::new("m", "bot", t, b"1".to_vec()),
+        ],
+    )?;
+    put(
+        s,
+        "p",
+        vec![
+            Cell::new("e", "ip", t - 2, b"\x7f\0\0\x01".to_vec()),
+            Cell::new("e", "ua", t - 2, b"2".to_vec()),
+            Cell::new("e", "ua", t, b"3".to_vec()),
+        ],
+    )?;
+    let projection = std::sync::Arc::new(crate::Projection::new("e", ["url"], ["a."]));
+    let whole = read(s, &Get::row("p"))?;
+    let projected = read(
+        s,
+        &Get {
+            projection: Some(projection.clone()),
+            ..Get::row("p")
+        },
+    )?;
+    ensure!(
+        projected == projection.apply(whole.clone()),
+        "projected read {projected:?} of {whole:?}"
+    );
+    let marks: Vec<i64> = projected
+        .iter()
+        .filter(|c| c.family == "e" && c.qualifier.is_empty())
+        .map(|c| c.ts)
+        .collect();
+    ensure!(
+        marks == [t, t - 2],
+        "one marker per version left out: {marks:?}"
+    );
+    ensure!(
+        projected.iter().any(|c| c.qualifier == "a.plan") && projected.len() == 5,
+        "url, the attribute, two markers and m:bot: {projected:?}"
     );
     Ok(())
 }

@@ -35,8 +35,6 @@ const LOCK_STRIPES: usize = 1024;
 /// A cached row is repacked after this many times `repack_after_deltas` writes: reads of it do
 /// not pay for deltas, and each repack writes the whole row.
 const CACHED_REPACK_FACTOR: usize = 4;
-/// Writes pending on a cached row before a read folds them into its merged value.
-const FOLD_AFTER_WRITES: usize = 4;
 
 /// The embedded fjall database shared by the embedded bus and store, with its fsync policy.
 /// Cloning is cheap; the periodic fsync stops when the last clone is dropped.
@@ -252,7 +250,15 @@ impl EmbeddedStore {
     /// Cells physically stored for a row (before merging, TTL and versions): for tests and ops.
     pub fn stored_cells(&self, row: &str) -> Result<usize> {
         let raw = self.read_parts(row)?;
-        Ok(raw.base.len() + raw.deltas.len())
+        let mut n = 0;
+        for value in raw.base.iter().chain(&raw.writes) {
+            codec::walk(value, |_| {
+                n += 1;
+                Ok(false)
+            })
+            .map_err(|reason| corrupt(row, reason))?;
+        }
+        Ok(n)
     }
 
     /// Bytes of the rows keyspace on disk (tables and blobs, not the journal).
@@ -273,108 +279,56 @@ impl EmbeddedStore {
     }
 
     /// Scans the raw parts of a row: the base (sorted, one version per coordinate, as repacked)
-    /// and the cells of later writes with their write order.
+    /// and the values of later writes in write order, with their keys.
     fn read_parts(&self, row: &str) -> Result<RawRow> {
         let mut prefix = Vec::with_capacity(row.len() + 1);
         prefix.extend_from_slice(row.as_bytes());
         prefix.push(0);
         let mut raw = RawRow::default();
-        let corrupt = |reason| StoreError::Corrupt {
-            row: row.to_string(),
-            reason,
-        };
         for kv in self.rows.prefix(&prefix) {
             let (key, value) = kv.into_inner()?;
             let value = bytes::Bytes::from(value);
             if key.get(prefix.len()) == Some(&1) {
-                raw.add_write(&value).map_err(corrupt)?;
+                raw.writes.push(value);
                 raw.delta_keys.push(key.to_vec());
             } else {
-                codec::decode(&value, |c| raw.base.push(c)).map_err(corrupt)?;
+                raw.base = Some(value);
             }
         }
         Ok(raw)
     }
 
-    /// Merges raw parts: the latest write of each coordinate wins; TTL and versions applied.
-    /// The base is already in HBase order and the deltas are few (a write or two since the last
-    /// merge): they are sorted, each finds its place in the base by binary search, and the base
-    /// moves across in runs. A last pass drops what TTL and versions do not keep.
-    fn merge(&self, raw: RawRow, now: i64) -> Vec<Cell> {
-        fn key(c: &Cell) -> (&str, &str, std::cmp::Reverse<i64>) {
-            (
-                c.family.as_str(),
-                c.qualifier.as_str(),
-                std::cmp::Reverse(c.ts),
-            )
-        }
-        let RawRow {
-            base, mut deltas, ..
-        } = raw;
-        let mut cells = if deltas.is_empty() {
-            base
-        } else {
-            deltas.sort_unstable_by(|(a, ao), (b, bo)| {
-                key(a).cmp(&key(b)).then_with(|| bo.cmp(ao)) // newest write of a coordinate first
-            });
-            deltas.dedup_by(|later, earlier| later.0.coordinates() == earlier.0.coordinates());
-            let mut out: Vec<Cell> = Vec::with_capacity(base.len() + deltas.len());
-            let mut b = base.into_iter();
-            for (d, _) in deltas {
-                let before = b.as_slice().partition_point(|c| key(c) < key(&d));
-                out.extend(b.by_ref().take(before));
-                if b.as_slice().first().is_some_and(|c| key(c) == key(&d)) {
-                    b.next(); // a later write replaces the base's value
-                }
-                out.push(d);
-            }
-            out.extend(b);
-            out
-        };
-        self.apply_limits(&mut cells, now);
-        cells
-    }
-
-    /// Drops, from cells in HBase order, those of families no longer in the schema (invisible, as
-    /// in HBase), versions beyond a family's `max_versions` and cells past its TTL.
-    fn apply_limits(&self, cells: &mut Vec<Cell>, now: i64) {
-        let mut keep: Vec<bool> = Vec::with_capacity(cells.len());
-        let mut dropped = false;
-        let mut family: Option<&dmp_core::config::FamilyConfig> = None;
-        let mut cutoff = i64::MIN;
-        let mut versions = 0u32;
-        for (i, c) in cells.iter().enumerate() {
-            let prev = i.checked_sub(1).map(|p| &cells[p]);
-            let same_family = prev.is_some_and(|p| dmp_core::cell::same(&p.family, &c.family));
-            if !same_family {
-                family = self.schema.family(&c.family);
-                cutoff = self
-                    .schema
-                    .ttl_ms(&c.family)
-                    .map_or(i64::MIN, |ttl| now - ttl);
-            }
-            let same_column = same_family
-                && prev.is_some_and(|p| dmp_core::cell::same(&p.qualifier, &c.qualifier));
-            versions = if same_column { versions + 1 } else { 1 };
-            let kept = family.is_some_and(|f| versions <= f.max_versions) && c.ts >= cutoff;
-            dropped |= !kept;
-            keep.push(kept);
-        }
-        if dropped {
-            let mut k = keep.into_iter();
-            cells.retain(|_| k.next().unwrap_or(false));
-        }
+    /// Reads a row from its parts as of now (see [`crate::merge`]), with the merge packed when
+    /// `pack`.
+    fn read_raw(
+        &self,
+        row: &str,
+        raw: &RawRow,
+        projection: Option<&crate::Projection>,
+        pack: bool,
+    ) -> Result<crate::merge::Merged> {
+        let writes: Vec<&bytes::Bytes> = raw.writes.iter().collect();
+        let now = dmp_core::clock::now_ms();
+        crate::merge::read(
+            raw.base.as_ref(),
+            &writes,
+            &self.schema,
+            now,
+            projection,
+            pack,
+        )
+        .map_err(|reason| corrupt(row, reason))
     }
 
     fn repack(&self, row: &str) -> Result<()> {
         let _guard = self.lock_for(row).lock();
-        let mut raw = self.read_parts(row)?;
+        let raw = self.read_parts(row)?;
         if raw.delta_keys.is_empty() {
             return Ok(());
         }
-        let delta_keys = std::mem::take(&mut raw.delta_keys);
-        let cells = self.merge(raw, dmp_core::clock::now_ms());
-        self.write_repack(row, codec::encode(&cells).into(), &delta_keys)
+        let merged = self.read_raw(row, &raw, None, true)?;
+        let base = merged.packed.unwrap_or_default(); // there were writes: packed
+        self.write_repack(row, base.into(), &raw.delta_keys)
     }
 
     /// Commits a repack: `base` (packed cells; an empty one removes the base) replaces the row's
@@ -412,34 +366,34 @@ impl EmbeddedStore {
     }
 
     /// A read served by the row cache: the cached base and the writes since, merged (TTL and
-    /// versions applied as of now). The merge goes back to the cache, re-encoded, once
-    /// [`FOLD_AFTER_WRITES`] writes are pending (or before a repack): merging a few small writes
-    /// costs less than encoding the whole row after each.
-    fn get_cached(&self, row: &str, cached: crate::row_cache::Cached) -> Result<Vec<Cell>> {
-        let corrupt = |reason| StoreError::Corrupt {
-            row: row.to_string(),
-            reason,
-        };
-        let mut raw = RawRow::default();
-        // About one cell per 24 packed bytes: room for most rows without growing (and copying)
-        // the vector of 88-byte cells a few times.
-        raw.base.reserve(cached.base.len() / 24);
-        codec::decode(&cached.base, |c| raw.base.push(c)).map_err(corrupt)?;
+    /// versions applied as of now). The merge goes back to the cache (a copy of the row's bytes;
+    /// the next read then has no write to merge).
+    fn get_cached(
+        &self,
+        row: &str,
+        cached: crate::row_cache::Cached,
+        projection: Option<&crate::Projection>,
+    ) -> Result<Vec<Cell>> {
         let mut pending = cached.pending;
         pending.sort_unstable_by_key(|(seq, _)| *seq);
-        for (_, value) in pending.iter() {
-            raw.add_write(value).map_err(corrupt)?;
+        let writes: Vec<&bytes::Bytes> = pending.iter().map(|(_, v)| v).collect();
+        let now = dmp_core::clock::now_ms();
+        let merged = crate::merge::read(
+            Some(&cached.base),
+            &writes,
+            &self.schema,
+            now,
+            projection,
+            true,
+        )
+        .map_err(|reason| corrupt(row, reason))?;
+        if let Some(packed) = merged.packed {
+            self.cache.merged(row, cached.writes, packed.into());
         }
-        let cells = self.merge(raw, dmp_core::clock::now_ms());
-        let repack_due = cached.deltas_on_disk > self.repack_after * CACHED_REPACK_FACTOR;
-        if pending.len() >= FOLD_AFTER_WRITES || (!pending.is_empty() && repack_due) {
-            let base = bytes::Bytes::from(codec::encode(&cells));
-            self.cache.merged(row, cached.writes, base);
-        }
-        if repack_due {
+        if cached.deltas_on_disk > self.repack_after * CACHED_REPACK_FACTOR {
             self.repack_cached(row)?;
         }
-        Ok(cells)
+        Ok(merged.cells)
     }
 
     fn next_seqs(&self, n: u64, batch: &mut fjall::OwnedWriteBatch) -> u64 {
@@ -492,23 +446,21 @@ impl EmbeddedStore {
     }
 }
 
+/// A row's parts as stored.
 #[derive(Default)]
 struct RawRow {
-    /// Cells of the base, in HBase order.
-    base: Vec<Cell>,
-    /// Cells of later writes with their write order (counted per cell: of two cells of one
-    /// coordinate in one write, the later one wins, as of two writes).
-    deltas: Vec<(Cell, u32)>,
+    /// The base: packed cells in HBase order.
+    base: Option<bytes::Bytes>,
+    /// Packed cells of later writes, in write order.
+    writes: Vec<bytes::Bytes>,
+    /// Their keys.
     delta_keys: Vec<Vec<u8>>,
 }
 
-impl RawRow {
-    /// Adds the cells of one write (a packed value), after every write added before it.
-    fn add_write(&mut self, value: &bytes::Bytes) -> Result<(), String> {
-        codec::decode(value, |c| {
-            let order = self.deltas.len() as u32;
-            self.deltas.push((c, order))
-        })
+fn corrupt(row: &str, reason: String) -> StoreError {
+    StoreError::Corrupt {
+        row: row.to_string(),
+        reason,
     }
 }
 
@@ -556,9 +508,10 @@ impl UserStore for EmbeddedStore {
 
     fn get(&self, get: &Get) -> Result<Option<Row>> {
         check_row_key(&get.row)?;
+        let projection = get.projection.as_deref();
         let cells = if let Some(cached) = self.cache.get(&get.row) {
             metrics::counter!(crate::metrics::ROW_CACHE_HITS).increment(1);
-            self.get_cached(&get.row, cached)?
+            self.get_cached(&get.row, cached, projection)?
         } else {
             // Taken before the read: a write the read does not see moves it (see row_cache).
             let generation = self.cache.generation(&get.row);
@@ -571,17 +524,21 @@ impl UserStore for EmbeddedStore {
                 // moved the generation, so the row would not be cached).
                 Vec::new()
             };
-            let cells = self.merge(raw, dmp_core::clock::now_ms());
+            let merged = self.read_raw(&get.row, &raw, projection, self.cache.enabled())?;
             if needs_repack {
                 self.repack(&get.row)?;
             }
             if self.cache.enabled() {
                 metrics::counter!(crate::metrics::ROW_CACHE_MISSES).increment(1);
-                // A buffer of the cache's own: the cells read are slices of LSM blocks.
-                let base = bytes::Bytes::from(codec::encode(&cells));
+                // A buffer of the cache's own, not a slice of an LSM block.
+                let base = match (merged.packed, &raw.base) {
+                    (Some(packed), _) => packed.into(),
+                    (None, Some(base)) => bytes::Bytes::copy_from_slice(base),
+                    (None, None) => codec::packed_with_capacity(0).into(),
+                };
                 self.cache.insert(&get.row, generation, base, delta_keys);
             }
-            cells
+            merged.cells
         };
         let cells = self.filter(get, cells);
         Ok((!cells.is_empty()).then(|| Row {

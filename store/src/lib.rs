@@ -3,7 +3,8 @@
 //! Row = user (key = uid), families with a TTL and a number of versions kept per qualifier,
 //! cells versioned by event time. The [`UserStore`] trait maps 1:1 onto HBase's Thrift2 API:
 //! [`UserStore::put`] is `putMultiple` (a `TPut` per row), [`UserStore::get`] is `get` with a
-//! `TGet` ([`Get`]: columns, time range, max versions, a cell cap), [`UserStore::delete_row`] is
+//! `TGet` ([`Get`]: columns, time range, max versions, a cell cap; its [`Projection`] has no
+//! `TGet` field: a Thrift backend applies [`Projection::apply`] to what it reads), [`UserStore::delete_row`] is
 //! `deleteSingle` with a whole-row `TDelete`, [`UserStore::scan`] is `openScanner`/`getScannerRows`.
 //! Writing the same cell (family, qualifier, version) again replaces its value, so replays are
 //! idempotent.
@@ -17,6 +18,7 @@ pub mod codec;
 pub mod conformance;
 pub mod embedded;
 mod instrumented;
+mod merge;
 pub mod metrics;
 mod row_cache;
 pub mod suppress;
@@ -24,7 +26,7 @@ pub mod suppress;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-pub use dmp_core::{Cell, ErrorKind, Row};
+pub use dmp_core::{Cell, ErrorKind, Projection, Row};
 pub use instrumented::Instrumented;
 
 use dmp_core::config::FamilyConfig;
@@ -100,6 +102,9 @@ pub struct Get {
     pub max_versions: Option<u32>,
     /// At most this many cells in all (None: the store's `max_row_cells`). `TGet.storeLimit`.
     pub max_cells: Option<usize>,
+    /// Leave out the cells of one family the reader does not use, keeping when they were written
+    /// (see [`Projection`]). Applied before the filters above.
+    pub projection: Option<Arc<Projection>>,
 }
 
 impl Get {

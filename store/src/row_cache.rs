@@ -3,8 +3,8 @@
 //! A segmenter reads a user's whole row moments after the storage writer appended to it, and the
 //! LSM range read of the row's base and deltas was most of the segmenter's CPU. The cache holds,
 //! per row, the merged row as one packed value (the base a repack would write) plus the packed
-//! values written since, so a read decodes two or three buffers instead of iterating every LSM
-//! table that may hold the row.
+//! values written since, so a read merges two or three buffers instead of iterating every LSM
+//! table that may hold the row, and puts its merge back.
 //!
 //! **Coherence.** A cached entry is always the merge of every committed write of its row:
 //! - a write commits to the LSM first, then, under the entry's shard lock, appends its packed
@@ -32,7 +32,8 @@ const ENTRY_OVERHEAD: usize = 160;
 
 /// One cached row.
 pub(crate) struct Entry {
-    /// The merged row, packed (`codec::encode` of HBase-ordered cells, versions applied).
+    /// The merged row, packed: cells in HBase order, one value per coordinate (a read applies
+    /// TTL and versions again as of its time).
     pub base: Bytes,
     /// Packed cells of writes after `base` with their sequence numbers (the delta keys' order:
     /// a higher one wins a coordinate), in the order they were recorded.

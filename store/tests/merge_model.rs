@@ -2,7 +2,8 @@
 //! store's merge: the latest write of a coordinate (family, qualifier, version) wins, a column
 //! keeps its newest `max_versions` versions, cells past their family's TTL are gone, and a family
 //! removed from the schema is invisible. Random writes and reads, with repacks after two deltas,
-//! with the row cache on and off.
+//! with the row cache on and off; some reads projected (`Get::projection`, against
+//! `Projection::apply` of the model's row).
 
 use std::collections::BTreeMap;
 
@@ -10,7 +11,7 @@ use dmp_core::clock::{now_ms, DAY_MS};
 use dmp_core::config::FamilyConfig;
 use dmp_core::Cell;
 use dmp_store::embedded::{open_temp_with, EmbeddedStore};
-use dmp_store::{Get, Put, UserStore};
+use dmp_store::{Get, Projection, Put, UserStore};
 use proptest::prelude::*;
 
 /// Families: `e` (2-day TTL, 3 versions), `s` (1 version), `m` (2 versions), `x` (dropped from
@@ -98,6 +99,24 @@ fn read(store: &EmbeddedStore, row: &str) -> Vec<Cell> {
         .unwrap_or_default()
 }
 
+/// The projection reads use: of family `e`, `q0` and qualifiers starting with `q2`; `q1` comes
+/// back as markers.
+fn projection() -> std::sync::Arc<Projection> {
+    std::sync::Arc::new(Projection::new("e", ["q0"], ["q2"]))
+}
+
+fn read_projected(store: &EmbeddedStore, row: &str) -> Vec<Cell> {
+    let get = Get {
+        projection: Some(projection()),
+        ..Get::row(row)
+    };
+    store
+        .get(&get)
+        .unwrap()
+        .map(|r| r.cells)
+        .unwrap_or_default()
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
@@ -123,8 +142,13 @@ proptest! {
                 );
             }
             store.put(&[Put { row: row.clone(), cells }]).unwrap();
-            // Reads between writes merge, cache and repack (after two deltas).
-            prop_assert_eq!(read(&store, &row), expected(&model, &row, &cfg.store.families));
+            // Reads between writes merge, cache and repack (after two deltas), whole or projected.
+            let want = expected(&model, &row, &cfg.store.families);
+            if r % 2 == 0 {
+                prop_assert_eq!(read(&store, &row), want);
+            } else {
+                prop_assert_eq!(read_projected(&store, &row), projection().apply(want));
+            }
         }
         let without_x = config(cache_mb, false);
         let reader = EmbeddedStore::open(&db, &without_x.store).unwrap();
@@ -132,6 +156,8 @@ proptest! {
             let row = format!("user-{r}");
             prop_assert_eq!(read(&store, &row), expected(&model, &row, &cfg.store.families));
             prop_assert_eq!(read(&reader, &row), expected(&model, &row, &without_x.store.families));
+            let want = expected(&model, &row, &without_x.store.families);
+            prop_assert_eq!(read_projected(&reader, &row), projection().apply(want));
         }
     }
 }

@@ -1,0 +1,302 @@
+//! Merging a row's packed parts without building cells, and decoding the result.
+//!
+//! A row is stored as a base (packed cells in HBase order, one value per coordinate) and the
+//! packed writes since. [`merge`] walks them as borrowed cells (names and values stay in their
+//! buffers: no string, no value slice, no allocation per cell), places each written cell in the
+//! base by binary search (a later write of a coordinate wins), applies each family's TTL and
+//! versions, and copies the surviving cells' encodings into one packed value. That value is what
+//! a read decodes, what the row cache keeps and what a repack writes as the new base.
+//!
+//! [`decode`] builds the cells a reader asked for, with a [`Projection`] applied while walking:
+//! left-out cells are never built.
+
+use bytes::Bytes;
+use dmp_core::Cell;
+
+use crate::codec::{self, RawCell};
+use crate::{Projection, Schema};
+
+/// A row read from its parts.
+pub(crate) struct Merged {
+    /// The merge as one packed value (HBase order, TTL and versions applied), when asked for and
+    /// there were writes to merge (with none, the base is the merge).
+    pub packed: Option<Vec<u8>>,
+    /// The cells the read keeps, projected.
+    pub cells: Vec<Cell>,
+}
+
+/// Reads a row from its `base` (None: the row has no base) and `writes` (packed values, oldest
+/// write first) as of `now`: the latest write of a coordinate wins, TTL and versions apply, then
+/// `projection`. With `pack`, the merge also comes back as one packed value. Cell values are
+/// slices of the buffers they were read from.
+pub(crate) fn read(
+    base: Option<&Bytes>,
+    writes: &[&Bytes],
+    schema: &Schema,
+    now: i64,
+    projection: Option<&Projection>,
+    pack: bool,
+) -> Result<Merged, String> {
+    let mut limits = Limits::new(schema, now);
+    let empty = Bytes::new();
+    let base = base.unwrap_or(&empty);
+    if writes.is_empty() {
+        // The base is the merge: one walk.
+        let mut out = Cells::new(projection, base.len() / 24);
+        if !base.is_empty() {
+            codec::walk(base, |c| {
+                if limits.keeps(&c) {
+                    out.push(c, base)?;
+                }
+                Ok(false)
+            })?;
+        }
+        return Ok(Merged {
+            packed: None,
+            cells: out.finish(),
+        });
+    }
+    // Cells with the buffer they are in (0: the base, i: writes[i - 1]).
+    let mut cells: Vec<(RawCell<'_>, u32)> = Vec::with_capacity(base.len() / 24);
+    if !base.is_empty() {
+        codec::walk(base, |c| {
+            cells.push((c, 0));
+            Ok(false)
+        })?;
+    }
+    // Cells of the writes, in write order (counted per cell: of two cells of one coordinate in
+    // one write, the later one wins, as of two writes).
+    let mut deltas: Vec<(RawCell<'_>, u32)> = Vec::new();
+    for (i, w) in writes.iter().enumerate() {
+        codec::walk(w, |c| {
+            deltas.push((c, i as u32 + 1));
+            Ok(false)
+        })?;
+    }
+    // Newest write of a coordinate first (stable: a write's later cell stays after its earlier
+    // one, so reverse within the write by index), then keep only it.
+    let mut order: Vec<u32> = (0..deltas.len() as u32).collect();
+    order.sort_unstable_by(|&a, &b| {
+        let (da, db) = (&deltas[a as usize], &deltas[b as usize]);
+        da.0.cmp_key(&db.0).then_with(|| b.cmp(&a))
+    });
+    order.dedup_by(|later, earlier| {
+        deltas[*later as usize]
+            .0
+            .same_coordinates(&deltas[*earlier as usize].0)
+    });
+    let base_cells = std::mem::take(&mut cells);
+    cells.reserve(base_cells.len() + order.len());
+    let mut rest = &base_cells[..];
+    for i in order {
+        let d = deltas[i as usize];
+        let before = rest.partition_point(|c| c.0.cmp_key(&d.0).is_lt());
+        cells.extend_from_slice(&rest[..before]);
+        rest = &rest[before..];
+        if rest.first().is_some_and(|c| c.0.same_coordinates(&d.0)) {
+            rest = &rest[1..]; // a later write replaces the base's value
+        }
+        cells.push(d);
+    }
+    cells.extend_from_slice(rest);
+    let mut packed =
+        pack.then(|| codec::packed_with_capacity(cells.iter().map(|c| c.0.encoded.len()).sum()));
+    let mut out = Cells::new(projection, cells.len());
+    for (c, src) in cells {
+        if !limits.keeps(&c) {
+            continue;
+        }
+        if let Some(p) = &mut packed {
+            p.extend_from_slice(c.encoded);
+        }
+        let buf = match src {
+            0 => base,
+            i => writes[i as usize - 1],
+        };
+        out.push(c, buf)?;
+    }
+    if let Some(p) = &mut packed {
+        p.shrink_to_fit(); // exact size when limits dropped cells (the cache keeps it as is)
+    }
+    Ok(Merged {
+        packed,
+        cells: out.finish(),
+    })
+}
+
+/// Which cells of a row, met in HBase order, a read keeps: not those of families no longer in
+/// the schema (invisible, as in HBase), versions beyond a family's `max_versions`, or cells past
+/// its TTL.
+struct Limits<'s, 'a> {
+    schema: &'s Schema,
+    now: i64,
+    prev: Option<RawCell<'a>>,
+    max_versions: u32,
+    cutoff: i64,
+    versions: u32,
+}
+
+impl<'s, 'a> Limits<'s, 'a> {
+    fn new(schema: &'s Schema, now: i64) -> Self {
+        Limits {
+            schema,
+            now,
+            prev: None,
+            max_versions: 0,
+            cutoff: i64::MIN,
+            versions: 0,
+        }
+    }
+
+    /// Whether `c`, the cell after the previous one asked about, is kept.
+    #[inline]
+    fn keeps(&mut self, c: &RawCell<'a>) -> bool {
+        let same_family = self
+            .prev
+            .is_some_and(|p| dmp_core::cell::same_bytes(p.family, c.family));
+        if !same_family {
+            let name = std::str::from_utf8(c.family).unwrap_or("");
+            self.max_versions = self.schema.family(name).map_or(0, |f| f.max_versions);
+            self.cutoff = self
+                .schema
+                .ttl_ms(name)
+                .map_or(i64::MIN, |ttl| self.now - ttl);
+        }
+        let same_column = same_family
+            && self
+                .prev
+                .is_some_and(|p| dmp_core::cell::same_bytes(p.qualifier, c.qualifier));
+        self.versions = if same_column { self.versions + 1 } else { 1 };
+        self.prev = Some(*c);
+        self.versions <= self.max_versions && c.ts >= self.cutoff
+    }
+}
+
+/// The cells a read returns, built as they are met in HBase order, with a projection applied:
+/// left-out cells are never built, their versions become markers.
+struct Cells<'p, 'a> {
+    projection: Option<&'p Projection>,
+    cells: Vec<Cell>,
+    /// Versions of left-out cells (a falling run per column).
+    marks: Vec<i64>,
+    /// Where the projected family starts in `cells`.
+    family_at: Option<usize>,
+    /// The previous cell's qualifier in the projected family and whether it was kept (a column
+    /// is a run of versions).
+    prev: Option<(&'a [u8], bool)>,
+}
+
+impl<'p, 'a> Cells<'p, 'a> {
+    fn new(projection: Option<&'p Projection>, capacity: usize) -> Self {
+        Cells {
+            projection,
+            cells: Vec::with_capacity(capacity),
+            marks: Vec::new(),
+            family_at: None,
+            prev: None,
+        }
+    }
+
+    /// Adds `c`, a cell of the packed value `buf`.
+    #[inline]
+    fn push(&mut self, c: RawCell<'a>, buf: &Bytes) -> Result<(), String> {
+        if let Some(p) = self.projection {
+            if dmp_core::cell::same_bytes(c.family, p.family.as_bytes()) {
+                self.family_at.get_or_insert(self.cells.len());
+                let kept = match self.prev {
+                    Some((q, kept)) if dmp_core::cell::same_bytes(q, c.qualifier) => kept,
+                    _ => p.keeps(c.qualifier),
+                };
+                self.prev = Some((c.qualifier, kept));
+                if !kept {
+                    self.marks.push(c.ts);
+                    return Ok(());
+                }
+            } else {
+                self.prev = None;
+            }
+        }
+        self.cells.push(c.to_cell(buf)?);
+        Ok(())
+    }
+
+    fn finish(mut self) -> Vec<Cell> {
+        if let (Some(p), Some(at)) = (self.projection, self.family_at) {
+            if !self.marks.is_empty() {
+                // Newest first, once each. The stable sort merges the columns' runs.
+                self.marks.sort_by(|a, b| b.cmp(a));
+                self.marks.dedup();
+                self.cells
+                    .splice(at..at, self.marks.iter().map(|ts| p.marker(*ts)));
+            }
+        }
+        self.cells
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn schema() -> Schema {
+        Schema::dmp_default()
+    }
+
+    /// Families that keep every version, forever.
+    fn keep_all() -> Schema {
+        let f = dmp_core::config::FamilyConfig {
+            ttl_days: 0,
+            max_versions: 100_000,
+        };
+        Schema::new(["e", "m", "s"].map(|n| (n.to_string(), f)).into())
+    }
+
+    proptest! {
+        #[test]
+        fn given_any_row_when_decoded_with_a_projection_then_it_is_the_projection_of_the_whole_row(
+            cells in proptest::collection::vec(
+                (prop_oneof![Just("e"), Just("m"), Just("s")],
+                 prop_oneof![Just("url"), Just("q"), Just("ua"), Just("ip"), Just("a.x"), Just("a.y"), Just("type")],
+                 0i64..40,
+                 proptest::collection::vec(any::<u8>(), 0..6)),
+                0..60),
+            keep in proptest::collection::vec(prop_oneof![Just("url"), Just("q"), Just("type"), Just("zz")], 0..3),
+            prefixes in proptest::collection::vec(prop_oneof![Just("a."), Just("u")], 0..2),
+        ) {
+            let mut row = dmp_core::Row {
+                key: "u".into(),
+                cells: cells.into_iter().map(|(f, q, ts, v)| Cell::new(f, q, ts, v)).collect(),
+            };
+            row.sort();
+            row.cells.dedup_by(|a, b| a.coordinates() == b.coordinates());
+            let p = Projection::new("e", keep.iter().copied(), prefixes.iter().copied());
+            let packed = Bytes::from(codec::encode(&row.cells));
+            let s = keep_all();
+            prop_assert_eq!(read(Some(&packed), &[], &s, 0, Some(&p), false).unwrap().cells, p.apply(row.cells.clone()));
+            prop_assert_eq!(read(Some(&packed), &[], &s, 0, None, false).unwrap().cells, row.cells.clone());
+            // The same cells as a base and a write: the merge path projects the same way.
+            let (a, b) = row.cells.split_at(row.cells.len() / 2);
+            let (a, b) = (Bytes::from(codec::encode(a)), Bytes::from(codec::encode(b)));
+            let m = read(Some(&a), &[&b], &s, 0, Some(&p), true).unwrap();
+            prop_assert_eq!(m.cells, p.apply(row.cells.clone()));
+            prop_assert_eq!(m.packed, Some(codec::encode(&row.cells)));
+        }
+    }
+
+    #[test]
+    fn given_expired_cells_when_read_then_they_are_left_out() {
+        let now = 1_800_000_000_000;
+        let s = schema();
+        let fresh = Cell::new("e", "url", now - 1, b"a".to_vec());
+        let old = Cell::new("e", "url", 1, b"b".to_vec());
+        let base = Bytes::from(codec::encode(&[fresh.clone(), old]));
+        let m = read(Some(&base), &[], &s, now, None, true).unwrap();
+        assert_eq!((m.packed, m.cells), (None, vec![fresh.clone()]));
+        let bot = Cell::new("m", "bot", now, b"1".to_vec());
+        let write = Bytes::from(codec::encode(std::slice::from_ref(&bot)));
+        let m = read(Some(&base), &[&write], &s, now, None, true).unwrap();
+        assert_eq!(m.packed, Some(codec::encode(&[fresh.clone(), bot.clone()])));
+        assert_eq!(m.cells, vec![fresh, bot]);
+    }
+}
