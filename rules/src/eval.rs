@@ -168,7 +168,7 @@ impl<'a> UserView<'a> {
         let mut first_seen = None;
         for c in &row.cells {
             if same(&c.family, FAMILY_EVENTS) {
-                if let Some(a) = c.qualifier.strip_prefix("a.") {
+                if let Some(a) = c.qualifier.strip_prefix(dmp_core::cell::ATTR_PREFIX) {
                     // Cells come newest first per qualifier: keep the first seen.
                     attrs.entry(a).or_insert(&c.value[..]);
                 }

@@ -25,7 +25,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use dmp_core::Row;
+use dmp_core::cell::{ATTR_PREFIX, FAMILY_EVENTS};
+use dmp_core::{Projection, Row};
 
 pub use eval::{Evidence, Outcome, UserView};
 
@@ -149,6 +150,8 @@ pub struct RuleSet {
     evaluations: std::sync::atomic::AtomicU64,
     /// The event qualifiers some rule reads (sorted), if every rule says which.
     event_qualifiers: Option<Vec<String>>,
+    /// What an evaluation reads of a row, if every rule says which event cells it reads.
+    projection: Option<Arc<Projection>>,
 }
 
 /// One evaluation in this many records the time of each rule.
@@ -239,12 +242,20 @@ impl RuleSet {
                 q.dedup();
                 q
             });
+        let projection = event_qualifiers.as_ref().map(|q| {
+            Arc::new(Projection::new(
+                FAMILY_EVENTS,
+                q.iter().map(String::as_str),
+                [ATTR_PREFIX],
+            ))
+        });
         Ok(RuleSet {
             version,
             referenced,
             rules: order,
             evaluations: std::sync::atomic::AtomicU64::new(0),
             event_qualifiers,
+            projection,
         })
     }
 
@@ -278,6 +289,16 @@ impl RuleSet {
     /// The event qualifiers the rules read, if every rule says which (`None`: any).
     pub fn event_qualifiers(&self) -> Option<&[String]> {
         self.event_qualifiers.as_deref()
+    }
+
+    /// What [`RuleSet::evaluate`] needs of a user's row when every rule says which event cells it
+    /// reads (`None`: the whole row): family `e` projected to those cells and the custom
+    /// attributes (user attributes come from them), with one marker per event for the rest. An
+    /// event with none of the cells read is still an event: it counts in `count(true, …)` and
+    /// can be the user's last event. The segmenter reads rows with it; `explain` needs the
+    /// whole row.
+    pub fn projection(&self) -> Option<&Arc<Projection>> {
+        self.projection.as_ref()
     }
 
     fn evaluate_with(&self, row: &Row, now: i64, explain: bool) -> Evaluation {

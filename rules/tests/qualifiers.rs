@@ -1,7 +1,8 @@
 //! The segmenter's evaluation builds only the event cells the rules read
-//! (`RuleSet::event_qualifiers`); `explain` builds every cell. Both must give the same segments
-//! and recheck times, for the shipped rule files and rules of every shape, on any row (including
-//! negations and `count` of events that have none of the read cells).
+//! (`RuleSet::event_qualifiers`) of a row read with `RuleSet::projection`; `explain` builds every
+//! cell of the whole row. Both must give the same segments and recheck times, for the shipped rule
+//! files and rules of every shape, on any row (including negations and `count` of events that
+//! have none of the read cells).
 
 use dmp_core::clock::DAY_MS;
 use dmp_core::{Cell, Row};
@@ -102,6 +103,13 @@ proptest! {
                 )
             };
             prop_assert_eq!(summary(&only), summary(&whole), "rules {}", set.version());
+            // The segmenter reads the row projected: the read cells, attributes and a marker per
+            // event. Same results, and the same last event.
+            let projection = set.projection().expect("every rule names its cells");
+            let projected = Row { key: row.key.clone(), cells: projection.apply(row.cells.clone()) };
+            prop_assert_eq!(summary(&set.evaluate(&projected, NOW)), summary(&whole), "projected, rules {}", set.version());
+            let last = |r: &Row| r.cells.iter().filter(|c| c.family == "e").map(|c| c.ts).max();
+            prop_assert_eq!(last(&projected), last(&row));
         }
     }
 }

@@ -11,7 +11,8 @@ pub const SKIPPED_BOT: &str = "dmp_segmenter_changes_skipped_bot_total";
 pub const EVALUATED: &str = "dmp_segmenter_users_evaluated_total";
 /// Users newly blacklisted (counter).
 pub const BOTS: &str = "dmp_segmenter_bots_blacklisted_total";
-/// Cells per row read (histogram).
+/// Cells per row read: with the rules' projection, the event cells they read plus a marker per
+/// event (histogram).
 pub const ROW_CELLS: &str = "dmp_segmenter_row_cells";
 /// Time to evaluate the whole rule set for one user (histogram, seconds). Per-rule times are
 /// `dmp_rules_rule_duration_seconds{rule}`.

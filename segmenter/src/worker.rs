@@ -11,7 +11,7 @@ use dmp_core::cell::{FAMILY_META, FAMILY_SEGMENTS};
 use dmp_core::config::{SegmenterConfig, Topics};
 use dmp_core::{Cell, Row, SegmentUpdate};
 use dmp_rules::RuleSet;
-use dmp_store::{Get, Put, UserStore};
+use dmp_store::{Get, Projection, Put, UserStore};
 
 use crate::blacklist::{Blacklist, Verdict};
 use crate::dedupe::Dedupe;
@@ -274,6 +274,7 @@ impl Worker {
     ) -> Output {
         let mut out = Output::default();
         let rules = self.rules.current();
+        let projection = rules.projection().cloned();
         let now = dmp_core::clock::now_ms();
         for uid in new_bots {
             out.puts.push(Put {
@@ -282,7 +283,7 @@ impl Worker {
             });
         }
         for (uid, reason) in users {
-            let row = self.read(&uid);
+            let row = self.read(&uid, projection.as_ref());
             match reason.trigger {
                 Trigger::Timer => counters.evaluated_timer.increment(1),
                 Trigger::Change => counters.evaluated_change.increment(1),
@@ -412,10 +413,14 @@ impl Worker {
         out
     }
 
-    fn read(&self, uid: &str) -> Option<Row> {
+    fn read(&self, uid: &str, projection: Option<&Arc<Projection>>) -> Option<Row> {
+        let get = Get {
+            projection: projection.cloned(),
+            ..Get::row(uid)
+        };
         let mut backoff = Duration::from_millis(50);
         loop {
-            match self.store.get(&Get::row(uid)) {
+            match self.store.get(&get) {
                 Ok(r) => return r,
                 Err(e) if e.kind() == dmp_core::ErrorKind::Rejected => {
                     tracing::warn!(uid, error = %e, "row cannot be read; skipped");
