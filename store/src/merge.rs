@@ -130,7 +130,8 @@ pub(crate) fn read(
 struct Limits<'s, 'a> {
     schema: &'s Schema,
     now: i64,
-    prev: Option<RawCell<'a>>,
+    /// The previous cell's family and qualifier.
+    prev: Option<(&'a [u8], &'a [u8])>,
     max_versions: u32,
     cutoff: i64,
     versions: u32,
@@ -153,7 +154,7 @@ impl<'s, 'a> Limits<'s, 'a> {
     fn keeps(&mut self, c: &RawCell<'a>) -> bool {
         let same_family = self
             .prev
-            .is_some_and(|p| dmp_core::cell::same_bytes(p.family, c.family));
+            .is_some_and(|(f, _)| dmp_core::cell::same_bytes(f, c.family));
         if !same_family {
             let name = std::str::from_utf8(c.family).unwrap_or("");
             self.max_versions = self.schema.family(name).map_or(0, |f| f.max_versions);
@@ -165,9 +166,9 @@ impl<'s, 'a> Limits<'s, 'a> {
         let same_column = same_family
             && self
                 .prev
-                .is_some_and(|p| dmp_core::cell::same_bytes(p.qualifier, c.qualifier));
+                .is_some_and(|(_, q)| dmp_core::cell::same_bytes(q, c.qualifier));
         self.versions = if same_column { self.versions + 1 } else { 1 };
-        self.prev = Some(*c);
+        self.prev = Some((c.family, c.qualifier));
         self.versions <= self.max_versions && c.ts >= self.cutoff
     }
 }
