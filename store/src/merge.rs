@@ -16,6 +16,10 @@ use dmp_core::Cell;
 use crate::codec::{self, RawCell};
 use crate::{Projection, Schema};
 
+/// Packed bytes per cell, a little under an event cell's usual size: vectors sized by it rarely
+/// grow (and copy) while a row is read.
+const CELL_BYTES: usize = 16;
+
 /// A row read from its parts.
 pub(crate) struct Merged {
     /// The merge as one packed value (HBase order, TTL and versions applied), when asked for and
@@ -42,7 +46,7 @@ pub(crate) fn read(
     let base = base.unwrap_or(&empty);
     if writes.is_empty() {
         // The base is the merge: one walk.
-        let mut out = Cells::new(projection, base.len() / 24);
+        let mut out = Cells::new(projection, base.len() / CELL_BYTES);
         if !base.is_empty() {
             codec::walk(base, |c| {
                 if limits.keeps(&c) {
@@ -57,7 +61,7 @@ pub(crate) fn read(
         });
     }
     // Cells with the buffer they are in (0: the base, i: writes[i - 1]).
-    let mut cells: Vec<(RawCell<'_>, u32)> = Vec::with_capacity(base.len() / 24);
+    let mut cells: Vec<(RawCell<'_>, u32)> = Vec::with_capacity(base.len() / CELL_BYTES);
     if !base.is_empty() {
         codec::walk(base, |c| {
             cells.push((c, 0));
@@ -178,21 +182,29 @@ impl<'s, 'a> Limits<'s, 'a> {
 struct Cells<'p, 'a> {
     projection: Option<&'p Projection>,
     cells: Vec<Cell>,
-    /// Versions of left-out cells (a falling run per column).
+    /// Versions of the left-out columns so far, newest first, once each.
     marks: Vec<i64>,
+    /// Versions of the left-out column being read (a column is a run of falling versions).
+    run: Vec<i64>,
     /// Where the projected family starts in `cells`.
     family_at: Option<usize>,
-    /// The previous cell's qualifier in the projected family and whether it was kept (a column
-    /// is a run of versions).
+    /// The previous cell's qualifier in the projected family and whether it was kept.
     prev: Option<(&'a [u8], bool)>,
 }
 
 impl<'p, 'a> Cells<'p, 'a> {
     fn new(projection: Option<&'p Projection>, capacity: usize) -> Self {
+        // About one version per event, of several cells each.
+        let versions = if projection.is_some() {
+            capacity / 4
+        } else {
+            0
+        };
         Cells {
             projection,
             cells: Vec::with_capacity(capacity),
-            marks: Vec::new(),
+            marks: Vec::with_capacity(versions),
+            run: Vec::with_capacity(versions),
             family_at: None,
             prev: None,
         }
@@ -206,30 +218,55 @@ impl<'p, 'a> Cells<'p, 'a> {
                 self.family_at.get_or_insert(self.cells.len());
                 let kept = match self.prev {
                     Some((q, kept)) if dmp_core::cell::same_bytes(q, c.qualifier) => kept,
-                    _ => p.keeps(c.qualifier),
+                    _ => {
+                        self.end_column();
+                        p.keeps(c.qualifier)
+                    }
                 };
                 self.prev = Some((c.qualifier, kept));
                 if !kept {
-                    self.marks.push(c.ts);
+                    self.run.push(c.ts);
                     return Ok(());
                 }
-            } else {
-                self.prev = None;
+            } else if self.prev.take().is_some() {
+                self.end_column();
             }
         }
         self.cells.push(c.to_cell(buf)?);
         Ok(())
     }
 
-    fn finish(mut self) -> Vec<Cell> {
-        if let (Some(p), Some(at)) = (self.projection, self.family_at) {
-            if !self.marks.is_empty() {
-                // Newest first, once each. The stable sort merges the columns' runs.
-                self.marks.sort_by(|a, b| b.cmp(a));
-                self.marks.dedup();
-                self.cells
-                    .splice(at..at, self.marks.iter().map(|ts| p.marker(*ts)));
+    /// Adds the versions of the left-out column just read to the marks. Columns of one row
+    /// mostly hold the same versions (every event has them), so that is usually a compare.
+    fn end_column(&mut self) {
+        if self.run.is_empty() || self.run == self.marks {
+        } else if self.marks.is_empty() {
+            std::mem::swap(&mut self.marks, &mut self.run);
+        } else {
+            // Merge two falling lists, once each.
+            let mut merged = Vec::with_capacity(self.marks.len() + self.run.len());
+            let (mut a, mut b) = (self.marks.iter().peekable(), self.run.iter().peekable());
+            while let (Some(&&x), Some(&&y)) = (a.peek(), b.peek()) {
+                merged.push(x.max(y));
+                if x >= y {
+                    a.next();
+                }
+                if y >= x {
+                    b.next();
+                }
             }
+            merged.extend(a);
+            merged.extend(b);
+            self.marks = merged;
+        }
+        self.run.clear();
+    }
+
+    fn finish(mut self) -> Vec<Cell> {
+        self.end_column();
+        if let (Some(p), Some(at)) = (self.projection, self.family_at) {
+            self.cells
+                .splice(at..at, self.marks.iter().map(|ts| p.marker(*ts)));
         }
         self.cells
     }
