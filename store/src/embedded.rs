@@ -298,8 +298,22 @@ impl EmbeddedStore {
         Ok(raw)
     }
 
-    /// Reads a row from its parts as of now (see [`crate::merge`]), with the merge packed when
-    /// `pack`.
+    /// Reads a row from its base and writes (oldest first) as of now (see [`crate::merge`]),
+    /// with the merge packed when `pack`. The LSM read and the cached read both go through it.
+    fn read_merged(
+        &self,
+        row: &str,
+        base: Option<&bytes::Bytes>,
+        writes: &[&bytes::Bytes],
+        projection: Option<&crate::Projection>,
+        pack: bool,
+    ) -> Result<crate::merge::Merged> {
+        let now = dmp_core::clock::now_ms();
+        crate::merge::read(base, writes, &self.schema, now, projection, pack)
+            .map_err(|reason| corrupt(row, reason))
+    }
+
+    /// [`EmbeddedStore::read_merged`] of a row's parts as stored.
     fn read_raw(
         &self,
         row: &str,
@@ -308,16 +322,7 @@ impl EmbeddedStore {
         pack: bool,
     ) -> Result<crate::merge::Merged> {
         let writes: Vec<&bytes::Bytes> = raw.writes.iter().collect();
-        let now = dmp_core::clock::now_ms();
-        crate::merge::read(
-            raw.base.as_ref(),
-            &writes,
-            &self.schema,
-            now,
-            projection,
-            pack,
-        )
-        .map_err(|reason| corrupt(row, reason))
+        self.read_merged(row, raw.base.as_ref(), &writes, projection, pack)
     }
 
     fn repack(&self, row: &str) -> Result<()> {
@@ -377,16 +382,7 @@ impl EmbeddedStore {
         let mut pending = cached.pending;
         pending.sort_unstable_by_key(|(seq, _)| *seq);
         let writes: Vec<&bytes::Bytes> = pending.iter().map(|(_, v)| v).collect();
-        let now = dmp_core::clock::now_ms();
-        let merged = crate::merge::read(
-            Some(&cached.base),
-            &writes,
-            &self.schema,
-            now,
-            projection,
-            true,
-        )
-        .map_err(|reason| corrupt(row, reason))?;
+        let merged = self.read_merged(row, Some(&cached.base), &writes, projection, true)?;
         if let Some(packed) = merged.packed {
             self.cache.merged(row, cached.writes, packed.into());
         }
