@@ -77,23 +77,15 @@ pub(crate) fn read(
             Ok(false)
         })?;
     }
-    // Newest write of a coordinate first (stable: a write's later cell stays after its earlier
-    // one, so reverse within the write by index), then keep only it.
-    let mut order: Vec<u32> = (0..deltas.len() as u32).collect();
-    order.sort_unstable_by(|&a, &b| {
-        let (da, db) = (&deltas[a as usize], &deltas[b as usize]);
-        da.0.cmp_key(&db.0).then_with(|| b.cmp(&a))
-    });
-    order.dedup_by(|later, earlier| {
-        deltas[*later as usize]
-            .0
-            .same_coordinates(&deltas[*earlier as usize].0)
-    });
+    // Newest cell first: reversed, then a stable sort keeps the newest of a coordinate first,
+    // and only it is kept.
+    deltas.reverse();
+    deltas.sort_by(|a, b| a.0.cmp_key(&b.0));
+    deltas.dedup_by(|later, earlier| later.0.same_coordinates(&earlier.0));
     let base_cells = std::mem::take(&mut cells);
-    cells.reserve(base_cells.len() + order.len());
+    cells.reserve(base_cells.len() + deltas.len());
     let mut rest = &base_cells[..];
-    for i in order {
-        let d = deltas[i as usize];
+    for d in deltas {
         let before = rest.partition_point(|c| c.0.cmp_key(&d.0).is_lt());
         cells.extend_from_slice(&rest[..before]);
         rest = &rest[before..];
