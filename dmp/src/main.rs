@@ -31,8 +31,8 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 /// Keeps the memory dmp frees instead of returning it to the OS after mimalloc's purge delay
 /// (1 s). dmp frees and allocates row-sized buffers all the time, and every purged page came back
-/// as a page fault (with transparent huge pages, 2 MiB zeroed at a time): 4-5% of the segmenter's
-/// CPU at 30K events/s, and 4-8% more CPU per event in all (docs/benchmarks.md). dmp's memory is
+/// as a page fault (with transparent huge pages, 2 MiB zeroed at a time): 5% of the segmenter's
+/// samples at 30K events/s, about 3% of the CPU per event (docs/benchmarks.md). dmp's memory is
 /// bounded by its caches and buffers, so the resident size stays at its high-water mark instead.
 /// The environment variable `MIMALLOC_PURGE_DELAY` (ms; -1: never) decides when it is set.
 #[allow(unsafe_code)]

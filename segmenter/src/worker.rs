@@ -274,7 +274,7 @@ impl Worker {
     ) -> Output {
         let mut out = Output::default();
         let rules = self.rules.current();
-        let projection = rules.projection().cloned();
+        let projection = rules.projection();
         let now = dmp_core::clock::now_ms();
         for uid in new_bots {
             out.puts.push(Put {
@@ -283,7 +283,7 @@ impl Worker {
             });
         }
         for (uid, reason) in users {
-            let row = self.read(&uid, projection.as_ref());
+            let row = self.read(&uid, projection);
             match reason.trigger {
                 Trigger::Timer => counters.evaluated_timer.increment(1),
                 Trigger::Change => counters.evaluated_change.increment(1),

@@ -232,6 +232,7 @@ impl<'p, 'a> Cells<'p, 'a> {
     /// mostly hold the same versions (every event has them), so that is usually a compare.
     fn end_column(&mut self) {
         if self.run.is_empty() || self.run == self.marks {
+            // nothing new
         } else if self.marks.is_empty() {
             std::mem::swap(&mut self.marks, &mut self.run);
         } else {
