@@ -95,3 +95,18 @@ fn given_data_when_reopened_then_rows_are_still_there() {
         .unwrap();
     assert_eq!(store.get(&Get::row("u1")).unwrap().unwrap().cells.len(), 2);
 }
+
+#[test]
+fn given_new_database_when_opened_then_rows_compact_into_l1_at_eight_l0_tables() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, _store) = open_temp(dir.path()).unwrap();
+    let rows = db.keyspace(dmp_store::embedded::ROWS_KEYSPACE).unwrap();
+    let strategy = rows.config.compaction_strategy.clone();
+    assert_eq!(strategy.get_name(), "LeveledCompaction");
+    let l0 = strategy
+        .get_config()
+        .into_iter()
+        .find(|(k, _)| &**k == b"leveled_l0_threshold")
+        .map(|(_, v)| v.to_vec());
+    assert_eq!(l0, Some(vec![8]), "L0 tables that start a compaction");
+}
