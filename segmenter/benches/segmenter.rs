@@ -12,7 +12,8 @@ use dmp_bus::embedded::EmbeddedBus;
 use dmp_bus::{Bus, ProduceRecord};
 use dmp_core::clock::{now_ms, DAY_MS};
 use dmp_core::{Cell, Config, SegmentUpdate, UserChange};
-use dmp_segmenter::dedupe::Dedupe;
+use dmp_segmenter::blacklist::Limits;
+use dmp_segmenter::users::Users;
 use dmp_segmenter::{FixedRules, Segmenter};
 use dmp_storage_writer::cells::written_cell;
 use dmp_store::embedded::{EmbeddedDatabase, EmbeddedStore};
@@ -172,19 +173,27 @@ async fn throughput(users: u64) {
     );
 }
 
-/// (b) The dedupe LRU holding 10M users.
+/// (b) The workers' user LRU (dedupe and blacklist state) holding 10M users.
 fn dedupe_memory(n: u64) {
     let before = rss_mib();
-    let mut d = Dedupe::new(n as usize);
+    let mut d = Users::new(
+        n as usize,
+        Limits {
+            window_ms: 60_000,
+            max: 100,
+            ban_ms: 3_600_000,
+        },
+    );
     for i in 0..n {
         d.read(
             &format!("{:032x}", i.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+            i as i64,
             i as i64,
         );
     }
     let after = rss_mib();
     println!(
-        "(b) dedupe LRU with {} users (32-character uids): {:.0} MiB resident ({:.0} bytes per user)",
+        "(b) user LRU (dedupe and blacklist) with {} users (32-character uids): {:.0} MiB resident ({:.0} bytes per user)",
         d.len(),
         after - before,
         (after - before) * 1048576.0 / n as f64

@@ -1,7 +1,5 @@
-//! The per-worker bot blacklist: a user with more than `max_changes` changes within a window is
-//! treated as a bot for `ban` and skipped before any store read.
-
-use std::num::NonZeroUsize;
+//! The bot blacklist: a user with more than `max` changes within a window is treated as a bot
+//! for `ban` and skipped before any store read.
 
 /// What to do with a change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,73 +12,64 @@ pub enum Verdict {
     Bot,
 }
 
-struct Counter {
+/// The blacklist's settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Length of a counting window, ms.
+    pub window_ms: i64,
+    /// Changes allowed within a window.
+    pub max: u32,
+    /// How long a bot stays blacklisted, ms.
+    pub ban_ms: i64,
+}
+
+/// One user's change counter: two fixed windows weighted into a sliding one, as rate limiters
+/// do. It lives with the user's other per-worker state in [`crate::users::Users`].
+#[derive(Debug, Clone)]
+pub struct Rate {
     window_start: i64,
     count: u32,
+    previous: u32,
     banned_until: i64,
 }
 
-/// Sliding-window change counters per user (two fixed windows weighted, as rate limiters do).
-pub struct Blacklist {
-    counters: lru::LruCache<Box<str>, (Counter, u32)>,
-    window_ms: i64,
-    max: u32,
-    ban_ms: i64,
-}
-
-impl Blacklist {
-    /// A blacklist remembering at most `capacity` users.
-    pub fn new(capacity: usize, window_ms: i64, max: u32, ban_ms: i64) -> Blacklist {
-        Blacklist {
-            counters: lru::LruCache::new(NonZeroUsize::new(capacity.max(1)).expect("non-zero")),
-            window_ms,
-            max,
-            ban_ms,
+impl Rate {
+    /// A user first seen at `now`.
+    pub fn new(now: i64, limits: &Limits) -> Rate {
+        Rate {
+            window_start: now - now % limits.window_ms,
+            count: 0,
+            previous: 0,
+            banned_until: i64::MIN,
         }
     }
 
-    /// Whether `uid` is blacklisted at `now` (without counting a change).
-    pub fn banned(&self, uid: &str, now: i64) -> bool {
-        self.counters
-            .peek(uid)
-            .is_some_and(|(c, _)| now < c.banned_until)
+    /// Whether the user is blacklisted at `now` (without counting a change).
+    pub fn banned(&self, now: i64) -> bool {
+        now < self.banned_until
     }
 
-    /// Counts a change of `uid` at `now` and says whether it is a bot.
-    pub fn check(&mut self, uid: &str, now: i64) -> Verdict {
-        if !self.counters.contains(uid) {
-            self.counters.put(
-                uid.into(),
-                (
-                    Counter {
-                        window_start: now - now % self.window_ms,
-                        count: 0,
-                        banned_until: i64::MIN,
-                    },
-                    0,
-                ),
-            );
-        }
-        let (c, previous) = self.counters.get_mut(uid).expect("just inserted");
-        if now < c.banned_until {
+    /// Counts a change at `now` and says whether the user is a bot.
+    pub fn check(&mut self, now: i64, limits: &Limits) -> Verdict {
+        if now < self.banned_until {
             return Verdict::Bot;
         }
-        let start = now - now % self.window_ms;
-        if start != c.window_start {
-            *previous = if start - c.window_start == self.window_ms {
-                c.count
+        let start = now - now % limits.window_ms;
+        if start != self.window_start {
+            self.previous = if start - self.window_start == limits.window_ms {
+                self.count
             } else {
                 0
             };
-            c.window_start = start;
-            c.count = 0;
+            self.window_start = start;
+            self.count = 0;
         }
-        c.count += 1;
+        self.count += 1;
         // Sliding estimate: this window's count plus the share of the previous one still inside.
-        let elapsed = (now - start) as f64 / self.window_ms as f64;
-        let estimate = c.count as f64 + *previous as f64 * (1.0 - elapsed);
-        if estimate > self.max as f64 {
-            c.banned_until = now + self.ban_ms;
+        let elapsed = (now - start) as f64 / limits.window_ms as f64;
+        let estimate = self.count as f64 + self.previous as f64 * (1.0 - elapsed);
+        if estimate > limits.max as f64 {
+            self.banned_until = now + limits.ban_ms;
             return Verdict::NewBot;
         }
         Verdict::Pass
@@ -91,34 +80,54 @@ impl Blacklist {
 mod tests {
     use super::*;
 
+    use crate::users::Users;
+
+    /// Blacklist settings of the tests: over 10 changes a minute bans for an hour.
+    fn users() -> Users {
+        Users::new(
+            100,
+            Limits {
+                window_ms: 60_000,
+                max: 10,
+                ban_ms: 3_600_000,
+            },
+        )
+    }
+
+    /// Counts a change as the worker does.
+    fn check(users: &mut Users, uid: &str, now: i64) -> Verdict {
+        let (user, limits) = users.get(uid, now);
+        user.rate.check(now, limits)
+    }
+
     #[test]
     fn given_user_over_rate_when_checked_then_blacklisted_for_the_ban_then_released() {
-        let mut b = Blacklist::new(100, 60_000, 10, 3_600_000);
+        let mut b = users();
         let t0 = 1_000_000_000;
         for i in 0..10 {
-            assert_eq!(b.check("u", t0 + i), Verdict::Pass);
+            assert_eq!(check(&mut b, "u", t0 + i), Verdict::Pass);
         }
         assert!(!b.banned("u", t0 + 10));
-        assert_eq!(b.check("u", t0 + 10), Verdict::NewBot);
+        assert_eq!(check(&mut b, "u", t0 + 10), Verdict::NewBot);
         assert!(b.banned("u", t0 + 11));
-        assert_eq!(b.check("u", t0 + 20), Verdict::Bot);
-        assert_eq!(b.check("u", t0 + 3_000_000), Verdict::Bot);
+        assert_eq!(check(&mut b, "u", t0 + 20), Verdict::Bot);
+        assert_eq!(check(&mut b, "u", t0 + 3_000_000), Verdict::Bot);
         assert_eq!(
-            b.check("u", t0 + 10 + 3_600_000 + 60_000 * 2),
+            check(&mut b, "u", t0 + 10 + 3_600_000 + 60_000 * 2),
             Verdict::Pass,
             "the ban ends"
         );
         // Another user is unaffected.
-        assert_eq!(b.check("v", t0 + 20), Verdict::Pass);
+        assert_eq!(check(&mut b, "v", t0 + 20), Verdict::Pass);
     }
 
     #[test]
     fn given_steady_human_rate_when_checked_then_never_blacklisted() {
-        let mut b = Blacklist::new(100, 60_000, 10, 3_600_000);
+        let mut b = users();
         // 8 changes a minute for an hour.
         for i in 0..480 {
             assert_eq!(
-                b.check("u", 1_000_000_000 + i * 7_500),
+                check(&mut b, "u", 1_000_000_000 + i * 7_500),
                 Verdict::Pass,
                 "change {i}"
             );
@@ -127,15 +136,15 @@ mod tests {
 
     #[test]
     fn given_burst_across_window_edge_when_checked_then_sliding_estimate_catches_it() {
-        let mut b = Blacklist::new(100, 60_000, 10, 3_600_000);
+        let mut b = users();
         let t = 1_000_020_000i64;
         let edge = t - t % 60_000 + 60_000;
         for i in 0..8 {
-            assert_eq!(b.check("u", edge - 1000 + i), Verdict::Pass);
+            assert_eq!(check(&mut b, "u", edge - 1000 + i), Verdict::Pass);
         }
         let mut verdicts = Vec::new();
         for i in 0..8 {
-            verdicts.push(b.check("u", edge + 1000 + i));
+            verdicts.push(check(&mut b, "u", edge + 1000 + i));
         }
         assert!(
             verdicts.contains(&Verdict::NewBot),

@@ -7,54 +7,45 @@
 //! segmenter's own clock (and any skew between machines) plays no part. Eviction only forgets,
 //! which costs an extra read and never a missed one.
 
-use std::num::NonZeroUsize;
+/// The newest write a worker's reads of one user saw (its `m:written`), if any. It lives with the
+/// user's other per-worker state in [`crate::users::Users`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Seen(Option<i64>);
 
-/// uid -> newest write seen by a read.
-pub struct Dedupe {
-    seen: lru::LruCache<Box<str>, i64>,
-}
-
-impl Dedupe {
-    /// A dedupe remembering at most `capacity` users.
-    pub fn new(capacity: usize) -> Dedupe {
-        Dedupe {
-            seen: lru::LruCache::new(NonZeroUsize::new(capacity.max(1)).expect("non-zero")),
-        }
-    }
-
+impl Seen {
     /// Whether a change written at `change_ts` needs a read.
-    pub fn needs_read(&mut self, uid: &str, change_ts: i64) -> bool {
-        match self.seen.get(uid) {
-            Some(seen) => change_ts > *seen,
-            None => true,
-        }
+    pub fn needs_read(&self, change_ts: i64) -> bool {
+        self.0.is_none_or(|seen| change_ts > seen)
     }
 
-    /// A read of `uid` saw writes up to `written` (the row's `m:written`).
-    pub fn read(&mut self, uid: &str, written: i64) {
-        match self.seen.get_mut(uid) {
-            Some(seen) => *seen = (*seen).max(written),
-            None => {
-                self.seen.put(uid.into(), written);
-            }
-        }
-    }
-
-    /// Users remembered.
-    pub fn len(&self) -> usize {
-        self.seen.len()
-    }
-
-    /// Whether nothing is remembered.
-    pub fn is_empty(&self) -> bool {
-        self.seen.is_empty()
+    /// A read saw writes up to `written` (the row's `m:written`).
+    pub fn read(&mut self, written: i64) {
+        self.0 = Some(self.0.map_or(written, |seen| seen.max(written)));
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::blacklist::Limits;
+    use crate::users::Users;
     use proptest::prelude::*;
+
+    /// A worker's users with room for `capacity` (the blacklist plays no part here).
+    fn users(capacity: usize) -> Users {
+        Users::new(
+            capacity,
+            Limits {
+                window_ms: 60_000,
+                max: u32::MAX,
+                ban_ms: 0,
+            },
+        )
+    }
+
+    /// Whether a change of `uid` written at `ts` needs a read, as the worker asks.
+    fn needs_read(d: &mut Users, uid: &str, ts: i64) -> bool {
+        d.get(uid, 0).0.seen.needs_read(ts)
+    }
 
     #[derive(Debug, Clone)]
     enum Step {
@@ -80,15 +71,15 @@ mod tests {
             steps in proptest::collection::vec(step(), 1..80),
             capacity in 1usize..3,
         ) {
-            let mut d = Dedupe::new(capacity);
+            let mut d = users(capacity);
             let mut clock = 1000i64;
             let mut writes: Vec<Vec<i64>> = vec![Vec::new(); 4]; // write times per user
             let mut newest_read: Vec<i64> = vec![i64::MIN; 4];   // m:written seen by reads
-            fn deliver(u: usize, ts: i64, d: &mut Dedupe, writes: &[Vec<i64>], newest_read: &mut [i64]) {
-                if d.needs_read(&format!("u{u}"), ts) {
+            fn deliver(u: usize, ts: i64, d: &mut Users, writes: &[Vec<i64>], newest_read: &mut [i64]) {
+                if needs_read(d, &format!("u{u}"), ts) {
                     // A read sees every write so far: m:written = the newest.
                     let written = *writes[u].last().expect("a change follows a write");
-                    d.read(&format!("u{u}"), written);
+                    d.read(&format!("u{u}"), 0, written);
                     newest_read[u] = newest_read[u].max(written);
                 }
             }
@@ -119,13 +110,16 @@ mod tests {
 
     #[test]
     fn given_burst_already_written_when_first_change_read_then_the_rest_are_skipped() {
-        let mut d = Dedupe::new(10);
+        let mut d = users(10);
         // Five writes within 2 s; the segmenter is behind and reads after all of them.
-        assert!(d.needs_read("u", 1000));
-        d.read("u", 3000);
+        assert!(needs_read(&mut d, "u", 1000));
+        d.read("u", 0, 3000);
         for ts in [1500, 2000, 2500, 3000] {
-            assert!(!d.needs_read("u", ts), "change at {ts} was in the read");
+            assert!(
+                !needs_read(&mut d, "u", ts),
+                "change at {ts} was in the read"
+            );
         }
-        assert!(d.needs_read("u", 3001), "a newer write is read");
+        assert!(needs_read(&mut d, "u", 3001), "a newer write is read");
     }
 }

@@ -13,10 +13,10 @@ use dmp_core::{Cell, Row, SegmentUpdate};
 use dmp_rules::RuleSet;
 use dmp_store::{Get, Projection, Put, UserStore};
 
-use crate::blacklist::{Blacklist, Verdict};
-use crate::dedupe::Dedupe;
+use crate::blacklist::{Limits, Verdict};
 use crate::metrics as m;
 use crate::timers::{self, Due};
+use crate::users::Users;
 
 /// A change (or a due timer) handed to a worker.
 #[derive(Debug, Clone)]
@@ -88,8 +88,7 @@ struct Counters {
 }
 
 struct State {
-    dedupe: Dedupe,
-    blacklist: Blacklist,
+    users: Users,
 }
 
 /// What made a user due for evaluation (the `trigger` label of `EVALUATED`).
@@ -138,12 +137,13 @@ impl Worker {
             end_to_end: metrics::histogram!(m::END_TO_END),
         };
         let mut st = State {
-            dedupe: Dedupe::new(self.cfg.dedupe_capacity),
-            blacklist: Blacklist::new(
+            users: Users::new(
                 self.cfg.dedupe_capacity,
-                self.cfg.blacklist_window_secs as i64 * 1000,
-                self.cfg.blacklist_max_changes,
-                self.cfg.blacklist_ban_secs as i64 * 1000,
+                Limits {
+                    window_ms: self.cfg.blacklist_window_secs as i64 * 1000,
+                    max: self.cfg.blacklist_max_changes,
+                    ban_ms: self.cfg.blacklist_ban_secs as i64 * 1000,
+                },
             ),
         };
         while let Ok(first) = self.jobs.recv() {
@@ -185,7 +185,7 @@ impl Worker {
         let mut dropped_timers = Vec::new();
         for j in &batch {
             if let Some(t) = &j.timer {
-                if self.cfg.blacklist && st.blacklist.banned(&j.uid, now) {
+                if self.cfg.blacklist && st.users.banned(&j.uid, now) {
                     dropped_timers.push(t.key.clone());
                     continue;
                 }
@@ -204,10 +204,12 @@ impl Worker {
             counters
                 .wait
                 .record(((now - j.msg_ts).max(0)) as f64 / 1000.0);
-            let verdict = if self.cfg.blacklist {
-                st.blacklist.check(&j.uid, now)
-            } else {
-                Verdict::Pass
+            // One lookup of the user's state for both checks (none when both are off).
+            let mut state =
+                (self.cfg.blacklist || self.cfg.dedupe).then(|| st.users.get(&j.uid, now));
+            let verdict = match &mut state {
+                Some((user, limits)) if self.cfg.blacklist => user.rate.check(now, limits),
+                _ => Verdict::Pass,
             };
             match verdict {
                 Verdict::Pass => {}
@@ -237,7 +239,7 @@ impl Worker {
                 }
                 continue;
             }
-            if !st.dedupe.needs_read(&j.uid, j.ts) {
+            if state.is_some_and(|(user, _)| !user.seen.needs_read(j.ts)) {
                 counters.duplicate.increment(1);
                 continue;
             }
@@ -293,7 +295,7 @@ impl Worker {
                 .row_cells
                 .record(row.as_ref().map_or(0, |r| r.cells.len()) as f64);
             if let Some(w) = row.as_ref().and_then(dmp_storage_writer::cells::written_of) {
-                st.dedupe.read(&uid, w);
+                st.users.read(&uid, now, w);
             }
             let Some(row) = row else { continue };
             // Every cell this evaluation writes to the user's row goes in one put (one delta).
