@@ -222,6 +222,9 @@ pub struct EmbeddedStore {
     seq_reserved: Mutex<u64>,
     locks: Vec<Mutex<()>>,
     cache: RowCache,
+    /// Row cache hits and misses (handles registered at open: a lookup per read costs).
+    cache_hits: metrics::Counter,
+    cache_misses: metrics::Counter,
 }
 
 impl EmbeddedStore {
@@ -249,6 +252,8 @@ impl EmbeddedStore {
             seq_reserved: Mutex::new(reserved),
             locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             cache: RowCache::new(cfg.row_cache_mb as usize * 1024 * 1024),
+            cache_hits: metrics::counter!(crate::metrics::ROW_CACHE_HITS),
+            cache_misses: metrics::counter!(crate::metrics::ROW_CACHE_MISSES),
         })
     }
 
@@ -521,7 +526,7 @@ impl UserStore for EmbeddedStore {
         check_row_key(&get.row)?;
         let projection = get.projection.as_deref();
         let cells = if let Some(cached) = self.cache.get(&get.row) {
-            metrics::counter!(crate::metrics::ROW_CACHE_HITS).increment(1);
+            self.cache_hits.increment(1);
             self.get_cached(&get.row, cached, projection)?
         } else {
             // Taken before the read: a write the read does not see moves it (see row_cache).
@@ -540,7 +545,7 @@ impl UserStore for EmbeddedStore {
                 self.repack(&get.row)?;
             }
             if self.cache.enabled() {
-                metrics::counter!(crate::metrics::ROW_CACHE_MISSES).increment(1);
+                self.cache_misses.increment(1);
                 // A buffer of the cache's own, not a slice of an LSM block.
                 let base = match (merged.packed, &raw.base) {
                     (Some(packed), _) => packed.into(),

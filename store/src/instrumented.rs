@@ -6,14 +6,42 @@ use crate::metrics as m;
 use crate::{Get, Put, Result, Row, Schema, UserStore};
 
 /// Wraps a backend with metrics: operation durations, cells written and read, errors by kind.
+///
+/// The metric handles are registered once, in [`Instrumented::new`] (looking one up costs a hash
+/// of its name and labels, per operation a percent of the segmenter's CPU): install the metrics
+/// recorder before wrapping a store.
 pub struct Instrumented<S> {
     inner: S,
+    metrics: Handles,
+}
+
+struct Handles {
+    put: metrics::Histogram,
+    get: metrics::Histogram,
+    delete_row: metrics::Histogram,
+    scan: metrics::Histogram,
+    flush: metrics::Histogram,
+    write_cells: metrics::Counter,
+    write_rows: metrics::Counter,
+    read_cells: metrics::Histogram,
 }
 
 impl<S: UserStore> Instrumented<S> {
     /// Wraps `inner`.
     pub fn new(inner: S) -> Self {
-        Instrumented { inner }
+        let backend = inner.backend_name();
+        let op = |op: &'static str| metrics::histogram!(m::OP_DURATION, "backend" => backend, "op" => op);
+        let metrics = Handles {
+            put: op("put"),
+            get: op("get"),
+            delete_row: op("delete_row"),
+            scan: op("scan"),
+            flush: op("flush"),
+            write_cells: metrics::counter!(m::WRITE_CELLS, "backend" => backend),
+            write_rows: metrics::counter!(m::WRITE_ROWS, "backend" => backend),
+            read_cells: metrics::histogram!(m::READ_CELLS, "backend" => backend),
+        };
+        Instrumented { inner, metrics }
     }
 
     /// The wrapped backend.
@@ -21,13 +49,17 @@ impl<S: UserStore> Instrumented<S> {
         &self.inner
     }
 
-    fn observe<T>(&self, op: &'static str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    fn observe<T>(
+        &self,
+        op: &'static str,
+        duration: &metrics::Histogram,
+        f: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
         let start = Instant::now();
         let r = f();
-        let backend = self.inner.backend_name();
-        metrics::histogram!(m::OP_DURATION, "backend" => backend, "op" => op)
-            .record(start.elapsed().as_secs_f64());
+        duration.record(start.elapsed().as_secs_f64());
         if let Err(e) = &r {
+            let backend = self.inner.backend_name();
             metrics::counter!(m::ERRORS, "backend" => backend, "op" => op, "kind" => e.kind().as_str())
                 .increment(1);
             tracing::debug!(op, error = %e, "store operation failed");
@@ -38,31 +70,34 @@ impl<S: UserStore> Instrumented<S> {
 
 impl<S: UserStore> UserStore for Instrumented<S> {
     fn put(&self, puts: &[Put]) -> Result<()> {
-        self.observe("put", || self.inner.put(puts))?;
+        self.observe("put", &self.metrics.put, || self.inner.put(puts))?;
         let cells: usize = puts.iter().map(|p| p.cells.len()).sum();
-        let backend = self.inner.backend_name();
-        metrics::counter!(m::WRITE_CELLS, "backend" => backend).increment(cells as u64);
-        metrics::counter!(m::WRITE_ROWS, "backend" => backend).increment(puts.len() as u64);
+        self.metrics.write_cells.increment(cells as u64);
+        self.metrics.write_rows.increment(puts.len() as u64);
         Ok(())
     }
 
     fn get(&self, get: &Get) -> Result<Option<Row>> {
-        let r = self.observe("get", || self.inner.get(get))?;
+        let r = self.observe("get", &self.metrics.get, || self.inner.get(get))?;
         let n = r.as_ref().map_or(0, |r| r.cells.len());
-        metrics::histogram!(m::READ_CELLS, "backend" => self.inner.backend_name()).record(n as f64);
+        self.metrics.read_cells.record(n as f64);
         Ok(r)
     }
 
     fn delete_row(&self, row: &str) -> Result<()> {
-        self.observe("delete_row", || self.inner.delete_row(row))
+        self.observe("delete_row", &self.metrics.delete_row, || {
+            self.inner.delete_row(row)
+        })
     }
 
     fn scan(&self, start_after: Option<&str>, limit: usize, template: &Get) -> Result<Vec<Row>> {
-        self.observe("scan", || self.inner.scan(start_after, limit, template))
+        self.observe("scan", &self.metrics.scan, || {
+            self.inner.scan(start_after, limit, template)
+        })
     }
 
     fn flush(&self) -> Result<()> {
-        self.observe("flush", || self.inner.flush())
+        self.observe("flush", &self.metrics.flush, || self.inner.flush())
     }
 
     fn schema(&self) -> &Schema {
