@@ -534,14 +534,35 @@ impl EmbeddedBus {
         }
         // One snapshot for the whole read: a compaction replaces chunks while we read.
         let snap = self.inner.db.db().snapshot();
-        let start = self.chunk_holding(&snap, t.id, p, from)?;
+        let end = log_key(t.id, p, high).to_vec();
+        // A read mostly starts where a chunk starts (where the last read, or a produce, ended), and
+        // a forward range from `from` finds that chunk first. Otherwise the chunk holding `from`
+        // is found backwards, which costs more: a reverse range over the partition's tables (at
+        // 30K events/s, 3% of the process's CPU when every read did it).
+        let mut chunks = snap.range(
+            &self.inner.log,
+            log_key(t.id, p, from).to_vec()..end.clone(),
+        );
+        let mut first = None;
+        if let Some(kv) = chunks.next() {
+            let (k, v) = kv.into_inner_if(|k| k.len() == 16 && k[8..] == from.to_be_bytes())?;
+            first = v.map(|v| (k, v));
+        }
+        if first.is_none() {
+            let start = self.chunk_holding(&snap, t.id, p, from)?;
+            chunks = snap.range(&self.inner.log, start..end);
+        }
         let mut pos = from;
         let mut taken = 0usize;
         // One allocation for the whole poll: growing record by record reallocates (and copies)
         // the vector a dozen times, each time into fresh memory the kernel must zero.
         out.reserve((high - from).min(max as u64) as usize);
-        for kv in snap.range(&self.inner.log, start..log_key(t.id, p, high).to_vec()) {
-            let (k, v) = kv.into_inner()?;
+        let chunks = first
+            .into_iter()
+            .map(Ok)
+            .chain(chunks.map(|kv| kv.into_inner()));
+        for kv in chunks {
+            let (k, v) = kv?;
             let base = be_u64(&k[8..])?;
             decode_chunk(&v, |i, ts, key, value| {
                 let offset = base + i;
