@@ -14,8 +14,7 @@
 //! A batch that fails is retried until dmp takes it (events are idempotent in the store). Only
 //! acknowledged events reach the [`Oracle`].
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -177,9 +176,10 @@ impl Drive<'_> {
         ));
         let start = Instant::now();
         let start_ms = dmp_core::clock::now_ms();
-        let mut pending: BinaryHeap<Reverse<(i64, u64)>> = BinaryHeap::new();
-        let mut slots: std::collections::HashMap<u64, Event> = std::collections::HashMap::new();
-        let mut seq = 0u64;
+        // Events not yet due, by due time, each millisecond's in the order they were made: the
+        // order of a heap of (time, sequence) at a fraction of its cost (a heap of a million
+        // pending pages was a quarter of the driver's CPU at 50K events/s).
+        let mut pending: BTreeMap<i64, Vec<Event>> = BTreeMap::new();
         let mut started = 0.0f64;
         let mut generated = 0u64;
         let mut last = 0.0f64;
@@ -203,9 +203,7 @@ impl Drive<'_> {
                 session_buf.clear();
                 made += self.gen.session(at, &mut session_buf) as f64;
                 for e in session_buf.drain(..).filter(|e| e.ts >= start_ms) {
-                    pending.push(Reverse((e.ts, seq)));
-                    slots.insert(seq, e);
-                    seq += 1;
+                    pending.entry(e.ts).or_default().push(e);
                 }
             }
         }
@@ -230,27 +228,26 @@ impl Drive<'_> {
                     session_buf.clear();
                     generated += self.gen.session(now_ms, &mut session_buf) as u64;
                     for e in session_buf.drain(..) {
-                        pending.push(Reverse((e.ts, seq)));
-                        slots.insert(seq, e);
-                        seq += 1;
+                        pending.entry(e.ts).or_default().push(e);
                     }
                 }
             }
             let mut due: Vec<Event> = Vec::new();
-            while let Some(Reverse((ts, s))) = pending.peek().copied() {
+            while let Some(entry) = pending.first_entry() {
+                let ts = *entry.key();
                 if ts > now_ms || (!running && ts > start_ms + seconds as i64 * 1000) {
                     break;
                 }
-                pending.pop();
-                let mut e = slots.remove(&s).expect("a pending event");
-                // A user's row keeps one version per millisecond (HBase's model): two events of
-                // one user in the same millisecond would be one, so the later moves on by 1 ms.
-                let last = last_ts.entry(e.user).or_insert(i64::MIN);
-                if e.ts <= *last {
-                    e.ts = *last + 1;
+                for mut e in entry.remove() {
+                    // A user's row keeps one version per millisecond (HBase's model): two events
+                    // of one user in the same millisecond would be one, so the later moves on.
+                    let last = last_ts.entry(e.user).or_insert(i64::MIN);
+                    if e.ts <= *last {
+                        e.ts = *last + 1;
+                    }
+                    *last = e.ts;
+                    due.push(e);
                 }
-                *last = e.ts;
-                due.push(e);
             }
             let mut batches: Vec<Batch> = Vec::new();
             for chunk in due.chunks(self.driver.batch_max) {
@@ -322,8 +319,8 @@ impl Drive<'_> {
             }
             if !running
                 && pending
-                    .peek()
-                    .is_some_and(|Reverse((ts, _))| *ts > start_ms + seconds as i64 * 1000)
+                    .first_key_value()
+                    .is_some_and(|(ts, _)| *ts > start_ms + seconds as i64 * 1000)
             {
                 // Pages of sessions that would have continued past the end are not sent.
                 break;
