@@ -22,7 +22,7 @@ pub struct User {
 
 /// The users a worker remembers, at most `capacity` (least recently used go first).
 pub struct Users {
-    map: lru::LruCache<String, User>,
+    map: lru::LruCache<Box<str>, User>,
     limits: Limits,
 }
 
@@ -36,13 +36,21 @@ impl Users {
     }
 
     /// The user's state (a fresh one first seen at `now` if not remembered), and the blacklist's
-    /// limits to check its rate with. One lookup; the key is copied only for a new user.
+    /// limits to check its rate with. A remembered user costs one lookup that misses the CPU's
+    /// caches and one that hits them (keys are `Box<str>`, 8 bytes less per user than `String`,
+    /// which `LruCache::get_or_insert_mut_ref` would need).
     pub fn get(&mut self, uid: &str, now: i64) -> (&mut User, &Limits) {
         let limits = &self.limits;
-        let user = self.map.get_or_insert_mut_ref(uid, || User {
-            seen: Seen::default(),
-            rate: Rate::new(now, limits),
-        });
+        if self.map.get_mut(uid).is_none() {
+            self.map.put(
+                uid.into(),
+                User {
+                    seen: Seen::default(),
+                    rate: Rate::new(now, limits),
+                },
+            );
+        }
+        let user = self.map.get_mut(uid).expect("just found or put");
         (user, limits)
     }
 
