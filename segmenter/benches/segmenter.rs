@@ -174,7 +174,7 @@ async fn throughput(users: u64) {
 }
 
 /// (b) The workers' user LRU (dedupe and blacklist state) holding 10M users.
-fn dedupe_memory(n: u64) {
+fn user_lru_memory(n: u64) {
     let before = rss_mib();
     let mut d = Users::new(
         n as usize,
@@ -295,7 +295,7 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(throughput(env("DMP_BENCH_USERS", 100_000)));
-    dedupe_memory(env("DMP_BENCH_DEDUPE_USERS", 10_000_000));
+    user_lru_memory(env("DMP_BENCH_DEDUPE_USERS", 10_000_000));
     rt.block_on(latency(
         env("DMP_BENCH_RATE", 20_000),
         env("DMP_BENCH_SECS", 5),

@@ -220,12 +220,10 @@ fn benches(c: &mut Criterion) {
     // The segmenter's read: the demo rules read `url`, `q` and `type` of the events (and custom
     // attributes); the other columns come back as one marker per event. (No projected
     // write-then-read: each write grows the store, so a later bench of writes is slower.)
+    // Made once and shared, as the segmenter shares its rule set's.
+    let projection = std::sync::Arc::new(Projection::new("e", ["q", "type", "url"], ["a."]));
     let projected = |row: String| Get {
-        projection: Some(std::sync::Arc::new(Projection::new(
-            "e",
-            ["q", "type", "url"],
-            ["a."],
-        ))),
+        projection: Some(projection.clone()),
         ..Get::row(row)
     };
     g.bench_function("get_500_cell_row_projected", |b| {
