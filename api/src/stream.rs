@@ -9,10 +9,11 @@
 //! A new partner reads `topic=current` from the start to get the latest set of every user, and
 //! keeps reading it for every change after. The group's position is stored by dmp, per topic: a
 //! reconnecting client first acknowledges what it has durably processed (`ack=0:41,3:17`: the
-//! next offset to read per partition), which is committed, and the stream resumes from the
-//! group's committed position. Nothing is committed on the client's behalf, so a dropped
-//! connection re-sends what was not acknowledged (at-least-once). One connection per group at a
-//! time; the stream ends when the server stops.
+//! next offset to read per partition), which is committed for the group before the connection
+//! joins it, and the stream resumes from the group's committed position. An acknowledgement waits
+//! up to [`ACK_WAIT`] for the group's previous connection to be gone (409 after). Nothing is
+//! committed on the client's behalf, so a dropped connection re-sends what was not acknowledged
+//! (at-least-once). One connection per group at a time; the stream ends when the server stops.
 
 use std::time::Duration;
 
@@ -22,9 +23,12 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-use dmp_bus::TopicPartition;
+use dmp_bus::BusError;
 
 use crate::AppState;
+
+/// How long an acknowledgement waits for the group's previous connection to leave.
+pub const ACK_WAIT: Duration = Duration::from_secs(5);
 
 /// Query parameters.
 #[derive(Debug, Deserialize)]
@@ -81,7 +85,38 @@ pub async fn segments(State(state): State<AppState>, Query(p): Query<Params>) ->
             )
         }
     };
-    let mut consumer = match state
+    if !acks.is_empty() {
+        // The acknowledgement is the partner's, for its group as a whole: committed before this
+        // connection joins the group. (Committed by the new member, it was dropped for any
+        // partition the group still gave the previous connection, which leaves the group only
+        // when the server notices it closed: the partner then got acknowledged records again.)
+        let partitions = match state.bus.offsets(&topic).await {
+            Ok(o) => o.len(),
+            Err(e) => return refuse(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        };
+        if let Some((p, _)) = acks.iter().find(|(p, _)| *p as usize >= partitions) {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                format!("ack: partition {p} does not exist (the topic has {partitions})"),
+            );
+        }
+        let group_id = format!("partner.{group}");
+        let deadline = tokio::time::Instant::now() + ACK_WAIT;
+        loop {
+            match state.bus.commit_group(&group_id, &topic, &acks).await {
+                Ok(()) => break,
+                // Another connection of the group is still live (or just closing): wait for it.
+                Err(BusError::Rejected(_)) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(BusError::Rejected(e)) => {
+                    return refuse(StatusCode::CONFLICT, format!("ack: {e}"))
+                }
+                Err(e) => return refuse(StatusCode::SERVICE_UNAVAILABLE, format!("ack: {e}")),
+            }
+        }
+    }
+    let consumer = match state
         .bus
         .consumer(&format!("partner.{group}"), std::slice::from_ref(&topic))
         .await
@@ -89,15 +124,6 @@ pub async fn segments(State(state): State<AppState>, Query(p): Query<Params>) ->
         Ok(c) => c,
         Err(e) => return refuse(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     };
-    if !acks.is_empty() {
-        let marks: Vec<(TopicPartition, u64)> = acks
-            .iter()
-            .map(|(p, o)| (TopicPartition::new(topic.clone(), *p), *o))
-            .collect();
-        if let Err(e) = consumer.commit(&marks).await {
-            return refuse(StatusCode::CONFLICT, format!("ack: {e}"));
-        }
-    }
     metrics::counter!("dmp_api_stream_connections_total").increment(1);
     let stopping = state.stopping.clone();
     let body = futures_util::stream::unfold((consumer, stopping), |(mut c, stop)| async move {

@@ -377,6 +377,13 @@ async fn seek_group_to_timestamp(h: &mut dyn Harness) -> CheckResult {
         .await
         .map_err(e)?;
     ensure!(offsets.len() == 2, "{offsets:?}");
+    ensure!(
+        matches!(
+            bus.commit_group(&g, &t, &[(2, 0)]).await,
+            Err(crate::BusError::Rejected(_))
+        ),
+        "a commit for a partition the topic does not have is refused"
+    );
     let mut c = bus
         .consumer(&g, std::slice::from_ref(&t))
         .await

@@ -1077,6 +1077,18 @@ impl Bus for EmbeddedBus {
 
     async fn seek_group_to_time(&self, group: &str, topic: &str, ts_ms: i64) -> Result<Vec<u64>> {
         let t = self.topic(topic)?;
+        let offsets = self.offsets_for_time_sync(&t, ts_ms)?;
+        let commits: Vec<(u32, u64)> = offsets
+            .iter()
+            .enumerate()
+            .map(|(p, o)| (p as u32, *o))
+            .collect();
+        self.commit_group(group, topic, &commits).await?;
+        Ok(offsets)
+    }
+
+    async fn commit_group(&self, group: &str, topic: &str, offsets: &[(u32, u64)]) -> Result<()> {
+        let t = self.topic(topic)?;
         if let Some(g) = self.inner.groups.lock().get(group) {
             if !g.members.is_empty() {
                 return Err(BusError::Rejected(format!(
@@ -1085,14 +1097,17 @@ impl Bus for EmbeddedBus {
                 )));
             }
         }
-        let offsets = self.offsets_for_time_sync(&t, ts_ms)?;
-        let commits: Vec<(Arc<Topic>, u32, u64)> = offsets
-            .iter()
-            .enumerate()
-            .map(|(p, o)| (t.clone(), p as u32, *o))
-            .collect();
-        self.commit_sync(group, &commits)?;
-        Ok(offsets)
+        let mut commits = Vec::with_capacity(offsets.len());
+        for &(p, o) in offsets {
+            if p as usize >= t.partitions.len() {
+                return Err(BusError::Rejected(format!(
+                    "topic {topic:?} has no partition {p} (it has {})",
+                    t.partitions.len()
+                )));
+            }
+            commits.push((t.clone(), p, o));
+        }
+        self.commit_sync(group, &commits)
     }
 
     fn backend_name(&self) -> &'static str {

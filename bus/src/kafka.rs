@@ -486,17 +486,33 @@ impl Bus for KafkaBus {
 
     async fn seek_group_to_time(&self, group: &str, topic: &str, ts_ms: i64) -> Result<Vec<u64>> {
         let offsets = self.offsets_for_time(topic, ts_ms).await?;
+        let commits: Vec<(u32, u64)> = offsets
+            .iter()
+            .enumerate()
+            .map(|(p, o)| (p as u32, *o))
+            .collect();
+        self.commit_group(group, topic, &commits).await?;
+        Ok(offsets)
+    }
+
+    async fn commit_group(&self, group: &str, topic: &str, offsets: &[(u32, u64)]) -> Result<()> {
+        let n = self.partition_count(topic).await?;
+        if let Some((p, _)) = offsets.iter().find(|(p, _)| *p as usize >= n as usize) {
+            return Err(BusError::Rejected(format!(
+                "topic {topic:?} has no partition {p} (it has {n})"
+            )));
+        }
         let c: BaseConsumer = self
             .consumer_config(group)
             .set("enable.auto.commit", "false")
             .create()
             .map_err(map_err)?;
         let topic = topic.to_string();
-        let to_commit = offsets.clone();
+        let to_commit = offsets.to_vec();
         blocking(move || {
             let mut tpl = TopicPartitionList::new();
-            for (p, o) in to_commit.iter().enumerate() {
-                tpl.add_partition_offset(&topic, p as i32, Offset::Offset(*o as i64))?;
+            for (p, o) in &to_commit {
+                tpl.add_partition_offset(&topic, *p as i32, Offset::Offset(*o as i64))?;
             }
             // A commit from outside the group: the broker refuses it while the group has members.
             c.commit(&tpl, CommitMode::Sync)
@@ -507,8 +523,7 @@ impl Bus for KafkaBus {
                 "cannot move the offsets of group {group:?} (stop its members first): {m}"
             )),
             other => other,
-        })?;
-        Ok(offsets)
+        })
     }
 
     fn backend_name(&self) -> &'static str {

@@ -224,6 +224,10 @@ pub trait Bus: Send + Sync {
     /// Moves group `group` on `topic` back (or forward) to `ts_ms`: commits
     /// [`Bus::offsets_for_time`] for it. The group must have no live member.
     async fn seek_group_to_time(&self, group: &str, topic: &str, ts_ms: i64) -> Result<Vec<u64>>;
+    /// Commits `offsets` (partition, next offset to read) of `topic` for group `group` from
+    /// outside the group, as an operator's tool does. The group must have no live member
+    /// ([`BusError::Rejected`] otherwise, as for a partition the topic does not have).
+    async fn commit_group(&self, group: &str, topic: &str, offsets: &[(u32, u64)]) -> Result<()>;
     /// A short name for logs and metric labels.
     fn backend_name(&self) -> &'static str;
 }

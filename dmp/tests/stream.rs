@@ -77,11 +77,25 @@ async fn given_segment_records_when_partner_streams_then_ndjson_resumable_by_ack
         .max()
         .unwrap()
         + 1;
+    // The previous connection may still be in the group when the partner reconnects: hold one
+    // open while acknowledging, and close it a moment later. The acknowledgement waits for it
+    // to leave, and holds.
+    let hold = reqwest::Client::new()
+        .get(format!("{url}/v1/stream/segments?group=acme"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(hold.status(), 200);
+    let closer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(hold);
+    });
     let again = lines(
         &format!("{url}/v1/stream/segments?group=acme&ack={p}:{next}"),
         20 - done.len(),
     )
     .await;
+    closer.await.unwrap();
     assert_eq!(again.len(), 20 - done.len(), "{again:?}");
     assert!(again.iter().all(|l| l["partition"].as_u64() != Some(p)));
     // Another partner has its own position.
@@ -101,6 +115,13 @@ async fn given_segment_records_when_partner_streams_then_ndjson_resumable_by_ack
         .unwrap();
     assert_eq!(r.status(), 400);
     assert!(r.text().await.unwrap().contains("ack"));
+    let r = reqwest::Client::new()
+        .get(format!("{url}/v1/stream/segments?group=acme&ack=999:1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("partition 999"));
     // A partner still connected does not hold up a graceful stop.
     let open = reqwest::Client::new()
         .get(format!("{url}/v1/stream/segments?group=idle"))
