@@ -207,20 +207,25 @@ fn given_a_cached_row_over_the_repack_threshold_then_it_is_repacked_without_an_l
     };
     put(1);
     assert!(store.get(&Get::row("u")).unwrap().is_some()); // cached now
-                                                           // A cached row is repacked after 4 x repack_after_deltas (32) writes: 40 puts repack once.
-    for ts in 2..=40 {
+                                                           // A cached row is repacked after 16 x repack_after_deltas (128) writes: 140 puts repack once.
+    for ts in 2..=140 {
         put(ts);
         store.get(&Get::row("u")).unwrap();
+        if ts == 128 {
+            // Not before: every write is still its own delta.
+            assert_eq!(store.stored_cells("u").unwrap(), 2 * 128, "repacked early");
+        }
     }
     let row = store.get(&Get::row("u")).unwrap().unwrap();
-    // 40 versions of e:page, the newest s:current only (max_versions = 1).
-    assert_eq!(row.cells.len(), 41);
+    // 140 versions of e:page, the newest s:current only (max_versions = 1).
+    assert_eq!(row.cells.len(), 141);
     assert_eq!(
         row.cells.iter().find(|c| c.family == "s").unwrap().value,
-        "s40"
+        "s140"
     );
     let stored = store.stored_cells("u").unwrap();
-    // Unrepacked: 80 cells (2 per put). Repacked at the 33rd delta: a base of 34, then 7 deltas.
-    assert!(stored <= 34 + 2 * 7, "{stored} cells stored: repacked");
+    // Unrepacked: 280 cells (2 per put). Repacked at the 129th delta: a base of 130, then 11
+    // deltas.
+    assert!(stored <= 130 + 2 * 11, "{stored} cells stored: repacked");
     assert_eq!(lsm_reader(&db).get(&Get::row("u")).unwrap(), Some(row));
 }
