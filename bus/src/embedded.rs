@@ -1075,18 +1075,6 @@ impl Bus for EmbeddedBus {
         self.offsets_for_time_sync(&t, ts_ms)
     }
 
-    async fn seek_group_to_time(&self, group: &str, topic: &str, ts_ms: i64) -> Result<Vec<u64>> {
-        let t = self.topic(topic)?;
-        let offsets = self.offsets_for_time_sync(&t, ts_ms)?;
-        let commits: Vec<(u32, u64)> = offsets
-            .iter()
-            .enumerate()
-            .map(|(p, o)| (p as u32, *o))
-            .collect();
-        self.commit_group(group, topic, &commits).await?;
-        Ok(offsets)
-    }
-
     async fn commit_group(&self, group: &str, topic: &str, offsets: &[(u32, u64)]) -> Result<()> {
         let t = self.topic(topic)?;
         if let Some(g) = self.inner.groups.lock().get(group) {

@@ -484,17 +484,6 @@ impl Bus for KafkaBus {
             .collect())
     }
 
-    async fn seek_group_to_time(&self, group: &str, topic: &str, ts_ms: i64) -> Result<Vec<u64>> {
-        let offsets = self.offsets_for_time(topic, ts_ms).await?;
-        let commits: Vec<(u32, u64)> = offsets
-            .iter()
-            .enumerate()
-            .map(|(p, o)| (p as u32, *o))
-            .collect();
-        self.commit_group(group, topic, &commits).await?;
-        Ok(offsets)
-    }
-
     async fn commit_group(&self, group: &str, topic: &str, offsets: &[(u32, u64)]) -> Result<()> {
         let n = self.partition_count(topic).await?;
         if let Some((p, _)) = offsets.iter().find(|(p, _)| *p as usize >= n as usize) {

@@ -222,8 +222,18 @@ pub trait Bus: Send + Sync {
     /// there is none).
     async fn offsets_for_time(&self, topic: &str, ts_ms: i64) -> Result<Vec<u64>>;
     /// Moves group `group` on `topic` back (or forward) to `ts_ms`: commits
-    /// [`Bus::offsets_for_time`] for it. The group must have no live member.
-    async fn seek_group_to_time(&self, group: &str, topic: &str, ts_ms: i64) -> Result<Vec<u64>>;
+    /// [`Bus::offsets_for_time`] for it, through [`Bus::commit_group`]. The group must have no
+    /// live member.
+    async fn seek_group_to_time(&self, group: &str, topic: &str, ts_ms: i64) -> Result<Vec<u64>> {
+        let offsets = self.offsets_for_time(topic, ts_ms).await?;
+        let commits: Vec<(u32, u64)> = offsets
+            .iter()
+            .enumerate()
+            .map(|(p, o)| (p as u32, *o))
+            .collect();
+        self.commit_group(group, topic, &commits).await?;
+        Ok(offsets)
+    }
     /// Commits `offsets` (partition, next offset to read) of `topic` for group `group` from
     /// outside the group, as an operator's tool does. The group must have no live member
     /// ([`BusError::Rejected`] otherwise, as for a partition the topic does not have).
