@@ -85,6 +85,7 @@ pub async fn segments(State(state): State<AppState>, Query(p): Query<Params>) ->
             )
         }
     };
+    let group_id = format!("partner.{group}");
     if !acks.is_empty() {
         // The acknowledgement is the partner's, for its group as a whole: committed before this
         // connection joins the group. (Committed by the new member, it was dropped for any
@@ -100,7 +101,6 @@ pub async fn segments(State(state): State<AppState>, Query(p): Query<Params>) ->
                 format!("ack: partition {p} does not exist (the topic has {partitions})"),
             );
         }
-        let group_id = format!("partner.{group}");
         let deadline = tokio::time::Instant::now() + ACK_WAIT;
         loop {
             match state.bus.commit_group(&group_id, &topic, &acks).await {
@@ -118,7 +118,7 @@ pub async fn segments(State(state): State<AppState>, Query(p): Query<Params>) ->
     }
     let consumer = match state
         .bus
-        .consumer(&format!("partner.{group}"), std::slice::from_ref(&topic))
+        .consumer(&group_id, std::slice::from_ref(&topic))
         .await
     {
         Ok(c) => c,
