@@ -34,12 +34,14 @@ const SEQ_BLOCK: u64 = 1 << 24;
 const LOCK_STRIPES: usize = 1024;
 /// Tables in L0 that start a compaction into L1 (fjall's default is 4). Each L0 -> L1 compaction
 /// rewrites the overlapping part of L1, which with users' random keys is all of it, so waiting
-/// for twice the tables halves how often L1 is rewritten. At 50K events/s the embedded storage's
-/// CPU fell from 0.0089 to 0.0063 s per 1K events (docs/benchmarks.md); 16 saved more compaction
-/// but made the segmenter's reads of rows not in the row cache slower (each L0 table is one more
-/// place a prefix scan looks). fjall stores the strategy with a keyspace when it creates it, so a
-/// database created before keeps the threshold it was created with.
-const L0_COMPACTION_TABLES: u8 = 8;
+/// for more tables rewrites L1 less often. 8 against 4 at 50K events/s: the embedded storage's
+/// CPU 0.0089 -> 0.0063 s per 1K events. 16 against 8 over 150 s at 30K events/s: 0.0074 / 0.0065
+/// against 0.0083 / 0.0076 (docs/benchmarks.md, "Long runs"). More L0 tables are more places an
+/// uncached read's prefix scan looks: in 40-s runs with a 512 MiB row cache 16 made the
+/// segmenter slower, but with the 2 GiB row cache few reads miss it, and over 150 s the
+/// segmenter's cost per evaluation was the same. fjall stores the strategy with a keyspace when
+/// it creates it, so a database created before keeps the threshold it was created with.
+const L0_COMPACTION_TABLES: u8 = 16;
 /// A cached row is repacked after this many times `repack_after_deltas` writes. Reads of a cached
 /// row do not pay for its deltas (the cache holds it merged), so the repack only bounds the
 /// deltas an uncached read would meet; and each repack writes the whole row, which flushes and

@@ -97,7 +97,7 @@ fn given_data_when_reopened_then_rows_are_still_there() {
 }
 
 #[test]
-fn given_new_database_when_opened_then_rows_compact_into_l1_at_eight_l0_tables() {
+fn given_new_database_when_opened_then_rows_compact_into_l1_at_sixteen_l0_tables() {
     let dir = tempfile::tempdir().unwrap();
     let (db, _store) = open_temp(dir.path()).unwrap();
     let rows = db.keyspace(dmp_store::embedded::ROWS_KEYSPACE).unwrap();
@@ -108,5 +108,5 @@ fn given_new_database_when_opened_then_rows_compact_into_l1_at_eight_l0_tables()
         .into_iter()
         .find(|(k, _)| &**k == b"leveled_l0_threshold")
         .map(|(_, v)| v.to_vec());
-    assert_eq!(l0, Some(vec![8]), "L0 tables that start a compaction");
+    assert_eq!(l0, Some(vec![16]), "L0 tables that start a compaction");
 }
