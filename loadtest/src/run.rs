@@ -351,6 +351,15 @@ async fn phase(
         }
         Mode::FindMax => {
             let mut rate = scenario.traffic.rate;
+            if scenario.traffic.prefill_seconds > 0 {
+                tracing::info!(
+                    rate,
+                    seconds = scenario.traffic.prefill_seconds,
+                    "prefill before the steps"
+                );
+                let d = drive.run(rate, scenario.traffic.prefill_seconds).await;
+                phase.driven.seconds += d.seconds;
+            }
             for _ in 0..scenario.traffic.max_steps {
                 let before = measure::scrape(&http, &dmp.url).await?;
                 let lat_before = latencies.lock().expect("not poisoned").series.len();
@@ -389,7 +398,8 @@ async fn phase(
                     p99_ms: p99,
                     sustained,
                 });
-                phase.driven.offered += d.offered;
+                // The drives' counts are the run's so far; their seconds are their own.
+                phase.driven.offered = d.offered;
                 phase.driven.acked = d.acked;
                 phase.driven.retries = d.retries;
                 phase.driven.seconds += d.seconds;

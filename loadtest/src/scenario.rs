@@ -74,6 +74,11 @@ pub struct Traffic {
     /// find_max: at most this many steps.
     #[serde(default = "max_steps")]
     pub max_steps: u32,
+    /// find_max: seconds of traffic at `rate` before the first step, not a step itself, so the
+    /// steps measure a store that has grown (its row cache full, its first compactions done)
+    /// rather than a young one.
+    #[serde(default)]
+    pub prefill_seconds: u64,
     /// Scale the rate by a day's curve (night low, day peak) compressed into `day_seconds`.
     #[serde(default)]
     pub daily_curve: bool,
@@ -288,6 +293,9 @@ impl Scenario {
         if self.traffic.mode == Mode::FindMax && self.traffic.step_factor <= 1.0 {
             bail!("traffic.step_factor: above 1");
         }
+        if self.traffic.prefill_seconds > 0 && self.traffic.mode != Mode::FindMax {
+            bail!("traffic.prefill_seconds: only for mode = \"find_max\" (open runs leave their start out with warmup_seconds)");
+        }
         if self.driver.kind == DriverKind::Bus && !self.dmp.bus.starts_with("kafka://") {
             bail!("driver.kind = \"bus\" needs dmp.bus = \"kafka://…\" (the embedded bus belongs to the dmp process)");
         }
@@ -343,5 +351,15 @@ mod tests {
         let e =
             Scenario::parse(&format!("{base}[dmp]\nbus = \"${{NO_SUCH_VAR_X}}\"\n")).unwrap_err();
         assert!(format!("{e:#}").contains("NO_SUCH_VAR_X"), "{e:#}");
+        let e = Scenario::parse(&base.replace("seconds = 5", "seconds = 5\nprefill_seconds = 30"))
+            .unwrap_err();
+        assert!(
+            format!("{e:#}").contains("traffic.prefill_seconds"),
+            "{e:#}"
+        );
+        let ramp = base.replace("\"open\"", "\"find_max\"");
+        let s = Scenario::parse(&ramp.replace("seconds = 5", "seconds = 5\nprefill_seconds = 30"))
+            .unwrap();
+        assert_eq!(s.traffic.prefill_seconds, 30);
     }
 }
