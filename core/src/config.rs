@@ -309,6 +309,11 @@ pub struct SegmenterConfig {
     pub blacklist_max_changes: u32,
     /// How long a bot stays blacklisted, seconds.
     pub blacklist_ban_secs: u64,
+    /// Changes within the blacklist's window above which a user is evaluated at most once per
+    /// `throttle_interval_ms` (0 = off; needs `blacklist` and `dedupe`).
+    pub throttle_after_changes: u32,
+    /// A throttled user's least time between evaluations, ms.
+    pub throttle_interval_ms: u64,
     /// How often due re-evaluation timers are scanned, ms.
     pub timer_scan_interval_ms: u64,
     /// Due timers handed to workers per partition per scan.
@@ -680,6 +685,18 @@ impl Config {
             30 * 86_400,
         )?;
         range(
+            "segmenter.throttle_after_changes",
+            sg.throttle_after_changes as u64,
+            0,
+            10_000_000,
+        )?;
+        range(
+            "segmenter.throttle_interval_ms",
+            sg.throttle_interval_ms,
+            1,
+            60_000,
+        )?;
+        range(
             "segmenter.timer_scan_interval_ms",
             sg.timer_scan_interval_ms,
             100,
@@ -990,6 +1007,11 @@ mod tests {
                 "DMP__SEGMENTER__COALESCE_MS",
                 "60000",
                 "segmenter.coalesce_ms",
+            ),
+            (
+                "DMP__SEGMENTER__THROTTLE_INTERVAL_MS",
+                "0",
+                "segmenter.throttle_interval_ms",
             ),
         ];
         for (k, v, key) in cases {

@@ -49,6 +49,22 @@ impl Rate {
         now < self.banned_until
     }
 
+    /// Changes counted within the sliding window that ends at `now`, the figure the ban compares
+    /// with `max`: this window's count plus the share of the previous one still inside. `now` is
+    /// at or after the last change counted.
+    pub fn estimate(&self, now: i64, limits: &Limits) -> f64 {
+        let start = now - now % limits.window_ms;
+        let (count, previous) = if start == self.window_start {
+            (self.count, self.previous)
+        } else if start - self.window_start == limits.window_ms {
+            (0, self.count)
+        } else {
+            (0, 0)
+        };
+        let elapsed = (now - start) as f64 / limits.window_ms as f64;
+        count as f64 + previous as f64 * (1.0 - elapsed)
+    }
+
     /// Counts a change at `now` and says whether the user is a bot.
     pub fn check(&mut self, now: i64, limits: &Limits) -> Verdict {
         if now < self.banned_until {
@@ -65,10 +81,7 @@ impl Rate {
             self.count = 0;
         }
         self.count += 1;
-        // Sliding estimate: this window's count plus the share of the previous one still inside.
-        let elapsed = (now - start) as f64 / limits.window_ms as f64;
-        let estimate = self.count as f64 + self.previous as f64 * (1.0 - elapsed);
-        if estimate > limits.max as f64 {
+        if self.estimate(now, limits) > limits.max as f64 {
             self.banned_until = now + limits.ban_ms;
             return Verdict::NewBot;
         }
@@ -132,6 +145,26 @@ mod tests {
                 "change {i}"
             );
         }
+    }
+
+    #[test]
+    fn given_changes_when_estimated_then_the_sliding_count_without_counting_one() {
+        let limits = Limits {
+            window_ms: 60_000,
+            max: 1000,
+            ban_ms: 1,
+        };
+        let t0 = 1_000_020_000i64; // a window's start (a multiple of 60 s)
+        let mut r = Rate::new(t0, &limits);
+        for i in 0..10 {
+            r.check(t0 + i, &limits);
+        }
+        assert_eq!(r.estimate(t0 + 10, &limits), 10.0);
+        assert_eq!(r.estimate(t0 + 10, &limits), 10.0, "asking does not count");
+        // Half of the next window: half of the previous window's changes are still inside.
+        assert_eq!(r.estimate(t0 + 90_000, &limits), 5.0);
+        // Two windows on: none.
+        assert_eq!(r.estimate(t0 + 120_000, &limits), 0.0);
     }
 
     #[test]

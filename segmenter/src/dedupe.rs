@@ -25,6 +25,11 @@ impl Seen {
         self.0 == i64::MIN || change_ts > self.0
     }
 
+    /// The newest write a read saw, if any.
+    pub fn last(&self) -> Option<i64> {
+        (self.0 != i64::MIN).then_some(self.0)
+    }
+
     /// A read saw writes up to `written` (the row's `m:written`).
     pub fn read(&mut self, written: i64) {
         self.0 = self.0.max(written);

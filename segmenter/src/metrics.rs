@@ -3,10 +3,14 @@
 
 /// Changes received by a worker (counter).
 pub const RECEIVED: &str = "dmp_segmenter_changes_received_total";
-/// Changes skipped because a read already saw their data (counter).
+/// Changes skipped because a read already saw their data, or the read for another change of the
+/// user in the same batch covers them (counter).
 pub const SKIPPED_DUPLICATE: &str = "dmp_segmenter_changes_skipped_duplicate_total";
 /// Changes skipped because the user is blacklisted as a bot (counter).
 pub const SKIPPED_BOT: &str = "dmp_segmenter_changes_skipped_bot_total";
+/// Changes of throttled users held back to be read with the user's next evaluation (counter).
+/// Each is then counted as evaluated, duplicate or bot as well.
+pub const THROTTLED: &str = "dmp_segmenter_changes_throttled_total";
 /// Users evaluated, by `trigger` (`change`, `timer`) (counter).
 pub const EVALUATED: &str = "dmp_segmenter_users_evaluated_total";
 /// Users newly blacklisted (counter).

@@ -2,7 +2,7 @@
 //! handles the users sharded to it: their changes and their due re-evaluation timers.
 
 use std::collections::BTreeMap;
-use std::sync::mpsc::Receiver;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -77,6 +77,7 @@ struct Counters {
     received: metrics::Counter,
     duplicate: metrics::Counter,
     bot: metrics::Counter,
+    throttled: metrics::Counter,
     wait: metrics::Histogram,
     evaluated_change: metrics::Counter,
     evaluated_timer: metrics::Counter,
@@ -89,6 +90,28 @@ struct Counters {
 
 struct State {
     users: Users,
+    /// Changes of throttled users held back, by when they fall due (and arrival, for order).
+    deferred: BTreeMap<(i64, u64), Job>,
+    /// Changes deferred so far (the second half of `deferred`'s keys).
+    deferred_seq: u64,
+}
+
+impl State {
+    /// Deferred changes due at `now`, in order.
+    fn take_due(&mut self, now: i64) -> Vec<Job> {
+        let later = self.deferred.split_off(&(now + 1, 0));
+        std::mem::replace(&mut self.deferred, later)
+            .into_values()
+            .collect()
+    }
+}
+
+/// When a user counts as busy enough to throttle: more than `after` changes within the
+/// blacklist's window; then at most one evaluation per `interval_ms`.
+#[derive(Clone, Copy)]
+struct Throttle {
+    after: f64,
+    interval_ms: i64,
 }
 
 /// What made a user due for evaluation (the `trigger` label of `EVALUATED`).
@@ -116,6 +139,28 @@ struct Output {
     deletes: Vec<String>,
 }
 
+/// Adds a change of `j.uid` to the users to evaluate. Another change of a user already there is
+/// a duplicate: the one read covers both.
+fn add_change(users: &mut BTreeMap<String, Reason>, j: &Job, counters: &Counters) {
+    match users.get_mut(&j.uid) {
+        Some(r) if matches!(r.trigger, Trigger::Change) => counters.duplicate.increment(1),
+        Some(r) => {
+            r.trigger = Trigger::Change;
+            r.partition = j.tp.partition;
+        }
+        None => {
+            users.insert(
+                j.uid.clone(),
+                Reason {
+                    trigger: Trigger::Change,
+                    partition: j.tp.partition,
+                    fired: Vec::new(),
+                },
+            );
+        }
+    }
+}
+
 impl Worker {
     pub fn run(self) {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -126,7 +171,8 @@ impl Worker {
         let counters = Counters {
             received: metrics::counter!(m::RECEIVED, "worker" => label.clone()),
             duplicate: metrics::counter!(m::SKIPPED_DUPLICATE, "worker" => label.clone()),
-            bot: metrics::counter!(m::SKIPPED_BOT, "worker" => label),
+            bot: metrics::counter!(m::SKIPPED_BOT, "worker" => label.clone()),
+            throttled: metrics::counter!(m::THROTTLED, "worker" => label),
             wait: metrics::histogram!(m::WAIT),
             evaluated_change: metrics::counter!(m::EVALUATED, "trigger" => "change"),
             evaluated_timer: metrics::counter!(m::EVALUATED, "trigger" => "timer"),
@@ -145,45 +191,99 @@ impl Worker {
                     ban_ms: self.cfg.blacklist_ban_secs as i64 * 1000,
                 },
             ),
+            deferred: BTreeMap::new(),
+            deferred_seq: 0,
         };
-        while let Ok(first) = self.jobs.recv() {
-            if self.cfg.coalesce_ms > 0 && first.timer.is_none() {
-                // Let the user's burst land first: changes written meanwhile join this batch (or
-                // are skipped as seen by its read). The change's time is the writer's clock:
-                // never wait longer than the window, whatever the skew between the two hosts.
-                let window = self.cfg.coalesce_ms as i64;
-                let wait = (first.ts + window - dmp_core::clock::now_ms()).min(window);
-                if wait > 0 {
-                    std::thread::sleep(Duration::from_millis(wait as u64));
+        loop {
+            // The next change, or none when a deferred one falls due first.
+            let first = match st.deferred.keys().next().map(|(due, _)| *due) {
+                None => match self.jobs.recv() {
+                    Ok(j) => Some(j),
+                    Err(_) => break,
+                },
+                Some(due) => match due - dmp_core::clock::now_ms() {
+                    wait if wait <= 0 => None,
+                    wait => match self.jobs.recv_timeout(Duration::from_millis(wait as u64)) {
+                        Ok(j) => Some(j),
+                        Err(RecvTimeoutError::Timeout) => None,
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    },
+                },
+            };
+            if let Some(first) = first.as_ref().filter(|j| j.timer.is_none()) {
+                if self.cfg.coalesce_ms > 0 {
+                    // Let the user's burst land first: changes written meanwhile join this
+                    // batch (or are skipped as seen by its read). The change's time is the
+                    // writer's clock: never wait longer than the window, whatever the skew
+                    // between the two hosts.
+                    let window = self.cfg.coalesce_ms as i64;
+                    let wait = (first.ts + window - dmp_core::clock::now_ms()).min(window);
+                    if wait > 0 {
+                        std::thread::sleep(Duration::from_millis(wait as u64));
+                    }
                 }
             }
-            let mut batch = vec![first];
+            let mut batch: Vec<Job> = first.into_iter().collect();
             while batch.len() < 1000 {
                 match self.jobs.try_recv() {
                     Ok(j) => batch.push(j),
                     Err(_) => break,
                 }
             }
-            self.handle(&rt, &mut st, &counters, batch);
+            let due = st.take_due(dmp_core::clock::now_ms());
+            self.handle(&rt, &mut st, &counters, batch, due);
+        }
+        // Stopping: changes still held back are evaluated now, so every change handed to this
+        // worker is reported done.
+        let held: Vec<Job> = std::mem::take(&mut st.deferred).into_values().collect();
+        if !held.is_empty() {
+            self.handle(&rt, &mut st, &counters, Vec::new(), held);
         }
         tracing::debug!(worker = self.index, "segmenter worker stopped");
     }
 
+    /// The throttle, when it is on (it needs the blacklist's change counts and the dedupe's
+    /// newest write seen).
+    fn throttle(&self) -> Option<Throttle> {
+        (self.cfg.throttle_after_changes > 0 && self.cfg.blacklist && self.cfg.dedupe).then_some(
+            Throttle {
+                after: self.cfg.throttle_after_changes as f64,
+                interval_ms: self.cfg.throttle_interval_ms as i64,
+            },
+        )
+    }
+
+    /// Handles a batch of changes and due timers, and `due`: changes held back by the throttle
+    /// that fall due now (counted when they arrived).
     fn handle(
         &self,
         rt: &tokio::runtime::Runtime,
         st: &mut State,
         counters: &Counters,
         batch: Vec<Job>,
+        due: Vec<Job>,
     ) {
         let now = dmp_core::clock::now_ms();
+        let throttle = self.throttle();
         // Users to evaluate: from changes that need a read, and from due timers. Without dedupe,
         // a user's second change in the batch goes to a second round, and so on.
         let mut users: BTreeMap<String, Reason> = BTreeMap::new();
         let mut rounds: Vec<BTreeMap<String, Reason>> = Vec::new();
         let mut new_bots = Vec::new();
         let mut dropped_timers = Vec::new();
-        for j in &batch {
+        // Held back changes now due: the user may have been blacklisted since, or read.
+        for j in &due {
+            if self.cfg.blacklist && st.users.banned(&j.uid, now) {
+                counters.bot.increment(1);
+            } else if !st.users.get(&j.uid, now).0.seen.needs_read(j.ts) {
+                counters.duplicate.increment(1);
+            } else {
+                add_change(&mut users, j, counters);
+            }
+        }
+        // When each change of the batch is held back to (none: handled now).
+        let mut held: Vec<Option<i64>> = vec![None; batch.len()];
+        for (i, j) in batch.iter().enumerate() {
             if let Some(t) = &j.timer {
                 if self.cfg.blacklist && st.users.banned(&j.uid, now) {
                     dropped_timers.push(t.key.clone());
@@ -204,7 +304,7 @@ impl Worker {
             counters
                 .wait
                 .record(((now - j.msg_ts).max(0)) as f64 / 1000.0);
-            // One lookup of the user's state for both checks (none when both are off).
+            // One lookup of the user's state for all checks (none when both are off).
             let mut state =
                 (self.cfg.blacklist || self.cfg.dedupe).then(|| st.users.get(&j.uid, now));
             let verdict = match &mut state {
@@ -239,17 +339,28 @@ impl Worker {
                 }
                 continue;
             }
-            if state.is_some_and(|(user, _)| !user.seen.needs_read(j.ts)) {
+            let Some((user, limits)) = state else {
+                add_change(&mut users, j, counters);
+                continue;
+            };
+            if !user.seen.needs_read(j.ts) {
                 counters.duplicate.increment(1);
                 continue;
             }
-            let r = users.entry(j.uid.clone()).or_insert_with(|| Reason {
-                trigger: Trigger::Change,
-                partition: j.tp.partition,
-                fired: Vec::new(),
-            });
-            r.trigger = Trigger::Change;
-            r.partition = j.tp.partition;
+            // A busy user read moments ago waits for its next evaluation (whatever the skew
+            // between the writer's clock and this one, no longer than the interval).
+            if let (Some(t), Some(seen)) = (throttle, user.seen.last()) {
+                let due = (seen + t.interval_ms).min(now + t.interval_ms);
+                if due > now
+                    && !users.contains_key(&j.uid)
+                    && user.rate.estimate(now, limits) > t.after
+                {
+                    held[i] = Some(due);
+                    counters.throttled.increment(1);
+                    continue;
+                }
+            }
+            add_change(&mut users, j, counters);
         }
         if !users.is_empty() || !new_bots.is_empty() || !dropped_timers.is_empty() {
             let mut out = self.evaluate(st, counters, users, new_bots);
@@ -260,9 +371,21 @@ impl Worker {
             let out = self.evaluate(st, counters, round, Vec::new());
             self.write(rt, out);
         }
-        for j in batch {
-            if j.timer.is_none() {
-                let _ = self.done.send((j.tp, j.offset));
+        // Done once what they caused is durable; held back changes when they are handled.
+        for (j, held) in batch
+            .into_iter()
+            .zip(held)
+            .chain(due.into_iter().map(|j| (j, None)))
+        {
+            match held {
+                Some(at) => {
+                    st.deferred.insert((at, st.deferred_seq), j);
+                    st.deferred_seq += 1;
+                }
+                None if j.timer.is_none() => {
+                    let _ = self.done.send((j.tp, j.offset));
+                }
+                None => {}
             }
         }
     }

@@ -397,6 +397,80 @@ async fn given_coalescing_when_the_writer_clock_is_ahead_then_a_change_waits_onl
     p.stop().await;
 }
 
+/// A crawler-like user (60 pages, one every 50 ms) below the blacklist's threshold but above the
+/// throttle's: its first pages are evaluated at once, after that at most once a second, and the
+/// last evaluation sees the last page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_a_busy_user_when_throttled_then_evaluated_once_a_second_and_nothing_missed() {
+    let (rules, counts) = counting_rules(Duration::ZERO);
+    let p = start_with(
+        RULES,
+        |c| {
+            c.segmenter.blacklist_max_changes = 1000;
+            c.segmenter.throttle_after_changes = 10;
+            c.segmenter.throttle_interval_ms = 1000;
+        },
+        Some(rules),
+        None,
+    )
+    .await;
+    let now = dmp_core::clock::now_ms();
+    for i in 0..60 {
+        p.post(serde_json::json!([{"uid": "busy", "ts": now + i, "url": format!("https://cats.example/{i}")}]))
+            .await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    p.drained().await;
+    let evaluations = counts.lock().unwrap().get("busy").copied().unwrap_or(0);
+    // 10 at once, then about one a second over the remaining 2.5 s (and its last, after).
+    assert!(
+        (10..=16).contains(&evaluations),
+        "{evaluations} evaluations of 60 changes"
+    );
+    let row = p.store.get(&Get::row("busy")).unwrap().unwrap();
+    let evaluated = dmp_segmenter::evaluated(&row).expect("the evaluation is recorded");
+    assert_eq!(evaluated.last_event_ts, now + 59, "the last page was read");
+    p.stop().await;
+}
+
+/// A change held back by the throttle when the segmenter stops is evaluated before it stops, and
+/// its offset committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_a_held_back_change_when_the_segmenter_stops_then_it_is_evaluated_first() {
+    let (rules, counts) = counting_rules(Duration::ZERO);
+    let mut p = start_with(
+        RULES,
+        |c| {
+            c.segmenter.throttle_after_changes = 1;
+            c.segmenter.throttle_interval_ms = 60_000;
+        },
+        Some(rules),
+        None,
+    )
+    .await;
+    let now = dmp_core::clock::now_ms();
+    p.post(serde_json::json!([{"uid": "held", "ts": now, "url": "https://cats.example/"}]))
+        .await;
+    p.drained().await;
+    p.post(serde_json::json!([{"uid": "held", "ts": now + 1, "url": "https://cats.example/2"}]))
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        counts.lock().unwrap().get("held"),
+        Some(&1),
+        "the second is held back"
+    );
+    p.stop_segmenter().await;
+    assert_eq!(counts.lock().unwrap().get("held"), Some(&2));
+    p.drained().await;
+    let row = p.store.get(&Get::row("held")).unwrap().unwrap();
+    assert_eq!(
+        dmp_segmenter::evaluated(&row).unwrap().last_event_ts,
+        now + 1
+    );
+    p.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn given_burst_of_changes_when_segmented_then_duplicates_skipped_and_bots_blacklisted() {
     let (rules, counts) = counting_rules(Duration::ZERO);

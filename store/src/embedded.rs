@@ -41,7 +41,12 @@ const LOCK_STRIPES: usize = 1024;
 /// segmenter slower, but with the 2 GiB row cache few reads miss it, and over 150 s the
 /// segmenter's cost per evaluation was the same. fjall stores the strategy with a keyspace when
 /// it creates it, so a database created before keeps the threshold it was created with.
+///
+/// It must stay well under fjall's write stall (writes slowed from 20 L0 tables) and halt (30,
+/// `vendor/fjall/src/keyspace/mod.rs`): with 32, writes halted at 30 tables waiting for a
+/// compaction that would only start at 32, and the storage writer stopped for good.
 const L0_COMPACTION_TABLES: u8 = 16;
+const _: () = assert!(L0_COMPACTION_TABLES < 20, "under fjall's write stall");
 /// A cached row is repacked after this many times `repack_after_deltas` writes. Reads of a cached
 /// row do not pay for its deltas (the cache holds it merged), so the repack only bounds the
 /// deltas an uncached read would meet; and each repack writes the whole row, which flushes and
