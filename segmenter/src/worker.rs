@@ -90,18 +90,17 @@ struct Counters {
 
 struct State {
     users: Users,
-    /// Changes of throttled users held back, by when they fall due (and arrival, for order).
-    deferred: BTreeMap<(i64, u64), Job>,
-    /// Changes deferred so far (the second half of `deferred`'s keys).
-    deferred_seq: u64,
+    /// Changes of throttled users held back, by when they fall due (each time's in arrival order).
+    deferred: BTreeMap<i64, Vec<Job>>,
 }
 
 impl State {
     /// Deferred changes due at `now`, in order.
     fn take_due(&mut self, now: i64) -> Vec<Job> {
-        let later = self.deferred.split_off(&(now + 1, 0));
+        let later = self.deferred.split_off(&(now + 1));
         std::mem::replace(&mut self.deferred, later)
             .into_values()
+            .flatten()
             .collect()
     }
 }
@@ -129,6 +128,17 @@ struct Reason {
     fired: Vec<String>,
 }
 
+impl Reason {
+    /// A change of the user, from `j`.
+    fn change(j: &Job) -> Reason {
+        Reason {
+            trigger: Trigger::Change,
+            partition: j.tp.partition,
+            fired: Vec::new(),
+        }
+    }
+}
+
 /// What one batch produces.
 #[derive(Default)]
 struct Output {
@@ -149,14 +159,7 @@ fn add_change(users: &mut BTreeMap<String, Reason>, j: &Job, counters: &Counters
             r.partition = j.tp.partition;
         }
         None => {
-            users.insert(
-                j.uid.clone(),
-                Reason {
-                    trigger: Trigger::Change,
-                    partition: j.tp.partition,
-                    fired: Vec::new(),
-                },
-            );
+            users.insert(j.uid.clone(), Reason::change(j));
         }
     }
 }
@@ -192,11 +195,10 @@ impl Worker {
                 },
             ),
             deferred: BTreeMap::new(),
-            deferred_seq: 0,
         };
         loop {
             // The next change, or none when a deferred one falls due first.
-            let first = match st.deferred.keys().next().map(|(due, _)| *due) {
+            let first = match st.deferred.keys().next().copied() {
                 None => match self.jobs.recv() {
                     Ok(j) => Some(j),
                     Err(_) => break,
@@ -235,7 +237,10 @@ impl Worker {
         }
         // Stopping: changes still held back are evaluated now, so every change handed to this
         // worker is reported done.
-        let held: Vec<Job> = std::mem::take(&mut st.deferred).into_values().collect();
+        let held: Vec<Job> = std::mem::take(&mut st.deferred)
+            .into_values()
+            .flatten()
+            .collect();
         if !held.is_empty() {
             self.handle(&rt, &mut st, &counters, Vec::new(), held);
         }
@@ -325,17 +330,12 @@ impl Worker {
                 }
             }
             if !self.cfg.dedupe {
-                let reason = || Reason {
-                    trigger: Trigger::Change,
-                    partition: j.tp.partition,
-                    fired: Vec::new(),
-                };
                 if !users.contains_key(&j.uid) {
-                    users.insert(j.uid.clone(), reason());
+                    users.insert(j.uid.clone(), Reason::change(j));
                 } else if let Some(r) = rounds.iter_mut().find(|r| !r.contains_key(&j.uid)) {
-                    r.insert(j.uid.clone(), reason());
+                    r.insert(j.uid.clone(), Reason::change(j));
                 } else {
-                    rounds.push(BTreeMap::from([(j.uid.clone(), reason())]));
+                    rounds.push(BTreeMap::from([(j.uid.clone(), Reason::change(j))]));
                 }
                 continue;
             }
@@ -379,8 +379,7 @@ impl Worker {
         {
             match held {
                 Some(at) => {
-                    st.deferred.insert((at, st.deferred_seq), j);
-                    st.deferred_seq += 1;
+                    st.deferred.entry(at).or_default().push(j);
                 }
                 None if j.timer.is_none() => {
                     let _ = self.done.send((j.tp, j.offset));

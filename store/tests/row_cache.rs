@@ -206,8 +206,9 @@ fn given_a_cached_row_over_the_repack_threshold_then_it_is_repacked_without_an_l
             .unwrap()
     };
     put(1);
-    assert!(store.get(&Get::row("u")).unwrap().is_some()); // cached now
-                                                           // A cached row is repacked after 16 x repack_after_deltas (128) writes: 140 puts repack once.
+    // Cached now.
+    assert!(store.get(&Get::row("u")).unwrap().is_some());
+    // A cached row is repacked after 16 x repack_after_deltas (128) writes: 140 puts repack once.
     for ts in 2..=140 {
         put(ts);
         store.get(&Get::row("u")).unwrap();
