@@ -2,15 +2,27 @@
 //!
 //! Layout, in keyspace `store.rows` (keys sort by uid, as HBase rows do):
 //! ```text
-//! uid 0x00 0x00            -> packed cells of the row's base (everything repacked so far)
-//! uid 0x00 0x01 seq:u64be  -> packed cells of one later write (a "delta")
+//! uid 0x00 0x00                     -> packed cells of the row's base (everything repacked so far)
+//! uid 0x00 0x01 seq:u64be           -> packed cells of one later write (a "delta")
+//! uid 0x00 0x02 family 0x00 qualifier -> seq:u64be, then the packed cell of the column's newest
+//!                                      write (a "slot"; families kept at one version only)
 //! ```
-//! A put appends one delta per row and never reads, so writes cost what the new cells cost. A read
-//! takes the row's prefix (base plus a few deltas), merges them (a later write of the same cell
-//! wins), then applies TTL, versions and the read's filters. When a read finds more than
-//! `repack_after_deltas` deltas it repacks the row into one base, under a per-row lock striped over
-//! 1024 mutexes, dropping expired cells and surplus versions. A compaction filter drops expired
-//! cells from values it rewrites, so TTL is enforced on disk, not only at read.
+//! A put appends one delta per row and never reads (a slot's write, below, checks one version),
+//! so writes cost what the new cells cost. A read takes the row's prefix (base, a few deltas, its
+//! slots), merges them in write order (a later write of the same cell wins), then applies TTL,
+//! versions and the read's filters. When a read finds more than `repack_after_deltas` deltas it
+//! repacks the row into one base, under a per-row lock striped over 1024 mutexes, dropping
+//! expired cells and surplus versions, and folding the slots in. A compaction filter drops
+//! expired cells from values it rewrites, so TTL is enforced on disk, not only at read.
+//!
+//! **Slots.** A put whose cells all belong to families kept at one version (`max_versions = 1`:
+//! the segmenter's write-back of `s:evaluated`, `s:current`, …) overwrites one slot per column
+//! instead of appending a delta. Such a write replaces what it overwrites, so it adds nothing for
+//! a read to merge or a repack to fold, and no delta to delete later: the segmenter writes one at
+//! every evaluation, and as deltas they were about two in five of the rows' writes. A slot keeps
+//! the column's newest version only: under the row's lock, a write older than the slot's version
+//! (which no read could see) is dropped, and any other write replaces it. The slot carries its
+//! write's sequence number, so it merges in write order with the deltas.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -28,6 +40,12 @@ use crate::{check_row_key, codec, Get, Put, Result, Schema, StoreError, UserStor
 
 /// Name of the keyspace holding rows.
 pub const ROWS_KEYSPACE: &str = "store.rows";
+/// The byte after `uid 0x00` that tells a row's parts apart (see the module doc).
+const BASE: u8 = 0;
+const DELTA: u8 = 1;
+const SLOT: u8 = 2;
+/// Bytes of the sequence number before a slot's packed cell.
+const SLOT_SEQ: usize = 8;
 const META_KEYSPACE: &str = "store.meta";
 const SEQ_KEY: &[u8] = b"seq.reserved";
 const SEQ_BLOCK: u64 = 1 << 24;
@@ -304,8 +322,46 @@ impl EmbeddedStore {
     }
 
     fn lock_for(&self, row: &str) -> &Mutex<()> {
-        let h = dmp_core::partition::uid_hash(row.as_bytes());
-        &self.locks[(h % LOCK_STRIPES as u64) as usize]
+        &self.locks[Self::stripe(row)]
+    }
+
+    fn stripe(row: &str) -> usize {
+        (dmp_core::partition::uid_hash(row.as_bytes()) % LOCK_STRIPES as u64) as usize
+    }
+
+    /// Locks the rows' stripes, each once, in stripe order (so two callers never wait on each
+    /// other in a cycle).
+    fn lock_rows<'a>(
+        &self,
+        rows: impl Iterator<Item = &'a str>,
+    ) -> Vec<parking_lot::MutexGuard<'_, ()>> {
+        let mut stripes: Vec<usize> = rows.map(Self::stripe).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        stripes.into_iter().map(|i| self.locks[i].lock()).collect()
+    }
+
+    /// Whether a put goes to slots: every cell of it is in a family kept at one version.
+    fn slotted(&self, put: &Put) -> bool {
+        put.cells.iter().all(|c| {
+            self.schema
+                .family(&c.family)
+                .is_some_and(|f| f.max_versions == 1)
+        })
+    }
+
+    /// The version in a row's slot (None: no slot), from the row cache when it holds the row,
+    /// else from the LSM. The caller holds the row's lock.
+    fn slot_version(&self, row: &str, key: &[u8]) -> Result<Option<i64>> {
+        if let Some(cached) = self.cache.slot_version(row, key) {
+            return Ok(cached);
+        }
+        match self.rows.get(key)? {
+            Some(value) => slot_parts(&value)
+                .map(|(_, ts)| Some(ts))
+                .map_err(|reason| corrupt(row, reason)),
+            None => Ok(None),
+        }
     }
 
     /// Scans the raw parts of a row: the base (sorted, one version per coordinate, as repacked)
@@ -315,15 +371,40 @@ impl EmbeddedStore {
         prefix.extend_from_slice(row.as_bytes());
         prefix.push(0);
         let mut raw = RawRow::default();
+        let mut delta_seqs = Vec::new();
+        let mut slots = Vec::new();
         for kv in self.rows.prefix(&prefix) {
             let (key, value) = kv.into_inner()?;
             let value = bytes::Bytes::from(value);
-            if key.get(prefix.len()) == Some(&1) {
-                raw.writes.push(value);
-                raw.delta_keys.push(key.to_vec());
-            } else {
-                raw.base = Some(value);
+            match key.get(prefix.len()) {
+                Some(&DELTA) => {
+                    let seq = key
+                        .len()
+                        .checked_sub(8)
+                        .and_then(|at| key[at..].try_into().ok())
+                        .map(u64::from_be_bytes)
+                        .ok_or_else(|| corrupt(row, "a delta key without its sequence".into()))?;
+                    delta_seqs.push(seq);
+                    raw.writes.push(value);
+                    raw.delta_keys.push(key.to_vec());
+                }
+                Some(&SLOT) => {
+                    let (seq, ts) = slot_parts(&value).map_err(|reason| corrupt(row, reason))?;
+                    slots.push((seq, value.slice(SLOT_SEQ..)));
+                    raw.slots.push((key.to_vec(), ts));
+                }
+                _ => raw.base = Some(value),
             }
+        }
+        if !slots.is_empty() {
+            // Deltas come in sequence order (their keys'); slots merge in among them.
+            let mut writes: Vec<(u64, bytes::Bytes)> = delta_seqs
+                .into_iter()
+                .zip(std::mem::take(&mut raw.writes))
+                .chain(slots)
+                .collect();
+            writes.sort_by_key(|(seq, _)| *seq);
+            raw.writes = writes.into_iter().map(|(_, v)| v).collect();
         }
         Ok(raw)
     }
@@ -363,21 +444,28 @@ impl EmbeddedStore {
         }
         let merged = self.read_raw(row, &raw, None, true)?;
         let base = merged.packed.unwrap_or_default(); // there were writes: packed
-        self.write_repack(row, base.into(), &raw.delta_keys)
+        let slot_keys: Vec<Vec<u8>> = raw.slots.into_iter().map(|(k, _)| k).collect();
+        self.write_repack(row, base.into(), raw.delta_keys.iter().chain(&slot_keys))
     }
 
     /// Commits a repack: `base` (packed cells; an empty one removes the base) replaces the row's
-    /// base and `delta_keys` are removed, in one batch. The caller holds the row's lock.
-    fn write_repack(&self, row: &str, base: bytes::Bytes, delta_keys: &[Vec<u8>]) -> Result<()> {
+    /// base and `folded` (the keys of the deltas and slots merged into it) are removed, in one
+    /// batch. The caller holds the row's lock.
+    fn write_repack<'k>(
+        &self,
+        row: &str,
+        base: bytes::Bytes,
+        folded: impl Iterator<Item = &'k Vec<u8>>,
+    ) -> Result<()> {
         let mut base_key = row.as_bytes().to_vec();
-        base_key.extend_from_slice(&[0, 0]);
+        base_key.extend_from_slice(&[0, BASE]);
         let mut batch = self.db.db.batch().durability(self.db.batch_durability());
         if base.len() <= 1 {
             batch.remove(&self.rows, base_key);
         } else {
             batch.insert(&self.rows, base_key, base);
         }
-        for k in delta_keys {
+        for k in folded {
             batch.remove(&self.rows, k.as_slice());
         }
         batch.commit()?;
@@ -389,14 +477,18 @@ impl EmbeddedStore {
     /// removed, with no LSM read. Skipped when a write arrived since the last merge.
     fn repack_cached(&self, row: &str) -> Result<()> {
         let _guard = self.lock_for(row).lock();
-        let Some((base, delta_keys)) = self.cache.repack_plan(row) else {
+        let Some(plan) = self.cache.repack_plan(row) else {
             return Ok(());
         };
-        if delta_keys.is_empty() {
+        if plan.delta_keys.is_empty() {
             return Ok(());
         }
-        self.write_repack(row, base, &delta_keys)?;
-        self.cache.repacked(row, &delta_keys);
+        self.write_repack(
+            row,
+            plan.base,
+            plan.delta_keys.iter().chain(&plan.slot_keys),
+        )?;
+        self.cache.repacked(row, &plan.delta_keys, &plan.slot_keys);
         Ok(())
     }
 
@@ -477,10 +569,73 @@ impl EmbeddedStore {
 struct RawRow {
     /// The base: packed cells in HBase order.
     base: Option<bytes::Bytes>,
-    /// Packed cells of later writes, in write order.
+    /// Packed cells of later writes (deltas and slots), in write order.
     writes: Vec<bytes::Bytes>,
-    /// Their keys.
+    /// The deltas' keys, in write order.
     delta_keys: Vec<Vec<u8>>,
+    /// The slots' keys and versions.
+    slots: Vec<(Vec<u8>, i64)>,
+}
+
+/// One cell of a put bound for a slot.
+struct SlotWrite<'a> {
+    key: Vec<u8>,
+    /// The put's index.
+    put: usize,
+    seq: u64,
+    cell: &'a Cell,
+}
+
+/// The key of the slot of column `family:qualifier` of `row` (family names have no NUL byte).
+fn slot_key(row: &str, family: &str, qualifier: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(row.len() + 3 + family.len() + qualifier.len());
+    key.extend_from_slice(row.as_bytes());
+    key.extend_from_slice(&[0, SLOT]);
+    key.extend_from_slice(family.as_bytes());
+    key.push(0);
+    key.extend_from_slice(qualifier.as_bytes());
+    key
+}
+
+/// Whether a key of the rows keyspace is a slot's (row keys have no NUL byte).
+fn is_slot_key(key: &[u8]) -> bool {
+    key.iter()
+        .position(|b| *b == 0)
+        .is_some_and(|i| key.get(i + 1) == Some(&SLOT))
+}
+
+/// A slot's value: its write's sequence number and its cell's version.
+fn slot_parts(value: &[u8]) -> std::result::Result<(u64, i64), String> {
+    let (seq, cells) = value
+        .split_at_checked(SLOT_SEQ)
+        .ok_or_else(|| "a slot shorter than its sequence number".to_string())?;
+    let mut ts = None;
+    codec::any_cell(cells, |_, t| {
+        ts = Some(t);
+        true
+    })?;
+    let seq = u64::from_be_bytes(seq.try_into().expect("8 bytes"));
+    ts.map(|ts| (seq, ts))
+        .ok_or_else(|| "a slot with no cell".to_string())
+}
+
+/// Of the slot writes of one batch, in put order, the one each slot keeps: the newest version,
+/// and of equal versions the last written.
+fn newest_per_slot(mut writes: Vec<SlotWrite<'_>>) -> Vec<SlotWrite<'_>> {
+    // Stable: writes of one slot stay in put order.
+    writes.sort_by(|a, b| a.key.cmp(&b.key));
+    let mut out: Vec<SlotWrite<'_>> = Vec::with_capacity(writes.len());
+    for w in writes {
+        match out.last_mut() {
+            Some(last) if last.key == w.key => {
+                if w.cell.ts >= last.cell.ts {
+                    *last = w;
+                }
+            }
+            _ => out.push(w),
+        }
+    }
+    out
 }
 
 fn corrupt(row: &str, reason: String) -> StoreError {
@@ -506,15 +661,27 @@ impl UserStore for EmbeddedStore {
         let mut batch = self.db.db.batch().durability(self.db.batch_durability());
         let mut seq = self.next_seqs(puts.len() as u64, &mut batch);
         let mut kvs = Vec::with_capacity(puts.len());
+        let mut slots: Vec<SlotWrite> = Vec::new();
         for (i, p) in puts.iter().enumerate() {
             if p.cells.is_empty() {
                 continue;
             }
-            let mut key = Vec::with_capacity(p.row.len() + 10);
-            key.extend_from_slice(p.row.as_bytes());
-            key.extend_from_slice(&[0, 1]);
-            key.extend_from_slice(&seq.to_be_bytes());
-            kvs.push((key, bytes::Bytes::from(codec::encode(&p.cells)), i, seq));
+            if self.slotted(p) {
+                for c in &p.cells {
+                    slots.push(SlotWrite {
+                        key: slot_key(&p.row, &c.family, &c.qualifier),
+                        put: i,
+                        seq,
+                        cell: c,
+                    });
+                }
+            } else {
+                let mut key = Vec::with_capacity(p.row.len() + 10);
+                key.extend_from_slice(p.row.as_bytes());
+                key.extend_from_slice(&[0, DELTA]);
+                key.extend_from_slice(&seq.to_be_bytes());
+                kvs.push((key, bytes::Bytes::from(codec::encode(&p.cells)), i, seq));
+            }
             seq += 1;
         }
         // In key order: consecutive memtable inserts then walk nearby skiplist nodes (that are in
@@ -523,10 +690,32 @@ impl UserStore for EmbeddedStore {
         for (key, value, _, _) in &kvs {
             batch.insert(&self.rows, key.as_slice(), value.clone());
         }
+        // Slots: the rows' locks from the check of each slot's version to the cache's update, so
+        // a repack (which removes the slots it folds) or another slot write cannot come between.
+        let slots = newest_per_slot(slots);
+        let _locks = self.lock_rows(slots.iter().map(|w| puts[w.put].row.as_str()));
+        let mut written = Vec::with_capacity(slots.len());
+        for w in slots {
+            let row = &puts[w.put].row;
+            if self.slot_version(row, &w.key)? > Some(w.cell.ts) {
+                continue; // older than the column's newest version: no read would see it
+            }
+            let mut value = Vec::with_capacity(SLOT_SEQ + 64);
+            value.extend_from_slice(&w.seq.to_be_bytes());
+            value.extend_from_slice(&codec::encode(std::slice::from_ref(w.cell)));
+            let value = bytes::Bytes::from(value);
+            batch.insert(&self.rows, w.key.as_slice(), value.clone());
+            written.push((w, value));
+        }
         batch.commit()?;
         if self.cache.enabled() {
             for (key, value, i, seq) in kvs {
                 self.cache.written(&puts[i].row, seq, value, key);
+            }
+            for (w, value) in written {
+                let cells = value.slice(SLOT_SEQ..);
+                self.cache
+                    .written_slot(&puts[w.put].row, w.seq, cells, w.key, w.cell.ts);
             }
         }
         Ok(())
@@ -543,12 +732,12 @@ impl UserStore for EmbeddedStore {
             let generation = self.cache.generation(&get.row);
             let raw = self.read_parts(&get.row)?;
             let needs_repack = raw.delta_keys.len() > self.repack_after;
-            let delta_keys = if self.cache.enabled() && !needs_repack {
-                raw.delta_keys.clone()
+            let (delta_keys, slots) = if self.cache.enabled() && !needs_repack {
+                (raw.delta_keys.clone(), raw.slots.clone())
             } else {
-                // A repack below removes every delta the read saw (and any later one would have
-                // moved the generation, so the row would not be cached).
-                Vec::new()
+                // A repack below removes every delta and slot the read saw (and any later one
+                // would have moved the generation, so the row would not be cached).
+                (Vec::new(), Vec::new())
             };
             let merged = self.read_raw(&get.row, &raw, projection, self.cache.enabled())?;
             if needs_repack {
@@ -562,7 +751,8 @@ impl UserStore for EmbeddedStore {
                     (None, Some(base)) => bytes::Bytes::copy_from_slice(base),
                     (None, None) => codec::packed_with_capacity(0).into(),
                 };
-                self.cache.insert(&get.row, generation, base, delta_keys);
+                self.cache
+                    .insert(&get.row, generation, base, delta_keys, slots);
             }
             merged.cells
         };
@@ -688,7 +878,12 @@ impl CompactionFilter for TtlFilter {
         if self.cutoffs.is_empty() {
             return Ok(Verdict::Keep);
         }
-        let value = bytes::Bytes::from(item.value()?);
+        let stored = bytes::Bytes::from(item.value()?);
+        // A slot's cell comes after its sequence number, which a rewrite keeps.
+        let seq_len = if is_slot_key(item.key()) { SLOT_SEQ } else { 0 };
+        let Some(value) = stored.get(seq_len..).map(|_| stored.slice(seq_len..)) else {
+            return Ok(Verdict::Keep); // a value we cannot read: never dropped
+        };
         // Nearly every value has no expired cell: find that out without decoding it.
         if !codec::any_cell(&value, |f, ts| self.expired(f, ts)).unwrap_or(false) {
             return Ok(Verdict::Keep); // nothing expired, or a value we cannot read: never dropped
@@ -709,7 +904,9 @@ impl CompactionFilter for TtlFilter {
         if keep.is_empty() {
             Ok(Verdict::Remove)
         } else {
-            Ok(Verdict::ReplaceValue(codec::encode(&keep).into()))
+            let mut rewritten = stored[..seq_len].to_vec();
+            rewritten.extend_from_slice(&codec::encode(&keep));
+            Ok(Verdict::ReplaceValue(rewritten.into()))
         }
     }
 

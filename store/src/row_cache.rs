@@ -15,8 +15,9 @@
 //!   entry and appends itself to it;
 //! - deleting a row removes its entry and bumps the generation the same way.
 //!
-//! The entry also lists the row's delta records on disk, so a repack writes the cached merged
-//! row as the new base and removes exactly those deltas, without reading the LSM.
+//! The entry also lists the row's delta records and slots on disk (the slots with their
+//! versions, which a slot write checks), so a repack writes the cached merged row as the new base
+//! and removes exactly those deltas and slots, without reading the LSM.
 //!
 //! **Bounds.** The cache is split into [`SHARDS`] shards, each an LRU bounded in bytes (packed
 //! values, delta keys and a fixed overhead per entry); a row larger than an eighth of a shard is
@@ -40,6 +41,8 @@ pub(crate) struct Entry {
     pub pending: Vec<(u64, Bytes)>,
     /// The row's delta records on disk (keys), in the order they were recorded.
     pub delta_keys: Vec<Vec<u8>>,
+    /// The row's slots on disk: keys and versions (see `embedded`'s module doc).
+    pub slots: Vec<(Vec<u8>, i64)>,
     /// Writes recorded since the entry was inserted.
     pub writes: u64,
 }
@@ -51,6 +54,7 @@ impl Entry {
             + self.base.len()
             + self.pending.iter().map(|(_, b)| b.len()).sum::<usize>()
             + self.delta_keys.iter().map(|k| k.len() + 24).sum::<usize>()
+            + self.slots.iter().map(|(k, _)| k.len() + 32).sum::<usize>()
     }
 }
 
@@ -67,6 +71,16 @@ pub(crate) struct Cached {
     pub deltas_on_disk: usize,
     /// The entry's write count, for [`RowCache::merged`].
     pub writes: u64,
+}
+
+/// What a repack from the cache writes and removes.
+pub(crate) struct RepackPlan {
+    /// The merged row, the new base.
+    pub base: Bytes,
+    /// The row's deltas on disk.
+    pub delta_keys: Vec<Vec<u8>>,
+    /// The row's slots on disk.
+    pub slot_keys: Vec<Vec<u8>>,
 }
 
 /// The cache (see the module doc). Capacity 0 turns it off: every call is a no-op or a miss.
@@ -129,7 +143,14 @@ impl RowCache {
 
     /// Caches a row read from the LSM when no write or delete touched its shard since
     /// `generation` was taken (before the read). `base` must be a buffer of its own.
-    pub fn insert(&self, row: &str, generation: u64, base: Bytes, delta_keys: Vec<Vec<u8>>) {
+    pub fn insert(
+        &self,
+        row: &str,
+        generation: u64,
+        base: Bytes,
+        delta_keys: Vec<Vec<u8>>,
+        slots: Vec<(Vec<u8>, i64)>,
+    ) {
         if !self.enabled() {
             return;
         }
@@ -137,6 +158,7 @@ impl RowCache {
             base,
             pending: Vec::new(),
             delta_keys,
+            slots,
             writes: 0,
         };
         let size = entry.bytes(row);
@@ -187,6 +209,30 @@ impl RowCache {
         });
     }
 
+    /// Records a committed slot write of packed `cell` (version `ts`, sequence `seq`) under slot
+    /// key `key`: a write to merge like any other, that replaces the slot's version.
+    pub fn written_slot(&self, row: &str, seq: u64, cell: Bytes, key: Vec<u8>, ts: i64) {
+        self.update(row, true, |e| {
+            e.pending.push((seq, cell));
+            e.writes += 1;
+            match e.slots.iter_mut().find(|(k, _)| *k == key) {
+                Some(slot) => slot.1 = ts,
+                None => e.slots.push((key, ts)),
+            }
+        });
+    }
+
+    /// The version in a cached row's slot `key`: `Some(None)` when the row is cached with no
+    /// such slot, `None` when the row is not cached.
+    pub fn slot_version(&self, row: &str, key: &[u8]) -> Option<Option<i64>> {
+        if !self.enabled() {
+            return None;
+        }
+        let shard = self.shard(row).lock();
+        let e = shard.map.peek(row)?;
+        Some(e.slots.iter().find(|(k, _)| k == key).map(|(_, ts)| *ts))
+    }
+
     /// Replaces a cached row's parts with their merge `base`, when nothing was written since the
     /// read that saw `writes` (otherwise leaves them; the next read merges again).
     pub fn merged(&self, row: &str, writes: u64, base: Bytes) {
@@ -198,30 +244,33 @@ impl RowCache {
         });
     }
 
-    /// The merged row and the delta keys to remove when repacking from the cache, if the row is
-    /// cached with no write since its last merge.
-    pub fn repack_plan(&self, row: &str) -> Option<(Bytes, Vec<Vec<u8>>)> {
+    /// The merged row and the keys of the deltas and slots it folds in, to repack from the
+    /// cache, if the row is cached with no write since its last merge.
+    pub fn repack_plan(&self, row: &str) -> Option<RepackPlan> {
         if !self.enabled() {
             return None;
         }
         let shard = self.shard(row).lock();
         let e = shard.map.peek(row)?;
-        e.pending
-            .is_empty()
-            .then(|| (e.base.clone(), e.delta_keys.clone()))
+        e.pending.is_empty().then(|| RepackPlan {
+            base: e.base.clone(),
+            delta_keys: e.delta_keys.clone(),
+            slot_keys: e.slots.iter().map(|(k, _)| k.clone()).collect(),
+        })
     }
 
-    /// Forgets delta keys a committed repack removed.
-    pub fn repacked(&self, row: &str, removed: &[Vec<u8>]) {
+    /// Forgets the deltas and slots a committed repack removed.
+    pub fn repacked(&self, row: &str, deltas: &[Vec<u8>], slots: &[Vec<u8>]) {
         self.update(row, false, |e| {
-            // Removed keys are the oldest ones, in order.
+            // Removed deltas are the oldest ones, in order.
             let n = e
                 .delta_keys
                 .iter()
-                .zip(removed)
+                .zip(deltas)
                 .take_while(|(a, b)| a == b)
                 .count();
             e.delta_keys.drain(..n);
+            e.slots.retain(|(k, _)| !slots.contains(k));
         });
     }
 
