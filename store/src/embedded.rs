@@ -351,16 +351,21 @@ impl EmbeddedStore {
     }
 
     /// The version in a row's slot (None: no slot), from the row cache when it holds the row,
-    /// else from the LSM. The caller holds the row's lock.
+    /// else from the LSM. The caller holds the row's lock. A slot that cannot be read counts as
+    /// none, so the write replaces it rather than failing (and being retried) for ever.
     fn slot_version(&self, row: &str, key: &[u8]) -> Result<Option<i64>> {
         if let Some(cached) = self.cache.slot_version(row, key) {
             return Ok(cached);
         }
-        match self.rows.get(key)? {
-            Some(value) => slot_parts(&value)
-                .map(|(_, ts)| Some(ts))
-                .map_err(|reason| corrupt(row, reason)),
-            None => Ok(None),
+        let Some(value) = self.rows.get(key)? else {
+            return Ok(None);
+        };
+        match slot_parts(&value) {
+            Ok((_, ts)) => Ok(Some(ts)),
+            Err(reason) => {
+                tracing::warn!(row, %reason, "unreadable slot; the write replaces it");
+                Ok(None)
+            }
         }
     }
 

@@ -2,8 +2,9 @@
 //! column instead of appending a delta (the segmenter's write-back at every evaluation). Checked
 //! here: such writes leave one stored cell per column however many there were; a write older
 //! than the column's newest version is dropped and never replaces it; slots merge in write order
-//! with deltas, through repacks; TTL is enforced on them by compaction; they survive a reopen.
-//! Each with the row cache on and off. (The random-operation tests in `merge_model.rs` and
+//! with deltas, through repacks; TTL is enforced on them by compaction; they survive a reopen;
+//! an unreadable slot is replaced by the next write instead of failing it. Each with the row
+//! cache on and off where the cache takes part. (The random-operation tests in `merge_model.rs` and
 //! `row_cache.rs` write slots too: their families `s` and `m` have one version.)
 
 use std::collections::BTreeMap;
@@ -213,5 +214,29 @@ fn given_slots_when_reopened_then_they_are_read_back() {
     assert_eq!(
         got,
         BTreeMap::from([("e:url".to_string(), t), ("s:current".to_string(), t + 1)])
+    );
+}
+
+#[test]
+fn given_an_unreadable_slot_when_written_then_the_write_replaces_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, store) = open_temp_with(dir.path(), &config(0)).unwrap();
+    // The slot of s:current of row "u" (`uid 0x00 0x02 family 0x00 qualifier`), too short to
+    // hold its sequence number.
+    let rows = db
+        .db()
+        .keyspace(dmp_store::embedded::ROWS_KEYSPACE, Default::default)
+        .unwrap();
+    rows.insert(b"u\x00\x02s\x00current", b"bad".to_vec())
+        .unwrap();
+    assert!(
+        store.get(&Get::row("u")).is_err(),
+        "the read names it corrupt"
+    );
+    let t = now_ms();
+    put(&store, vec![Cell::new("s", "current", t, b"new".to_vec())]);
+    assert_eq!(
+        value(&read(&store), "s", "current"),
+        Some((t, "new".into()))
     );
 }
