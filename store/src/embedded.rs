@@ -376,7 +376,6 @@ impl EmbeddedStore {
         prefix.extend_from_slice(row.as_bytes());
         prefix.push(0);
         let mut raw = RawRow::default();
-        let mut delta_seqs = Vec::new();
         let mut slots = Vec::new();
         for kv in self.rows.prefix(&prefix) {
             let (key, value) = kv.into_inner()?;
@@ -389,7 +388,7 @@ impl EmbeddedStore {
                         .and_then(|at| key[at..].try_into().ok())
                         .map(u64::from_be_bytes)
                         .ok_or_else(|| corrupt(row, "a delta key without its sequence".into()))?;
-                    delta_seqs.push(seq);
+                    raw.delta_seqs.push(seq);
                     raw.writes.push(value);
                     raw.delta_keys.push(key.to_vec());
                 }
@@ -403,8 +402,10 @@ impl EmbeddedStore {
         }
         if !slots.is_empty() {
             // Deltas come in sequence order (their keys'); slots merge in among them.
-            let mut writes: Vec<(u64, bytes::Bytes)> = delta_seqs
-                .into_iter()
+            let mut writes: Vec<(u64, bytes::Bytes)> = raw
+                .delta_seqs
+                .iter()
+                .copied()
                 .zip(std::mem::take(&mut raw.writes))
                 .chain(slots)
                 .collect();
@@ -485,15 +486,12 @@ impl EmbeddedStore {
         let Some(plan) = self.cache.repack_plan(row) else {
             return Ok(());
         };
-        if plan.delta_keys.is_empty() {
+        if plan.delta_seqs.is_empty() {
             return Ok(());
         }
-        self.write_repack(
-            row,
-            plan.base,
-            plan.delta_keys.iter().chain(&plan.slot_keys),
-        )?;
-        self.cache.repacked(row, &plan.delta_keys, &plan.slot_keys);
+        let delta_keys: Vec<Vec<u8>> = plan.delta_seqs.iter().map(|s| delta_key(row, *s)).collect();
+        self.write_repack(row, plan.base, delta_keys.iter().chain(&plan.slot_keys))?;
+        self.cache.repacked(row, &plan.delta_seqs, &plan.slot_keys);
         Ok(())
     }
 
@@ -578,6 +576,8 @@ struct RawRow {
     writes: Vec<bytes::Bytes>,
     /// The deltas' keys, in write order.
     delta_keys: Vec<Vec<u8>>,
+    /// Their sequence numbers.
+    delta_seqs: Vec<u64>,
     /// The slots' keys and versions.
     slots: Vec<(Vec<u8>, i64)>,
 }
@@ -589,6 +589,15 @@ struct SlotWrite<'a> {
     put: usize,
     seq: u64,
     cell: &'a Cell,
+}
+
+/// The key of `row`'s delta of sequence `seq`.
+fn delta_key(row: &str, seq: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(row.len() + 10);
+    key.extend_from_slice(row.as_bytes());
+    key.extend_from_slice(&[0, DELTA]);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
 }
 
 /// The key of the slot of column `family:qualifier` of `row` (family names have no NUL byte).
@@ -681,11 +690,8 @@ impl UserStore for EmbeddedStore {
                     });
                 }
             } else {
-                let mut key = Vec::with_capacity(p.row.len() + 10);
-                key.extend_from_slice(p.row.as_bytes());
-                key.extend_from_slice(&[0, DELTA]);
-                key.extend_from_slice(&seq.to_be_bytes());
-                kvs.push((key, bytes::Bytes::from(codec::encode(&p.cells)), i, seq));
+                let value = bytes::Bytes::from(codec::encode(&p.cells));
+                kvs.push((delta_key(&p.row, seq), value, i, seq));
             }
             seq += 1;
         }
@@ -714,8 +720,8 @@ impl UserStore for EmbeddedStore {
         }
         batch.commit()?;
         if self.cache.enabled() {
-            for (key, value, i, seq) in kvs {
-                self.cache.written(&puts[i].row, seq, value, key);
+            for (_, value, i, seq) in kvs {
+                self.cache.written(&puts[i].row, seq, value);
             }
             for (w, value) in written {
                 let cells = value.slice(SLOT_SEQ..);
@@ -737,8 +743,8 @@ impl UserStore for EmbeddedStore {
             let generation = self.cache.generation(&get.row);
             let raw = self.read_parts(&get.row)?;
             let needs_repack = raw.delta_keys.len() > self.repack_after;
-            let (delta_keys, slots) = if self.cache.enabled() && !needs_repack {
-                (raw.delta_keys.clone(), raw.slots.clone())
+            let (delta_seqs, slots) = if self.cache.enabled() && !needs_repack {
+                (raw.delta_seqs.clone(), raw.slots.clone())
             } else {
                 // A repack below removes every delta and slot the read saw (and any later one
                 // would have moved the generation, so the row would not be cached).
@@ -757,7 +763,7 @@ impl UserStore for EmbeddedStore {
                     (None, None) => codec::packed_with_capacity(0).into(),
                 };
                 self.cache
-                    .insert(&get.row, generation, base, delta_keys, slots);
+                    .insert(&get.row, generation, base, delta_seqs, slots);
             }
             merged.cells
         };

@@ -20,8 +20,9 @@
 //! and removes exactly those deltas and slots, without reading the LSM.
 //!
 //! **Bounds.** The cache is split into [`SHARDS`] shards, each an LRU bounded in bytes (packed
-//! values, delta keys and a fixed overhead per entry); a row larger than an eighth of a shard is
-//! not cached. Values are copies in buffers of the cache's own, never slices of LSM blocks.
+//! values, the deltas' sequence numbers, slot keys and a fixed overhead per entry); a row larger
+//! than an eighth of a shard is not cached. Values are copies in buffers of the cache's own, never
+//! slices of LSM blocks.
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -39,12 +40,15 @@ pub(crate) struct Entry {
     /// Packed cells of writes after `base` with their sequence numbers (the delta keys' order:
     /// a higher one wins a coordinate), in the order they were recorded.
     pub pending: Vec<(u64, Bytes)>,
-    /// The row's delta records on disk (keys), in the order they were recorded.
-    pub delta_keys: Vec<Vec<u8>>,
+    /// The sequence numbers of the row's delta records on disk (a delta's key is the row, `0x00
+    /// 0x01` and its sequence number), in the order they were recorded.
+    pub delta_seqs: Vec<u64>,
     /// The row's slots on disk: keys and versions (see `embedded`'s module doc).
     pub slots: Vec<(Vec<u8>, i64)>,
     /// Writes recorded since the entry was inserted.
     pub writes: u64,
+    /// Bytes of `pending`'s values (kept as they change, so sizing an entry does not walk it).
+    pending_bytes: usize,
 }
 
 impl Entry {
@@ -52,8 +56,9 @@ impl Entry {
         ENTRY_OVERHEAD
             + row.len()
             + self.base.len()
-            + self.pending.iter().map(|(_, b)| b.len()).sum::<usize>()
-            + self.delta_keys.iter().map(|k| k.len() + 24).sum::<usize>()
+            + self.pending_bytes
+            + self.pending.len() * std::mem::size_of::<(u64, Bytes)>()
+            + self.delta_seqs.len() * 8
             + self.slots.iter().map(|(k, _)| k.len() + 32).sum::<usize>()
     }
 }
@@ -77,8 +82,8 @@ pub(crate) struct Cached {
 pub(crate) struct RepackPlan {
     /// The merged row, the new base.
     pub base: Bytes,
-    /// The row's deltas on disk.
-    pub delta_keys: Vec<Vec<u8>>,
+    /// The sequence numbers of the row's deltas on disk.
+    pub delta_seqs: Vec<u64>,
     /// The row's slots on disk.
     pub slot_keys: Vec<Vec<u8>>,
 }
@@ -136,7 +141,7 @@ impl RowCache {
         Some(Cached {
             base: e.base.clone(),
             pending: e.pending.clone(),
-            deltas_on_disk: e.delta_keys.len(),
+            deltas_on_disk: e.delta_seqs.len(),
             writes: e.writes,
         })
     }
@@ -148,7 +153,7 @@ impl RowCache {
         row: &str,
         generation: u64,
         base: Bytes,
-        delta_keys: Vec<Vec<u8>>,
+        delta_seqs: Vec<u64>,
         slots: Vec<(Vec<u8>, i64)>,
     ) {
         if !self.enabled() {
@@ -157,9 +162,10 @@ impl RowCache {
         let entry = Entry {
             base,
             pending: Vec::new(),
-            delta_keys,
+            delta_seqs,
             slots,
             writes: 0,
+            pending_bytes: 0,
         };
         let size = entry.bytes(row);
         if size > self.shard_capacity / 8 {
@@ -200,11 +206,12 @@ impl RowCache {
         self.evict(shard);
     }
 
-    /// Records a committed write of packed `cells` under delta key `key` (sequence `seq`).
-    pub fn written(&self, row: &str, seq: u64, cells: Bytes, key: Vec<u8>) {
+    /// Records a committed write of packed `cells` as the delta of sequence `seq`.
+    pub fn written(&self, row: &str, seq: u64, cells: Bytes) {
         self.update(row, true, |e| {
+            e.pending_bytes += cells.len();
             e.pending.push((seq, cells));
-            e.delta_keys.push(key);
+            e.delta_seqs.push(seq);
             e.writes += 1;
         });
     }
@@ -213,6 +220,7 @@ impl RowCache {
     /// key `key`: a write to merge like any other, that replaces the slot's version.
     pub fn written_slot(&self, row: &str, seq: u64, cell: Bytes, key: Vec<u8>, ts: i64) {
         self.update(row, true, |e| {
+            e.pending_bytes += cell.len();
             e.pending.push((seq, cell));
             e.writes += 1;
             match e.slots.iter_mut().find(|(k, _)| *k == key) {
@@ -240,6 +248,7 @@ impl RowCache {
             if e.writes == writes {
                 e.base = base;
                 e.pending.clear();
+                e.pending_bytes = 0;
             }
         });
     }
@@ -254,22 +263,22 @@ impl RowCache {
         let e = shard.map.peek(row)?;
         e.pending.is_empty().then(|| RepackPlan {
             base: e.base.clone(),
-            delta_keys: e.delta_keys.clone(),
+            delta_seqs: e.delta_seqs.clone(),
             slot_keys: e.slots.iter().map(|(k, _)| k.clone()).collect(),
         })
     }
 
     /// Forgets the deltas and slots a committed repack removed.
-    pub fn repacked(&self, row: &str, deltas: &[Vec<u8>], slots: &[Vec<u8>]) {
+    pub fn repacked(&self, row: &str, deltas: &[u64], slots: &[Vec<u8>]) {
         self.update(row, false, |e| {
             // Removed deltas are the oldest ones, in order.
             let n = e
-                .delta_keys
+                .delta_seqs
                 .iter()
                 .zip(deltas)
                 .take_while(|(a, b)| a == b)
                 .count();
-            e.delta_keys.drain(..n);
+            e.delta_seqs.drain(..n);
             e.slots.retain(|(k, _)| !slots.contains(k));
         });
     }
