@@ -370,7 +370,8 @@ impl EmbeddedStore {
     }
 
     /// Scans the raw parts of a row: the base (sorted, one version per coordinate, as repacked)
-    /// and the values of later writes in write order, with their keys.
+    /// and the values of later writes (deltas and slots) in write order, with the deltas'
+    /// sequence numbers and the slots' keys.
     fn read_parts(&self, row: &str) -> Result<RawRow> {
         let mut prefix = Vec::with_capacity(row.len() + 1);
         prefix.extend_from_slice(row.as_bytes());
@@ -390,7 +391,6 @@ impl EmbeddedStore {
                         .ok_or_else(|| corrupt(row, "a delta key without its sequence".into()))?;
                     raw.delta_seqs.push(seq);
                     raw.writes.push(value);
-                    raw.delta_keys.push(key.to_vec());
                 }
                 Some(&SLOT) => {
                     let (seq, ts) = slot_parts(&value).map_err(|reason| corrupt(row, reason))?;
@@ -445,23 +445,24 @@ impl EmbeddedStore {
     fn repack(&self, row: &str) -> Result<()> {
         let _guard = self.lock_for(row).lock();
         let raw = self.read_parts(row)?;
-        if raw.delta_keys.is_empty() {
+        if raw.delta_seqs.is_empty() {
             return Ok(());
         }
         let merged = self.read_raw(row, &raw, None, true)?;
         let base = merged.packed.unwrap_or_default(); // there were writes: packed
         let slot_keys: Vec<Vec<u8>> = raw.slots.into_iter().map(|(k, _)| k).collect();
-        self.write_repack(row, base.into(), raw.delta_keys.iter().chain(&slot_keys))
+        self.write_repack(row, base.into(), &raw.delta_seqs, &slot_keys)
     }
 
     /// Commits a repack: `base` (packed cells; an empty one removes the base) replaces the row's
-    /// base and `folded` (the keys of the deltas and slots merged into it) are removed, in one
-    /// batch. The caller holds the row's lock.
-    fn write_repack<'k>(
+    /// base, and the deltas (by sequence number) and slots (by key) merged into it are removed,
+    /// in one batch. The caller holds the row's lock.
+    fn write_repack(
         &self,
         row: &str,
         base: bytes::Bytes,
-        folded: impl Iterator<Item = &'k Vec<u8>>,
+        delta_seqs: &[u64],
+        slot_keys: &[Vec<u8>],
     ) -> Result<()> {
         let mut base_key = row.as_bytes().to_vec();
         base_key.extend_from_slice(&[0, BASE]);
@@ -471,7 +472,10 @@ impl EmbeddedStore {
         } else {
             batch.insert(&self.rows, base_key, base);
         }
-        for k in folded {
+        for seq in delta_seqs {
+            batch.remove(&self.rows, delta_key(row, *seq));
+        }
+        for k in slot_keys {
             batch.remove(&self.rows, k.as_slice());
         }
         batch.commit()?;
@@ -489,8 +493,7 @@ impl EmbeddedStore {
         if plan.delta_seqs.is_empty() {
             return Ok(());
         }
-        let delta_keys: Vec<Vec<u8>> = plan.delta_seqs.iter().map(|s| delta_key(row, *s)).collect();
-        self.write_repack(row, plan.base, delta_keys.iter().chain(&plan.slot_keys))?;
+        self.write_repack(row, plan.base, &plan.delta_seqs, &plan.slot_keys)?;
         self.cache.repacked(row, &plan.delta_seqs, &plan.slot_keys);
         Ok(())
     }
@@ -574,9 +577,7 @@ struct RawRow {
     base: Option<bytes::Bytes>,
     /// Packed cells of later writes (deltas and slots), in write order.
     writes: Vec<bytes::Bytes>,
-    /// The deltas' keys, in write order.
-    delta_keys: Vec<Vec<u8>>,
-    /// Their sequence numbers.
+    /// The deltas' sequence numbers (their keys' order), which give their keys.
     delta_seqs: Vec<u64>,
     /// The slots' keys and versions.
     slots: Vec<(Vec<u8>, i64)>,
@@ -742,7 +743,7 @@ impl UserStore for EmbeddedStore {
             // Taken before the read: a write the read does not see moves it (see row_cache).
             let generation = self.cache.generation(&get.row);
             let raw = self.read_parts(&get.row)?;
-            let needs_repack = raw.delta_keys.len() > self.repack_after;
+            let needs_repack = raw.delta_seqs.len() > self.repack_after;
             let (delta_seqs, slots) = if self.cache.enabled() && !needs_repack {
                 (raw.delta_seqs.clone(), raw.slots.clone())
             } else {
@@ -892,9 +893,10 @@ impl CompactionFilter for TtlFilter {
         let stored = bytes::Bytes::from(item.value()?);
         // A slot's cell comes after its sequence number, which a rewrite keeps.
         let seq_len = if is_slot_key(item.key()) { SLOT_SEQ } else { 0 };
-        let Some(value) = stored.get(seq_len..).map(|_| stored.slice(seq_len..)) else {
+        if stored.len() < seq_len {
             return Ok(Verdict::Keep); // a value we cannot read: never dropped
-        };
+        }
+        let value = stored.slice(seq_len..);
         // Nearly every value has no expired cell: find that out without decoding it.
         if !codec::any_cell(&value, |f, ts| self.expired(f, ts)).unwrap_or(false) {
             return Ok(Verdict::Keep); // nothing expired, or a value we cannot read: never dropped
