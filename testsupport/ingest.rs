@@ -16,6 +16,8 @@ use tokio::sync::watch;
 
 /// What the tests build on.
 pub struct Served {
+    /// The embedded database under the store (and the bus unless one was given).
+    pub db: EmbeddedDatabase,
     /// The user store.
     pub store: Arc<EmbeddedStore>,
     /// The bus (embedded unless one was given).
@@ -67,6 +69,7 @@ pub async fn serve(cfg: &Config, bus: Option<Arc<dyn Bus>>) -> Served {
         .unwrap();
     });
     Served {
+        db,
         store,
         bus,
         url,

@@ -100,6 +100,23 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
+    /// Longest payload a dead letter keeps (bytes of UTF-8).
+    pub const MAX_PAYLOAD: usize = 65_536;
+
+    /// A rejected record's payload as a dead letter keeps it: UTF-8 (invalid bytes replaced), cut
+    /// to [`DeadLetter::MAX_PAYLOAD`] bytes at a character boundary.
+    pub fn payload_of(bytes: &[u8]) -> String {
+        let mut payload = String::from_utf8_lossy(bytes).into_owned();
+        if payload.len() > Self::MAX_PAYLOAD {
+            let mut end = Self::MAX_PAYLOAD;
+            while !payload.is_char_boundary(end) {
+                end -= 1;
+            }
+            payload.truncate(end);
+        }
+        payload
+    }
+
     /// The JSON bytes published on the topic.
     pub fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("a DeadLetter always serialises")

@@ -15,7 +15,10 @@
 //!    earliest can change: durable timers in the user store ([`timers`]), scanned by the poll
 //!    loop for the partitions it owns and handed to the user's worker like changes.
 //!
-//! Offsets are committed as the contiguous watermark of changes the workers finished.
+//! Offsets are committed as the contiguous watermark of changes the workers finished. A record
+//! that is not a change ([`BAD_CHANGE`]) and a change of a user whose row cannot be read
+//! ([`UNREADABLE_ROW`]: refused, or stored bytes that do not decode) go to `dmp.dead-letter`
+//! with the reason, and count as finished once their dead letter is on the topic.
 //!
 //! 6. live memberships are counted per day ([`dmp_stats::SegmentCounters`], with the pseudo-segment
 //!    `all`; bots are never counted since they are never evaluated); counters are flushed before
@@ -43,6 +46,7 @@ use dmp_store::UserStore;
 
 pub use worker::{
     evaluated, memberships, Evaluated, FixedRules, Memberships, RulesSource, EVALUATED,
+    UNREADABLE_ROW,
 };
 
 /// What can stop the segmenter.
@@ -272,10 +276,18 @@ impl Segmenter {
                     for r in records {
                         let tp = TopicPartition::new(r.topic.to_string(), r.partition);
                         tracker.track(&tp, r.offset);
-                        let Ok(change) = UserChange::from_json(&r.value) else {
-                            ::metrics::counter!(m::BAD_CHANGES).increment(1);
-                            tracker.done(&tp, r.offset);
-                            continue;
+                        let change = match UserChange::from_json(&r.value) {
+                            Ok(c) => c,
+                            Err(e) => {
+                                // Done once its dead letter is durable.
+                                ::metrics::counter!(m::BAD_CHANGES).increment(1);
+                                let dead = bad_change(&r, &e);
+                                if !self.dead_letter(dead, &mut shutdown).await {
+                                    break 'run Ok(());
+                                }
+                                tracker.done(&tp, r.offset);
+                                continue;
+                            }
                         };
                         let job = worker::Job { uid: change.uid, ts: change.ts, msg_ts: r.timestamp, tp, offset: r.offset, timer: None };
                         if !dispatch(&senders, job, &mut done_rx, &mut tracker).await {
@@ -312,7 +324,54 @@ impl Segmenter {
         tracing::info!("segmenter stopped");
         result
     }
+
+    /// Produces `dead` to the dead-letter topic, retrying with backoff. False when `shutdown`
+    /// came first (the record stays undone, so it is read again after a restart).
+    async fn dead_letter(
+        &self,
+        dead: dmp_bus::ProduceRecord,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> bool {
+        let topic = &self.cfg.topics.dead_letter;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.bus.produce(topic, vec![dead.clone()]).await {
+                Ok(_) => return true,
+                Err(e) => {
+                    ::metrics::counter!(m::RETRIES).increment(1);
+                    tracing::warn!(error = %e, topic = %topic, "publishing a dead letter failed; retrying");
+                }
+            }
+            tokio::select! {
+                _ = shutdown.changed() => return false,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
 }
+
+/// The dead letter of a change record that is not a `UserChange`.
+fn bad_change(r: &dmp_bus::Record, e: &serde_json::Error) -> dmp_bus::ProduceRecord {
+    ::metrics::counter!(m::DEAD_LETTERS, "reason" => BAD_CHANGE).increment(1);
+    dmp_bus::ProduceRecord::new(
+        r.key.clone(),
+        dmp_core::DeadLetter {
+            reason: BAD_CHANGE.into(),
+            error: format!("not a user change: {e}"),
+            stage: ROLE.into(),
+            topic: r.topic.to_string(),
+            partition: r.partition,
+            offset: r.offset,
+            timestamp: r.timestamp,
+            payload: dmp_core::DeadLetter::payload_of(&r.value),
+        }
+        .to_json(),
+    )
+}
+
+/// The dead-letter reason of a change record that is not a `UserChange`.
+pub const BAD_CHANGE: &str = "bad_change";
 
 /// Hands `job` to the worker of its user (sharded by uid hash), waiting for room in that
 /// worker's bounded queue; finished work keeps being collected meanwhile, and the Kafka consumer

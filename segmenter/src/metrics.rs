@@ -33,7 +33,9 @@ pub const TIMERS_FIRED: &str = "dmp_segmenter_timers_fired_total";
 pub const TIMERS_SCHEDULED: &str = "dmp_segmenter_timers_scheduled_total";
 /// Scans for due timers that failed (counter); the next scan retries.
 pub const TIMER_SCAN_ERRORS: &str = "dmp_segmenter_timer_scan_errors_total";
-/// Change records that were not valid JSON (counter).
+/// Change records that were not valid JSON (counter); each is also a dead letter.
 pub const BAD_CHANGES: &str = "dmp_segmenter_bad_changes_total";
+/// Records sent to the dead-letter topic, by `reason` (`bad_change`, `unreadable_row`) (counter).
+pub const DEAD_LETTERS: &str = "dmp_segmenter_dead_letters_total";
 /// Store or bus failures that made a worker retry (counter).
 pub const RETRIES: &str = "dmp_segmenter_retries_total";

@@ -9,14 +9,17 @@ use std::time::{Duration, Instant};
 use dmp_bus::{Bus, ProduceRecord, TopicPartition};
 use dmp_core::cell::{FAMILY_META, FAMILY_SEGMENTS};
 use dmp_core::config::{SegmenterConfig, Topics};
-use dmp_core::{Cell, Row, SegmentUpdate};
+use dmp_core::{Cell, DeadLetter, Row, SegmentUpdate, UserChange};
 use dmp_rules::RuleSet;
-use dmp_store::{Get, Projection, Put, UserStore};
+use dmp_store::{Get, Projection, Put, StoreError, UserStore};
 
 use crate::blacklist::{Limits, Verdict};
 use crate::metrics as m;
 use crate::timers::{self, Due};
 use crate::users::Users;
+
+/// The dead-letter reason of a change whose user's row cannot be read.
+pub const UNREADABLE_ROW: &str = "unreadable_row";
 
 /// A change (or a due timer) handed to a worker.
 #[derive(Debug, Clone)]
@@ -124,6 +127,9 @@ enum Trigger {
 struct Reason {
     trigger: Trigger,
     partition: u32,
+    /// The first change of the user in the batch (offset, message timestamp, change time), for a
+    /// dead letter when the row cannot be read. None: only timers fired.
+    change: Option<(u64, i64, i64)>,
     /// Timer rows that fired for the user.
     fired: Vec<String>,
 }
@@ -134,6 +140,7 @@ impl Reason {
         Reason {
             trigger: Trigger::Change,
             partition: j.tp.partition,
+            change: Some((j.offset, j.msg_ts, j.ts)),
             fired: Vec::new(),
         }
     }
@@ -147,6 +154,8 @@ struct Output {
     shadow: Vec<ProduceRecord>,
     /// Timer rows to delete once the rest is durable.
     deletes: Vec<String>,
+    /// Dead letters: changes of users whose rows cannot be read.
+    dead: Vec<ProduceRecord>,
 }
 
 /// Adds a change of `j.uid` to the users to evaluate. Another change of a user already there is
@@ -157,6 +166,7 @@ fn add_change(users: &mut BTreeMap<String, Reason>, j: &Job, counters: &Counters
         Some(r) => {
             r.trigger = Trigger::Change;
             r.partition = j.tp.partition;
+            r.change = Some((j.offset, j.msg_ts, j.ts));
         }
         None => {
             users.insert(j.uid.clone(), Reason::change(j));
@@ -299,6 +309,7 @@ impl Worker {
                     .or_insert_with(|| Reason {
                         trigger: Trigger::Timer,
                         partition: t.pending.partition,
+                        change: None,
                         fired: Vec::new(),
                     })
                     .fired
@@ -407,7 +418,18 @@ impl Worker {
             });
         }
         for (uid, reason) in users {
-            let row = self.read(&uid, projection);
+            let row = match self.read(&uid, projection) {
+                Ok(row) => row,
+                Err(e) => {
+                    // Reading it again would fail again: the change goes to the dead letters
+                    // (the user's fired timers are deleted: the next change or timer retries).
+                    tracing::warn!(uid, error = %e, "row cannot be read; change dead-lettered");
+                    metrics::counter!(m::DEAD_LETTERS, "reason" => UNREADABLE_ROW).increment(1);
+                    out.dead.push(self.unreadable(&uid, &reason, &e));
+                    out.deletes.extend(reason.fired);
+                    continue;
+                }
+            };
             match reason.trigger {
                 Trigger::Timer => counters.evaluated_timer.increment(1),
                 Trigger::Change => counters.evaluated_change.increment(1),
@@ -537,7 +559,13 @@ impl Worker {
         out
     }
 
-    fn read(&self, uid: &str, projection: Option<&Arc<Projection>>) -> Option<Row> {
+    /// Reads a user's row, retrying the store's failures, but not a row that cannot be read
+    /// (refused, or stored bytes that do not decode): that error comes back.
+    fn read(
+        &self,
+        uid: &str,
+        projection: Option<&Arc<Projection>>,
+    ) -> Result<Option<Row>, StoreError> {
         let get = Get {
             projection: projection.cloned(),
             ..Get::row(uid)
@@ -545,11 +573,8 @@ impl Worker {
         let mut backoff = Duration::from_millis(50);
         loop {
             match self.store.get(&get) {
-                Ok(r) => return r,
-                Err(e) if e.kind() == dmp_core::ErrorKind::Rejected => {
-                    tracing::warn!(uid, error = %e, "row cannot be read; skipped");
-                    return None;
-                }
+                Ok(r) => return Ok(r),
+                Err(e @ (StoreError::Rejected(_) | StoreError::Corrupt { .. })) => return Err(e),
                 Err(e) => {
                     metrics::counter!(m::RETRIES).increment(1);
                     tracing::warn!(error = %e, "store read failed; retrying");
@@ -558,6 +583,40 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// The dead letter of a user whose row cannot be read: its change (or, when only timers
+    /// fired, the timer rows, offset 0).
+    fn unreadable(&self, uid: &str, reason: &Reason, e: &StoreError) -> ProduceRecord {
+        let (offset, timestamp, payload) = match reason.change {
+            Some((offset, msg_ts, ts)) => {
+                let change = UserChange {
+                    uid: uid.to_string(),
+                    ts,
+                    last_event_ts: 0,
+                };
+                (offset, msg_ts, DeadLetter::payload_of(&change.to_json()))
+            }
+            None => (
+                0,
+                dmp_core::clock::now_ms(),
+                format!("due timers {:?}", reason.fired),
+            ),
+        };
+        ProduceRecord::new(
+            uid.as_bytes().to_vec(),
+            DeadLetter {
+                reason: UNREADABLE_ROW.into(),
+                error: e.to_string(),
+                stage: "segmenter".into(),
+                topic: self.topics.user_changes.clone(),
+                partition: reason.partition,
+                offset,
+                timestamp,
+                payload,
+            }
+            .to_json(),
+        )
     }
 
     fn write(&self, rt: &tokio::runtime::Runtime, out: Output) {
@@ -575,6 +634,7 @@ impl Worker {
             (&self.topics.segments, &out.live),
             (&self.topics.segments_current, &out.live),
             (&self.topics.segments_shadow, &out.shadow),
+            (&self.topics.dead_letter, &out.dead),
         ] {
             if records.is_empty() {
                 continue;
@@ -582,7 +642,7 @@ impl Worker {
             let mut backoff = Duration::from_millis(50);
             while let Err(e) = rt.block_on(self.bus.produce(topic, records.clone())) {
                 metrics::counter!(m::RETRIES).increment(1);
-                tracing::warn!(error = %e, topic = %topic, "publishing segments failed; retrying");
+                tracing::warn!(error = %e, topic = %topic, "publishing failed; retrying");
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }

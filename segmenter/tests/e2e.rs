@@ -35,6 +35,7 @@ when = '''any(type == "search")'''
 "#;
 
 struct Pipe {
+    db: dmp_store::embedded::EmbeddedDatabase,
     counters: Arc<dmp_stats::EmbeddedCounters>,
     _dir: tempfile::TempDir,
     cfg: Config,
@@ -140,6 +141,7 @@ async fn start_with(
     cfg.segmenter.timer_scan_interval_ms = 200;
     tweak(&mut cfg);
     let ingest::Served {
+        db,
         store,
         bus,
         url,
@@ -166,6 +168,7 @@ async fn start_with(
         progress.clone(),
     ));
     Pipe {
+        db,
         counters,
         _dir: dir,
         cfg,
@@ -336,6 +339,75 @@ async fn given_events_when_rules_match_then_segment_records_and_row_memberships_
         .expect("olga's update");
     assert_eq!(removal.removed, vec!["cats"]);
     assert!(removal.segments.is_empty());
+    p.stop().await;
+}
+
+/// Bad input never stops the segmenter: a record on `dmp.user-changes` that is not a change, and a
+/// user whose stored row does not decode (a delta of garbage, written under the store), each
+/// become a dead letter naming the reason and where it came from; the users around them are
+/// segmented and every offset is committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_a_bad_change_and_an_unreadable_row_when_segmenting_then_dead_lettered_and_the_rest_segmented(
+) {
+    let p = start(RULES, |_| {}).await;
+    // Row "broken": one delta (`uid 0x00 0x01 seq`) that is not an encoding of cells. Nothing has
+    // read the row, so the row cache does not hold it.
+    let rows = p.db.keyspace(dmp_store::embedded::ROWS_KEYSPACE).unwrap();
+    rows.insert(
+        b"broken\x00\x01\x00\x00\x00\x00\x00\x00\x00\x01",
+        b"garbage".to_vec(),
+    )
+    .unwrap();
+    p.bus
+        .produce(
+            &p.cfg.topics.user_changes,
+            vec![ProduceRecord::new("junk", b"{not a change".to_vec())],
+        )
+        .await
+        .unwrap();
+    let now = dmp_core::clock::now_ms();
+    p.post(serde_json::json!([
+        {"uid": "broken", "ts": now - 2000, "type": "pageview", "url": "https://cats.example/a"},
+        {"uid": "olga", "ts": now - 1000, "type": "pageview", "url": "https://cats.example/b"},
+    ]))
+    .await;
+    let records = p.records(&p.cfg.topics.segments, "check-dead", 1).await;
+    assert_eq!(
+        records.iter().map(|u| u.uid.as_str()).collect::<Vec<_>>(),
+        vec!["olga"]
+    );
+    p.drained().await;
+    let mut c = p
+        .bus
+        .consumer(
+            "check-dead-letters",
+            std::slice::from_ref(&p.cfg.topics.dead_letter),
+        )
+        .await
+        .unwrap();
+    let mut dead: BTreeMap<String, dmp_core::DeadLetter> = BTreeMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while dead.len() < 2 && tokio::time::Instant::now() < deadline {
+        for r in c.poll(100, Duration::from_millis(100)).await.unwrap() {
+            let d: dmp_core::DeadLetter = serde_json::from_slice(&r.value).unwrap();
+            dead.insert(d.reason.clone(), d);
+        }
+    }
+    c.close().await.unwrap();
+    let reasons: Vec<&str> = dead.keys().map(String::as_str).collect();
+    assert_eq!(
+        reasons,
+        vec![dmp_segmenter::BAD_CHANGE, dmp_segmenter::UNREADABLE_ROW]
+    );
+    let bad = &dead[dmp_segmenter::BAD_CHANGE];
+    assert_eq!(bad.stage, "segmenter");
+    assert_eq!(bad.topic, p.cfg.topics.user_changes);
+    assert_eq!(bad.payload, "{not a change");
+    let unreadable = &dead[dmp_segmenter::UNREADABLE_ROW];
+    assert_eq!(unreadable.topic, p.cfg.topics.user_changes);
+    assert!(unreadable.error.contains("broken"), "{unreadable:?}");
+    let change = UserChange::from_json(unreadable.payload.as_bytes()).unwrap();
+    assert_eq!(change.uid, "broken");
     p.stop().await;
 }
 

@@ -376,14 +376,6 @@ impl StorageWriter {
 }
 
 fn dead_letter(r: &Record, reason: &str, error: &str) -> ProduceRecord {
-    let mut payload = String::from_utf8_lossy(&r.value).into_owned();
-    if payload.len() > 65_536 {
-        let mut end = 65_536;
-        while !payload.is_char_boundary(end) {
-            end -= 1;
-        }
-        payload.truncate(end);
-    }
     ProduceRecord {
         key: r.key.clone(),
         value: DeadLetter {
@@ -394,7 +386,7 @@ fn dead_letter(r: &Record, reason: &str, error: &str) -> ProduceRecord {
             partition: r.partition,
             offset: r.offset,
             timestamp: r.timestamp,
-            payload,
+            payload: DeadLetter::payload_of(&r.value),
         }
         .to_json(),
         timestamp: None,
