@@ -48,6 +48,13 @@ const SLOT: u8 = 2;
 const SLOT_SEQ: usize = 8;
 const META_KEYSPACE: &str = "store.meta";
 const SEQ_KEY: &[u8] = b"seq.reserved";
+/// The rows keyspace's layout version (u32 big-endian) in the meta keyspace.
+const FORMAT_KEY: &[u8] = b"rows.format";
+/// The layout this build writes and reads: 1, a base and deltas per row; 2, slots as well
+/// (a build of format 1 would take a slot for the base). A database marked with a newer format
+/// is refused at open. Databases written before the marker are format 1 or 2, which this build
+/// reads; it marks them 2.
+pub const ROWS_FORMAT: u32 = 2;
 const SEQ_BLOCK: u64 = 1 << 24;
 const LOCK_STRIPES: usize = 1024;
 /// Tables in L0 that start a compaction into L1 (fjall's default is 4). Each L0 -> L1 compaction
@@ -260,6 +267,21 @@ impl EmbeddedStore {
     pub fn open(db: &EmbeddedDatabase, cfg: &StoreConfig) -> Result<EmbeddedStore> {
         let rows = db.keyspace(ROWS_KEYSPACE)?;
         let meta = db.keyspace(META_KEYSPACE)?;
+        match meta.get(FORMAT_KEY)? {
+            Some(v) => {
+                let found = <[u8; 4]>::try_from(&v[..]).map_or(u32::MAX, u32::from_be_bytes);
+                if found > ROWS_FORMAT {
+                    return Err(StoreError::NewerFormat {
+                        found,
+                        supported: ROWS_FORMAT,
+                    });
+                }
+                if found < ROWS_FORMAT {
+                    meta.insert(FORMAT_KEY, ROWS_FORMAT.to_be_bytes())?;
+                }
+            }
+            None => meta.insert(FORMAT_KEY, ROWS_FORMAT.to_be_bytes())?,
+        }
         let reserved = match meta.get(SEQ_KEY)? {
             Some(v) if v.len() == 8 => u64::from_be_bytes(v[..8].try_into().expect("8 bytes")),
             _ => 0,

@@ -54,6 +54,17 @@ pub enum StoreError {
         /// The data dir.
         path: String,
     },
+    /// The embedded database was written by a newer dmp, in a row layout this build cannot read.
+    #[error(
+        "the embedded store's rows are in format {found}, written by a newer dmp; this build reads \
+         up to format {supported}: run that version (or newer) on this data dir"
+    )]
+    NewerFormat {
+        /// The format the database is marked with.
+        found: u32,
+        /// The newest format this build reads.
+        supported: u32,
+    },
     /// The URL names a backend that is not available in this build.
     #[error("store backend {url:?} is not available: {reason}")]
     Unsupported {
@@ -68,7 +79,9 @@ impl StoreError {
     /// The metric label of this error.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            StoreError::Rejected(_) | StoreError::Unsupported { .. } => ErrorKind::Rejected,
+            StoreError::Rejected(_)
+            | StoreError::Unsupported { .. }
+            | StoreError::NewerFormat { .. } => ErrorKind::Rejected,
             StoreError::InUse { .. } => ErrorKind::Unavailable,
             StoreError::Backend(_) | StoreError::Corrupt { .. } => ErrorKind::Internal,
         }
