@@ -261,6 +261,7 @@ impl Segmenter {
                             uid: due.uid.clone(),
                             ts: due.pending.due,
                             msg_ts: due.pending.due,
+                            last_event_ts: 0,
                             tp: TopicPartition::new(topic.clone(), due.pending.partition),
                             offset: 0,
                             timer: Some(due),
@@ -289,7 +290,7 @@ impl Segmenter {
                                 continue;
                             }
                         };
-                        let job = worker::Job { uid: change.uid, ts: change.ts, msg_ts: r.timestamp, tp, offset: r.offset, timer: None };
+                        let job = worker::Job { uid: change.uid, ts: change.ts, msg_ts: r.timestamp, last_event_ts: change.last_event_ts, tp, offset: r.offset, timer: None };
                         if !dispatch(&senders, job, &mut done_rx, &mut tracker).await {
                             break 'run Ok(());
                         }

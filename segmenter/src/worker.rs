@@ -30,6 +30,8 @@ pub struct Job {
     pub ts: i64,
     /// Its message timestamp.
     pub msg_ts: i64,
+    /// The change's `last_event_ts` (0 for a timer).
+    pub last_event_ts: i64,
     /// Where it came from, to report it done.
     pub tp: TopicPartition,
     /// Its offset.
@@ -127,9 +129,9 @@ enum Trigger {
 struct Reason {
     trigger: Trigger,
     partition: u32,
-    /// The first change of the user in the batch (offset, message timestamp, change time), for a
-    /// dead letter when the row cannot be read. None: only timers fired.
-    change: Option<(u64, i64, i64)>,
+    /// The user's latest change in the batch, for a dead letter when the row cannot be read.
+    /// None: only timers fired.
+    change: Option<Origin>,
     /// Timer rows that fired for the user.
     fired: Vec<String>,
 }
@@ -140,7 +142,7 @@ impl Reason {
         Reason {
             trigger: Trigger::Change,
             partition: j.tp.partition,
-            change: Some((j.offset, j.msg_ts, j.ts)),
+            change: Some(change_of(j)),
             fired: Vec::new(),
         }
     }
@@ -158,6 +160,24 @@ struct Output {
     dead: Vec<ProduceRecord>,
 }
 
+/// A change's offset, message timestamp and record fields (its uid is the user's).
+#[derive(Clone, Copy)]
+struct Origin {
+    offset: u64,
+    msg_ts: i64,
+    ts: i64,
+    last_event_ts: i64,
+}
+
+fn change_of(j: &Job) -> Origin {
+    Origin {
+        offset: j.offset,
+        msg_ts: j.msg_ts,
+        ts: j.ts,
+        last_event_ts: j.last_event_ts,
+    }
+}
+
 /// Adds a change of `j.uid` to the users to evaluate. Another change of a user already there is
 /// a duplicate: the one read covers both.
 fn add_change(users: &mut BTreeMap<String, Reason>, j: &Job, counters: &Counters) {
@@ -166,7 +186,7 @@ fn add_change(users: &mut BTreeMap<String, Reason>, j: &Job, counters: &Counters
         Some(r) => {
             r.trigger = Trigger::Change;
             r.partition = j.tp.partition;
-            r.change = Some((j.offset, j.msg_ts, j.ts));
+            r.change = Some(change_of(j));
         }
         None => {
             users.insert(j.uid.clone(), Reason::change(j));
@@ -589,13 +609,17 @@ impl Worker {
     /// fired, the timer rows, offset 0).
     fn unreadable(&self, uid: &str, reason: &Reason, e: &StoreError) -> ProduceRecord {
         let (offset, timestamp, payload) = match reason.change {
-            Some((offset, msg_ts, ts)) => {
+            Some(o) => {
                 let change = UserChange {
                     uid: uid.to_string(),
-                    ts,
-                    last_event_ts: 0,
+                    ts: o.ts,
+                    last_event_ts: o.last_event_ts,
                 };
-                (offset, msg_ts, DeadLetter::payload_of(&change.to_json()))
+                (
+                    o.offset,
+                    o.msg_ts,
+                    DeadLetter::payload_of(&change.to_json()),
+                )
             }
             None => (
                 0,

@@ -408,6 +408,11 @@ async fn given_a_bad_change_and_an_unreadable_row_when_segmenting_then_dead_lett
     assert!(unreadable.error.contains("broken"), "{unreadable:?}");
     let change = UserChange::from_json(unreadable.payload.as_bytes()).unwrap();
     assert_eq!(change.uid, "broken");
+    assert_eq!(
+        change.last_event_ts,
+        now - 2000,
+        "the change record as it was read"
+    );
     p.stop().await;
 }
 
