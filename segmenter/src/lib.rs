@@ -274,25 +274,31 @@ impl Segmenter {
                 }
                 r = consumer.poll(5000, Duration::from_millis(100)) => {
                     let records = match r { Ok(r) => r, Err(e) => break 'run Err(e.into()) };
+                    // Records that are not changes: done once their dead letters are durable.
+                    let mut dead = Vec::new();
                     for r in records {
                         let tp = TopicPartition::new(r.topic.to_string(), r.partition);
                         tracker.track(&tp, r.offset);
                         let change = match UserChange::from_json(&r.value) {
                             Ok(c) => c,
                             Err(e) => {
-                                // Done once its dead letter is durable.
                                 ::metrics::counter!(m::BAD_CHANGES).increment(1);
-                                let dead = bad_change(&r, &e);
-                                if !self.dead_letter(dead, &mut shutdown).await {
-                                    break 'run Ok(());
-                                }
-                                tracker.done(&tp, r.offset);
+                                dead.push((tp, r.offset, bad_change(&r, &e)));
                                 continue;
                             }
                         };
                         let job = worker::Job { uid: change.uid, ts: change.ts, msg_ts: r.timestamp, last_event_ts: change.last_event_ts, tp, offset: r.offset, timer: None };
                         if !dispatch(&senders, job, &mut done_rx, &mut tracker).await {
                             break 'run Ok(());
+                        }
+                    }
+                    if !dead.is_empty() {
+                        let records = dead.iter().map(|(_, _, d)| d.clone()).collect();
+                        if !self.dead_letter(records, &mut shutdown).await {
+                            break 'run Ok(());
+                        }
+                        for (tp, offset, _) in &dead {
+                            tracker.done(tp, *offset);
                         }
                     }
                 }
@@ -327,16 +333,16 @@ impl Segmenter {
     }
 
     /// Produces `dead` to the dead-letter topic, retrying with backoff. False when `shutdown`
-    /// came first (the record stays undone, so it is read again after a restart).
+    /// came first (the records stay undone, so they are read again after a restart).
     async fn dead_letter(
         &self,
-        dead: dmp_bus::ProduceRecord,
+        dead: Vec<dmp_bus::ProduceRecord>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> bool {
         let topic = &self.cfg.topics.dead_letter;
         let mut backoff = Duration::from_millis(50);
         loop {
-            match self.bus.produce(topic, vec![dead.clone()]).await {
+            match self.bus.produce(topic, dead.clone()).await {
                 Ok(_) => return true,
                 Err(e) => {
                     ::metrics::counter!(m::RETRIES).increment(1);

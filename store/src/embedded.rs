@@ -269,7 +269,12 @@ impl EmbeddedStore {
         let meta = db.keyspace(META_KEYSPACE)?;
         match meta.get(FORMAT_KEY)? {
             Some(v) => {
-                let found = <[u8; 4]>::try_from(&v[..]).map_or(u32::MAX, u32::from_be_bytes);
+                let found = u32::from_be_bytes(<[u8; 4]>::try_from(&v[..]).map_err(|_| {
+                    StoreError::Corrupt {
+                        row: "rows.format (store.meta)".into(),
+                        reason: format!("{} bytes, not 4", v.len()),
+                    }
+                })?);
                 if found > ROWS_FORMAT {
                     return Err(StoreError::NewerFormat {
                         found,

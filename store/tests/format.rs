@@ -62,3 +62,21 @@ fn given_a_newer_mark_when_opened_then_refused_naming_both_formats() {
         "{text}"
     );
 }
+
+#[test]
+fn given_a_malformed_mark_when_opened_then_refused_as_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (db, store) = open_temp(dir.path()).unwrap();
+        let meta = db.keyspace(META).unwrap();
+        meta.insert(FORMAT_KEY, b"x".to_vec()).unwrap();
+        drop(store);
+    }
+    match open_temp(dir.path()) {
+        Ok(_) => panic!("a database with a malformed mark opened"),
+        Err(e) => assert!(
+            matches!(e, StoreError::Corrupt { ref reason, .. } if reason.contains("1 bytes")),
+            "{e}"
+        ),
+    }
+}
