@@ -121,6 +121,27 @@ pub struct Record {
     pub value: Vec<u8>,
 }
 
+impl Record {
+    /// This record refused by `stage` for `reason` (with the full `error`), as a record for
+    /// `dmp.dead-letter`: same key, its origin and its payload ([`dmp_core::DeadLetter`]).
+    pub fn dead_letter(&self, stage: &str, reason: &str, error: &str) -> ProduceRecord {
+        ProduceRecord::new(
+            self.key.clone(),
+            dmp_core::DeadLetter {
+                reason: reason.to_string(),
+                error: error.to_string(),
+                stage: stage.to_string(),
+                topic: self.topic.to_string(),
+                partition: self.partition,
+                offset: self.offset,
+                timestamp: self.timestamp,
+                payload: dmp_core::DeadLetter::payload_of(&self.value),
+            }
+            .to_json(),
+        )
+    }
+}
+
 /// A topic and one of its partitions.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TopicPartition {

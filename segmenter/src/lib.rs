@@ -283,7 +283,9 @@ impl Segmenter {
                             Ok(c) => c,
                             Err(e) => {
                                 ::metrics::counter!(m::BAD_CHANGES).increment(1);
-                                dead.push((tp, r.offset, bad_change(&r, &e)));
+                                ::metrics::counter!(m::DEAD_LETTERS, "reason" => BAD_CHANGE).increment(1);
+                                let d = r.dead_letter(ROLE, BAD_CHANGE, &format!("not a user change: {e}"));
+                                dead.push((tp, r.offset, d));
                                 continue;
                             }
                         };
@@ -356,25 +358,6 @@ impl Segmenter {
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
-}
-
-/// The dead letter of a change record that is not a `UserChange`.
-fn bad_change(r: &dmp_bus::Record, e: &serde_json::Error) -> dmp_bus::ProduceRecord {
-    ::metrics::counter!(m::DEAD_LETTERS, "reason" => BAD_CHANGE).increment(1);
-    dmp_bus::ProduceRecord::new(
-        r.key.clone(),
-        dmp_core::DeadLetter {
-            reason: BAD_CHANGE.into(),
-            error: format!("not a user change: {e}"),
-            stage: ROLE.into(),
-            topic: r.topic.to_string(),
-            partition: r.partition,
-            offset: r.offset,
-            timestamp: r.timestamp,
-            payload: dmp_core::DeadLetter::payload_of(&r.value),
-        }
-        .to_json(),
-    )
 }
 
 /// The dead-letter reason of a change record that is not a `UserChange`.

@@ -125,7 +125,7 @@ impl StorageWriter {
                     metrics::counter!(m::EVENTS, "outcome" => "dead_letter").increment(1);
                     metrics::counter!(m::DEAD_LETTERS, "reason" => err.reason()).increment(1);
                     out.dead
-                        .push(dead_letter(r, err.reason(), &err.to_string()));
+                        .push(r.dead_letter(ROLE, err.reason(), &err.to_string()));
                 }
             }
         }
@@ -218,7 +218,7 @@ impl StorageWriter {
                                 DeadLetter {
                                     reason: "store_rejected".into(),
                                     error: e.to_string(),
-                                    stage: "storage-writer".into(),
+                                    stage: ROLE.into(),
                                     topic: self.topics.events.clone(),
                                     partition: 0,
                                     offset: 0,
@@ -372,24 +372,6 @@ impl StorageWriter {
         result?;
         closed?;
         Ok(())
-    }
-}
-
-fn dead_letter(r: &Record, reason: &str, error: &str) -> ProduceRecord {
-    ProduceRecord {
-        key: r.key.clone(),
-        value: DeadLetter {
-            reason: reason.to_string(),
-            error: error.to_string(),
-            stage: "storage-writer".into(),
-            topic: r.topic.to_string(),
-            partition: r.partition,
-            offset: r.offset,
-            timestamp: r.timestamp,
-            payload: DeadLetter::payload_of(&r.value),
-        }
-        .to_json(),
-        timestamp: None,
     }
 }
 
