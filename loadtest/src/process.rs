@@ -84,7 +84,12 @@ impl DmpProcess {
             .env("DMP__BACKENDS__BUS", &scenario.dmp.bus)
             .env("DMP__BACKENDS__STATS", &scenario.dmp.stats)
             .env("DMP__SPILL__DIR", dir.join("spill"))
-            .env("RUST_LOG", "warn")
+            // dmp's log level: warnings, unless DMP_LOADTEST_DMP_LOG says otherwise (a run that
+            // looks into a stall can ask for fjall's debug lines, timestamped in dmp.log).
+            .env(
+                "RUST_LOG",
+                std::env::var("DMP_LOADTEST_DMP_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("dmp.log"))?);
@@ -199,7 +204,11 @@ pub fn role_of(thread: &str) -> &'static str {
     } else if thread.starts_with("dmp-rt") {
         // The API (ingest, lookups, partner stream) and the segmenter's poll loop.
         "api"
-    } else if thread.starts_with("fjall") || thread == "dmp-fsync" || thread == "dmp-bus-retenti" {
+    } else if thread.starts_with("fjall")
+        || thread == "lsm-reaper"
+        || thread == "dmp-fsync"
+        || thread == "dmp-bus-retenti"
+    {
         "embedded-storage"
     } else if thread.starts_with("rdk:") || thread == "dmp-kafka-poll" {
         "kafka-client"
@@ -308,5 +317,6 @@ mod tests {
         assert!(peak_rss(pid).unwrap() > 1 << 20);
         assert_eq!(role_of("dmp-segmenter-1"), "segmenter");
         assert_eq!(role_of("dmp-writer"), "storage-writer");
+        assert_eq!(role_of("lsm-reaper"), "embedded-storage");
     }
 }
