@@ -206,14 +206,19 @@ fn benches(c: &mut Criterion) {
     // the row is read whole, with the write merged in.
     let mut k = 0u64;
     let t1 = dmp_core::clock::now_ms();
+    // Appends one event to the next heavy row; returns the row.
+    let write_event = |k: &mut u64, r: &mut usize| {
+        *k += 1;
+        *r = (*r + 7919) % HEAVY_ROWS;
+        let row = format!("heavy{r:05}");
+        let mut put = pageview(&row, t1 + *k as i64, *k);
+        put.row = row.clone();
+        store.put(&[put]).unwrap();
+        row
+    };
     g.bench_function("write_event_then_read_500_cell_row", |b| {
         b.iter(|| {
-            k += 1;
-            r = (r + 7919) % HEAVY_ROWS;
-            let row = format!("heavy{r:05}");
-            let mut put = pageview(&row, t1 + k as i64, k);
-            put.row = row.clone();
-            store.put(&[put]).unwrap();
+            let row = write_event(&mut k, &mut r);
             store.get(&Get::row(row)).unwrap().unwrap()
         })
     });
@@ -238,12 +243,7 @@ fn benches(c: &mut Criterion) {
     // write grows the store, so a bench of writes or reads after it would meet a larger one.
     g.bench_function("write_event_then_read_500_cell_row_projected", |b| {
         b.iter(|| {
-            k += 1;
-            r = (r + 7919) % HEAVY_ROWS;
-            let row = format!("heavy{r:05}");
-            let mut put = pageview(&row, t1 + k as i64, k);
-            put.row = row.clone();
-            store.put(&[put]).unwrap();
+            let row = write_event(&mut k, &mut r);
             store.get(&projected(row)).unwrap().unwrap()
         })
     });
