@@ -13,19 +13,26 @@
 //! They go to one background thread instead. If that thread cannot be started or has gone, the
 //! work is done in place, as before.
 
+use std::cell::Cell;
 use std::sync::mpsc::{channel, SendError, Sender};
 use std::sync::OnceLock;
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
+static REAPER: OnceLock<Option<Sender<Job>>> = OnceLock::new();
+
+thread_local! {
+    static ON_REAPER: Cell<bool> = const { Cell::new(false) };
+}
+
 fn sender() -> Option<&'static Sender<Job>> {
-    static REAPER: OnceLock<Option<Sender<Job>>> = OnceLock::new();
     REAPER
         .get_or_init(|| {
             let (tx, rx) = channel::<Job>();
             std::thread::Builder::new()
                 .name("lsm-reaper".into())
                 .spawn(move || {
+                    ON_REAPER.with(|f| f.set(true));
                     while let Ok(job) = rx.recv() {
                         job();
                     }
@@ -46,4 +53,21 @@ pub fn defer(job: impl FnOnce() + Send + 'static) {
         }
     }
     job();
+}
+
+/// Waits until the jobs deferred so far have run. A tree calls it when it is dropped: a job left
+/// for later could otherwise delete a table file of the same name that a tree reopened in the
+/// same process has written since (recovery numbers new tables after the highest table it keeps,
+/// and a compaction whose output was empty can have deleted higher ones).
+pub fn drain() {
+    let Some(Some(tx)) = REAPER.get() else {
+        return; // nothing was ever deferred
+    };
+    if ON_REAPER.with(Cell::get) {
+        return; // the jobs before this one have run
+    }
+    let (done, wait) = channel::<()>();
+    if tx.send(Box::new(move || drop(done.send(())))).is_ok() {
+        let _ = wait.recv();
+    }
 }

@@ -111,5 +111,9 @@ impl Drop for TreeInner {
 
         log::trace!("Sending stop signal to compactors");
         self.stop_signal.send();
+
+        // dmp patch (DMP-PATCH.md): the old versions this tree deferred are freed before it is
+        // gone, so none is left to delete files a reopened tree reuses.
+        crate::reaper::drain();
     }
 }
