@@ -138,22 +138,23 @@ fn table_files(dir: &std::path::Path) -> std::collections::BTreeSet<std::path::P
 fn given_tables_replaced_by_a_compaction_when_old_versions_are_freed_then_their_files_leave_the_disk(
 ) {
     let dir = tempfile::tempdir().unwrap();
-    let (_db, store) = open_temp(dir.path()).unwrap();
+    let (db, store) = open_temp(dir.path()).unwrap();
     let t = now_ms();
-    let write = |round: i64| {
+    // One version more of 500 rows, flushed and compacted into one table.
+    let write = |store: &dmp_store::embedded::EmbeddedStore, ts: i64| {
         let puts: Vec<Put> = (0..500)
             .map(|i| Put {
                 row: format!("u{i:04}"),
-                cells: vec![Cell::new("e", "url", t + round, vec![b'x'; 200])],
+                cells: vec![Cell::new("e", "url", ts, vec![b'x'; 200])],
             })
             .collect();
         store.put(&puts).unwrap();
-        major_compact(&store).unwrap(); // flush, then compact the rows into one table
+        major_compact(store).unwrap();
     };
-    write(0);
+    write(&store, t);
     let first = table_files(dir.path());
     assert!(!first.is_empty(), "the flush wrote no table");
-    write(1);
+    write(&store, t + 1);
     // The rows' table of the first round was compacted away with the second round's.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
@@ -173,18 +174,10 @@ fn given_tables_replaced_by_a_compaction_when_old_versions_are_freed_then_their_
     // Closed and reopened in this process (closing waits for the deferred deletions, so none
     // can hit a table the reopened store writes), the rows are all there after more compactions.
     drop(store);
-    drop(_db);
+    drop(db);
     let (_db, store) = open_temp(dir.path()).unwrap();
-    for round in 2..4 {
-        let puts: Vec<Put> = (0..500)
-            .map(|i| Put {
-                row: format!("u{i:04}"),
-                cells: vec![Cell::new("e", "url", t + round, vec![b'y'; 200])],
-            })
-            .collect();
-        store.put(&puts).unwrap();
-        major_compact(&store).unwrap();
-    }
+    write(&store, t + 2);
+    write(&store, t + 3);
     for i in (0..500).step_by(37) {
         let row = store.get(&Get::row(format!("u{i:04}"))).unwrap().unwrap();
         assert_eq!(row.cells.len(), 4, "row u{i:04}");

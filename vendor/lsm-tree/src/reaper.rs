@@ -67,7 +67,10 @@ pub fn drain() {
         return; // the jobs before this one have run
     }
     let (done, wait) = channel::<()>();
-    if tx.send(Box::new(move || drop(done.send(())))).is_ok() {
+    let barrier = move || {
+        let _ = done.send(());
+    };
+    if tx.send(Box::new(barrier)).is_ok() {
         let _ = wait.recv();
     }
 }
