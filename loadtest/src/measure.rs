@@ -147,6 +147,8 @@ pub struct Sample {
     pub published: f64,
     /// CPU seconds per role so far.
     pub cpu: BTreeMap<&'static str, f64>,
+    /// The loadtest's own CPU seconds so far (it shares the machine with dmp).
+    pub loadtest_cpu: f64,
     /// Resident memory peak so far, bytes.
     pub peak_rss: u64,
 }
@@ -164,6 +166,7 @@ pub fn sample_from(s: &Scrape, t: f64, offered: u64, acked: u64, pid: u32) -> Sa
         evaluated: s.sum_with("dmp_segmenter_users_evaluated_total", "trigger=\"change\""),
         published: s.sum("dmp_segmenter_records_published_total"),
         cpu: crate::process::cpu_by_role(pid),
+        loadtest_cpu: crate::process::own_cpu(),
         peak_rss: crate::process::peak_rss(pid).unwrap_or(0),
     }
 }
@@ -241,21 +244,26 @@ pub async fn read_segments(
             let Ok(Some(chunk)) = chunk else { break };
             buf.extend_from_slice(&chunk);
             let mut lat = out.lock().expect("not poisoned");
-            while let Some(i) = buf.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = buf.drain(..=i).collect();
-                let Ok(v) = serde_json::from_slice::<serde_json::Value>(&line) else {
+            // Lines are parsed in place and the buffer shifted once per chunk (shifting it per
+            // line moved the rest of the chunk for every line).
+            let mut from = 0;
+            while let Some(i) = buf[from..].iter().position(|b| *b == b'\n') {
+                let line = &buf[from..from + i];
+                from += i + 1;
+                let Ok(v) = serde_json::from_slice::<StreamLine>(line) else {
                     continue;
                 };
-                if let (Some(p), Some(o)) = (v["partition"].as_u64(), v["offset"].as_u64()) {
+                if let (Some(p), Some(o)) = (v.partition, v.offset) {
                     next.insert(p, o + 1);
                 }
                 lat.records += 1;
-                let published = v["timestamp"].as_i64().unwrap_or(0);
-                let last_event = v["record"]["last_event_ts"].as_i64().unwrap_or(0);
+                let published = v.timestamp.unwrap_or(0);
+                let record = v.record.unwrap_or_default();
+                let last_event = record.last_event_ts.unwrap_or(0);
                 if last_event <= 0 {
                     continue;
                 }
-                let uid = v["record"]["uid"].as_str().unwrap_or("");
+                let uid = record.uid.as_deref().unwrap_or("");
                 let dumped = dumps
                     .lock()
                     .expect("not poisoned")
@@ -272,6 +280,7 @@ pub async fn read_segments(
                     let _ = lat.all.record(ms.min(3_600_000));
                 }
             }
+            buf.drain(..from);
         }
         // Reconnect where this connection stopped.
         ack = if next.is_empty() {
@@ -282,6 +291,25 @@ pub async fn read_segments(
         };
     }
     Ok(())
+}
+
+/// A line of the partner stream (`GET /v1/stream/segments`): the fields the latency needs.
+#[derive(serde::Deserialize)]
+struct StreamLine<'a> {
+    partition: Option<u64>,
+    offset: Option<u64>,
+    /// When the record was published, epoch ms.
+    timestamp: Option<i64>,
+    #[serde(borrow)]
+    record: Option<StreamRecord<'a>>,
+}
+
+/// The segment update inside a stream line.
+#[derive(Default, serde::Deserialize)]
+struct StreamRecord<'a> {
+    #[serde(borrow)]
+    uid: Option<std::borrow::Cow<'a, str>>,
+    last_event_ts: Option<i64>,
 }
 
 /// Latency figures of a histogram, ms.
@@ -482,6 +510,26 @@ mod tests {
 
     const TEXT: &str = "# TYPE x counter\nx{a=\"1\"} 3\nx{a=\"2\"} 4\ny 2.5\n\
         h_bucket{le=\"0.1\"} 5\nh_bucket{le=\"1\"} 9\nh_bucket{le=\"+Inf\"} 10\nh_sum 3\nh_count 10\n";
+
+    #[test]
+    fn given_partner_stream_lines_then_the_latency_fields_are_read() {
+        // As api/src/stream.rs writes them: a segment update, and a tombstone of the current topic.
+        let line = br#"{"partition":3,"offset":41,"timestamp":1700000000500,"key":"lt-\u0031","record":{"uid":"lt-\u0031","segments":["a"],"added":["a"],"removed":[],"evaluated_at":1700000000400,"last_event_ts":1700000000100,"rules_version":"v1"}}"#;
+        let v: StreamLine = serde_json::from_slice(line).unwrap();
+        assert_eq!(
+            (v.partition, v.offset, v.timestamp),
+            (Some(3), Some(41), Some(1700000000500))
+        );
+        let r = v.record.unwrap();
+        assert_eq!(r.uid.as_deref(), Some("lt-1"), "escapes are decoded");
+        assert_eq!(r.last_event_ts, Some(1700000000100));
+        let tomb: StreamLine = serde_json::from_slice(
+            br#"{"partition":0,"offset":7,"timestamp":5,"key":"u","record":null}"#,
+        )
+        .unwrap();
+        assert!(tomb.record.is_none());
+        assert_eq!(tomb.offset, Some(7));
+    }
 
     #[test]
     fn prometheus_text_sums_and_buckets() {
