@@ -315,7 +315,6 @@ async fn phase(
             }
         })
     };
-    let own_cpu_start = crate::process::own_cpu();
     let target = match scenario.driver.kind {
         DriverKind::Http => Target::Http(dmp.url.clone()),
         DriverKind::Files => {
@@ -430,7 +429,6 @@ async fn phase(
     // Rates: from the first sample after the warmup to the last one of the traffic. Work (CPU,
     // the shares of changes): from the same start to the first sample after the drain, since a
     // segmenter that fell behind does its share of the work after the traffic.
-    let own_cpu = crate::process::own_cpu() - own_cpu_start;
     {
         let all = samples.lock().expect("not poisoned");
         let traffic_secs = traffic_end.duration_since(traffic_start).as_secs_f64();
@@ -461,8 +459,10 @@ async fn phase(
             phase
                 .cpu_per_1k_events
                 .insert("total".into(), per_1k(total));
-            phase.loadtest_cpu_per_1k_events =
-                per_1k(own_cpu * (b.t - a.t) / drained_secs.max(1e-9));
+            // Over the same samples as dmp's: until 2026-11-23 this was the whole run's CPU
+            // prorated, which counted the generation of the sessions under way at the start and
+            // the correctness check's lookups after the drain.
+            phase.loadtest_cpu_per_1k_events = per_1k(b.loadtest_cpu - a.loadtest_cpu);
             let changes = b.changes - a.changes;
             phase.changes = changes;
             if changes > 0.0 {
