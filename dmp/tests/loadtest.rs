@@ -57,7 +57,10 @@ fn check_main_phase(p: &run::Phase, users: usize) {
     assert!(p.event_to_segment_ms.count > 0);
     assert!(p.stored_rate > 0.0);
     assert!(p.cpu_per_1k_events["total"] > 0.0);
-    assert!(p.loadtest_cpu_per_1k_events > 0.0, "the loadtest's own CPU is sampled");
+    assert!(
+        p.loadtest_cpu_per_1k_events > 0.0,
+        "the loadtest's own CPU is sampled"
+    );
     assert!(p.samples.len() >= 3);
     assert!(!p.audience.is_empty() && p.audience.iter().all(|a| a.within));
     assert!(p.graceful_stop);

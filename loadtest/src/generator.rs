@@ -14,7 +14,6 @@
 //! and says who must be in which segment of `scenarios/demo-rules.toml`.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 
 /// Interests a user can have, with the URL hosts and queries that show them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
