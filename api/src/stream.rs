@@ -135,18 +135,8 @@ pub async fn segments(State(state): State<AppState>, Query(p): Query<Params>) ->
                 Ok(records) if records.is_empty() => continue,
                 Ok(records) => {
                     let mut out = Vec::with_capacity(records.len() * 256);
-                    for r in records {
-                        // A tombstone (deleted user, current topic) has no record.
-                        let line = serde_json::json!({
-                            "partition": r.partition,
-                            "offset": r.offset,
-                            "timestamp": r.timestamp,
-                            "key": String::from_utf8_lossy(&r.key),
-                            "record": serde_json::from_slice::<serde_json::Value>(&r.value)
-                                .unwrap_or(serde_json::Value::Null),
-                        });
-                        out.extend_from_slice(line.to_string().as_bytes());
-                        out.push(b'\n');
+                    for r in &records {
+                        write_line(r, &mut out);
                     }
                     return Some((Ok::<_, std::io::Error>(bytes::Bytes::from(out)), (c, stop)));
                 }
@@ -164,8 +154,96 @@ pub async fn segments(State(state): State<AppState>, Query(p): Query<Params>) ->
         .into_response()
 }
 
+/// Appends `r` as one NDJSON line of the stream. The record's value, dmp's own compact JSON, goes
+/// out as stored once it is checked to be one line of JSON (parsing it into a tree and printing
+/// the tree again cost several times more); a value that spans lines is printed compact, and one
+/// that is not JSON, such as a tombstone (a deleted user on the current topic), is `null`.
+pub fn write_line(r: &dmp_bus::Record, out: &mut Vec<u8>) {
+    let mut num = itoa::Buffer::new();
+    out.extend_from_slice(br#"{"partition":"#);
+    out.extend_from_slice(num.format(r.partition).as_bytes());
+    out.extend_from_slice(br#","offset":"#);
+    out.extend_from_slice(num.format(r.offset).as_bytes());
+    out.extend_from_slice(br#","timestamp":"#);
+    out.extend_from_slice(num.format(r.timestamp).as_bytes());
+    out.extend_from_slice(br#","key":"#);
+    serde_json::to_writer(&mut *out, &*String::from_utf8_lossy(&r.key))
+        .expect("a string serialises");
+    out.extend_from_slice(br#","record":"#);
+    let v = &r.value;
+    let one_line = !v.iter().any(|b| *b == b'\n' || *b == b'\r');
+    // Strings a value skips are not checked as UTF-8 by serde_json: checked first.
+    if one_line
+        && std::str::from_utf8(v).is_ok()
+        && serde_json::from_slice::<serde::de::IgnoredAny>(v).is_ok()
+    {
+        out.extend_from_slice(v);
+    } else {
+        match serde_json::from_slice::<serde_json::Value>(v) {
+            Ok(tree) => serde_json::to_writer(&mut *out, &tree).expect("a value serialises"),
+            Err(_) => out.extend_from_slice(b"null"),
+        }
+    }
+    out.extend_from_slice(b"}\n");
+}
+
 #[cfg(test)]
 mod tests {
+    fn record(key: &[u8], value: &[u8]) -> dmp_bus::Record {
+        dmp_bus::Record {
+            topic: "dmp.segments".into(),
+            partition: 3,
+            offset: 41,
+            timestamp: 1_795_341_600_123,
+            key: key.to_vec(),
+            value: value.to_vec(),
+        }
+    }
+
+    /// The line as it was made before (a JSON tree of the record, printed), as a value.
+    fn tree_line(r: &dmp_bus::Record) -> serde_json::Value {
+        serde_json::json!({
+            "partition": r.partition,
+            "offset": r.offset,
+            "timestamp": r.timestamp,
+            "key": String::from_utf8_lossy(&r.key),
+            "record": serde_json::from_slice::<serde_json::Value>(&r.value)
+                .unwrap_or(serde_json::Value::Null),
+        })
+    }
+
+    #[test]
+    fn given_any_record_then_its_line_is_one_line_of_the_same_json_as_the_tree() {
+        let update = dmp_core::segment::SegmentUpdate {
+            uid: "anna \"the\" user".into(),
+            segments: vec!["cat_lovers".into(), "кошки".into()],
+            added: vec!["кошки".into()],
+            removed: vec![],
+            evaluated_at: 1_795_341_600_100,
+            last_event_ts: 1_795_341_600_000,
+            rules_version: "v1".into(),
+        };
+        let cases: Vec<(&[u8], Vec<u8>)> = vec![
+            (b"anna", update.to_json()),
+            (b"anna", Vec::new()),                             // tombstone
+            (b"anna", b"{\n  \"pretty\": [1, 2]\n}".to_vec()), // spans lines
+            (b"anna", b"not json".to_vec()),
+            (b"anna", b"{\"a\":\"\xff\"}".to_vec()), // not UTF-8
+            (b"anna", b"{\"a\":1} trailing".to_vec()),
+            (b"we\"ird\\key\xff", b"  {\"a\":\"\\u00e9\"}\t".to_vec()), // key to escape
+        ];
+        for (key, value) in cases {
+            let r = record(key, &value);
+            let mut out = Vec::new();
+            super::write_line(&r, &mut out);
+            assert_eq!(out.last(), Some(&b'\n'));
+            assert!(!out[..out.len() - 1].contains(&b'\n'), "one line");
+            let line: serde_json::Value = serde_json::from_slice(&out)
+                .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out)));
+            assert_eq!(line, tree_line(&r), "{}", String::from_utf8_lossy(&value));
+        }
+    }
+
     #[test]
     fn acks_parse() {
         assert_eq!(
