@@ -228,9 +228,11 @@ impl Pending {
                 self.len -= v.len();
                 out.extend(v);
             }
-            let slot = &mut self.ring[(self.next & (Self::RING - 1)) as usize];
+            // Taken, not appended from: a slot keeping its capacity would hold a buffer for every
+            // millisecond of the ring (700 MB at 100K events/s).
+            let slot = std::mem::take(&mut self.ring[(self.next & (Self::RING - 1)) as usize]);
             self.len -= slot.len();
-            out.append(slot);
+            out.extend(slot);
             self.next += 1;
         }
     }
