@@ -53,14 +53,7 @@ fn lines(c: &mut Criterion) {
         b.iter(|| {
             let mut out = Vec::with_capacity(records.len() * 256);
             for r in &records {
-                let line = serde_json::json!({
-                    "partition": r.partition,
-                    "offset": r.offset,
-                    "timestamp": r.timestamp,
-                    "key": String::from_utf8_lossy(&r.key),
-                    "record": serde_json::from_slice::<serde_json::Value>(&r.value)
-                        .unwrap_or(serde_json::Value::Null),
-                });
+                let line = dmp_api::stream::line_tree(r);
                 out.extend_from_slice(line.to_string().as_bytes());
                 out.push(b'\n');
             }

@@ -187,6 +187,20 @@ pub fn write_line(r: &dmp_bus::Record, out: &mut Vec<u8>) {
     out.extend_from_slice(b"}\n");
 }
 
+/// A record's line as a JSON tree, the way the stream made it before [`write_line`]: what the
+/// tests and `benches/stream.rs` hold it to.
+#[doc(hidden)]
+pub fn line_tree(r: &dmp_bus::Record) -> serde_json::Value {
+    serde_json::json!({
+        "partition": r.partition,
+        "offset": r.offset,
+        "timestamp": r.timestamp,
+        "key": String::from_utf8_lossy(&r.key),
+        "record": serde_json::from_slice::<serde_json::Value>(&r.value)
+            .unwrap_or(serde_json::Value::Null),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     fn record(key: &[u8], value: &[u8]) -> dmp_bus::Record {
@@ -198,18 +212,6 @@ mod tests {
             key: key.to_vec(),
             value: value.to_vec(),
         }
-    }
-
-    /// The line as it was made before (a JSON tree of the record, printed), as a value.
-    fn tree_line(r: &dmp_bus::Record) -> serde_json::Value {
-        serde_json::json!({
-            "partition": r.partition,
-            "offset": r.offset,
-            "timestamp": r.timestamp,
-            "key": String::from_utf8_lossy(&r.key),
-            "record": serde_json::from_slice::<serde_json::Value>(&r.value)
-                .unwrap_or(serde_json::Value::Null),
-        })
     }
 
     #[test]
@@ -240,7 +242,12 @@ mod tests {
             assert!(!out[..out.len() - 1].contains(&b'\n'), "one line");
             let line: serde_json::Value = serde_json::from_slice(&out)
                 .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out)));
-            assert_eq!(line, tree_line(&r), "{}", String::from_utf8_lossy(&value));
+            assert_eq!(
+                line,
+                super::line_tree(&r),
+                "{}",
+                String::from_utf8_lossy(&value)
+            );
         }
     }
 
