@@ -67,9 +67,8 @@ impl RawCell<'_> {
     /// HBase order: family, qualifier, then newest version first.
     #[inline]
     pub fn cmp_key(&self, other: &RawCell<'_>) -> std::cmp::Ordering {
-        self.family
-            .cmp(other.family)
-            .then_with(|| self.qualifier.cmp(other.qualifier))
+        cmp_name(self.family, other.family)
+            .then_with(|| cmp_name(self.qualifier, other.qualifier))
             .then_with(|| other.ts.cmp(&self.ts))
     }
 
@@ -90,6 +89,22 @@ impl RawCell<'_> {
             value: packed.slice(self.value.0 as usize..self.value.1 as usize),
         })
     }
+}
+
+/// Byte order of two names, compared in place when short (families and qualifiers are a few
+/// bytes: a call to `memcmp` for each costs more than the compare), as `<[u8]>::cmp` does.
+#[inline]
+fn cmp_name(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
+    let n = a.len().min(b.len());
+    if n > 16 {
+        return a.cmp(b);
+    }
+    for i in 0..n {
+        if a[i] != b[i] {
+            return a[i].cmp(&b[i]);
+        }
+    }
+    a.len().cmp(&b.len())
 }
 
 /// Walks a packed value's cells, calling `f` for each until it answers `true`; returns whether
@@ -119,11 +134,11 @@ pub(crate) fn walk<'a>(
         buf = rest;
         let family = buf.get(..flen as usize).unwrap_or_default();
         take(&mut buf, flen as usize, "cell")?;
-        let qlen = get_varint(&mut buf)? as usize;
+        let qlen = varint(&mut buf).ok_or_else(|| varint_error(buf))? as usize;
         let qualifier = buf.get(..qlen).unwrap_or_default();
         take(&mut buf, qlen, "cell")?;
-        let ts = unzigzag(get_varint(&mut buf)?);
-        let vlen = get_varint(&mut buf)? as usize;
+        let ts = unzigzag(varint(&mut buf).ok_or_else(|| varint_error(buf))?);
+        let vlen = varint(&mut buf).ok_or_else(|| varint_error(buf))? as usize;
         let start = value.len() - buf.len();
         take(&mut buf, vlen, "cell value")?;
         let end = value.len() - buf.len();
@@ -186,19 +201,62 @@ pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
 }
 
 /// Reads an unsigned LEB128 varint.
+#[inline]
 pub fn get_varint(buf: &mut &[u8]) -> Result<u64, String> {
-    let mut v: u64 = 0;
-    for i in 0..10 {
-        let Some((&b, rest)) = buf.split_first() else {
-            return Err("truncated varint".into());
-        };
+    match varint(buf) {
+        Some(v) => Ok(v),
+        None => Err(varint_error(buf)),
+    }
+}
+
+/// [`get_varint`] without the error's text (built by [`varint_error`] when needed): `buf` is
+/// left as it was when there is no varint.
+#[inline(always)]
+fn varint(buf: &mut &[u8]) -> Option<u64> {
+    let (&b, rest) = buf.split_first()?;
+    if b < 0x80 {
         *buf = rest;
-        v |= ((b & 0x7f) as u64) << (7 * i);
-        if b < 0x80 {
-            return Ok(v);
+        return Some(b as u64);
+    }
+    // Up to 8 bytes at once (a timestamp in ms is 6): the first byte without the continuation
+    // bit ends it; the 7-bit groups are packed together without a loop.
+    if let Some(word) = buf.first_chunk::<8>() {
+        let w = u64::from_le_bytes(*word);
+        let ends = !w & 0x8080_8080_8080_8080;
+        if ends != 0 {
+            let len = (ends.trailing_zeros() / 8 + 1) as usize;
+            let mut x = (w & 0x7f7f_7f7f_7f7f_7f7f) & (u64::MAX >> (64 - 8 * len));
+            x = ((x & 0x7f00_7f00_7f00_7f00) >> 1) | (x & 0x007f_007f_007f_007f);
+            x = ((x & 0x3fff_0000_3fff_0000) >> 2) | (x & 0x0000_3fff_0000_3fff);
+            x = ((x & 0x0fff_ffff_0000_0000) >> 4) | (x & 0x0000_0000_0fff_ffff);
+            *buf = &buf[len..];
+            return Some(x);
         }
     }
-    Err("varint too long".into())
+    varint_slow(buf)
+}
+
+#[inline(never)]
+fn varint_slow(buf: &mut &[u8]) -> Option<u64> {
+    let mut v: u64 = 0;
+    for (i, &b) in buf.iter().take(10).enumerate() {
+        v |= ((b & 0x7f) as u64) << (7 * i);
+        if b < 0x80 {
+            *buf = &buf[i + 1..];
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// Why `buf` does not start with a varint.
+#[cold]
+fn varint_error(buf: &[u8]) -> String {
+    if buf.len() < 10 && buf.iter().all(|b| b & 0x80 != 0) {
+        "truncated varint".into()
+    } else {
+        "varint too long".into()
+    }
 }
 
 #[cfg(test)]
@@ -231,6 +289,41 @@ mod tests {
 
     use super::*;
     use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn given_any_number_when_varint_coded_then_it_reads_back_whatever_follows(
+            v in prop_oneof![any::<u64>(), 0u64..300, (0u32..64).prop_map(|b| 1u64 << b)],
+            tail in proptest::collection::vec(any::<u8>(), 0..12),
+        ) {
+            let mut out = Vec::new();
+            super::put_varint(&mut out, v);
+            prop_assert_eq!(out.len(), super::varint_len(v));
+            let len = out.len();
+            out.extend_from_slice(&tail);
+            let mut buf = &out[..];
+            prop_assert_eq!(super::get_varint(&mut buf), Ok(v));
+            prop_assert_eq!(buf, &tail[..]);
+            // Cut short: an error, never a wrong number.
+            let mut cut = &out[..len - 1];
+            prop_assert!(super::get_varint(&mut cut).is_err());
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn given_any_names_when_compared_then_byte_order(
+            a in proptest::collection::vec(any::<u8>(), 0..24),
+            b in proptest::collection::vec(any::<u8>(), 0..24),
+            shared in proptest::collection::vec(any::<u8>(), 0..20),
+        ) {
+            prop_assert_eq!(super::cmp_name(&a, &b), a.cmp(&b));
+            // Names that share a prefix differ late, or only in length.
+            let (x, y) = ([&shared[..], &a].concat(), [&shared[..], &b].concat());
+            prop_assert_eq!(super::cmp_name(&x, &y), x.cmp(&y));
+            prop_assert_eq!(super::cmp_name(&x, &shared), x.cmp(&shared));
+        }
+    }
 
     proptest! {
         #[test]
