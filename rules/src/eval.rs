@@ -310,14 +310,35 @@ enum Value<'a> {
     Missing,
 }
 
-/// The lowercased text, made on first use: `t` itself when it is ASCII with no capital letter
-/// (most URLs and hosts), else a lowercased copy kept in `low`.
+/// The lowercased text, made on first use: `t` itself when lowercasing would not change it (most
+/// URLs, hosts and queries, in any script), else a lowercased copy kept in `low`.
 fn lowered<'v>(t: &'v str, low: &'v std::cell::OnceCell<Option<String>>) -> &'v str {
-    low.get_or_init(|| {
-        (!t.bytes().all(|b| b.is_ascii() && !b.is_ascii_uppercase())).then(|| t.to_lowercase())
+    low.get_or_init(|| (!is_lowercase(t)).then(|| t.to_lowercase()))
+        .as_deref()
+        .unwrap_or(t)
+}
+
+/// Whether `t.to_lowercase()` is `t`, without building it: every character maps to itself.
+/// Lowercase letters do (a test checks every `char`), so only other letters are looked up.
+fn is_lowercase(t: &str) -> bool {
+    if t.is_ascii() {
+        return !t.bytes().any(|b| b.is_ascii_uppercase());
+    }
+    t.chars().all(|c| {
+        if c.is_ascii() {
+            return !c.is_ascii_uppercase();
+        }
+        // Russian first: a range compare, where `is_lowercase` searches a table.
+        if matches!(c, 'а'..='я' | 'ё')
+            || c.is_lowercase()
+            || !c.is_alphanumeric() && !c.is_uppercase()
+        {
+            // Neither a capital nor a titlecase letter (those are alphanumeric).
+            return true;
+        }
+        let mut l = c.to_lowercase();
+        l.next() == Some(c) && l.next().is_none()
     })
-    .as_deref()
-    .unwrap_or(t)
 }
 
 fn text(v: &[u8]) -> Cow<'_, str> {
@@ -763,11 +784,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn given_text_when_lowercased_then_copied_only_when_not_already_lowercase_ascii() {
+    fn given_every_char_when_asked_if_lowercase_then_it_agrees_with_to_lowercase() {
+        for c in (0..=u32::from(char::MAX)).filter_map(char::from_u32) {
+            let t = c.to_string();
+            assert_eq!(
+                is_lowercase(&t),
+                t.to_lowercase() == t,
+                "{c:?} (U+{:04X})",
+                c as u32
+            );
+        }
+        for t in [
+            "корм для кошек",
+            "Корм",
+            "ipoteka ИПОТЕКА",
+            "ΟΔΟΣ",
+            "straße",
+            "ǅ",
+            "日本語",
+        ] {
+            assert_eq!(is_lowercase(t), t.to_lowercase() == t, "{t}");
+            let low = std::cell::OnceCell::new();
+            assert_eq!(lowered(t, &low), t.to_lowercase());
+        }
+    }
+
+    #[test]
+    fn given_text_when_lowercased_then_copied_only_when_not_already_lowercase() {
         for (t, want, copied) in [
             ("https://cats.example/a", "https://cats.example/a", false),
             ("https://Cats.Example/A", "https://cats.example/a", true),
-            ("ипотека", "ипотека", true),
+            ("ипотека", "ипотека", false),
+            ("корм для Кошек", "корм для кошек", true),
             ("ИПОТЕКА", "ипотека", true),
         ] {
             let low = std::cell::OnceCell::new();

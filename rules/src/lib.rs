@@ -421,3 +421,95 @@ impl Drop for RuleWatcher {
         self.stop.store(true, std::sync::atomic::Ordering::Release);
     }
 }
+
+/// The evaluation a segmenter makes, repeated for an instruction count: under valgrind,
+/// `RULES_N=1000` and `RULES_N=3000` runs of
+/// `cargo test --release -p dmp-rules --lib cost -- --ignored` differ by 2000 evaluations (see
+/// docs/benchmarks.md). Instruction counts do not move with the machine's noise as times do.
+#[cfg(test)]
+mod cost {
+    use super::*;
+    use dmp_core::{Cell, Projection};
+
+    /// The loadtest's demo rules (`loadtest/scenarios/demo-rules.toml`).
+    const DEMO: &str = r#"version = "demo-1"
+[[segment]]
+id = "cat_lovers"
+when = '''count(url.host == "cats.example" or q contains "кошек" or q contains "cat", 30d) >= 2'''
+[[segment]]
+id = "mortgage_seekers"
+when = '''any(type == "search" and (q contains "ипотек" or q contains "mortgage"), 30d) or count(url.host == "bank.example", 30d) >= 3'''
+[[segment]]
+id = "car_service_seekers"
+when = '''any(q contains "автосервис" or q contains "car service" or url.host == "autoservice.example", 14d)'''
+[[segment]]
+id = "news_readers"
+when = '''count(url.host == "news.example", 7d) >= 2'''
+"#;
+
+    /// A user with 15 events (pages of cats and news sites, searches in Russian and English) as
+    /// the segmenter reads it: the writer's cells, projected to what the rules read.
+    fn row(now: i64, projection: &Projection) -> Row {
+        let mut cells = Vec::new();
+        for e in 0..15i64 {
+            let ts = now - 3_600_000 + e * 1000;
+            let (kind, url, q) = match e % 3 {
+                0 => ("pageview", "https://cats.example/p/123", None),
+                1 => ("search", "https://ya.ru/search", Some("корм для кошек")),
+                _ => ("pageview", "https://news.example/2026/11/23/x", None),
+            };
+            let mut event = vec![
+                ("ip", b"\x0a\x00\x00\x01".to_vec()),
+                ("ref", b"https://ya.ru/".to_vec()),
+                ("src", b"web".to_vec()),
+                ("type", kind.as_bytes().to_vec()),
+                ("ua", b"\x01\x02\x03\x04\x05\x06\x07\x08".to_vec()),
+                ("ua.br", b"Chrome".to_vec()),
+                ("ua.dev", b"desktop".to_vec()),
+                ("ua.os", b"Windows".to_vec()),
+                ("url", url.as_bytes().to_vec()),
+            ];
+            if let Some(q) = q {
+                event.push(("q", q.as_bytes().to_vec()));
+            }
+            cells.extend(event.into_iter().map(|(q, v)| Cell::new("e", q, ts, v)));
+        }
+        cells.push(Cell::new(
+            "m",
+            "first_seen",
+            now,
+            now.to_be_bytes().to_vec(),
+        ));
+        cells.push(Cell::new(
+            "s",
+            "current",
+            now,
+            b"{\"cat_lovers\":1}".to_vec(),
+        ));
+        let mut row = Row {
+            key: "u".into(),
+            cells,
+        };
+        row.sort();
+        row.cells = projection.apply(row.cells);
+        row
+    }
+
+    #[test]
+    #[ignore = "an instruction count under valgrind, see the module doc"]
+    fn given_a_segmenter_row_when_evaluated_then_the_same_segments_each_time() {
+        let now = 1_800_000_000_000;
+        let (version, rules) = file::parse_rules("demo.toml", DEMO).unwrap();
+        let set = RuleSet::new(version, rules, "demo.toml").unwrap();
+        let row = row(now, set.projection().expect("the demo rules project"));
+        let n: usize = std::env::var("RULES_N").map_or(1000, |v| v.parse().expect("a number"));
+        for _ in 0..n {
+            let e = set.evaluate(&row, now);
+            assert_eq!(e.live.len(), 2);
+            std::hint::black_box(e);
+        }
+        let e = set.evaluate(&row, now);
+        let live: Vec<&str> = e.live.keys().map(String::as_str).collect();
+        assert_eq!(live, ["cat_lovers", "news_readers"]);
+    }
+}
