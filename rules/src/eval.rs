@@ -25,9 +25,10 @@ pub struct EventView<'a> {
     /// Index in `cells` of each well-known qualifier ([`crate::lang::SLOTS`]); `u16::MAX`: absent.
     slots: [u16; crate::lang::SLOTS.len()],
     /// Parts derived once per event, as byte ranges: host (in the lowercased text) and path (in
-    /// the text) of `url` (0) and `ref` (1); the three parts of `geo`.
-    hosts: [Option<(u32, u32)>; 2],
-    paths: [Option<(u32, u32)>; 2],
+    /// the text) of `url` (0) and `ref` (1), on first use (rules that read neither, or only the
+    /// host, do not pay for the rest); the three parts of `geo`.
+    hosts: [std::cell::OnceCell<Option<(u32, u32)>>; 2],
+    paths: [std::cell::OnceCell<Option<(u32, u32)>>; 2],
     geo: [Option<(u32, u32)>; 3],
 }
 
@@ -57,6 +58,9 @@ impl<'a> EventCell<'a> {
         }
     }
 }
+
+/// The slots of `url` and `ref` ([`crate::lang::SLOTS`]).
+const URL_SLOTS: [usize; 2] = [1, 2];
 
 fn range_in(outer: &str, inner: &str) -> (u32, u32) {
     let start = inner.as_ptr() as usize - outer.as_ptr() as usize;
@@ -106,17 +110,6 @@ impl<'a> EventView<'a> {
                 }
             })
             .collect();
-        let mut hosts = [None; 2];
-        let mut paths = [None; 2];
-        for (k, slot) in [1usize, 2].into_iter().enumerate() {
-            if slots[slot] != u16::MAX {
-                let c = &cells[slots[slot] as usize];
-                let t = c.text();
-                let low = lowered(t, &c.low);
-                hosts[k] = Some(range_in(low, host(low)));
-                paths[k] = Some(range_in(t, path(t)));
-            }
-        }
         let mut geo = [None; 3];
         if slots[6] != u16::MAX {
             let t: &str = cells[slots[6] as usize].text();
@@ -128,10 +121,27 @@ impl<'a> EventView<'a> {
             ts,
             cells,
             slots,
-            hosts,
-            paths,
+            hosts: Default::default(),
+            paths: Default::default(),
             geo,
         }
+    }
+
+    /// The host of `url` (`k` = 0) or `ref` (1): its range in the lowercased text.
+    fn host_range(&self, k: usize) -> Option<(u32, u32)> {
+        *self.hosts[k].get_or_init(|| {
+            let (t, low) = self.text(self.slot(URL_SLOTS[k])?);
+            let low = lowered(t, low);
+            Some(range_in(low, host(low)))
+        })
+    }
+
+    /// The path of `url` (`k` = 0) or `ref` (1): its range in the text.
+    fn path_range(&self, k: usize) -> Option<(u32, u32)> {
+        *self.paths[k].get_or_init(|| {
+            let t = self.text(self.slot(URL_SLOTS[k])?).0;
+            Some(range_in(t, path(t)))
+        })
     }
 }
 
@@ -709,9 +719,9 @@ fn field_raw<'v>(f: &Field, ev: &'v EventView<'v>) -> Option<&'v str> {
         Field::Cell(q) => ev.index(q).map(|i| ev.text(i).0),
         Field::Host(s) => {
             let (t, l) = ev.text(ev.slot(*s)?);
-            sub(lowered(t, l), ev.hosts[which(*s)]?)
+            sub(lowered(t, l), ev.host_range(which(*s))?)
         }
-        Field::Path(s) => sub(ev.text(ev.slot(*s)?).0, ev.paths[which(*s)]?),
+        Field::Path(s) => sub(ev.text(ev.slot(*s)?).0, ev.path_range(which(*s))?),
         Field::Geo(part) => sub(ev.text(ev.slot(6)?).0, ev.geo[*part]?),
     }
 }
@@ -734,11 +744,11 @@ fn field_text<'v>(f: &Field, ev: &'v EventView<'v>, lower: bool) -> Option<Cow<'
         Field::Cell(q) => ev.index(q).map(|i| Cow::Borrowed(at(i, lower))),
         Field::Host(s) => {
             let i = ev.slot(*s)?;
-            ev.hosts[which(*s)].map(|r| slice(at(i, true), r))
+            ev.host_range(which(*s)).map(|r| slice(at(i, true), r))
         }
         Field::Path(s) => {
             let i = ev.slot(*s)?;
-            let r = ev.paths[which(*s)]?;
+            let r = ev.path_range(which(*s))?;
             let p = slice(at(i, false), r);
             Some(if lower {
                 Cow::Owned(p.to_lowercase())
