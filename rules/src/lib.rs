@@ -431,21 +431,8 @@ mod cost {
     use super::*;
     use dmp_core::{Cell, Projection};
 
-    /// The loadtest's demo rules (`loadtest/scenarios/demo-rules.toml`).
-    const DEMO: &str = r#"version = "demo-1"
-[[segment]]
-id = "cat_lovers"
-when = '''count(url.host == "cats.example" or q contains "кошек" or q contains "cat", 30d) >= 2'''
-[[segment]]
-id = "mortgage_seekers"
-when = '''any(type == "search" and (q contains "ипотек" or q contains "mortgage"), 30d) or count(url.host == "bank.example", 30d) >= 3'''
-[[segment]]
-id = "car_service_seekers"
-when = '''any(q contains "автосервис" or q contains "car service" or url.host == "autoservice.example", 14d)'''
-[[segment]]
-id = "news_readers"
-when = '''count(url.host == "news.example", 7d) >= 2'''
-"#;
+    /// The loadtest's demo rules, which `dmp run --demo` serves too.
+    const DEMO: &str = include_str!("../../loadtest/scenarios/demo-rules.toml");
 
     /// A user with 15 events (pages of cats and news sites, searches in Russian and English) as
     /// the segmenter reads it: the writer's cells, projected to what the rules read.
