@@ -182,8 +182,9 @@ struct Cells<'p, 'a> {
     family_at: Option<usize>,
     /// The previous cell's qualifier in the projected family and whether it was kept.
     prev: Option<(&'a [u8], bool)>,
-    /// The last cell built: its family and qualifier as stored, and the cell. A column is a run
-    /// of versions: the next cell of it shares the names instead of checking and copying them.
+    /// The last cell built: its family and qualifier as stored, and its index in `cells`. A
+    /// column is a run of versions: the next cell of it shares the names instead of checking
+    /// and copying them again.
     last: Option<(&'a [u8], &'a [u8], usize)>,
 }
 
