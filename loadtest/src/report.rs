@@ -309,7 +309,7 @@ pub fn summary(r: &Report) -> String {
     let mut s = String::new();
     let setup = |k: &str| r.setup.get(k).cloned().unwrap_or_default();
     s.push_str(&format!(
-        "### loadtest `{}` ({})\n\nMachine: {} x {} ({}), {}; load before {}; dmp {}.\nCommand: `{}`\n\n",
+        "### loadtest `{}` ({})\n\nMachine: {} x {} ({}), {}; load before {}; dmp `{}`, working tree at {}.\nCommand: `{}`\n\n",
         r.scenario.name,
         setup("date"),
         setup("cpus"),
@@ -317,6 +317,7 @@ pub fn summary(r: &Report) -> String {
         setup("memory"),
         setup("kernel"),
         setup("load_before"),
+        setup("dmp"),
         setup("git").replace('\n', " "),
         setup("command"),
     ));
