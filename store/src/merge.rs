@@ -49,8 +49,9 @@ pub(crate) fn read(
         let mut out = Cells::new(projection, base.len() / CELL_BYTES);
         if !base.is_empty() {
             codec::walk(base, |c| {
-                if limits.keeps(&c) {
-                    out.push(c, base)?;
+                match limits.keeps(&c) {
+                    Next::Dropped => {}
+                    next => out.push(c, base, next)?,
                 }
                 Ok(false)
             })?;
@@ -99,7 +100,8 @@ pub(crate) fn read(
         pack.then(|| codec::packed_with_capacity(cells.iter().map(|c| c.0.encoded.len()).sum()));
     let mut out = Cells::new(projection, cells.len());
     for (c, src) in cells {
-        if !limits.keeps(&c) {
+        let next = limits.keeps(&c);
+        if let Next::Dropped = next {
             continue;
         }
         if let Some(p) = &mut packed {
@@ -109,7 +111,7 @@ pub(crate) fn read(
             0 => base,
             i => writes[i as usize - 1],
         };
-        out.push(c, buf)?;
+        out.push(c, buf, next)?;
     }
     if let Some(p) = &mut packed {
         p.shrink_to_fit(); // exact size when limits dropped cells (the cache keeps it as is)
@@ -131,6 +133,23 @@ struct Limits<'s, 'a> {
     max_versions: u32,
     cutoff: i64,
     versions: u32,
+    /// Whether the previous cell was kept.
+    prev_kept: bool,
+}
+
+/// What [`Limits::keeps`] says of a cell, and how a kept one stands to the cell kept before it
+/// (so that [`Cells::push`] need not compare the names again).
+#[derive(Debug, Clone, Copy)]
+enum Next {
+    /// Left out.
+    Dropped,
+    /// Kept, right after a kept cell: whether of its family, and of its column.
+    After {
+        same_family: bool,
+        same_column: bool,
+    },
+    /// Kept, first or after cells left out: the names are to be compared.
+    Unknown,
 }
 
 impl<'s, 'a> Limits<'s, 'a> {
@@ -142,12 +161,13 @@ impl<'s, 'a> Limits<'s, 'a> {
             max_versions: 0,
             cutoff: i64::MIN,
             versions: 0,
+            prev_kept: false,
         }
     }
 
     /// Whether `c`, the cell after the previous one asked about, is kept.
     #[inline]
-    fn keeps(&mut self, c: &RawCell<'a>) -> bool {
+    fn keeps(&mut self, c: &RawCell<'a>) -> Next {
         let same_family = self
             .prev
             .is_some_and(|(f, _)| dmp_core::cell::same_bytes(f, c.family));
@@ -165,7 +185,17 @@ impl<'s, 'a> Limits<'s, 'a> {
                 .is_some_and(|(_, q)| dmp_core::cell::same_bytes(q, c.qualifier));
         self.versions = if same_column { self.versions + 1 } else { 1 };
         self.prev = Some((c.family, c.qualifier));
-        self.versions <= self.max_versions && c.ts >= self.cutoff
+        let kept = self.versions <= self.max_versions && c.ts >= self.cutoff;
+        let next = match (kept, self.prev_kept) {
+            (false, _) => Next::Dropped,
+            (true, true) => Next::After {
+                same_family,
+                same_column,
+            },
+            (true, false) => Next::Unknown,
+        };
+        self.prev_kept = kept;
+        next
     }
 }
 
@@ -182,6 +212,8 @@ struct Cells<'p, 'a> {
     family_at: Option<usize>,
     /// The previous cell's qualifier in the projected family and whether it was kept.
     prev: Option<(&'a [u8], bool)>,
+    /// Whether the previous cell was of the projected family.
+    in_family: bool,
     /// The last cell built: its family and qualifier as stored, and its index in `cells`. A
     /// column is a run of versions: the next cell of it shares the names instead of checking
     /// and copying them again.
@@ -203,18 +235,31 @@ impl<'p, 'a> Cells<'p, 'a> {
             run: Vec::with_capacity(versions),
             family_at: None,
             prev: None,
+            in_family: false,
             last: None,
         }
     }
 
-    /// Adds `c`, a cell of the packed value `buf`.
+    /// Adds `c`, a cell of the packed value `buf`, kept by the limits as `next` says.
     #[inline]
-    fn push(&mut self, c: RawCell<'a>, buf: &Bytes) -> Result<(), String> {
+    fn push(&mut self, c: RawCell<'a>, buf: &Bytes, next: Next) -> Result<(), String> {
+        let (same_family, same_column) = match next {
+            Next::After {
+                same_family,
+                same_column,
+            } => (Some(same_family), Some(same_column)),
+            _ => (None, None),
+        };
         if let Some(p) = self.projection {
-            if dmp_core::cell::same_bytes(c.family, p.family.as_bytes()) {
+            self.in_family = match same_family {
+                Some(true) => self.in_family,
+                _ => dmp_core::cell::same_bytes(c.family, p.family.as_bytes()),
+            };
+            if self.in_family {
                 self.family_at.get_or_insert(self.cells.len());
-                let kept = match self.prev {
-                    Some((q, kept)) if dmp_core::cell::same_bytes(q, c.qualifier) => kept,
+                let kept = match (same_column, self.prev) {
+                    (Some(true), Some((_, kept))) => kept,
+                    (None, Some((q, kept))) if dmp_core::cell::same_bytes(q, c.qualifier) => kept,
                     _ => {
                         self.end_column();
                         p.keeps(c.qualifier)
@@ -229,11 +274,20 @@ impl<'p, 'a> Cells<'p, 'a> {
                 self.end_column();
             }
         }
-        let cell = match self.last {
-            Some((f, q, i))
+        // The cell before, if of the same column, was built (a left-out column is left out
+        // whole) and is the last one.
+        let same = match (same_column, self.last) {
+            (Some(true), Some((_, _, i))) => Some(i),
+            (None, Some((f, q, i)))
                 if dmp_core::cell::same_bytes(q, c.qualifier)
                     && dmp_core::cell::same_bytes(f, c.family) =>
             {
+                Some(i)
+            }
+            _ => None,
+        };
+        let cell = match same {
+            Some(i) => {
                 let same = &self.cells[i];
                 Cell {
                     family: same.family.clone(),
@@ -242,7 +296,7 @@ impl<'p, 'a> Cells<'p, 'a> {
                     value: buf.slice(c.value.0 as usize..c.value.1 as usize),
                 }
             }
-            _ => c.to_cell(buf)?,
+            None => c.to_cell(buf)?,
         };
         self.last = Some((c.family, c.qualifier, self.cells.len()));
         self.cells.push(cell);
