@@ -27,8 +27,8 @@ pub struct EventView<'a> {
     /// Parts derived once per event, as byte ranges: host (in the lowercased text) and path (in
     /// the text) of `url` (0) and `ref` (1), on first use (rules that read neither, or only the
     /// host, do not pay for the rest); the three parts of `geo`.
-    hosts: [std::cell::OnceCell<Option<(u32, u32)>>; 2],
-    paths: [std::cell::OnceCell<Option<(u32, u32)>>; 2],
+    hosts: [std::cell::OnceCell<(u32, u32)>; 2],
+    paths: [std::cell::OnceCell<(u32, u32)>; 2],
     geo: [Option<(u32, u32)>; 3],
 }
 
@@ -59,8 +59,11 @@ impl<'a> EventCell<'a> {
     }
 }
 
-/// The slots of `url` and `ref` ([`crate::lang::SLOTS`]).
-const URL_SLOTS: [usize; 2] = [1, 2];
+/// Where the parts of the URL in `slot` (`url`: 1, `ref`: 2, [`crate::lang::SLOTS`]) are kept in
+/// an [`EventView`]: 0 and 1.
+fn url_index(slot: usize) -> usize {
+    usize::from(slot != 1)
+}
 
 fn range_in(outer: &str, inner: &str) -> (u32, u32) {
     let start = inner.as_ptr() as usize - outer.as_ptr() as usize;
@@ -127,21 +130,21 @@ impl<'a> EventView<'a> {
         }
     }
 
-    /// The host of `url` (`k` = 0) or `ref` (1): its range in the lowercased text.
-    fn host_range(&self, k: usize) -> Option<(u32, u32)> {
-        *self.hosts[k].get_or_init(|| {
-            let (t, low) = self.text(self.slot(URL_SLOTS[k])?);
-            let low = lowered(t, low);
-            Some(range_in(low, host(low)))
-        })
+    /// The host of the URL in `slot` (`url` or `ref`), lowercase.
+    #[inline(always)]
+    fn host_of(&self, slot: usize) -> Option<&str> {
+        let (t, low) = self.text(self.slot(slot)?);
+        let low = lowered(t, low);
+        let (a, b) = *self.hosts[url_index(slot)].get_or_init(|| range_in(low, host(low)));
+        low.get(a as usize..b as usize)
     }
 
-    /// The path of `url` (`k` = 0) or `ref` (1): its range in the text.
-    fn path_range(&self, k: usize) -> Option<(u32, u32)> {
-        *self.paths[k].get_or_init(|| {
-            let t = self.text(self.slot(URL_SLOTS[k])?).0;
-            Some(range_in(t, path(t)))
-        })
+    /// The path of the URL in `slot` (`url` or `ref`), as stored.
+    #[inline(always)]
+    fn path_of(&self, slot: usize) -> Option<&str> {
+        let t = self.text(self.slot(slot)?).0;
+        let (a, b) = *self.paths[url_index(slot)].get_or_init(|| range_in(t, path(t)));
+        t.get(a as usize..b as usize)
     }
 }
 
@@ -712,16 +715,12 @@ impl<'v> Eval<'v> {
 
 /// The text of a field of an event as stored (hosts lowercase).
 fn field_raw<'v>(f: &Field, ev: &'v EventView<'v>) -> Option<&'v str> {
-    let which = |slot: usize| usize::from(slot != 1); // url: 0, ref: 1
     let sub = |s: &'v str, (a, b): (u32, u32)| s.get(a as usize..b as usize);
     match f {
         Field::Slot(s) => ev.slot(*s).map(|i| ev.text(i).0),
         Field::Cell(q) => ev.index(q).map(|i| ev.text(i).0),
-        Field::Host(s) => {
-            let (t, l) = ev.text(ev.slot(*s)?);
-            sub(lowered(t, l), ev.host_range(which(*s))?)
-        }
-        Field::Path(s) => sub(ev.text(ev.slot(*s)?).0, ev.path_range(which(*s))?),
+        Field::Host(s) => ev.host_of(*s),
+        Field::Path(s) => ev.path_of(*s),
         Field::Geo(part) => sub(ev.text(ev.slot(6)?).0, ev.geo[*part]?),
     }
 }
@@ -738,22 +737,16 @@ fn field_text<'v>(f: &Field, ev: &'v EventView<'v>, lower: bool) -> Option<Cow<'
         }
     };
     let slice = |s: &'v str, (a, b): (u32, u32)| Cow::Borrowed(&s[a as usize..b as usize]);
-    let which = |slot: usize| usize::from(slot != 1); // url: 0, ref: 1
     match f {
         Field::Slot(s) => ev.slot(*s).map(|i| Cow::Borrowed(at(i, lower))),
         Field::Cell(q) => ev.index(q).map(|i| Cow::Borrowed(at(i, lower))),
-        Field::Host(s) => {
-            let i = ev.slot(*s)?;
-            ev.host_range(which(*s)).map(|r| slice(at(i, true), r))
-        }
+        Field::Host(s) => ev.host_of(*s).map(Cow::Borrowed),
         Field::Path(s) => {
-            let i = ev.slot(*s)?;
-            let r = ev.path_range(which(*s))?;
-            let p = slice(at(i, false), r);
+            let p = ev.path_of(*s)?;
             Some(if lower {
                 Cow::Owned(p.to_lowercase())
             } else {
-                p
+                Cow::Borrowed(p)
             })
         }
         Field::Geo(part) => {
