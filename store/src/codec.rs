@@ -134,11 +134,11 @@ pub(crate) fn walk<'a>(
         buf = rest;
         let family = buf.get(..flen as usize).unwrap_or_default();
         take(&mut buf, flen as usize, "cell")?;
-        let qlen = varint(&mut buf).ok_or_else(|| varint_error(buf))? as usize;
+        let qlen = get_varint(&mut buf)? as usize;
         let qualifier = buf.get(..qlen).unwrap_or_default();
         take(&mut buf, qlen, "cell")?;
-        let ts = unzigzag(varint(&mut buf).ok_or_else(|| varint_error(buf))?);
-        let vlen = varint(&mut buf).ok_or_else(|| varint_error(buf))? as usize;
+        let ts = unzigzag(get_varint(&mut buf)?);
+        let vlen = get_varint(&mut buf)? as usize;
         let start = value.len() - buf.len();
         take(&mut buf, vlen, "cell value")?;
         let end = value.len() - buf.len();
@@ -201,7 +201,7 @@ pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
 }
 
 /// Reads an unsigned LEB128 varint.
-#[inline]
+#[inline(always)]
 pub fn get_varint(buf: &mut &[u8]) -> Result<u64, String> {
     match varint(buf) {
         Some(v) => Ok(v),
