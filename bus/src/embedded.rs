@@ -679,15 +679,21 @@ impl EmbeddedBus {
         let weak = Arc::downgrade(&self.inner);
         std::thread::Builder::new()
             .name("dmp-bus-retention".into())
-            .spawn(move || loop {
-                std::thread::sleep(every);
-                let Some(inner) = weak.upgrade() else { break };
-                let bus = EmbeddedBus { inner };
-                if let Err(e) = bus.enforce_retention(now_ms()) {
-                    tracing::error!(error = %e, "bus retention failed");
+            .spawn(move || {
+                // Background work, like the database's own flushes and compactions.
+                if let Some(inner) = weak.upgrade() {
+                    inner.db.lower_to_background_priority();
                 }
-                if let Err(e) = bus.compact(now_ms(), false) {
-                    tracing::error!(error = %e, "bus compaction failed");
+                loop {
+                    std::thread::sleep(every);
+                    let Some(inner) = weak.upgrade() else { break };
+                    let bus = EmbeddedBus { inner };
+                    if let Err(e) = bus.enforce_retention(now_ms()) {
+                        tracing::error!(error = %e, "bus retention failed");
+                    }
+                    if let Err(e) = bus.compact(now_ms(), false) {
+                        tracing::error!(error = %e, "bus compaction failed");
+                    }
                 }
             })
             .expect("spawning a thread");

@@ -146,6 +146,8 @@ pub struct Embedded {
     pub journal_mb: u64,
     /// 0 = fsync every batch; N = fsync every N ms.
     pub fsync_interval_ms: u64,
+    /// Nice value of the database's background threads (flushes, compactions), 0..=19.
+    pub background_nice: u64,
 }
 
 /// `[bus]`: the embedded bus.
@@ -460,6 +462,12 @@ impl Config {
             self.embedded.fsync_interval_ms,
             0,
             3_600_000,
+        )?;
+        range(
+            "embedded.background_nice",
+            self.embedded.background_nice,
+            0,
+            19,
         )?;
         range("bus.retention_hours", self.bus.retention_hours, 1, 87_600)?;
         range(
@@ -1002,6 +1010,11 @@ mod tests {
             ),
             ("DMP__API__MAX_BODY_BYTES", "10", "api.max_body_bytes"),
             ("DMP__STATS__THETA_LG_K", "4", "stats.theta_lg_k"),
+            (
+                "DMP__EMBEDDED__BACKGROUND_NICE",
+                "20",
+                "embedded.background_nice",
+            ),
             ("DMP__STATS__THETA_LG_K", "21", "stats.theta_lg_k"),
             (
                 "DMP__SEGMENTER__COALESCE_MS",

@@ -86,6 +86,7 @@ pub struct EmbeddedDatabase {
     db: Database,
     memtable_bytes: u64,
     sync_each_batch: bool,
+    background_nice: u64,
     _syncer: Arc<Syncer>,
 }
 
@@ -125,6 +126,44 @@ fn sync_journals(db: &Database, dir: &std::path::Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Opens the database from a thread of its own at nice value `nice`. fjall starts its worker
+/// threads (memtable flushes, compactions) while it opens, and a thread starts with the nice
+/// value of the thread that creates it: they run at `nice`, and so do the threads they start
+/// (`lsm-reaper`). The caller's own priority is not changed.
+fn open_in_background(
+    builder: fjall::DatabaseBuilder<Database>,
+    nice: u64,
+) -> fjall::Result<Database> {
+    std::thread::scope(|s| {
+        std::thread::Builder::new()
+            .name("dmp-db-open".into())
+            .spawn_scoped(s, move || {
+                if nice > 0 {
+                    lower_priority(nice);
+                }
+                builder.open()
+            })
+            .expect("spawning a thread")
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+/// Raises the calling thread's nice value to `nice`, never lowering it (a process started at a
+/// higher nice value keeps it). On Linux a nice value belongs to a thread:
+/// `setpriority(PRIO_PROCESS, 0)` changes the caller only. Raising it needs no privilege; if the
+/// system refuses, the threads run at the caller's priority and the refusal is logged.
+fn lower_priority(nice: u64) {
+    let nice = i32::try_from(nice).unwrap_or(19);
+    let current = rustix::process::getpriority_process(None).unwrap_or(0);
+    if current >= nice {
+        return;
+    }
+    if let Err(e) = rustix::process::setpriority_process(None, nice) {
+        tracing::warn!(nice, error = %e, "cannot lower the priority of the database's background threads");
+    }
+}
+
 impl EmbeddedDatabase {
     /// Opens (or creates) the database at `path` with the memory bounds of `cfg` and the store's
     /// TTL compaction filter for `schema`.
@@ -133,19 +172,18 @@ impl EmbeddedDatabase {
         let ttl = Arc::new(TtlFactory {
             schema: schema.clone(),
         });
-        let db = Database::builder(path)
+        let builder = Database::builder(path)
             .cache_size(cfg.cache_mb * 1024 * 1024)
             .max_journaling_size(cfg.journal_mb * 1024 * 1024)
             .with_compaction_filter_factories(Arc::new(move |keyspace: &str| {
                 (keyspace == ROWS_KEYSPACE).then(|| ttl.clone() as Arc<dyn Factory>)
-            }))
-            .open()
-            .map_err(|e| match e {
-                fjall::Error::Locked => StoreError::InUse {
-                    path: path.display().to_string(),
-                },
-                e => StoreError::Backend(e),
-            })?;
+            }));
+        let db = open_in_background(builder, cfg.background_nice).map_err(|e| match e {
+            fjall::Error::Locked => StoreError::InUse {
+                path: path.display().to_string(),
+            },
+            e => StoreError::Backend(e),
+        })?;
         let stop = Arc::new(AtomicBool::new(false));
         let handle = if cfg.fsync_interval_ms > 0 {
             let (db2, stop2) = (db.clone(), stop.clone());
@@ -177,6 +215,7 @@ impl EmbeddedDatabase {
             db,
             memtable_bytes: cfg.memtable_mb * 1024 * 1024,
             sync_each_batch: cfg.fsync_interval_ms == 0,
+            background_nice: cfg.background_nice,
             _syncer: Arc::new(Syncer {
                 stop,
                 handle: Mutex::new(handle),
@@ -211,6 +250,15 @@ impl EmbeddedDatabase {
                     )),
             )
         })
+    }
+
+    /// Gives the calling thread the priority of the database's background threads
+    /// (`embedded.background_nice`): for threads that do upkeep work of their own on the
+    /// database, such as the embedded bus's retention and compaction.
+    pub fn lower_to_background_priority(&self) {
+        if self.background_nice > 0 {
+            lower_priority(self.background_nice);
+        }
     }
 
     /// Whether every batch is fsynced before it is acknowledged.
