@@ -1010,12 +1010,12 @@ mod tests {
             ),
             ("DMP__API__MAX_BODY_BYTES", "10", "api.max_body_bytes"),
             ("DMP__STATS__THETA_LG_K", "4", "stats.theta_lg_k"),
+            ("DMP__STATS__THETA_LG_K", "21", "stats.theta_lg_k"),
             (
                 "DMP__EMBEDDED__BACKGROUND_NICE",
                 "20",
                 "embedded.background_nice",
             ),
-            ("DMP__STATS__THETA_LG_K", "21", "stats.theta_lg_k"),
             (
                 "DMP__SEGMENTER__COALESCE_MS",
                 "60000",
