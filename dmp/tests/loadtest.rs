@@ -31,7 +31,7 @@ async fn run_and_report(s: &Scenario) -> run::Report {
     assert_eq!(json["scenario"]["name"], s.name.as_str());
     let summary = std::fs::read_to_string(out.join("summary.md")).unwrap();
     assert!(summary.contains("| main |"), "{summary}");
-    for chart in ["throughput", "latency", "shares", "audience"] {
+    for chart in ["throughput", "latency", "shares", "cpu", "audience"] {
         let path = out.join(format!("main-{chart}.png"));
         let decoder = png::Decoder::new(std::fs::File::open(&path).unwrap());
         let info = decoder.read_info().unwrap().info().clone();

@@ -1,7 +1,7 @@
 //! The report of a run: `report.json` (everything measured), `summary.md` (the headline table
 //! docs/benchmarks.md keeps) and PNG charts: throughput and latency over time, the shares of
-//! changes evaluated / skipped as duplicates / skipped as bots (the chart FACETz published), and
-//! audience estimates against the truth.
+//! changes evaluated / skipped as duplicates / skipped as bots (the chart FACETz published), the
+//! CPU of each role over time, and audience estimates against the truth.
 
 use std::path::Path;
 
@@ -57,6 +57,7 @@ pub fn write(report: &Report, dir: &Path) -> anyhow::Result<()> {
         throughput_chart(p, &dir.join(format!("{}-throughput.png", p.label)))?;
         latency_chart(p, &dir.join(format!("{}-latency.png", p.label)))?;
         shares_chart(p, &dir.join(format!("{}-shares.png", p.label)))?;
+        cpu_chart(p, &dir.join(format!("{}-cpu.png", p.label)))?;
         if !p.audience.is_empty() {
             audience_chart(p, &dir.join(format!("{}-audience.png", p.label)))?;
         }
@@ -107,6 +108,8 @@ fn line_chart(
     let label = |v: &f64| {
         if log {
             format!("{:.0}", 10f64.powf(*v))
+        } else if ymax < 10.0 {
+            format!("{v:.1}") // small quantities (cores) need their tenths
         } else {
             format!("{v:.0}")
         }
@@ -144,6 +147,38 @@ fn throughput_chart(p: &Phase, path: &Path) -> Res {
         ("changes", rates(p, |s| s.changes), MAGENTA),
     ];
     line_chart(p, path, "events per second", "per second", series, false)
+}
+
+/// Cores used per second by each of dmp's roles (`crate::process::role_of`) and by the loadtest
+/// itself: which role took the CPU when the latency spiked (the embedded storage's bursts of
+/// flushes and compactions showed this way).
+fn cpu_chart(p: &Phase, path: &Path) -> Res {
+    const ROLES: [(&str, RGBColor); 7] = [
+        ("segmenter", RED),
+        ("storage-writer", BLUE),
+        ("api", GREEN),
+        ("embedded-storage", MAGENTA),
+        ("kafka-client", CYAN),
+        ("counters", RGBColor(230, 140, 0)),
+        ("other", RGBColor(128, 128, 128)),
+    ];
+    let mut series: Vec<Series> = ROLES
+        .iter()
+        .filter(|(role, _)| {
+            p.samples
+                .iter()
+                .any(|s| s.cpu.get(role).is_some_and(|c| *c > 0.0))
+        })
+        .map(|&(role, color)| {
+            (
+                role,
+                rates(p, |s| s.cpu.get(role).copied().unwrap_or(0.0)),
+                color,
+            )
+        })
+        .collect();
+    series.push(("loadtest", rates(p, |s| s.loadtest_cpu), BLACK));
+    line_chart(p, path, "CPU by role", "cores", series, false)
 }
 
 fn latency_chart(p: &Phase, path: &Path) -> Res {
