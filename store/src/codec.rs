@@ -82,12 +82,24 @@ impl RawCell<'_> {
 
     /// The cell, its value a slice of `packed` (the value this cell was walked from).
     pub fn to_cell(self, packed: &bytes::Bytes) -> Result<Cell, String> {
-        Ok(Cell {
-            family: name(self.family)?,
-            qualifier: name(self.qualifier)?,
+        Ok(self.to_cell_named(name(self.family)?, name(self.qualifier)?, packed))
+    }
+
+    /// [`RawCell::to_cell`] with names already made from this cell's (shared with the cell
+    /// before it in the same column, say).
+    #[inline]
+    pub fn to_cell_named(
+        self,
+        family: compact_str::CompactString,
+        qualifier: compact_str::CompactString,
+        packed: &bytes::Bytes,
+    ) -> Cell {
+        Cell {
+            family,
+            qualifier,
             ts: self.ts,
             value: packed.slice(self.value.0 as usize..self.value.1 as usize),
-        })
+        }
     }
 }
 

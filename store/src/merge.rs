@@ -289,12 +289,7 @@ impl<'p, 'a> Cells<'p, 'a> {
         let cell = match same {
             Some(i) => {
                 let same = &self.cells[i];
-                Cell {
-                    family: same.family.clone(),
-                    qualifier: same.qualifier.clone(),
-                    ts: c.ts,
-                    value: buf.slice(c.value.0 as usize..c.value.1 as usize),
-                }
+                c.to_cell_named(same.family.clone(), same.qualifier.clone(), buf)
             }
             None => c.to_cell(buf)?,
         };
@@ -416,6 +411,22 @@ mod tests {
         })
     }
 
+    /// The model of a merge: cells by coordinates, each applied in order (a later cell wins,
+    /// within one write too), in HBase order.
+    fn latest_wins(cells: impl IntoIterator<Item = Cell>) -> Vec<Cell> {
+        let mut model: std::collections::BTreeMap<(String, String, std::cmp::Reverse<i64>), Cell> =
+            Default::default();
+        for c in cells {
+            let key = (
+                c.family.to_string(),
+                c.qualifier.to_string(),
+                std::cmp::Reverse(c.ts),
+            );
+            model.insert(key, c);
+        }
+        model.into_values().collect()
+    }
+
     proptest! {
         #[test]
         fn given_a_base_and_overlapping_writes_when_merged_then_the_latest_write_of_each_coordinate_wins(
@@ -423,20 +434,10 @@ mod tests {
             writes in proptest::collection::vec(cells_strategy(12), 1..4),
             keep in proptest::collection::vec(prop_oneof![Just("url"), Just("q"), Just("zz")], 0..3),
         ) {
-            // The model: cells by coordinates, every write applied in order (a cell later in one
-            // write wins too), in HBase order.
-            let mut model: std::collections::BTreeMap<(String, String, std::cmp::Reverse<i64>), Cell> =
-                Default::default();
             let mut base_row = dmp_core::Row { key: "u".into(), cells: base };
             base_row.sort();
             base_row.cells.dedup_by(|a, b| a.coordinates() == b.coordinates());
-            for c in base_row.cells.iter().chain(writes.iter().flatten()) {
-                model.insert(
-                    (c.family.to_string(), c.qualifier.to_string(), std::cmp::Reverse(c.ts)),
-                    c.clone(),
-                );
-            }
-            let expected: Vec<Cell> = model.into_values().collect();
+            let expected = latest_wins(base_row.cells.iter().chain(writes.iter().flatten()).cloned());
             let base = Bytes::from(codec::encode(&base_row.cells));
             let writes: Vec<Bytes> = writes.iter().map(|w| Bytes::from(codec::encode(w))).collect();
             let writes: Vec<&Bytes> = writes.iter().collect();
@@ -449,16 +450,12 @@ mod tests {
             prop_assert_eq!(m.cells, p.apply(expected.clone()));
             // With no base, the writes alone.
             let m = read(None, &writes, &s, 0, None, true).unwrap();
-            let mut alone: std::collections::BTreeMap<(String, String, std::cmp::Reverse<i64>), Cell> =
-                Default::default();
-            for c in writes.iter().flat_map(|w| {
+            let alone = latest_wins(writes.iter().flat_map(|w| {
                 let mut v = Vec::new();
                 codec::decode(w, |c| v.push(c)).unwrap();
                 v
-            }) {
-                alone.insert((c.family.to_string(), c.qualifier.to_string(), std::cmp::Reverse(c.ts)), c);
-            }
-            prop_assert_eq!(m.cells, alone.into_values().collect::<Vec<_>>());
+            }));
+            prop_assert_eq!(m.cells, alone);
         }
     }
 
