@@ -138,9 +138,7 @@ fn open_in_background(
         std::thread::Builder::new()
             .name("dmp-db-open".into())
             .spawn_scoped(s, move || {
-                if nice > 0 {
-                    lower_priority(nice);
-                }
+                lower_priority(nice);
                 builder.open()
             })
             .expect("spawning a thread")
@@ -150,10 +148,14 @@ fn open_in_background(
 }
 
 /// Raises the calling thread's nice value to `nice`, never lowering it (a process started at a
-/// higher nice value keeps it). On Linux a nice value belongs to a thread:
-/// `setpriority(PRIO_PROCESS, 0)` changes the caller only. Raising it needs no privilege; if the
-/// system refuses, the threads run at the caller's priority and the refusal is logged.
+/// higher nice value keeps it); 0 leaves it alone (a process started at a negative value keeps
+/// that too). On Linux a nice value belongs to a thread: `setpriority(PRIO_PROCESS, 0)` changes
+/// the caller only. Raising it needs no privilege; if the system refuses, the threads run at the
+/// caller's priority and the refusal is logged.
 fn lower_priority(nice: u64) {
+    if nice == 0 {
+        return;
+    }
     let nice = i32::try_from(nice).unwrap_or(19);
     let current = rustix::process::getpriority_process(None).unwrap_or(0);
     if current >= nice {
@@ -256,9 +258,7 @@ impl EmbeddedDatabase {
     /// (`embedded.background_nice`): for threads that do upkeep work of their own on the
     /// database, such as the embedded bus's retention and compaction.
     pub fn lower_to_background_priority(&self) {
-        if self.background_nice > 0 {
-            lower_priority(self.background_nice);
-        }
+        lower_priority(self.background_nice);
     }
 
     /// Whether every batch is fsynced before it is acknowledged.

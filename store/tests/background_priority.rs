@@ -8,6 +8,19 @@
 
 use dmp_store::embedded::open_temp_with;
 
+/// (thread name, nice value) of a thread's `/proc/…/stat` line.
+fn name_and_nice(stat: &str) -> (String, i64) {
+    let (open, close) = (stat.find('(').unwrap(), stat.rfind(')').unwrap());
+    // After the name: state is field 3 of the line, nice field 19.
+    let nice = stat[close + 2..]
+        .split(' ')
+        .nth(16)
+        .unwrap()
+        .parse()
+        .unwrap();
+    (stat[open + 1..close].to_string(), nice)
+}
+
 /// (thread name, nice value) of every thread of this process.
 fn threads() -> Vec<(String, i64)> {
     let mut out = Vec::new();
@@ -15,29 +28,13 @@ fn threads() -> Vec<(String, i64)> {
         let Ok(stat) = std::fs::read_to_string(task.unwrap().path().join("stat")) else {
             continue; // the thread ended
         };
-        let (open, close) = (stat.find('(').unwrap(), stat.rfind(')').unwrap());
-        let name = stat[open + 1..close].to_string();
-        // After the name: state is field 3 of the line, nice field 19.
-        let nice = stat[close + 2..]
-            .split(' ')
-            .nth(16)
-            .unwrap()
-            .parse()
-            .unwrap();
-        out.push((name, nice));
+        out.push(name_and_nice(&stat));
     }
     out
 }
 
 fn own_nice() -> i64 {
-    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
-    let close = stat.rfind(')').unwrap();
-    stat[close + 2..]
-        .split(' ')
-        .nth(16)
-        .unwrap()
-        .parse()
-        .unwrap()
+    name_and_nice(&std::fs::read_to_string("/proc/thread-self/stat").unwrap()).1
 }
 
 #[test]
