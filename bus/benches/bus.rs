@@ -92,12 +92,61 @@ fn bench_backend(c: &mut Criterion, name: &str, bus: Arc<dyn Bus>, preload: usiz
     g.finish();
 }
 
+/// A consumer following its producer, as the pipeline's do (the storage writer, the segmenter):
+/// each iteration produces a batch and polls it back, on a database whose log already holds
+/// 2M records of another topic (about 250 MB: tables that overlap every partition's range).
+fn bench_follow(c: &mut Criterion, name: &str, bus: Arc<dyn Bus>) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let run = dmp_core::clock::now_ms();
+    let mut n = 0u64;
+    let other = format!("bench.other-{run}");
+    rt.block_on(bus.create_topic(&other, 8)).unwrap();
+    for _ in 0..2_000_000 / BATCH {
+        rt.block_on(bus.produce(&other, batch(&mut n))).unwrap();
+    }
+    let topic = format!("bench.follow-{run}");
+    rt.block_on(bus.create_topic(&topic, 8)).unwrap();
+    let mut consumer = rt
+        .block_on(bus.consumer(&format!("follow-{run}"), std::slice::from_ref(&topic)))
+        .unwrap();
+    let mut g = c.benchmark_group(format!("bus_{name}"));
+    g.measurement_time(Duration::from_secs(8));
+    g.throughput(Throughput::Elements(BATCH as u64));
+    g.bench_function("produce_and_consume_at_the_end_1000x100B", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                bus.produce(&topic, batch(&mut n)).await.unwrap();
+                let mut read = 0;
+                while read < BATCH {
+                    read += consumer
+                        .poll(10_000, Duration::from_secs(10))
+                        .await
+                        .unwrap()
+                        .len();
+                }
+            })
+        })
+    });
+    g.finish();
+}
+
 fn benches(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dmp_core::Config::defaults();
     let db = EmbeddedDatabase::open(dir.path(), &cfg.embedded, &Schema::dmp_default()).unwrap();
     let bus: Arc<dyn Bus> = Arc::new(EmbeddedBus::open(&db, &cfg.bus).unwrap());
+    bench_follow(c, "embedded", bus.clone());
     bench_backend(c, "embedded", bus, 1_000_000);
+    // The same, every read from the database (`bus.tail_cache_mb = 0`), side by side.
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = dmp_core::Config::defaults();
+    cfg.bus.tail_cache_mb = 0;
+    let db = EmbeddedDatabase::open(dir.path(), &cfg.embedded, &Schema::dmp_default()).unwrap();
+    let bus: Arc<dyn Bus> = Arc::new(EmbeddedBus::open(&db, &cfg.bus).unwrap());
+    bench_follow(c, "embedded_no_tail", bus);
     if let Ok(broker) = std::env::var("DMP_BENCH_KAFKA") {
         let bus: Arc<dyn Bus> = Arc::new(
             dmp_bus::kafka::KafkaBus::from_url(&format!("kafka://{broker}"), &cfg.kafka).unwrap(),

@@ -24,19 +24,20 @@
 //! not per record. A read seeks to the chunk holding its start offset and decodes forward.
 //! Chunks of [`BLOB_THRESHOLD`] bytes or more live in fjall's blob files (key-value separation):
 //! flushes write them once and LSM compactions move only their keys.
-//! A produce writes its chunks, their index entries and segment totals in one atomic batch
-//! (fsynced first when `fsync_interval_ms = 0`), then publishes the new high offsets and wakes
-//! consumers. Retention deletes whole segments (never the newest) past the age or size bound.
-//! Compacted topics are never deleted by age or size. A compaction of a partition (when the
-//! records written since its last one reach both `compact_min_dirty_records` and the number it
-//! kept then, Kafka's dirty ratio of one half) maps each key of that dirty part to its newest
-//! offset, then rewrites the partition's chunks up to there without the records a newer one of
-//! the same key replaces, and without tombstones (empty values) older than
-//! `tombstone_retention_hours`. (Their segment totals count what was written, not what is kept:
-//! no retention reads them.) Offsets never change: a compacted chunk stores each record's
-//! distance from its base. Each rewrite batch removes old chunks and inserts the chunks holding
-//! their survivors atomically, and readers read from a snapshot, so a reader sees a chunk either
-//! whole before or whole after compaction.
+//! A produce writes its chunks, their index entries and segment totals in one atomic batch (fsynced
+//! first when `fsync_interval_ms = 0`), keeps the chunks in the in-memory tail (see
+//! [`crate::tail`]: reads near the end of a partition are served from there), then publishes the
+//! new high offsets and wakes consumers. Retention deletes whole segments (never the newest) past
+//! the age or size bound. Compacted topics are never deleted by age or size. A compaction of a
+//! partition (when the records written since its last one reach both `compact_min_dirty_records`
+//! and the number it kept then, Kafka's dirty ratio of one half) maps each key of that dirty part
+//! to its newest offset, then rewrites the partition's chunks up to there without the records a
+//! newer one of the same key replaces, and without tombstones (empty values) older than
+//! `tombstone_retention_hours`. (Their segment totals count what was written, not what is kept: no
+//! retention reads them.) Offsets never change: a compacted chunk stores each record's distance
+//! from its base. Each rewrite batch removes old chunks and inserts the chunks holding their
+//! survivors atomically, and readers read from a snapshot (or the tail, from which a compaction
+//! drops what it rewrote), so a reader sees a chunk either whole before or whole after compaction.
 //! `seek_group_to_time` uses the time index: the first record whose timestamp reaches the target
 //! among records that raised the partition's maximum, as Kafka's time index does.
 //!
@@ -60,6 +61,7 @@ use dmp_core::partition::partition_for_key;
 use dmp_store::embedded::EmbeddedDatabase;
 
 use crate::metrics as m;
+use crate::tail::{PartitionTail, Tails};
 use crate::{
     Bus, BusError, Cleanup, Consumer, ConsumerHealth, Delivered, PartitionOffsets, ProduceRecord,
     Record, Result, TopicInfo, TopicPartition,
@@ -111,6 +113,8 @@ struct Topic {
     partitions: Vec<Mutex<PartitionState>>,
     /// Published high offsets (readers never look past them).
     high: Vec<AtomicU64>,
+    /// Each partition's newest chunks, in memory.
+    tails: Vec<Arc<PartitionTail>>,
     /// Serialises produces to this topic so offsets are assigned in commit order.
     produce_lock: Mutex<()>,
 }
@@ -134,6 +138,8 @@ struct Inner {
     cfg: BusConfig,
     /// One compaction at a time.
     compaction: Mutex<()>,
+    /// The budget of the partitions' tails.
+    tails: Tails,
 }
 
 /// The embedded bus. Cheap to clone.
@@ -298,6 +304,7 @@ impl EmbeddedBus {
             notify: Notify::new(),
             cfg: cfg.clone(),
             compaction: Mutex::new(()),
+            tails: Tails::new((cfg.tail_cache_mb as usize).saturating_mul(1 << 20)),
         };
         let bus = EmbeddedBus {
             inner: Arc::new(inner),
@@ -381,6 +388,7 @@ impl EmbeddedBus {
                     id,
                     name: name.into(),
                     compacted,
+                    tails: (0..n).map(|_| Arc::default()).collect(),
                     partitions: parts,
                     high,
                     produce_lock: Mutex::new(()),
@@ -388,6 +396,11 @@ impl EmbeddedBus {
             );
         }
         Ok(())
+    }
+
+    /// Bytes of produced chunks held in memory for reads at the tail (`bus.tail_cache_mb`).
+    pub fn tail_bytes(&self) -> usize {
+        self.inner.tails.bytes()
     }
 
     fn topic(&self, name: &str) -> Result<Arc<Topic>> {
@@ -423,6 +436,8 @@ impl EmbeddedBus {
             records.len()
         ];
         let mut bytes = 0u64;
+        // The chunks for the tails, by partition in offset order.
+        let mut chunks: Vec<(Arc<PartitionTail>, u64, bytes::Bytes)> = Vec::new();
         // Records of each partition, in input order.
         let mut by_partition: Vec<Vec<usize>> = vec![Vec::new(); n as usize];
         for (i, r) in records.iter().enumerate() {
@@ -454,11 +469,9 @@ impl EmbeddedBus {
                     };
                     stamped.push((ts, r));
                 }
-                batch.insert(
-                    &inner.log,
-                    log_key(t.id, p as u32, base),
-                    encode_chunk(&stamped),
-                );
+                let value = bytes::Bytes::from(encode_chunk(&stamped));
+                batch.insert(&inner.log, log_key(t.id, p as u32, base), value.clone());
+                chunks.push((t.tails[p].clone(), base, value));
                 next[p] += chunk.len() as u64;
                 bytes += chunk_bytes;
                 let seg_base = base - base % seg_size;
@@ -484,6 +497,8 @@ impl EmbeddedBus {
             batch.insert(&inner.meta, meta_key(b's', t.id, *p, Some(*base)), v);
         }
         batch.commit()?;
+        // In the tails before the offsets are published: a reader that sees them finds them.
+        inner.tails.push(chunks);
         for (p, part) in t.partitions.iter().enumerate() {
             let mut st = part.lock();
             st.next = next[p];
@@ -532,6 +547,62 @@ impl EmbeddedBus {
         if from >= high || max == 0 {
             return Ok(from);
         }
+        let mut pos = from;
+        let mut taken = 0usize;
+        // One allocation for the whole poll: growing record by record reallocates (and copies)
+        // the vector a dozen times, each time into fresh memory the kernel must zero.
+        out.reserve((high - from).min(max as u64) as usize);
+        let mut take = |base: u64, chunk: &[u8]| -> Result<bool> {
+            decode_chunk(chunk, |i, ts, key, value| {
+                let offset = base + i;
+                if offset < pos {
+                    return true;
+                }
+                if offset >= high || taken >= max {
+                    return false;
+                }
+                out.push(Record {
+                    topic: t.name.clone(),
+                    partition: p,
+                    offset,
+                    timestamp: ts,
+                    key: key.to_vec(),
+                    value: value.to_vec(),
+                });
+                taken += 1;
+                pos = offset + 1;
+                true
+            })?;
+            Ok(taken < max)
+        };
+        if let Some(chunks) = t.tails[p as usize].read(from, high) {
+            metrics::counter!(m::TAIL_READS, "source" => "memory").increment(1);
+            for (base, chunk) in chunks {
+                if !take(base, &chunk)? {
+                    break;
+                }
+            }
+        } else {
+            metrics::counter!(m::TAIL_READS, "source" => "database").increment(1);
+            self.read_stored(t, p, from, high, &mut take)?;
+        }
+        if taken < max {
+            // Everything below `high` was read: on a compacted topic the rest are gaps.
+            pos = high;
+        }
+        Ok(pos)
+    }
+
+    /// Passes the stored chunks of a partition from the one holding `from` to `take(base,
+    /// chunk)`, until it returns false or the chunks before `high` are done.
+    fn read_stored(
+        &self,
+        t: &Topic,
+        p: u32,
+        from: u64,
+        high: u64,
+        take: &mut impl FnMut(u64, &[u8]) -> Result<bool>,
+    ) -> Result<()> {
         // One snapshot for the whole read: a compaction replaces chunks while we read.
         let snap = self.inner.db.db().snapshot();
         let end = log_key(t.id, p, high).to_vec();
@@ -552,47 +623,17 @@ impl EmbeddedBus {
             let start = self.chunk_holding(&snap, t.id, p, from)?;
             chunks = snap.range(&self.inner.log, start..end);
         }
-        let mut pos = from;
-        let mut taken = 0usize;
-        // One allocation for the whole poll: growing record by record reallocates (and copies)
-        // the vector a dozen times, each time into fresh memory the kernel must zero.
-        out.reserve((high - from).min(max as u64) as usize);
         let chunks = first
             .into_iter()
             .map(Ok)
             .chain(chunks.map(|kv| kv.into_inner()));
         for kv in chunks {
             let (k, v) = kv?;
-            let base = be_u64(&k[8..])?;
-            decode_chunk(&v, |i, ts, key, value| {
-                let offset = base + i;
-                if offset < pos {
-                    return true;
-                }
-                if offset >= high || taken >= max {
-                    return false;
-                }
-                out.push(Record {
-                    topic: t.name.clone(),
-                    partition: p,
-                    offset,
-                    timestamp: ts,
-                    key: key.to_vec(),
-                    value: value.to_vec(),
-                });
-                taken += 1;
-                pos = offset + 1;
-                true
-            })?;
-            if taken >= max {
+            if !take(be_u64(&k[8..])?, &v)? {
                 break;
             }
         }
-        if taken < max {
-            // Everything below `high` was read: on a compacted topic the rest are gaps.
-            pos = high;
-        }
-        Ok(pos)
+        Ok(())
     }
 
     /// Applies retention now: deletes whole segments (never the newest one of a partition) older
@@ -647,6 +688,7 @@ impl EmbeddedBus {
             new_low.to_be_bytes().to_vec(),
         )?;
         t.partitions[p as usize].lock().low = new_low;
+        inner.tails.drop_below(&t.tails[p as usize], new_low);
         let mut deleted = 0u64;
         let mut batch = inner.db.db().batch();
         for kv in inner
@@ -845,6 +887,8 @@ impl EmbeddedBus {
             st.clean_tombstones = tombstones;
             st.cleaned_at = now;
         }
+        // Reads of the rewritten offsets go to the database, and see what compaction kept.
+        inner.tails.drop_below(&t.tails[p as usize], end);
         tracing::debug!(
             topic = %t.name, partition = p, end, kept, removed,
             took_ms = started.elapsed().as_millis() as u64, "compacted"
@@ -981,6 +1025,7 @@ impl Bus for EmbeddedBus {
                     })
                     .collect(),
                 high: (0..partitions).map(|_| AtomicU64::new(0)).collect(),
+                tails: (0..partitions).map(|_| Arc::default()).collect(),
                 produce_lock: Mutex::new(()),
             }),
         );

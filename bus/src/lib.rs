@@ -17,6 +17,7 @@ pub mod embedded;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod metrics;
+mod tail;
 mod tracker;
 
 use std::sync::Arc;

@@ -9,6 +9,10 @@ pub const PRODUCED_BYTES: &str = "dmp_bus_produced_bytes_total";
 pub const PRODUCE_DURATION: &str = "dmp_bus_produce_duration_seconds";
 /// Records handed to consumers (counter).
 pub const CONSUMED_RECORDS: &str = "dmp_bus_consumed_records_total";
+/// Embedded reads of a partition by `source`: `memory` (its tail) or `database` (counter).
+pub const TAIL_READS: &str = "dmp_bus_tail_reads_total";
+/// Bytes the embedded bus keeps in its partitions' tails (gauge).
+pub const TAIL_BYTES: &str = "dmp_bus_tail_bytes";
 /// Errors by `kind` (counter).
 pub const ERRORS: &str = "dmp_bus_errors_total";
 /// Records deleted by retention (counter).

@@ -164,6 +164,9 @@ pub struct BusConfig {
     pub compact_min_dirty_records: u64,
     /// Hours a tombstone on a compacted topic is kept before a compaction removes it.
     pub tombstone_retention_hours: u64,
+    /// MiB of the newest produced chunks kept in memory for consumers at the tail (0: off),
+    /// shared evenly among all partitions.
+    pub tail_cache_mb: u64,
 }
 
 /// `[kafka]`.
@@ -494,6 +497,7 @@ impl Config {
             0,
             87_600,
         )?;
+        range("bus.tail_cache_mb", self.bus.tail_cache_mb, 0, 65_536)?;
         range(
             "kafka.max_buffered_records",
             self.kafka.max_buffered_records as u64,
@@ -1016,6 +1020,7 @@ mod tests {
                 "20",
                 "embedded.background_nice",
             ),
+            ("DMP__BUS__TAIL_CACHE_MB", "65537", "bus.tail_cache_mb"),
             (
                 "DMP__SEGMENTER__COALESCE_MS",
                 "60000",
