@@ -100,15 +100,16 @@ impl Tails {
     pub(crate) fn drop_below(&self, tail: &Arc<PartitionTail>, offset: u64) {
         let mut held = self.held.lock();
         let mut chunks = tail.chunks.lock();
-        let mut dropped = 0usize;
+        let (mut dropped, mut bytes) = (0usize, 0usize);
         while chunks.front().is_some_and(|(base, _)| *base < offset) {
-            dropped += chunks.pop_front().map_or(0, |(_, c)| c.len());
+            bytes += chunks.pop_front().map_or(0, |(_, c)| c.len());
+            dropped += 1;
         }
         drop(chunks);
         if dropped > 0 {
             held.order
                 .retain(|(t, base, _)| !(Arc::ptr_eq(t, tail) && *base < offset));
-            held.bytes -= dropped;
+            held.bytes -= bytes;
             metrics::gauge!(crate::metrics::TAIL_BYTES).set(held.bytes as f64);
         }
     }

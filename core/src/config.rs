@@ -164,8 +164,8 @@ pub struct BusConfig {
     pub compact_min_dirty_records: u64,
     /// Hours a tombstone on a compacted topic is kept before a compaction removes it.
     pub tombstone_retention_hours: u64,
-    /// MiB of the newest produced chunks kept in memory for consumers at the tail (0: off),
-    /// shared evenly among all partitions.
+    /// MiB of the newest produced chunks kept in memory for consumers at the tail (0: off): one
+    /// budget for all partitions, the oldest chunk leaving first whatever its partition.
     pub tail_cache_mb: u64,
 }
 
