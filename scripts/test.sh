@@ -153,6 +153,12 @@ else
     || { tail -n 50 "$WORK/tansu.log" >&2 || true; exit 1; }
 fi
 
+log "vendored fjall and lsm-tree: their unit tests (our patches' tests among them)"
+for crate in fjall lsm-tree; do
+  (cd "vendor/$crate" && CARGO_TARGET_DIR="$CARGO_TARGET_DIR/vendor-$crate" cargo test --lib --locked -q) \
+    || die "the unit tests of the vendored $crate failed"
+done
+
 log "benches compile"
 cargo bench --workspace --locked --no-run >/dev/null
 

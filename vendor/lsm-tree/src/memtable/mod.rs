@@ -8,8 +8,73 @@ use crate::{
     ValueType,
 };
 use crossbeam_skiplist::SkipMap;
-use std::ops::RangeBounds;
+use std::cmp::Ordering;
+use std::ops::{Bound, RangeBounds};
 use std::sync::atomic::{AtomicBool, AtomicU64};
+
+/// A memtable key: an [`InternalKey`] with the first 16 bytes of its user key held inline
+/// (dmp patch, see `DMP-PATCH.md`).
+///
+/// The skiplist compares a key with one node per level. An [`InternalKey`]'s user key lives on
+/// the heap, so each comparison loads another cache line besides the node's; the head, in the
+/// node, decides every comparison of keys that differ in their first 16 bytes without it.
+/// Heads are big-endian and zero-padded, so when two heads differ their order is the user
+/// keys' order; equal heads fall back to the whole key.
+#[derive(Clone)]
+pub struct MemtableKey {
+    head: [u64; 2],
+    key: InternalKey,
+}
+
+impl MemtableKey {
+    fn new(key: InternalKey) -> Self {
+        let mut bytes = [0u8; 16];
+        let n = key.user_key.len().min(16);
+        bytes[..n].copy_from_slice(&key.user_key[..n]);
+        let (a, b) = bytes.split_at(8);
+        #[expect(clippy::expect_used, reason = "two halves of 8 bytes")]
+        let head = [
+            u64::from_be_bytes(a.try_into().expect("8 bytes")),
+            u64::from_be_bytes(b.try_into().expect("8 bytes")),
+        ];
+        Self { head, key }
+    }
+
+    /// The key.
+    pub fn key(&self) -> &InternalKey {
+        &self.key
+    }
+}
+
+impl PartialEq for MemtableKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.head == other.head && self.key == other.key
+    }
+}
+
+impl Eq for MemtableKey {}
+
+impl PartialOrd for MemtableKey {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for MemtableKey {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.head
+            .cmp(&other.head)
+            .then_with(|| self.key.cmp(&other.key))
+    }
+}
+
+fn bound(b: Bound<&InternalKey>) -> Bound<MemtableKey> {
+    match b {
+        Bound::Included(k) => Bound::Included(MemtableKey::new(k.clone())),
+        Bound::Excluded(k) => Bound::Excluded(MemtableKey::new(k.clone())),
+        Bound::Unbounded => Bound::Unbounded,
+    }
+}
 
 pub use crate::tree::inner::MemtableId;
 
@@ -22,7 +87,7 @@ pub struct Memtable {
 
     /// The actual content, stored in a lock-free skiplist.
     #[doc(hidden)]
-    pub items: SkipMap<InternalKey, UserValue>,
+    pub items: SkipMap<MemtableKey, UserValue>,
 
     /// Approximate active memtable size.
     ///
@@ -70,7 +135,7 @@ impl Memtable {
     /// Creates an iterator over all items.
     pub fn iter(&self) -> impl DoubleEndedIterator<Item = InternalValue> + '_ {
         self.items.iter().map(|entry| InternalValue {
-            key: entry.key().clone(),
+            key: entry.key().key.clone(),
             value: entry.value().clone(),
         })
     }
@@ -80,8 +145,9 @@ impl Memtable {
         &'a self,
         range: R,
     ) -> impl DoubleEndedIterator<Item = InternalValue> + 'a {
+        let range = (bound(range.start_bound()), bound(range.end_bound()));
         self.items.range(range).map(|entry| InternalValue {
-            key: entry.key().clone(),
+            key: entry.key().key.clone(),
             value: entry.value().clone(),
         })
     }
@@ -111,15 +177,15 @@ impl Memtable {
         // abcdef -> 6
         // abcdef -> 5
         //
-        let lower_bound = InternalKey::new(key, seqno - 1, ValueType::Value);
+        let lower_bound = MemtableKey::new(InternalKey::new(key, seqno - 1, ValueType::Value));
 
         let mut iter = self
             .items
             .range(lower_bound..)
-            .take_while(|entry| &*entry.key().user_key == key);
+            .take_while(|entry| &*entry.key().key.user_key == key);
 
         iter.next().map(|entry| InternalValue {
-            key: entry.key().clone(),
+            key: entry.key().key.clone(),
             value: entry.value().clone(),
         })
     }
@@ -148,17 +214,19 @@ impl Memtable {
             clippy::expect_used,
             reason = "keys are limited to 16-bit length + values are limited to 32-bit length"
         )]
-        let item_size =
-            (item.key.user_key.len() + item.value.len() + std::mem::size_of::<InternalValue>())
-                .try_into()
-                .expect("should fit into u64");
+        let item_size = (item.key.user_key.len()
+            + item.value.len()
+            + std::mem::size_of::<InternalValue>()
+            + std::mem::size_of::<[u64; 2]>())
+        .try_into()
+        .expect("should fit into u64");
 
         let size_before = self
             .approximate_size
             .fetch_add(item_size, std::sync::atomic::Ordering::AcqRel);
 
         let key = InternalKey::new(item.key.user_key, item.key.seqno, item.key.value_type);
-        self.items.insert(key, item.value);
+        self.items.insert(MemtableKey::new(key), item.value);
 
         self.highest_seqno
             .fetch_max(item.key.seqno, std::sync::atomic::Ordering::AcqRel);
@@ -227,6 +295,95 @@ mod tests {
 
         let item = memtable.get(b"hello-key-999991", 2);
         assert_eq!((*b"hello-value-999991-2"), &*item.unwrap().value);
+    }
+
+    /// Keys that share prefixes of every length around the head's 16 bytes, with zero bytes (the
+    /// heads' padding) and 0xFF bytes in them.
+    fn tricky_keys(rng: &mut impl rand::Rng, n: usize) -> Vec<Vec<u8>> {
+        let alphabet = [0u8, 1, b'a', b'b', 0xFF];
+        let mut keys: Vec<Vec<u8>> = Vec::with_capacity(n);
+        for _ in 0..n {
+            // Half of them extend a prefix of an earlier key (cut anywhere, 16 included).
+            let mut key = match keys.len() {
+                0 => Vec::new(),
+                k if rng.random_bool(0.5) => {
+                    let other = &keys[rng.random_range(0..k)];
+                    other[..rng.random_range(0..=other.len())].to_vec()
+                }
+                _ => Vec::new(),
+            };
+            let extra = rng.random_range(usize::from(key.is_empty())..=12);
+            key.extend((0..extra).map(|_| alphabet[rng.random_range(0..alphabet.len())]));
+            keys.push(key);
+        }
+        keys
+    }
+
+    // dmp patch: a memtable key orders as its internal key does.
+    #[test]
+    fn memtable_key_orders_as_internal_key() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut keys = tricky_keys(&mut rng, 400);
+        keys.push(vec![0; 16]);
+        keys.push(vec![0; 17]);
+        keys.push(vec![]);
+        keys.push(b"aaaaaaaaaaaaaaaa".to_vec());
+        keys.push(b"aaaaaaaaaaaaaaaa\0".to_vec());
+        keys.push(b"aaaaaaaaaaaaaaaa\x01".to_vec());
+        let internal: Vec<InternalKey> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| InternalKey::new(k.clone(), (i % 3) as SeqNo, ValueType::Value))
+            .collect();
+        for a in &internal {
+            for b in &internal {
+                let (ma, mb) = (MemtableKey::new(a.clone()), MemtableKey::new(b.clone()));
+                assert_eq!(a.cmp(b), ma.cmp(&mb), "{a:?} against {b:?}");
+                assert_eq!(a == b, ma == mb, "{a:?} against {b:?}");
+            }
+        }
+    }
+
+    // dmp patch: iteration, ranges and reads see the keys in their internal order.
+    #[test]
+    #[expect(clippy::unwrap_used)]
+    fn memtable_iterates_and_reads_in_internal_key_order() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let memtable = Memtable::new(0);
+        let mut expected = Vec::new();
+        for (i, k) in tricky_keys(&mut rng, 2_000).into_iter().enumerate() {
+            let v = InternalValue::from_components(
+                k,
+                (i as u64).to_be_bytes(),
+                i as SeqNo,
+                ValueType::Value,
+            );
+            memtable.insert(v.clone());
+            expected.push(v);
+        }
+        expected.sort_by(|a, b| a.key.cmp(&b.key));
+        let got: Vec<InternalValue> = memtable.iter().collect();
+        assert_eq!(expected, got);
+        let (lo, hi) = (&expected[500].key, &expected[1500].key);
+        let got: Vec<InternalValue> = memtable.range(lo.clone()..hi.clone()).collect();
+        assert_eq!(&expected[500..1500], &got[..]);
+        let got: Vec<InternalValue> = memtable.range(lo.clone()..=hi.clone()).rev().collect();
+        let want: Vec<InternalValue> = expected[500..=1500].iter().rev().cloned().collect();
+        assert_eq!(want, got);
+        // The newest version of each key, as a point read sees it.
+        for v in &expected {
+            let newest = expected
+                .iter()
+                .filter(|e| e.key.user_key == v.key.user_key)
+                .max_by_key(|e| e.key.seqno)
+                .unwrap();
+            assert_eq!(
+                Some(newest),
+                memtable.get(&v.key.user_key, SeqNo::MAX).as_ref()
+            );
+        }
     }
 
     #[test]
