@@ -64,7 +64,9 @@ const LOCK_STRIPES: usize = 1024;
 /// against 0.0083 / 0.0076 (docs/benchmarks.md, "Long runs"). More L0 tables are more places an
 /// uncached read's prefix scan looks: in 40-s runs with a 512 MiB row cache 16 made the
 /// segmenter slower, but with the 2 GiB row cache few reads miss it, and over 150 s the
-/// segmenter's cost per evaluation was the same. fjall stores the strategy with a keyspace when
+/// segmenter's cost per evaluation was the same. Since then the tables' filters hold the rows'
+/// prefixes (`uid 0x00`; vendored lsm-tree, `vendor/lsm-tree/DMP-PATCH.md`), and a scan skips
+/// the tables without its row. fjall stores the strategy with a keyspace when
 /// it creates it, so a database created before keeps the threshold it was created with.
 ///
 /// It must stay well under fjall's write stall (writes slowed from 20 L0 tables) and halt (30,

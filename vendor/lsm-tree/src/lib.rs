@@ -122,6 +122,8 @@ pub mod mvcc_stream;
 
 mod path;
 
+mod prefix_filter;
+
 // dmp patch: frees old versions off the version lock (DMP-PATCH.md).
 mod reaper;
 

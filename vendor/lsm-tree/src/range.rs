@@ -95,12 +95,38 @@ impl DoubleEndedIterator for TreeIter {
     }
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Tables the calling thread's prefix scans skipped (dmp patch's tests).
+    pub(crate) static TABLES_SKIPPED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 impl TreeIter {
     pub fn create_range<K: AsRef<[u8]>, R: RangeBounds<K>>(
         guard: IterState,
         range: R,
         seqno: SeqNo,
     ) -> Self {
+        Self::create_filtered_range(guard, range, seqno, None)
+    }
+
+    /// [`TreeIter::create_range`], skipping the tables whose filter says they hold no key of the
+    /// prefix hashed to `prefix_hash` (dmp patch, see `crate::prefix_filter`). The caller
+    /// guarantees every key in `range` has that prefix.
+    pub(crate) fn create_filtered_range<K: AsRef<[u8]>, R: RangeBounds<K>>(
+        guard: IterState,
+        range: R,
+        seqno: SeqNo,
+        prefix_hash: Option<u64>,
+    ) -> Self {
+        let may_hold = move |table: &crate::Table| {
+            let may = prefix_hash.is_none_or(|h| table.may_contain_prefix(h));
+            #[cfg(test)]
+            if !may {
+                TABLES_SKIPPED.with(|n| n.set(n.get() + 1));
+            }
+            may
+        };
         Self::new(guard, |lock| {
             let lo = match range.start_bound() {
                 // NOTE: See memtable.rs for range explanation
@@ -164,7 +190,8 @@ impl TreeIter {
                         if table.check_key_range_overlap(&(
                             range.start_bound().map(|x| &*x.user_key),
                             range.end_bound().map(|x| &*x.user_key),
-                        )) {
+                        )) && may_hold(table)
+                        {
                             let reader = table
                                 .range((
                                     range.start_bound().map(|x| &x.user_key).cloned(),
@@ -179,13 +206,23 @@ impl TreeIter {
                         }
                     }
                     _ => {
-                        if let Some(reader) = RunReader::new(
-                            run.clone(),
-                            (
-                                range.start_bound().map(|x| &x.user_key).cloned(),
-                                range.end_bound().map(|x| &x.user_key).cloned(),
-                            ),
-                        ) {
+                        let bounds = (
+                            range.start_bound().map(|x| &x.user_key).cloned(),
+                            range.end_bound().map(|x| &x.user_key).cloned(),
+                        );
+                        // dmp patch: a run whose one overlapping table cannot hold the prefix
+                        // is skipped.
+                        let overlap = run.range_overlap_indexes(&bounds);
+                        let skip = match overlap {
+                            Some((lo, hi)) if lo == hi => run.get(lo).is_some_and(|t| !may_hold(t)),
+                            _ => false,
+                        };
+                        if skip {
+                            continue;
+                        }
+                        if let Some(reader) = overlap.map(|(lo, hi)| {
+                            RunReader::culled(run.clone(), bounds, (Some(lo), Some(hi)))
+                        }) {
                             iters.push(Box::new(reader.filter(move |item| match item {
                                 Ok(item) => seqno_filter(item.key.seqno, seqno),
                                 Err(_) => true,

@@ -50,6 +50,10 @@ pub struct ParsedMeta {
 
     pub data_block_compression: CompressionType,
     pub index_block_compression: CompressionType,
+
+    /// Whether the table's filter holds its keys' prefixes (dmp patch, `prefix_filter`); false
+    /// for tables written without the patch.
+    pub prefix_filter: bool,
 }
 
 macro_rules! read_u8 {
@@ -207,7 +211,12 @@ impl ParsedMeta {
             CompressionType::decode_from(&mut bytes)?
         };
 
+        let prefix_filter = block
+            .point_read(crate::prefix_filter::META_KEY.as_bytes(), SeqNo::MAX)
+            .is_some_and(|item| *item.value == [1]);
+
         Ok(Self {
+            prefix_filter,
             id,
             created_at,
             data_block_count,

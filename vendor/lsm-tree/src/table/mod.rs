@@ -226,6 +226,31 @@ impl Table {
         self.metadata.file_size
     }
 
+    /// Whether the table may hold keys of the prefix whose filter hash is `prefix_hash` (see
+    /// [`crate::prefix_filter::scan_hash`]; dmp patch). True unless the table's filter holds
+    /// its keys' prefixes and says this one is not among them; true too when the filter cannot
+    /// be read (the scan then reads the table and meets the error there).
+    pub(crate) fn may_contain_prefix(&self, prefix_hash: u64) -> bool {
+        if !self.metadata.prefix_filter {
+            return true;
+        }
+        let loaded;
+        let block = if let Some(block) = &self.pinned_filter_block {
+            block
+        } else if let Some(handle) = &self.regions.filter {
+            match self.load_block(handle, BlockType::Filter, CompressionType::None) {
+                Ok(block) => {
+                    loaded = FilterBlock::new(block);
+                    &loaded
+                }
+                Err(_) => return true,
+            }
+        } else {
+            return true;
+        };
+        block.maybe_contains_hash(prefix_hash).unwrap_or(true)
+    }
+
     pub fn get(
         &self,
         key: &[u8],

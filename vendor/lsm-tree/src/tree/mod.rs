@@ -901,10 +901,25 @@ impl Tree {
         seqno: SeqNo,
         ephemeral: Option<(Arc<Memtable>, SeqNo)>,
     ) -> impl DoubleEndedIterator<Item = crate::Result<KvPair>> + 'static {
-        use crate::range::prefix_to_range;
+        use crate::range::{prefix_to_range, IterState, TreeIter};
 
         let range = prefix_to_range(prefix.as_ref());
-        self.create_range(&range, seqno, ephemeral)
+
+        // dmp patch: tables whose filter lacks the prefix are skipped (see `prefix_filter`).
+        let prefix_hash = crate::prefix_filter::scan_hash(prefix.as_ref());
+
+        #[expect(clippy::expect_used, reason = "lock is expected to not be poisoned")]
+        let version = self
+            .version_history
+            .read()
+            .expect("lock is poisoned")
+            .get_version_for_snapshot(seqno);
+
+        TreeIter::create_filtered_range(IterState { version, ephemeral }, range, seqno, prefix_hash)
+            .map(|item| match item {
+                Ok(kv) => Ok((kv.key.user_key, kv.value)),
+                Err(e) => Err(e),
+            })
     }
 
     /// Adds an item to the active memtable.

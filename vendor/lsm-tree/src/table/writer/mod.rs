@@ -84,6 +84,10 @@ pub struct Writer {
 
     current_key: Option<UserKey>,
 
+    /// Whether every distinct key prefix went into the filter (dmp patch, `prefix_filter`):
+    /// false once one could not (a partitioned filter).
+    prefixes_in_filter: bool,
+
     bloom_policy: BloomConstructionPolicy,
 
     /// Tracks the previously written item to detect weak tombstone/value pairs
@@ -134,6 +138,8 @@ impl Writer {
             chunk_size: 0,
 
             current_key: None,
+
+            prefixes_in_filter: true,
 
             bloom_policy: BloomConstructionPolicy::default(),
 
@@ -266,7 +272,6 @@ impl Writer {
         // NOTE: Check if we visit a new key
         if Some(&user_key) != self.current_key.as_ref() {
             self.meta.key_count += 1;
-            self.current_key = Some(user_key.clone());
 
             // IMPORTANT: Do not buffer *every* item's key
             // because there may be multiple versions
@@ -274,7 +279,22 @@ impl Writer {
 
             if self.bloom_policy.is_active() {
                 self.filter_writer.register_key(&user_key)?;
+
+                // dmp patch: each distinct prefix once (keys come sorted, so a prefix's keys
+                // are consecutive).
+                if let Some(prefix) = crate::prefix_filter::extract(&user_key) {
+                    let previous = self
+                        .current_key
+                        .as_deref()
+                        .and_then(crate::prefix_filter::extract);
+                    if previous != Some(prefix) {
+                        let hash = crate::table::filter::standard_bloom::Builder::get_hash(prefix);
+                        self.prefixes_in_filter &= self.filter_writer.register_prefix_hash(hash);
+                    }
+                }
             }
+
+            self.current_key = Some(user_key.clone());
         }
 
         if self.meta.first_key.is_none() {
@@ -445,6 +465,10 @@ impl Writer {
                 meta(
                     "data_block_hash_ratio",
                     &self.data_block_hash_ratio.to_le_bytes(),
+                ),
+                meta(
+                    crate::prefix_filter::META_KEY,
+                    &[u8::from(self.prefixes_in_filter && filter_block_count > 0)],
                 ),
                 meta("file_size", &self.meta.file_pos.to_le_bytes()),
                 meta("filter_hash_type", &[u8::from(ChecksumType::Xxh3)]),

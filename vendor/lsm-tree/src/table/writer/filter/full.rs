@@ -49,6 +49,11 @@ impl<W: std::io::Write + std::io::Seek> FilterWriter<W> for FullFilterWriter {
         Ok(())
     }
 
+    fn register_prefix_hash(&mut self, hash: u64) -> bool {
+        self.bloom_hash_buffer.push(hash);
+        true
+    }
+
     fn finish(
         self: Box<Self>,
         file_writer: &mut sfa::Writer<ChecksummedWriter<BufWriter<File>>>,

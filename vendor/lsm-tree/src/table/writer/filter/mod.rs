@@ -19,6 +19,12 @@ pub trait FilterWriter<W: std::io::Write> {
     /// Registers a key in the block index.
     fn register_key(&mut self, key: &UserKey) -> crate::Result<()>;
 
+    /// Registers a key prefix's hash (dmp patch, `prefix_filter`). Returns whether the filter
+    /// holds it: only a full filter does (a partitioned one ignores it).
+    fn register_prefix_hash(&mut self, _hash: u64) -> bool {
+        false
+    }
+
     /// Writes the filter to a file.
     ///
     /// Returns the number of filter blocks written (always 1 in case of full filter block).
