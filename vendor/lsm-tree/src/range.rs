@@ -220,9 +220,7 @@ impl TreeIter {
                         if skip {
                             continue;
                         }
-                        if let Some(reader) = overlap.map(|(lo, hi)| {
-                            RunReader::culled(run.clone(), bounds, (Some(lo), Some(hi)))
-                        }) {
+                        if let Some(reader) = RunReader::new(run.clone(), bounds) {
                             iters.push(Box::new(reader.filter(move |item| match item {
                                 Ok(item) => seqno_filter(item.key.seqno, seqno),
                                 Err(_) => true,
