@@ -165,6 +165,8 @@ pub struct Report {
 /// Runs `scenario` with the dmp at `dmp`, writing under `out`; returns the report.
 pub async fn run(scenario: &Scenario, dmp: &Path, out: &Path) -> anyhow::Result<Report> {
     std::fs::create_dir_all(out)?;
+    // Before the phases: the load average is the machine's, not the run's.
+    let setup = setup(dmp);
     let mut phases = vec![phase(scenario, dmp, out, "main", &[]).await?];
     let mut dedupe_saving = None;
     if scenario.checks.compare_dedupe {
@@ -201,7 +203,7 @@ pub async fn run(scenario: &Scenario, dmp: &Path, out: &Path) -> anyhow::Result<
     }
     Ok(Report {
         scenario: scenario.clone(),
-        setup: setup(dmp),
+        setup,
         phases,
         dedupe_saving,
     })
