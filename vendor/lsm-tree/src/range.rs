@@ -210,13 +210,14 @@ impl TreeIter {
                             range.start_bound().map(|x| &x.user_key).cloned(),
                             range.end_bound().map(|x| &x.user_key).cloned(),
                         );
-                        // dmp patch: a run whose one overlapping table cannot hold the prefix
-                        // is skipped.
-                        let overlap = run.range_overlap_indexes(&bounds);
-                        let skip = match overlap {
-                            Some((lo, hi)) if lo == hi => run.get(lo).is_some_and(|t| !may_hold(t)),
-                            _ => false,
-                        };
+                        // dmp patch: in a prefix scan, a run whose one overlapping table
+                        // cannot hold the prefix is skipped (other scans find the overlap once,
+                        // in `RunReader::new`, as before).
+                        let skip = prefix_hash.is_some()
+                            && matches!(
+                                run.range_overlap_indexes(&bounds),
+                                Some((lo, hi)) if lo == hi && run.get(lo).is_some_and(|t| !may_hold(t))
+                            );
                         if skip {
                             continue;
                         }
