@@ -1,8 +1,9 @@
 //! `dmp-segmenter`: user changes to segments.
 //!
 //! Consumer group `segmenter` on `dmp.user-changes`. The poll loop ([`Segmenter::run`]) shards
-//! users by uid hash to worker threads (one per core by default, pinned when `pin_cores`), over
-//! bounded queues. Each worker owns its caches, so the hot path takes no locks:
+//! users by uid hash to worker threads (one per core by default, each pinned to a core unless
+//! `pin_cores` is off), over bounded queues. Each worker owns its caches, so the hot path takes
+//! no locks:
 //! 1. [`blacklist`]: a user changing more than `blacklist_max_changes` times per window is a bot,
 //!    skipped before any read and flagged `m:bot` once;
 //! 2. [`dedupe`]: a change whose write a previous read already saw is skipped (both checks keep
