@@ -149,7 +149,9 @@ impl Segmenter {
             sc.workers
         };
         let cores = if sc.pin_cores {
-            core_affinity::get_core_ids().unwrap_or_default()
+            let cores = core_affinity::get_core_ids().unwrap_or_default();
+            let usable = std::thread::available_parallelism().map_or(cores.len(), |n| n.get());
+            pin_targets(cores, usable)
         } else {
             Vec::new()
         };
@@ -361,6 +363,23 @@ impl Segmenter {
     }
 }
 
+/// The cores to pin the workers to (worker i to the i-th, round robin): the `cores` the process
+/// may run on, unless it may use fewer of them at a time (`usable`, `available_parallelism`: a
+/// cgroup CPU quota, as a container's CPU limit sets). Then the workers stay unpinned: they
+/// would all land on the first cores, where every other process under a quota on the same host
+/// pins its own.
+fn pin_targets<C>(cores: Vec<C>, usable: usize) -> Vec<C> {
+    if usable < cores.len() {
+        tracing::info!(
+            cores = cores.len(),
+            usable,
+            "segmenter workers not pinned: the process's CPU is limited by a quota, not to cores"
+        );
+        return Vec::new();
+    }
+    cores
+}
+
 /// The dead-letter reason of a change record that is not a `UserChange`.
 pub const BAD_CHANGE: &str = "bad_change";
 
@@ -386,5 +405,19 @@ async fn dispatch(
             }
             Err(TrySendError::Disconnected(_)) => return false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pin_targets;
+
+    #[test]
+    fn given_cores_when_a_quota_allows_fewer_then_workers_are_not_pinned() {
+        // A 2-core machine, or a cpuset of cores 4-5: pinned to them.
+        assert_eq!(pin_targets(vec![0, 1], 2), [0, 1]);
+        assert_eq!(pin_targets(vec![4, 5], 2), [4, 5]);
+        // A container limited to 2 CPUs by a quota on a 16-core host: not pinned.
+        assert!(pin_targets((0..16).collect(), 2).is_empty());
     }
 }
