@@ -143,14 +143,16 @@ impl Segmenter {
     /// the member leaves its group.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<(), SegmenterError> {
         let sc = self.cfg.segmenter.clone();
+        // Cores this process can use at a time (its affinity, or a CPU quota below it).
+        let usable = std::thread::available_parallelism().ok().map(|n| n.get());
         let n = if sc.workers == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
+            usable.unwrap_or(1)
         } else {
             sc.workers
         };
         let cores = if sc.pin_cores {
             let cores = core_affinity::get_core_ids().unwrap_or_default();
-            let usable = std::thread::available_parallelism().map_or(cores.len(), |n| n.get());
+            let usable = usable.unwrap_or(cores.len());
             pin_targets(cores, usable)
         } else {
             Vec::new()

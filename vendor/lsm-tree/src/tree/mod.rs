@@ -908,12 +908,7 @@ impl Tree {
         // dmp patch: tables whose filter lacks the prefix are skipped (see `prefix_filter`).
         let prefix_hash = crate::prefix_filter::scan_hash(prefix.as_ref());
 
-        #[expect(clippy::expect_used, reason = "lock is expected to not be poisoned")]
-        let version = self
-            .version_history
-            .read()
-            .expect("lock is poisoned")
-            .get_version_for_snapshot(seqno);
+        let version = self.get_version_for_snapshot(seqno);
 
         TreeIter::create_filtered_range(IterState { version, ephemeral }, range, seqno, prefix_hash)
             .map(|item| match item {

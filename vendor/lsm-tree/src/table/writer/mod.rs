@@ -281,13 +281,14 @@ impl Writer {
                 self.filter_writer.register_key(&user_key)?;
 
                 // dmp patch: each distinct prefix once (keys come sorted, so a prefix's keys
-                // are consecutive).
+                // are consecutive). The previous key has this prefix exactly when it starts
+                // with it: the prefix's one separator is its last byte.
                 if let Some(prefix) = crate::prefix_filter::extract(&user_key) {
-                    let previous = self
+                    let same = self
                         .current_key
                         .as_deref()
-                        .and_then(crate::prefix_filter::extract);
-                    if previous != Some(prefix) {
+                        .is_some_and(|previous| previous.starts_with(prefix));
+                    if !same {
                         let hash = crate::table::filter::standard_bloom::Builder::get_hash(prefix);
                         self.prefixes_in_filter &= self.filter_writer.register_prefix_hash(hash);
                     }
