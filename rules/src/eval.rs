@@ -130,6 +130,21 @@ impl<'a> EventView<'a> {
         }
     }
 
+    /// A part of the user agent ([`crate::lang::UA_PARTS`]): from the `ua` cell (after its
+    /// 8-byte id, each part ended by a 0 byte), or, in rows written before the parts moved into
+    /// it (an 8-byte `ua`), from the part's own cell.
+    fn ua_part(&self, part: usize) -> Option<&str> {
+        if let Some(v) = self.slot(crate::lang::SLOT_UA).map(|i| self.cells[i].value) {
+            if v.len() > 8 {
+                return v[8..]
+                    .split(|b| *b == 0)
+                    .nth(part)
+                    .and_then(|p| std::str::from_utf8(p).ok());
+            }
+        }
+        self.slot(7 + part).map(|i| self.text(i).0)
+    }
+
     /// The host of the URL in `slot` (`url` or `ref`), lowercase.
     #[inline(always)]
     fn host_of(&self, slot: usize) -> Option<&str> {
@@ -673,17 +688,7 @@ impl<'v> Eval<'v> {
             .filter_map(|ts| self.user.events.iter().find(|e| e.ts == *ts))
             .map(|ev| Evidence {
                 ts: ev.ts,
-                cells: ev
-                    .cells
-                    .iter()
-                    .map(|c| {
-                        let (q, mut s) = (c.qualifier, c.text().to_string());
-                        if s.chars().count() > 120 {
-                            s = s.chars().take(120).collect::<String>() + "…";
-                        }
-                        (q.to_string(), s)
-                    })
-                    .collect(),
+                cells: ev.cells.iter().flat_map(evidence_cells).collect(),
             })
             .collect()
     }
@@ -713,6 +718,33 @@ impl<'v> Eval<'v> {
     }
 }
 
+/// A cell of an event as evidence shows it: (qualifier, text cut to 120 characters). The `ua`
+/// cell shows as its dictionary id in hex and its parts as `ua.br`, `ua.os` and `ua.dev` (the
+/// cells older rows hold them in).
+fn evidence_cells(c: &EventCell<'_>) -> Vec<(String, String)> {
+    let cut = |mut s: String| {
+        if s.chars().count() > 120 {
+            s = s.chars().take(120).collect::<String>() + "…";
+        }
+        s
+    };
+    if c.qualifier == crate::lang::SLOTS[crate::lang::SLOT_UA] && c.value.len() >= 8 {
+        let (id, parts) = c.value.split_at(8);
+        let mut out = vec![(c.qualifier.to_string(), hex(id))];
+        if !parts.is_empty() {
+            for (q, p) in crate::lang::UA_PARTS.iter().zip(parts.split(|b| *b == 0)) {
+                out.push((q.to_string(), cut(String::from_utf8_lossy(p).into_owned())));
+            }
+        }
+        return out;
+    }
+    vec![(c.qualifier.to_string(), cut(c.text().to_string()))]
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// The text of a field of an event as stored (hosts lowercase).
 fn field_raw<'v>(f: &Field, ev: &'v EventView<'v>) -> Option<&'v str> {
     let sub = |s: &'v str, (a, b): (u32, u32)| s.get(a as usize..b as usize);
@@ -722,6 +754,7 @@ fn field_raw<'v>(f: &Field, ev: &'v EventView<'v>) -> Option<&'v str> {
         Field::Host(s) => ev.host_of(*s),
         Field::Path(s) => ev.path_of(*s),
         Field::Geo(part) => sub(ev.text(ev.slot(6)?).0, ev.geo[*part]?),
+        Field::Ua(part) => ev.ua_part(*part),
     }
 }
 
@@ -757,6 +790,14 @@ fn field_text<'v>(f: &Field, ev: &'v EventView<'v>, lower: bool) -> Option<Cow<'
                 Cow::Owned(g.to_lowercase())
             } else {
                 g
+            })
+        }
+        Field::Ua(part) => {
+            let t = ev.ua_part(*part)?;
+            Some(if lower && !is_lowercase(t) {
+                Cow::Owned(t.to_lowercase())
+            } else {
+                Cow::Borrowed(t)
             })
         }
     }
@@ -997,7 +1038,7 @@ mod tests {
             "urls",
             "Url",
             "a.url",
-            "ua",
+            "ua.",
             "ua.device",
             "geo.city",
             "qq",

@@ -203,9 +203,15 @@ fn lex(src: &str) -> Result<Vec<(Tok, Pos)>, LangError> {
 
 /// The qualifiers every event may have, resolved to fixed slots when a rule is parsed (so an
 /// evaluation never searches cells by name for them).
-pub const SLOTS: [&str; 10] = [
-    "type", "url", "ref", "q", "src", "ip", "geo", "ua.br", "ua.os", "ua.dev",
+/// `ua` holds the agent's dictionary id and its parts ([`UA_PARTS`]); rows written before the
+/// parts moved into it have them as cells `ua.br`, `ua.os` and `ua.dev` (slots 7-9).
+pub const SLOTS: [&str; 11] = [
+    "type", "url", "ref", "q", "src", "ip", "geo", "ua.br", "ua.os", "ua.dev", "ua",
 ];
+
+/// The parts of the user agent, in the order the `e:ua` cell holds them after its 8-byte id
+/// (each ended by a 0 byte), and the qualifiers of the cells older rows hold them in.
+pub const UA_PARTS: [&str; 3] = ["ua.br", "ua.os", "ua.dev"];
 
 /// The slot of a well-known qualifier.
 pub fn slot_of(qualifier: &str) -> Option<usize> {
@@ -222,6 +228,7 @@ pub fn slot_of(qualifier: &str) -> Option<usize> {
         "ua.br" => 7,
         "ua.os" => 8,
         "ua.dev" => 9,
+        "ua" => 10,
         _ => return None,
     };
     debug_assert_eq!(SLOTS[slot], qualifier);
@@ -229,6 +236,8 @@ pub fn slot_of(qualifier: &str) -> Option<usize> {
 }
 
 const SLOT_URL: usize = 1;
+/// The slot of `ua`.
+pub const SLOT_UA: usize = 10;
 const SLOT_REF: usize = 2;
 
 /// A field of an event.
@@ -244,6 +253,8 @@ pub enum Field {
     Path(usize),
     /// A part of `geo` (0 country, 1 region, 2 city).
     Geo(usize),
+    /// A part of the user agent (0 browser, 1 OS, 2 device class; [`UA_PARTS`]).
+    Ua(usize),
 }
 
 fn cell_field(qualifier: &str) -> Field {
@@ -752,9 +763,9 @@ impl Parser {
             "geo.country" => Field::Geo(0),
             "geo.region" => Field::Geo(1),
             "geo.city" => Field::Geo(2),
-            "ua.browser" => cell_field("ua.br"),
-            "ua.os" => cell_field("ua.os"),
-            "ua.device" => cell_field("ua.dev"),
+            "ua.browser" => Field::Ua(0),
+            "ua.os" => Field::Ua(1),
+            "ua.device" => Field::Ua(2),
             n if n.starts_with("a.") && n.len() > 2 => Field::Cell(n.to_string()),
             _ => {
                 return err(
@@ -851,6 +862,11 @@ pub fn event_qualifiers(e: &Expr, out: &mut Vec<String>) {
             let q = match f {
                 Field::Slot(s) | Field::Host(s) | Field::Path(s) => SLOTS[*s],
                 Field::Geo(_) => SLOTS[6],
+                Field::Ua(part) => {
+                    // Older rows hold the part in a cell of its own.
+                    out.push(UA_PARTS[*part].to_string());
+                    SLOTS[SLOT_UA]
+                }
                 Field::Cell(q) => q.as_str(),
             };
             out.push(q.to_string());

@@ -116,6 +116,87 @@ fn given_event_fields_when_compared_then_equals_contains_regex_and_in_list_work(
     }
 }
 
+/// A row with one event a day ago whose user agent is one `ua` cell: its 8-byte dictionary id,
+/// then browser, OS and device class, each ended by a 0 byte (as the storage writer writes it).
+fn row_with_ua_cell(parts: &str) -> Row {
+    let mut r = row("u", &[(1.0, &[("type", "pageview")])]);
+    let ts = r.latest("e", "type").unwrap().ts;
+    let mut value = 0x0102_0304_0506_0708u64.to_be_bytes().to_vec();
+    value.extend_from_slice(parts.as_bytes());
+    r.cells.push(Cell::new("e", "ua", ts, value));
+    r.sort();
+    r
+}
+
+#[test]
+fn given_the_user_agent_in_one_cell_or_in_cells_of_its_own_when_rules_read_its_parts_then_both_answer_alike(
+) {
+    let one_cell = row_with_ua_cell("Firefox 121.0\0Linux\0pc\0");
+    // Rows written before the parts moved into the `ua` cell: an 8-byte id and a cell per part.
+    let mut own_cells = row(
+        "u",
+        &[(
+            1.0,
+            &[
+                ("type", "pageview"),
+                ("ua.br", "Firefox 121.0"),
+                ("ua.os", "Linux"),
+                ("ua.dev", "pc"),
+            ],
+        )],
+    );
+    let ts = own_cells.latest("e", "type").unwrap().ts;
+    own_cells
+        .cells
+        .push(Cell::new("e", "ua", ts, 7u64.to_be_bytes().to_vec()));
+    own_cells.sort();
+    let yes = [
+        r#"any(ua.browser ~ "^Firefox" and ua.os == "Linux" and ua.device == "pc")"#,
+        r#"any(ua.browser == "Firefox 121.0")"#,
+        r#"any(ua.device in ["smartphone", "pc"])"#,
+        r#"any(ua.os contains "LINUX")"#,
+        r#"any(ua.browser contains "firefox")"#,
+        r#"count(ua.device == "pc", 30d) >= 1"#,
+        r#"any(ua.os != "Windows")"#,
+    ];
+    let no = [
+        r#"any(ua.device == "smartphone")"#,
+        r#"any(ua.os == "Firefox 121.0")"#,
+        r#"any(ua.device == "Linux")"#,
+        r#"any(ua.browser == "")"#,
+        r#"any(ua.os ~ "^Win")"#,
+    ];
+    for r in [&one_cell, &own_cells] {
+        for rule in yes {
+            assert!(one(rule, r), "{rule} should match {r:?}");
+        }
+        for rule in no {
+            assert!(!one(rule, r), "{rule} should not match {r:?}");
+        }
+    }
+    // An agent the parser did not know: empty browser and OS.
+    let unknown = row_with_ua_cell("\0\0UNKNOWN\0");
+    assert!(one(r#"any(ua.browser == "" and ua.os == "")"#, &unknown));
+    assert!(one(r#"any(ua.device == "UNKNOWN")"#, &unknown));
+    assert!(!one(r#"any(ua.device == "pc")"#, &unknown));
+    // Evidence shows the id in hex and the parts by name.
+    let s = set("[[segment]]\nid = \"s\"\nwhen = '''any(ua.device == \"pc\")'''\n");
+    let ev = s.explain(&one_cell, NOW);
+    let cells = &ev.live["s"].evidence[0].cells;
+    for (q, v) in [
+        ("ua", "0102030405060708"),
+        ("ua.br", "Firefox 121.0"),
+        ("ua.os", "Linux"),
+        ("ua.dev", "pc"),
+        ("type", "pageview"),
+    ] {
+        assert!(
+            cells.iter().any(|(cq, cv)| cq == q && cv == v),
+            "{q} = {v} in {cells:?}"
+        );
+    }
+}
+
 #[test]
 fn given_searches_over_time_when_counting_in_a_window_then_only_the_window_counts() {
     let mortgage = [("type", "search"), ("q", "mortgage rates")];

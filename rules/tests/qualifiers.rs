@@ -47,8 +47,11 @@ when = '''any(ref.host == "google.com" and num(a.price) > 10, 14d)'''
     ]
 }
 
-const QUALIFIERS: [&str; 12] = [
-    "type", "url", "ref", "q", "src", "ip", "geo", "ua.br", "ua.os", "ua.dev", "a.plan", "a.price",
+/// `ua` is the cell the storage writer writes (id and parts); `ua.br`, `ua.os`, `ua.dev` are the
+/// cells of rows written before the parts moved into it.
+const QUALIFIERS: [&str; 13] = [
+    "type", "url", "ref", "q", "src", "ip", "geo", "ua", "ua.br", "ua.os", "ua.dev", "a.plan",
+    "a.price",
 ];
 
 fn value(q: &str, v: u8) -> Vec<u8> {
@@ -65,6 +68,16 @@ fn value(q: &str, v: u8) -> Vec<u8> {
         "q" => pick(&["ипотека", "cat food", "car service", "кошек"]),
         "geo" => pick(&["RU/Omsk/Omsk", "RU/Novosibirsk Oblast/Novosibirsk"]),
         "ua.dev" => pick(&["smartphone", "desktop"]),
+        "ua" => {
+            let mut id = u64::from(v).to_be_bytes().to_vec();
+            // An 8-byte id alone is how older rows hold it.
+            id.extend_from_slice(&pick(&[
+                "Chrome 120\0Android 14\0smartphone\0",
+                "Firefox\0Linux\0pc\0",
+                "",
+            ]));
+            id
+        }
         "a.plan" => pick(&["gold", "free"]),
         "a.price" => pick(&["5", "50"]),
         "ip" => vec![0xC0, 0xA8, v, 1],

@@ -5,8 +5,7 @@
 //! | `e:type`, `e:url`, `e:ref`, `e:q`, `e:src` | the field as UTF-8 |
 //! | `e:ip` | the address as an integer: 4 bytes (IPv4), 16 (IPv6) or 8 (hashed), big-endian |
 //! | `e:geo` | `country/region/city` |
-//! | `e:ua` | the user agent's dictionary id, 8 bytes big-endian |
-//! | `e:ua.br`, `e:ua.os`, `e:ua.dev` | browser, OS, device class |
+//! | `e:ua` | the user agent's dictionary id, 8 bytes big-endian, then its browser, OS and device class, each ended by a 0 byte ([`crate::enrich::ua_cell`]; rows written before 2026-11-24 hold the parts in cells `e:ua.br`, `e:ua.os`, `e:ua.dev`, which rules still read) |
 //! | `e:a.<name>` | each custom attribute |
 //! | `m:first_seen` | the event time, 8 bytes; version `i64::MAX - ts`, so the single kept version is the earliest |
 //! | `m:crawler` | `1` when the user agent is a known crawler |
@@ -30,9 +29,9 @@ pub fn ua_dictionary_row(id: u64) -> String {
 /// The cells of one event (the event's strings move into the cells: no copies).
 pub fn event_cells(ev: Event, en: &Enrichment) -> Vec<Cell> {
     let ts = ev.ts;
-    // Five event fields, ip, geo, four user-agent cells, crawler, first_seen, and the writer's
+    // Five event fields, ip, geo, the user agent, crawler, first_seen, and the writer's
     // `m:written` (pushed later): no growth.
-    let mut cells = Vec::with_capacity(14 + ev.attrs.len());
+    let mut cells = Vec::with_capacity(11 + ev.attrs.len());
     for (q, v) in [
         ("type", ev.kind),
         ("url", ev.url),
@@ -56,15 +55,7 @@ pub fn event_cells(ev: Event, en: &Enrichment) -> Vec<Cell> {
         ));
     }
     if let Some(ua) = &en.ua {
-        cells.push(Cell::new(
-            FAMILY_EVENTS,
-            "ua",
-            ts,
-            ua.id.to_be_bytes().to_vec(),
-        ));
-        cells.push(Cell::new(FAMILY_EVENTS, "ua.br", ts, ua.browser.clone()));
-        cells.push(Cell::new(FAMILY_EVENTS, "ua.os", ts, ua.os.clone()));
-        cells.push(Cell::new(FAMILY_EVENTS, "ua.dev", ts, ua.device.clone()));
+        cells.push(Cell::new(FAMILY_EVENTS, "ua", ts, ua.cell.clone()));
         if ua.crawler {
             cells.push(Cell::new(FAMILY_META, "crawler", ts, &b"1"[..]));
         }

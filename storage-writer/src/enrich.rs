@@ -75,6 +75,24 @@ pub struct UserAgent {
     pub device: bytes::Bytes,
     /// The string matches a known crawler pattern.
     pub crawler: bool,
+    /// The value of the event's `e:ua` cell: [`ua_cell`] of the above (shared, not copied per
+    /// event).
+    pub cell: bytes::Bytes,
+}
+
+/// The value of an event's `e:ua` cell: the agent's dictionary id (8 bytes, big-endian), then
+/// its browser, OS and device class, each ended by a 0 byte (none of them can hold one: they come
+/// from the parser's tables and the agent string, which is JSON text without control characters).
+/// One cell instead of four: a user's row has about a quarter fewer cells to store, merge and
+/// walk at every read. Rules read the parts as `ua.browser`, `ua.os` and `ua.device`.
+pub fn ua_cell(id: u64, browser: &[u8], os: &[u8], device: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + browser.len() + os.len() + device.len() + 3);
+    v.extend_from_slice(&id.to_be_bytes());
+    for part in [browser, os, device] {
+        v.extend_from_slice(part);
+        v.push(0);
+    }
+    v
 }
 
 #[derive(Deserialize)]
@@ -274,7 +292,7 @@ impl Enricher {
         let id = ua_id(ua);
         let parsed = self.parser.parse(ua);
         let crawler = self.crawlers.is_match(ua);
-        let info = match parsed {
+        let mut info = match parsed {
             Some(r) => UserAgent {
                 id,
                 browser: format!("{} {}", r.name, r.version)
@@ -291,6 +309,7 @@ impl Enricher {
                     r.category.to_string().into()
                 },
                 crawler: crawler || r.category == "crawler",
+                cell: bytes::Bytes::new(),
             },
             None => UserAgent {
                 id,
@@ -302,8 +321,10 @@ impl Enricher {
                     "UNKNOWN".into()
                 },
                 crawler,
+                cell: bytes::Bytes::new(),
             },
         };
+        info.cell = ua_cell(id, &info.browser, &info.os, &info.device).into();
         self.ua_cache.put(ua.into(), info.clone());
         info
     }
@@ -403,6 +424,13 @@ mod tests {
         );
         assert!(chrome.os.starts_with(b"Windows"), "{:?}", chrome.os);
         assert_eq!(chrome.device, "pc");
+        // The `e:ua` cell: the id, then the parts, each ended by a 0 byte.
+        let mut cell = chrome.id.to_be_bytes().to_vec();
+        for part in [&chrome.browser, &chrome.os, &chrome.device] {
+            cell.extend_from_slice(part);
+            cell.push(0);
+        }
+        assert_eq!(chrome.cell, cell);
         assert_eq!(e.user_agent(browsers[1]).device, "smartphone");
         let bot = e.user_agent("Mozilla/5.0 (compatible; YandexBot/3.0; +http://yandex.com/bots)");
         assert!(bot.crawler);

@@ -144,9 +144,13 @@ async fn check_http_to_row_and_change(p: &Pipeline, patience: Duration) {
     );
     assert_eq!(cell("a.gender"), Some(b"f".to_vec()));
     assert_eq!(cell("src"), Some(b"http".to_vec()));
-    assert!(String::from_utf8(cell("ua.br").unwrap())
-        .unwrap()
-        .starts_with("Firefox"));
+    // One `ua` cell: the dictionary id, then browser, OS and device class, each ended by a 0.
+    let ua = cell("ua").unwrap();
+    let parts: Vec<&str> = std::str::from_utf8(&ua[8..]).unwrap().split('\0').collect();
+    assert!(parts[0].starts_with("Firefox"), "{parts:?}");
+    assert!(parts[1].starts_with("Linux"), "{parts:?}");
+    assert_eq!(parts[2..], ["pc", ""]);
+    assert_eq!(cell("ua.br"), None, "no cell per part");
     assert_eq!(
         row.latest("e", "q").unwrap().ts,
         ts,
