@@ -47,15 +47,22 @@ fn row() -> Row {
     for e in 0..50i64 {
         let ts = NOW - e * DAY_MS * 60 / 50;
         let kind = ["pageview", "search", "purchase"][(e % 3) as usize];
+        // The user agent as the storage writer writes it: the dictionary id, then browser, OS
+        // and device class, each ended by a 0 byte.
+        let mut ua = 42u64.to_be_bytes().to_vec();
+        ua.extend_from_slice(b"Chrome Mobile 120.0\0Android 14\0smartphone\0");
         for (q, v) in [
-            ("type", kind.to_string()),
-            ("url", format!("https://site{}.example/item/{e}", e % 100)),
-            ("q", format!("term{} something", e % 100)),
-            ("geo", "RU/Novosibirsk Oblast/Novosibirsk".to_string()),
-            ("ua.dev", "smartphone".to_string()),
-            ("a.segment_hint", format!("h{}", e % 100)),
+            ("type", kind.as_bytes().to_vec()),
+            (
+                "url",
+                format!("https://site{}.example/item/{e}", e % 100).into_bytes(),
+            ),
+            ("q", format!("term{} something", e % 100).into_bytes()),
+            ("geo", b"RU/Novosibirsk Oblast/Novosibirsk".to_vec()),
+            ("ua", ua),
+            ("a.segment_hint", format!("h{}", e % 100).into_bytes()),
         ] {
-            r.cells.push(Cell::new("e", q, ts, v.into_bytes()));
+            r.cells.push(Cell::new("e", q, ts, v));
         }
     }
     r.sort();

@@ -30,6 +30,9 @@ pub struct EventView<'a> {
     hosts: [std::cell::OnceCell<(u32, u32)>; 2],
     paths: [std::cell::OnceCell<(u32, u32)>; 2],
     geo: [Option<(u32, u32)>; 3],
+    /// The ranges in the `ua` cell's value of the user agent's three parts (None: no such cell,
+    /// or one written before the parts moved into it), on first use.
+    ua: std::cell::OnceCell<Option<[(u32, u32); 3]>>,
 }
 
 #[derive(Debug, Clone)]
@@ -127,6 +130,7 @@ impl<'a> EventView<'a> {
             hosts: Default::default(),
             paths: Default::default(),
             geo,
+            ua: std::cell::OnceCell::new(),
         }
     }
 
@@ -134,15 +138,14 @@ impl<'a> EventView<'a> {
     /// 8-byte id, each part ended by a 0 byte), or, in rows written before the parts moved into
     /// it (an 8-byte `ua`), from the part's own cell.
     fn ua_part(&self, part: usize) -> Option<&str> {
-        if let Some(v) = self.slot(crate::lang::SLOT_UA).map(|i| self.cells[i].value) {
-            if v.len() > 8 {
-                return v[8..]
-                    .split(|b| *b == 0)
-                    .nth(part)
-                    .and_then(|p| std::str::from_utf8(p).ok());
+        let value = self.slot(crate::lang::SLOT_UA).map(|i| self.cells[i].value);
+        match self.ua.get_or_init(|| value.and_then(ua_parts)) {
+            Some(ranges) => {
+                let (a, b) = ranges[part];
+                std::str::from_utf8(value?.get(a as usize..b as usize)?).ok()
             }
+            None => self.slot(7 + part).map(|i| self.text(i).0),
         }
-        self.slot(7 + part).map(|i| self.text(i).0)
     }
 
     /// The host of the URL in `slot` (`url` or `ref`), lowercase.
@@ -743,6 +746,20 @@ fn evidence_cells(c: &EventCell<'_>) -> Vec<(String, String)> {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The ranges in a `ua` cell's value of the user agent's parts: after the 8-byte id, three, each
+/// ended by a 0 byte. None for an 8-byte value (a row written before the parts moved into the
+/// cell) or one that is not that shape.
+fn ua_parts(value: &[u8]) -> Option<[(u32, u32); 3]> {
+    let mut ranges = [(0u32, 0u32); 3];
+    let mut start = 8;
+    for r in &mut ranges {
+        let end = start + value.get(start..)?.iter().position(|b| *b == 0)?;
+        *r = (start as u32, end as u32);
+        start = end + 1;
+    }
+    Some(ranges)
 }
 
 /// The text of a field of an event as stored (hosts lowercase).
