@@ -236,9 +236,9 @@ pub fn slot_of(qualifier: &str) -> Option<usize> {
 }
 
 const SLOT_URL: usize = 1;
+const SLOT_REF: usize = 2;
 /// The slot of `ua`.
 pub const SLOT_UA: usize = 10;
-const SLOT_REF: usize = 2;
 
 /// A field of an event.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -81,15 +81,17 @@ pub struct UserAgent {
 }
 
 /// The value of an event's `e:ua` cell: the agent's dictionary id (8 bytes, big-endian), then
-/// its browser, OS and device class, each ended by a 0 byte (none of them can hold one: they come
-/// from the parser's tables and the agent string, which is JSON text without control characters).
-/// One cell instead of four: a user's row has about a quarter fewer cells to store, merge and
-/// walk at every read. Rules read the parts as `ua.browser`, `ua.os` and `ua.device`.
+/// its browser, OS and device class, each ended by a 0 byte. A part's own 0 bytes (an agent
+/// string may carry `\u0000`, which the parser can copy into a version) are left out, so the
+/// parts always split where they were joined; UTF-8 stays UTF-8, since no other character's
+/// encoding holds a 0 byte. One cell instead of four: a user's row has about a quarter fewer
+/// cells to store, merge and walk at every read. Rules read the parts as `ua.browser`, `ua.os`
+/// and `ua.device`.
 pub fn ua_cell(id: u64, browser: &[u8], os: &[u8], device: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(8 + browser.len() + os.len() + device.len() + 3);
     v.extend_from_slice(&id.to_be_bytes());
     for part in [browser, os, device] {
-        v.extend_from_slice(part);
+        v.extend(part.iter().copied().filter(|b| *b != 0));
         v.push(0);
     }
     v
@@ -431,6 +433,10 @@ mod tests {
             cell.push(0);
         }
         assert_eq!(chrome.cell, cell);
+        // A part's own 0 bytes are left out: the parts split where they were joined.
+        let mut odd = 7u64.to_be_bytes().to_vec();
+        odd.extend_from_slice("Bröwser 1\0OS\0pc\0".as_bytes());
+        assert_eq!(ua_cell(7, "Brö\0wser 1".as_bytes(), b"OS", b"\0pc"), odd);
         assert_eq!(e.user_agent(browsers[1]).device, "smartphone");
         let bot = e.user_agent("Mozilla/5.0 (compatible; YandexBot/3.0; +http://yandex.com/bots)");
         assert!(bot.crawler);
