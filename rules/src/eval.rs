@@ -722,8 +722,8 @@ impl<'v> Eval<'v> {
 }
 
 /// A cell of an event as evidence shows it: (qualifier, text cut to 120 characters). The `ua`
-/// cell shows as its dictionary id in hex and its parts as `ua.br`, `ua.os` and `ua.dev` (the
-/// cells older rows hold them in).
+/// cell shows as its dictionary id in hex (as in the dictionary row's key) and its parts as
+/// `ua.br`, `ua.os` and `ua.dev` (the cells older rows hold them in).
 fn evidence_cells(c: &EventCell<'_>) -> Vec<(String, String)> {
     let cut = |mut s: String| {
         if s.chars().count() > 120 {
@@ -731,21 +731,26 @@ fn evidence_cells(c: &EventCell<'_>) -> Vec<(String, String)> {
         }
         s
     };
-    if c.qualifier == crate::lang::SLOTS[crate::lang::SLOT_UA] && c.value.len() >= 8 {
-        let (id, parts) = c.value.split_at(8);
-        let mut out = vec![(c.qualifier.to_string(), hex(id))];
-        if !parts.is_empty() {
-            for (q, p) in crate::lang::UA_PARTS.iter().zip(parts.split(|b| *b == 0)) {
-                out.push((q.to_string(), cut(String::from_utf8_lossy(p).into_owned())));
+    if c.qualifier == crate::lang::SLOTS[crate::lang::SLOT_UA] {
+        if let Some(id) = c.value.first_chunk::<8>() {
+            let mut out = vec![(
+                c.qualifier.to_string(),
+                format!("{:016x}", u64::from_be_bytes(*id)),
+            )];
+            for (q, (a, b)) in crate::lang::UA_PARTS
+                .iter()
+                .zip(ua_parts(c.value).into_iter().flatten())
+            {
+                let part = &c.value[a as usize..b as usize];
+                out.push((
+                    q.to_string(),
+                    cut(String::from_utf8_lossy(part).into_owned()),
+                ));
             }
+            return out;
         }
-        return out;
     }
     vec![(c.qualifier.to_string(), cut(c.text().to_string()))]
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The ranges in a `ua` cell's value of the user agent's parts: after the 8-byte id, three, each

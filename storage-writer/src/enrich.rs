@@ -294,39 +294,36 @@ impl Enricher {
         let id = ua_id(ua);
         let parsed = self.parser.parse(ua);
         let crawler = self.crawlers.is_match(ua);
-        let mut info = match parsed {
-            Some(r) => UserAgent {
-                id,
-                browser: format!("{} {}", r.name, r.version)
+        let (browser, os, device): (bytes::Bytes, bytes::Bytes, bytes::Bytes) = match &parsed {
+            Some(r) => (
+                format!("{} {}", r.name, r.version)
                     .trim()
                     .to_string()
                     .into(),
-                os: format!("{} {}", r.os, r.os_version)
+                format!("{} {}", r.os, r.os_version)
                     .trim()
                     .to_string()
                     .into(),
-                device: if crawler {
+                if crawler {
                     "crawler".into()
                 } else {
                     r.category.to_string().into()
                 },
-                crawler: crawler || r.category == "crawler",
-                cell: bytes::Bytes::new(),
-            },
-            None => UserAgent {
-                id,
-                browser: bytes::Bytes::new(),
-                os: bytes::Bytes::new(),
-                device: if crawler {
-                    "crawler".into()
-                } else {
-                    "UNKNOWN".into()
-                },
-                crawler,
-                cell: bytes::Bytes::new(),
-            },
+            ),
+            None => (
+                bytes::Bytes::new(),
+                bytes::Bytes::new(),
+                if crawler { "crawler" } else { "UNKNOWN" }.into(),
+            ),
         };
-        info.cell = ua_cell(id, &info.browser, &info.os, &info.device).into();
+        let info = UserAgent {
+            id,
+            cell: ua_cell(id, &browser, &os, &device).into(),
+            browser,
+            os,
+            device,
+            crawler: crawler || parsed.is_some_and(|r| r.category == "crawler"),
+        };
         self.ua_cache.put(ua.into(), info.clone());
         info
     }
