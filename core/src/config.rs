@@ -301,7 +301,8 @@ pub struct SegmenterConfig {
     pub queue_capacity: usize,
     /// Skip changes an earlier read already saw (and coalesce a user's changes in one batch).
     pub dedupe: bool,
-    /// Users each worker remembers (dedupe and blacklist state, one LRU).
+    /// Users each worker remembers (dedupe and blacklist state, one map): at most this many,
+    /// and always the most recently used half.
     pub dedupe_capacity: usize,
     /// A change is read no sooner than this many ms after it was written (a user's burst is one
     /// evaluation); 0 = at once.

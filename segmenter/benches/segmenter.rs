@@ -173,8 +173,8 @@ async fn throughput(users: u64) {
     );
 }
 
-/// (b) The workers' user LRU (dedupe and blacklist state) holding 10M users.
-fn user_lru_memory(n: u64) {
+/// (b) A worker's map of users (dedupe and blacklist state) holding 10M users.
+fn users_memory(n: u64) {
     let before = rss_mib();
     let mut d = Users::new(
         n as usize,
@@ -193,7 +193,7 @@ fn user_lru_memory(n: u64) {
     }
     let after = rss_mib();
     println!(
-        "(b) user LRU (dedupe and blacklist) with {} users (32-character uids): {:.0} MiB resident ({:.0} bytes per user)",
+        "(b) users' map (dedupe and blacklist) with {} users (32-character uids): {:.0} MiB resident ({:.0} bytes per user)",
         d.len(),
         after - before,
         (after - before) * 1048576.0 / n as f64
@@ -295,7 +295,7 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(throughput(env("DMP_BENCH_USERS", 100_000)));
-    user_lru_memory(env("DMP_BENCH_DEDUPE_USERS", 10_000_000));
+    users_memory(env("DMP_BENCH_DEDUPE_USERS", 10_000_000));
     rt.block_on(latency(
         env("DMP_BENCH_RATE", 20_000),
         env("DMP_BENCH_SECS", 5),

@@ -7,7 +7,7 @@
 //! 1. [`blacklist`]: a user changing more than `blacklist_max_changes` times per window is a bot,
 //!    skipped before any read and flagged `m:bot` once;
 //! 2. [`dedupe`]: a change whose write a previous read already saw is skipped (both checks keep
-//!    their per-user state in one LRU, [`users`]: one lookup per change);
+//!    their per-user state in one map, [`users`]: one lookup per change);
 //! 3. the user's whole row is read and every rule runs ([`dmp_rules::RuleSet`], hot-reloaded);
 //! 4. when the live set changes, a [`dmp_core::SegmentUpdate`] goes to `dmp.segments` and the set
 //!    (with `since`) to `s:current` in the row; shadow results go to `dmp.segments.shadow` and

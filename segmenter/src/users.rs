@@ -1,12 +1,28 @@
-//! What a worker remembers per user, in one LRU: the newest write its reads saw ([`Seen`], for
+//! What a worker remembers per user, in one map: the newest write its reads saw ([`Seen`], for
 //! the dedupe) and the user's change rate ([`Rate`], for the blacklist).
 //!
 //! One entry per user means one hash lookup per change for both checks (they were two LRUs,
 //! three lookups per change: at 50K events/s the blacklist's alone was 5% of the segmenter's
 //! CPU). Eviction forgets both at once, which costs an extra read, or a bot counted from zero
 //! again, and never a missed update.
+//!
+//! **Recency in two generations**, not a linked LRU: users touched since the last turn are in
+//! `young`, those touched in the turn before and not since in `old`. A user found in `old` moves
+//! to `young`; when `young` holds half the capacity, `old` is forgotten and `young` becomes it.
+//! So at most `capacity` users are remembered, and always at least the `capacity / 2` most
+//! recently used.
+//!
+//! **A user is a 128-bit key**, its uid hashed with SipHash-1-3 under two random keys of the
+//! worker's: entries are 48 bytes inline, with no uid allocated per user and no uid to follow
+//! when comparing. Two uids share an entry with a probability of about n² / 2¹²⁹ (10⁻²⁵ for 10M
+//! users), and without the keys no one can choose uids that do. A lookup is one probe of one
+//! table; the linked LRU it replaced (`lru`, with `Box<str>` keys) followed the map's pointer to
+//! a node and the node's to the uid, and moved the node between two other users' nodes.
 
-use std::num::NonZeroUsize;
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+
+use hashbrown::HashMap;
 
 use crate::blacklist::{Limits, Rate};
 use crate::dedupe::Seen;
@@ -20,9 +36,16 @@ pub struct User {
     pub rate: Rate,
 }
 
-/// The users a worker remembers, at most `capacity` (least recently used go first).
+/// The users a worker remembers, at most `capacity` (see the module doc).
 pub struct Users {
-    map: lru::LruCache<Box<str>, User>,
+    /// Users touched since the last turn.
+    young: HashMap<u128, User, KeyHash>,
+    /// Users touched in the turn before and not since.
+    old: HashMap<u128, User, KeyHash>,
+    /// `young`'s size at which the generations turn: half the capacity.
+    turn_at: usize,
+    /// The two SipHash keys a uid's key is made with.
+    sip: (RandomState, RandomState),
     limits: Limits,
 }
 
@@ -30,33 +53,49 @@ impl Users {
     /// Room for `capacity` users, with the blacklist's `limits`.
     pub fn new(capacity: usize, limits: Limits) -> Users {
         Users {
-            map: lru::LruCache::new(NonZeroUsize::new(capacity.max(1)).expect("non-zero")),
+            young: HashMap::default(),
+            old: HashMap::default(),
+            turn_at: (capacity / 2).max(1),
+            sip: (RandomState::new(), RandomState::new()),
             limits,
         }
     }
 
+    /// A uid's key in the tables.
+    fn key(&self, uid: &str) -> u128 {
+        (u128::from(self.sip.0.hash_one(uid)) << 64) | u128::from(self.sip.1.hash_one(uid))
+    }
+
     /// The user's state (a fresh one first seen at `now` if not remembered), and the blacklist's
-    /// limits to check its rate with. A remembered user costs one lookup that misses the CPU's
-    /// caches and one that hits them (keys are `Box<str>`, 8 bytes less per user than `String`,
-    /// which `LruCache::get_or_insert_mut_ref` would need).
+    /// limits to check its rate with. A user touched since the last turn costs one lookup.
     pub fn get(&mut self, uid: &str, now: i64) -> (&mut User, &Limits) {
-        let limits = &self.limits;
-        if self.map.get_mut(uid).is_none() {
-            self.map.put(
-                uid.into(),
-                User {
-                    seen: Seen::default(),
-                    rate: Rate::new(now, limits),
-                },
-            );
+        let key = self.key(uid);
+        // `young` is full only until the user after the turn, so the second lookup is rare.
+        if self.young.len() >= self.turn_at && !self.young.contains_key(&key) {
+            // The forgotten generation's table becomes the new `young`, emptied: grown once,
+            // it is never grown (and rehashed) again.
+            std::mem::swap(&mut self.young, &mut self.old);
+            self.young.clear();
         }
-        let user = self.map.get_mut(uid).expect("just found or put");
+        let limits = &self.limits;
+        let user = self.young.entry(key).or_insert_with(|| {
+            self.old.remove(&key).unwrap_or_else(|| User {
+                seen: Seen::default(),
+                rate: Rate::new(now, limits),
+            })
+        });
         (user, limits)
     }
 
     /// Whether `uid` is blacklisted at `now` (without counting a change or touching recency).
     pub fn banned(&self, uid: &str, now: i64) -> bool {
-        self.map.peek(uid).is_some_and(|u| u.rate.banned(now))
+        self.peek(uid).is_some_and(|u| u.rate.banned(now))
+    }
+
+    /// The user's state if remembered, without touching recency.
+    fn peek(&self, uid: &str) -> Option<&User> {
+        let key = self.key(uid);
+        self.young.get(&key).or_else(|| self.old.get(&key))
     }
 
     /// A read of `uid` at `now` saw writes up to `written` (the row's `m:written`).
@@ -66,12 +105,43 @@ impl Users {
 
     /// Users remembered.
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.young.len() + self.old.len()
     }
 
     /// Whether nothing is remembered.
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.len() == 0
+    }
+}
+
+/// The tables' hasher: a key is already a keyed hash, so its low 64 bits are the table's hash.
+#[derive(Debug, Clone, Copy, Default)]
+struct KeyHash;
+
+impl BuildHasher for KeyHash {
+    type Hasher = LowBits;
+    fn build_hasher(&self) -> LowBits {
+        LowBits(0)
+    }
+}
+
+/// See [`KeyHash`].
+struct LowBits(u64);
+
+impl Hasher for LowBits {
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u128` keys are hashed (`write_u128`); anything else is folded in all the same.
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn write_u128(&mut self, key: u128) {
+        self.0 = key as u64;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
     }
 }
 
@@ -110,13 +180,54 @@ mod tests {
 
     #[test]
     fn given_full_when_new_user_then_least_recently_used_is_forgotten() {
-        let mut users = Users::new(2, limits());
+        let mut users = Users::new(4, limits());
         users.read("a", 0, 10);
         users.read("b", 0, 20);
-        users.get("a", 0); // a is now the most recent
-        users.read("c", 0, 30);
-        assert_eq!(users.len(), 2);
-        assert!(users.get("b", 0).0.seen.needs_read(20), "b was evicted");
-        assert!(!users.get("c", 0).0.seen.needs_read(30));
+        users.get("a", 0); // a is now more recent than b
+        users.read("c", 0, 30); // the generations turn: a and b are old
+        users.get("a", 0); // a is young again
+        users.read("d", 0, 40); // they turn again: b, touched in neither, is forgotten
+        assert!(users.len() <= 4);
+        assert!(users.peek("b").is_none(), "b was evicted");
+        for (u, w) in [("a", 10), ("c", 30), ("d", 40)] {
+            let seen = users.peek(u).map(|u| u.seen);
+            assert!(seen.is_some_and(|s| !s.needs_read(w)), "{u} is remembered");
+        }
+        assert!(
+            users.get("b", 0).0.seen.needs_read(20),
+            "b comes back fresh"
+        );
+    }
+
+    #[test]
+    fn given_many_users_then_at_most_capacity_and_at_least_the_most_recent_half_are_remembered() {
+        let capacity = 100;
+        let mut users = Users::new(capacity, limits());
+        for i in 0..1000i64 {
+            users.read(&format!("u{i}"), 0, i + 1);
+            assert!(users.len() <= capacity, "{} after {i}", users.len());
+            // The most recent half, however the generations fell.
+            for j in (i - capacity as i64 / 2 + 1).max(0)..=i {
+                let u = format!("u{j}");
+                assert!(users.peek(&u).is_some(), "{u} forgotten after u{i}");
+            }
+        }
+        // A banned user is seen as banned from either generation, without moving it.
+        let (u, l) = users.get("bot", 0);
+        for _ in 0..3 {
+            u.rate.check(0, l);
+        }
+        assert!(users.banned("bot", 1));
+        // Half the capacity of new users: exactly one turn, whatever `young` held.
+        for i in 0..capacity / 2 {
+            users.get(&format!("x{i}"), 0);
+        }
+        let bot = users.key("bot");
+        assert!(users.old.contains_key(&bot), "the turn moved it to old");
+        assert!(users.banned("bot", 1));
+        assert!(
+            !users.young.contains_key(&bot),
+            "banned() does not touch recency"
+        );
     }
 }

@@ -1,11 +1,12 @@
 //! Slots: a put whose cells all belong to families kept at one version overwrites one slot per
 //! column instead of appending a delta (the segmenter's write-back at every evaluation). Checked
 //! here: such writes leave one stored cell per column however many there were; a write older
-//! than the column's newest version is dropped and never replaces it; slots merge in write order
-//! with deltas, through repacks; TTL is enforced on them by compaction; they survive a reopen;
-//! an unreadable slot is replaced by the next write instead of failing it. Each with the row
-//! cache on and off where the cache takes part. (The random-operation tests in `merge_model.rs` and
-//! `row_cache.rs` write slots too: their families `s` and `m` have one version.)
+//! than the column's newest version is dropped and never replaces it (each slot of a put checked
+//! against its own version); slots merge in write order with deltas, through repacks; TTL is
+//! enforced on them by compaction; they survive a reopen; an unreadable slot is replaced by the
+//! next write instead of failing it. Each with the row cache on and off where the cache takes
+//! part. (The random-operation tests in `merge_model.rs` and `row_cache.rs` write slots too:
+//! their families `s` and `m` have one version.)
 
 use std::collections::BTreeMap;
 
@@ -123,6 +124,70 @@ fn given_an_older_version_written_after_a_newer_then_the_newer_stays() {
         // A reader without the cache (the LSM) agrees.
         let lsm = EmbeddedStore::open(&db, &config(0).store).unwrap();
         assert_eq!(read(&lsm), read(&store));
+    }
+}
+
+#[test]
+fn given_one_put_of_several_slots_of_a_row_then_each_is_checked_against_its_own_version() {
+    for cache_mb in [0, 64] {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, store) = open_temp_with(dir.path(), &config(cache_mb)).unwrap();
+        let t0 = now_ms() - 1000;
+        put(
+            &store,
+            vec![
+                Cell::new("s", "current", t0 + 200, b"a2".to_vec()),
+                Cell::new("s", "evaluated", t0 + 100, b"b1".to_vec()),
+            ],
+        );
+        read(&store); // cached, when there is a cache
+                      // One put, two other users' rows between this row's slots in the batch: of this row's
+                      // three slots, the older `current` is dropped, the newer `evaluated` and the new
+                      // `shadow` are written.
+        store
+            .put(&[
+                Put {
+                    row: "u".into(),
+                    cells: vec![
+                        Cell::new("s", "current", t0 + 150, b"a1".to_vec()),
+                        Cell::new("s", "evaluated", t0 + 300, b"b3".to_vec()),
+                    ],
+                },
+                Put {
+                    row: "t".into(),
+                    cells: vec![Cell::new("s", "current", t0, b"x".to_vec())],
+                },
+                Put {
+                    row: "v".into(),
+                    cells: vec![Cell::new("s", "current", t0, b"y".to_vec())],
+                },
+                Put {
+                    row: "u".into(),
+                    cells: vec![Cell::new("s", "shadow", t0 + 300, b"c3".to_vec())],
+                },
+            ])
+            .unwrap();
+        let cells = read(&store);
+        let ctx = format!("row_cache_mb = {cache_mb}");
+        assert_eq!(
+            value(&cells, "s", "current"),
+            Some((t0 + 200, "a2".into())),
+            "{ctx}"
+        );
+        assert_eq!(
+            value(&cells, "s", "evaluated"),
+            Some((t0 + 300, "b3".into())),
+            "{ctx}"
+        );
+        assert_eq!(
+            value(&cells, "s", "shadow"),
+            Some((t0 + 300, "c3".into())),
+            "{ctx}"
+        );
+        assert_eq!(store.stored_cells("u").unwrap(), 3, "{ctx}");
+        // A reader without the cache (the LSM) agrees.
+        let lsm = EmbeddedStore::open(&db, &config(0).store).unwrap();
+        assert_eq!(read(&lsm), cells, "{ctx}");
     }
 }
 
