@@ -12,9 +12,9 @@
 //! So at most `capacity` users are remembered, and always at least the `capacity / 2` most
 //! recently used.
 //!
-//! **A user is a 128-bit key**, its uid hashed with SipHash-1-3 under two random keys of the
-//! worker's: entries are 48 bytes inline, with no uid allocated per user and no uid to follow
-//! when comparing. Two uids share an entry with a probability of about n² / 2¹²⁹ (10⁻²⁵ for 10M
+//! **A user is a 128-bit key**, its uid hashed with SipHash-1-3 under two keys of std's
+//! `RandomState` (random per thread, drawn when the worker starts): entries are 48 bytes inline,
+//! with no uid allocated per user and no uid to follow when comparing. Two uids share an entry with a probability of about n² / 2¹²⁹ (10⁻²⁵ for 10M
 //! users), and without the keys no one can choose uids that do. A lookup is one probe of one
 //! table; the linked LRU it replaced (`lru`, with `Box<str>` keys) followed the map's pointer to
 //! a node and the node's to the uid, and moved the node between two other users' nodes.
@@ -42,6 +42,8 @@ pub struct Users {
     young: HashMap<u128, User, KeyHash>,
     /// Users touched in the turn before and not since.
     old: HashMap<u128, User, KeyHash>,
+    /// At most this many users.
+    capacity: usize,
     /// `young`'s size at which the generations turn: half the capacity.
     turn_at: usize,
     /// The two SipHash keys a uid's key is made with.
@@ -55,6 +57,7 @@ impl Users {
         Users {
             young: HashMap::default(),
             old: HashMap::default(),
+            capacity: capacity.max(1),
             turn_at: (capacity / 2).max(1),
             sip: (RandomState::new(), RandomState::new()),
             limits,
@@ -76,6 +79,10 @@ impl Users {
             // it is never grown (and rehashed) again.
             std::mem::swap(&mut self.young, &mut self.old);
             self.young.clear();
+            if self.turn_at * 2 > self.capacity {
+                // A capacity of 1: one generation of one user.
+                self.old.clear();
+            }
         }
         let limits = &self.limits;
         let user = self.young.entry(key).or_insert_with(|| {
@@ -201,6 +208,21 @@ mod tests {
 
     #[test]
     fn given_many_users_then_at_most_capacity_and_at_least_the_most_recent_half_are_remembered() {
+        for capacity in [1, 2, 3, 5] {
+            let mut users = Users::new(capacity, limits());
+            for i in 0..50 {
+                users.read(&format!("u{i}"), 0, i + 1);
+                assert!(
+                    users.len() <= capacity,
+                    "capacity {capacity}: {}",
+                    users.len()
+                );
+                assert!(
+                    users.peek(&format!("u{i}")).is_some(),
+                    "the latest is remembered"
+                );
+            }
+        }
         let capacity = 100;
         let mut users = Users::new(capacity, limits());
         for i in 0..1000i64 {
