@@ -129,61 +129,47 @@ fn given_an_older_version_written_after_a_newer_then_the_newer_stays() {
 
 #[test]
 fn given_one_put_of_several_slots_of_a_row_then_each_is_checked_against_its_own_version() {
+    let t0 = now_ms() - 1000;
+    let cell = |q: &str, t: i64, v: &str| Cell::new("s", q, t0 + t, v.as_bytes().to_vec());
+    let row = |row: &str, cells: Vec<Cell>| Put {
+        row: row.into(),
+        cells,
+    };
     for cache_mb in [0, 64] {
         let dir = tempfile::tempdir().unwrap();
         let (db, store) = open_temp_with(dir.path(), &config(cache_mb)).unwrap();
-        let t0 = now_ms() - 1000;
         put(
             &store,
-            vec![
-                Cell::new("s", "current", t0 + 200, b"a2".to_vec()),
-                Cell::new("s", "evaluated", t0 + 100, b"b1".to_vec()),
-            ],
+            vec![cell("current", 200, "a2"), cell("evaluated", 100, "b1")],
         );
-        read(&store); // cached, when there is a cache
-                      // One put, two other users' rows between this row's slots in the batch: of this row's
-                      // three slots, the older `current` is dropped, the newer `evaluated` and the new
-                      // `shadow` are written.
+        // Cached, when there is a cache.
+        read(&store);
+        // One call, other users' rows between this row's puts: of its three slots, the older
+        // `current` is dropped, the newer `evaluated` and the new `shadow` are written.
         store
             .put(&[
-                Put {
-                    row: "u".into(),
-                    cells: vec![
-                        Cell::new("s", "current", t0 + 150, b"a1".to_vec()),
-                        Cell::new("s", "evaluated", t0 + 300, b"b3".to_vec()),
-                    ],
-                },
-                Put {
-                    row: "t".into(),
-                    cells: vec![Cell::new("s", "current", t0, b"x".to_vec())],
-                },
-                Put {
-                    row: "v".into(),
-                    cells: vec![Cell::new("s", "current", t0, b"y".to_vec())],
-                },
-                Put {
-                    row: "u".into(),
-                    cells: vec![Cell::new("s", "shadow", t0 + 300, b"c3".to_vec())],
-                },
+                row(
+                    "u",
+                    vec![cell("current", 150, "a1"), cell("evaluated", 300, "b3")],
+                ),
+                row("t", vec![cell("current", 0, "x")]),
+                row("v", vec![cell("current", 0, "y")]),
+                row("u", vec![cell("shadow", 300, "c3")]),
             ])
             .unwrap();
         let cells = read(&store);
         let ctx = format!("row_cache_mb = {cache_mb}");
-        assert_eq!(
-            value(&cells, "s", "current"),
-            Some((t0 + 200, "a2".into())),
-            "{ctx}"
-        );
-        assert_eq!(
-            value(&cells, "s", "evaluated"),
-            Some((t0 + 300, "b3".into())),
-            "{ctx}"
-        );
-        assert_eq!(
-            value(&cells, "s", "shadow"),
-            Some((t0 + 300, "c3".into())),
-            "{ctx}"
-        );
+        for (q, t, v) in [
+            ("current", 200, "a2"),
+            ("evaluated", 300, "b3"),
+            ("shadow", 300, "c3"),
+        ] {
+            assert_eq!(
+                value(&cells, "s", q),
+                Some((t0 + t, v.into())),
+                "{q}, {ctx}"
+            );
+        }
         assert_eq!(store.stored_cells("u").unwrap(), 3, "{ctx}");
         // A reader without the cache (the LSM) agrees.
         let lsm = EmbeddedStore::open(&db, &config(0).store).unwrap();
