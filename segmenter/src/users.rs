@@ -14,10 +14,11 @@
 //!
 //! **A user is a 128-bit key**, its uid hashed with SipHash-1-3 under two keys of std's
 //! `RandomState` (random per thread, drawn when the worker starts): entries are 48 bytes inline,
-//! with no uid allocated per user and no uid to follow when comparing. Two uids share an entry with a probability of about n² / 2¹²⁹ (10⁻²⁵ for 10M
-//! users), and without the keys no one can choose uids that do. A lookup is one probe of one
-//! table; the linked LRU it replaced (`lru`, with `Box<str>` keys) followed the map's pointer to
-//! a node and the node's to the uid, and moved the node between two other users' nodes.
+//! with no uid allocated per user and no uid to follow when comparing. Two uids share an entry
+//! with a probability of about n² / 2¹²⁹ (10⁻²⁵ for 10M users), and without the keys no one can
+//! choose uids that do. A lookup is one probe of one table; the linked LRU it replaced (`lru`,
+//! with `Box<str>` keys) followed the map's pointer to a node and the node's to the uid, and
+//! moved the node between two other users' nodes.
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
