@@ -297,6 +297,8 @@ pub struct SegmenterConfig {
     pub workers: usize,
     /// Pin workers to cores.
     pub pin_cores: bool,
+    /// Nice value of the workers (0 = the process's own priority).
+    pub worker_nice: u64,
     /// Changes queued per worker.
     pub queue_capacity: usize,
     /// Skip changes an earlier read already saw (and coalesce a user's changes in one batch).
@@ -666,6 +668,7 @@ impl Config {
             600_000,
         )?;
         range("segmenter.workers", sg.workers as u64, 0, 256)?;
+        range("segmenter.worker_nice", sg.worker_nice, 0, 19)?;
         range(
             "segmenter.queue_capacity",
             sg.queue_capacity as u64,
@@ -1022,6 +1025,7 @@ mod tests {
                 "embedded.background_nice",
             ),
             ("DMP__BUS__TAIL_CACHE_MB", "65537", "bus.tail_cache_mb"),
+            ("DMP__SEGMENTER__WORKER_NICE", "20", "segmenter.worker_nice"),
             (
                 "DMP__SEGMENTER__COALESCE_MS",
                 "60000",

@@ -7,7 +7,8 @@
 //! - [`config`]: layered configuration (built-in defaults, `--config FILE`, `DMP__A__B` env vars);
 //! - [`error`]: the small error kinds used as metric labels;
 //! - [`telemetry`]: tracing and Prometheus metrics initialisation;
-//! - [`clock`]: wall-clock helpers in epoch milliseconds.
+//! - [`clock`]: wall-clock helpers in epoch milliseconds;
+//! - [`priority`]: raising a thread's nice value (background work, segmenter workers).
 
 pub mod cell;
 pub mod clock;
@@ -16,6 +17,7 @@ pub mod error;
 pub mod event;
 pub mod health;
 pub mod partition;
+pub mod priority;
 pub mod segment;
 pub mod telemetry;
 

@@ -2,8 +2,8 @@
 //!
 //! Consumer group `segmenter` on `dmp.user-changes`. The poll loop ([`Segmenter::run`]) shards
 //! users by uid hash to worker threads (one per core by default, each pinned to a core unless
-//! `pin_cores` is off), over bounded queues. Each worker owns its caches, so the hot path takes
-//! no locks:
+//! `pin_cores` is off, at nice value `worker_nice`), over bounded queues. Each worker owns its
+//! caches, so the hot path takes no locks:
 //! 1. [`blacklist`]: a user changing more than `blacklist_max_changes` times per window is a bot,
 //!    skipped before any read and flagged `m:bot` once;
 //! 2. [`dedupe`]: a change whose write a previous read already saw is skipped (both checks keep
@@ -160,6 +160,7 @@ impl Segmenter {
         let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
         let mut senders: Vec<SyncSender<worker::Job>> = Vec::with_capacity(n);
         let mut threads = Vec::with_capacity(n);
+        let nice = sc.worker_nice;
         for i in 0..n {
             let (tx, rx) = sync_channel(sc.queue_capacity);
             senders.push(tx);
@@ -184,6 +185,7 @@ impl Segmenter {
                                 tracing::warn!(worker = i, "could not pin the worker to a core");
                             }
                         }
+                        dmp_core::priority::lower_to(nice, "the segmenter's workers");
                         w.run()
                     })
                     .expect("spawning a worker"),

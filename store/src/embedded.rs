@@ -149,23 +149,9 @@ fn open_in_background(
     })
 }
 
-/// Raises the calling thread's nice value to `nice`, never lowering it (a process started at a
-/// higher nice value keeps it); 0 leaves it alone (a process started at a negative value keeps
-/// that too). On Linux a nice value belongs to a thread: `setpriority(PRIO_PROCESS, 0)` changes
-/// the caller only. Raising it needs no privilege; if the system refuses, the threads run at the
-/// caller's priority and the refusal is logged.
+/// Raises the calling thread's nice value to `nice` (see [`dmp_core::priority::lower_to`]).
 fn lower_priority(nice: u64) {
-    if nice == 0 {
-        return;
-    }
-    let nice = i32::try_from(nice).unwrap_or(19);
-    let current = rustix::process::getpriority_process(None).unwrap_or(0);
-    if current >= nice {
-        return;
-    }
-    if let Err(e) = rustix::process::setpriority_process(None, nice) {
-        tracing::warn!(nice, error = %e, "cannot lower the priority of the database's background threads");
-    }
+    dmp_core::priority::lower_to(nice, "the database's background threads");
 }
 
 impl EmbeddedDatabase {

@@ -1,8 +1,9 @@
 //! The segmenter's workers run pinned to cores by default (`segmenter.pin_cores`): worker i on
 //! the i-th core the process may use, round robin, and unpinned when it is off (or when a CPU
-//! quota lets the process use fewer cores at a time than it may run on). One test in its
-//! own process: it reads every thread's allowed cores from `/proc/self/task`, where another
-//! test's workers would show up too.
+//! quota lets the process use fewer cores at a time than it may run on). They run at nice value
+//! `segmenter.worker_nice`, and the threads that start them keep their own. One test in its own
+//! process: it reads every thread's allowed cores and nice value from `/proc/self/task`, where
+//! another test's workers would show up too.
 
 #![cfg(target_os = "linux")]
 
@@ -38,20 +39,40 @@ fn allowed(status: &str) -> Vec<usize> {
     cpus(line)
 }
 
-/// (name, allowed CPUs) of this process's threads named `dmp-segmenter-*`.
-fn workers() -> Vec<(String, Vec<usize>)> {
+/// The nice value of a thread's `/proc/…/stat` line (field 19).
+fn nice_of(stat: &str) -> i64 {
+    let close = stat.rfind(')').expect("a name in parentheses");
+    stat[close + 2..]
+        .split(' ')
+        .nth(16)
+        .expect("19 fields")
+        .parse()
+        .unwrap()
+}
+
+/// This thread's nice value.
+fn own_nice() -> i64 {
+    nice_of(&std::fs::read_to_string("/proc/thread-self/stat").unwrap())
+}
+
+/// A worker thread: its name, allowed CPUs and nice value.
+type WorkerThread = (String, Vec<usize>, i64);
+
+/// The threads of this process named `dmp-segmenter-*`.
+fn workers() -> Vec<WorkerThread> {
     let mut out = Vec::new();
     for task in std::fs::read_dir("/proc/self/task").unwrap() {
         let path = task.unwrap().path();
-        let (Ok(name), Ok(status)) = (
+        let (Ok(name), Ok(status), Ok(stat)) = (
             std::fs::read_to_string(path.join("comm")),
             std::fs::read_to_string(path.join("status")),
+            std::fs::read_to_string(path.join("stat")),
         ) else {
             continue; // the thread ended
         };
         let name = name.trim().to_string();
         if name.starts_with("dmp-segmenter-") {
-            out.push((name, allowed(&status)));
+            out.push((name, allowed(&status), nice_of(&stat)));
         }
     }
     out.sort();
@@ -64,8 +85,8 @@ fn cores_allowed() -> usize {
 }
 
 /// Runs a segmenter with `tweak`ed defaults and three workers until they are up; returns each
-/// worker's allowed CPUs, by index.
-async fn worker_cpus(tweak: impl FnOnce(&mut Config)) -> Vec<Vec<usize>> {
+/// worker's allowed CPUs and nice value, by index.
+async fn worker_threads(tweak: impl FnOnce(&mut Config)) -> Vec<(Vec<usize>, i64)> {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = Config::defaults();
     cfg.data_dir = dir.path().to_path_buf();
@@ -83,10 +104,15 @@ async fn worker_cpus(tweak: impl FnOnce(&mut Config)) -> Vec<Vec<usize>> {
     let task = tokio::spawn(async move { seg.run(rx).await.unwrap() });
     let started = Instant::now();
     let mut found = workers();
-    // A worker pins itself first thing: wait until all three are up and have done so.
+    // A worker pins itself and sets its priority first thing: wait until all three are up and
+    // have done so.
     let pins = cfg.segmenter.pin_cores
         && std::thread::available_parallelism().unwrap().get() >= cores_allowed();
-    while found.len() < 3 || (pins && found.iter().any(|(_, c)| c.len() != 1)) {
+    let nice = own_nice().max(cfg.segmenter.worker_nice as i64);
+    while found.len() < 3
+        || (pins && found.iter().any(|(_, c, _)| c.len() != 1))
+        || found.iter().any(|(_, _, n)| *n != nice)
+    {
         assert!(
             started.elapsed() < Duration::from_secs(10),
             "workers: {found:?}"
@@ -97,19 +123,27 @@ async fn worker_cpus(tweak: impl FnOnce(&mut Config)) -> Vec<Vec<usize>> {
     let _ = stop.send(true);
     task.await.unwrap();
     assert_eq!(
-        found.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        found.iter().map(|(n, _, _)| n.as_str()).collect::<Vec<_>>(),
         ["dmp-segmenter-0", "dmp-segmenter-1", "dmp-segmenter-2"]
     );
-    found.into_iter().map(|(_, c)| c).collect()
+    found.into_iter().map(|(_, c, n)| (c, n)).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn given_default_config_when_the_segmenter_runs_then_each_worker_is_pinned_to_its_core() {
+async fn given_default_config_when_the_segmenter_runs_then_each_worker_is_pinned_to_its_core_at_nice_3(
+) {
     let process = allowed(&std::fs::read_to_string("/proc/self/status").unwrap());
+    let before = own_nice();
     assert!(Config::defaults().segmenter.pin_cores, "pinned by default");
+    assert_eq!(
+        Config::defaults().segmenter.worker_nice,
+        3,
+        "nice 3 by default"
+    );
     let usable = std::thread::available_parallelism().unwrap().get();
-    let pinned = worker_cpus(|_| {}).await;
-    for (i, cores) in pinned.iter().enumerate() {
+    let pinned = worker_threads(|_| {}).await;
+    for (i, (cores, nice)) in pinned.iter().enumerate() {
+        assert_eq!(*nice, before.max(3), "worker {i}");
         if usable < process.len() {
             // A CPU quota below the cores (a container's limit): left unpinned.
             assert_eq!(cores, &process, "worker {i}");
@@ -118,9 +152,20 @@ async fn given_default_config_when_the_segmenter_runs_then_each_worker_is_pinned
             assert_eq!(cores, &[process[i % process.len()]], "worker {i}");
         }
     }
-    // Off: the workers may run anywhere the process may.
-    let free = worker_cpus(|c| c.segmenter.pin_cores = false).await;
-    for (i, cores) in free.iter().enumerate() {
+    // Off: the workers may run anywhere the process may; at nice 0, at the process's priority.
+    let free = worker_threads(|c| {
+        c.segmenter.pin_cores = false;
+        c.segmenter.worker_nice = 0;
+    })
+    .await;
+    for (i, (cores, nice)) in free.iter().enumerate() {
         assert_eq!(cores, &process, "worker {i}");
+        assert_eq!(*nice, before, "worker {i}");
     }
+    // Another value; the caller's threads keep their own.
+    let niced = worker_threads(|c| c.segmenter.worker_nice = 7).await;
+    for (i, (_, nice)) in niced.iter().enumerate() {
+        assert_eq!(*nice, before.max(7), "worker {i}");
+    }
+    assert_eq!(own_nice(), before, "the caller's priority is untouched");
 }
