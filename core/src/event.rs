@@ -336,7 +336,40 @@ impl Event {
 
     /// The canonical JSON of this event (what dmp itself puts on `dmp.events`).
     pub fn to_json(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("an Event always serialises")
+        let mut out = Vec::with_capacity(self.json_len_estimate());
+        serde_json::to_writer(&mut out, self).expect("an Event always serialises");
+        out
+    }
+
+    /// The length of [`Event::to_json`] when no string needs escaping: the buffer is allocated
+    /// once instead of grown (and copied) several times from empty.
+    fn json_len_estimate(&self) -> usize {
+        // `{"uid":"","ts":}` and the digits of any i64.
+        let mut n = 36 + self.uid.len();
+        for (name, v) in [
+            ("type", &self.kind),
+            ("url", &self.url),
+            ("ref", &self.referrer),
+            ("q", &self.q),
+            ("ip", &self.ip),
+            ("ua", &self.ua),
+            ("src", &self.src),
+        ] {
+            if let Some(v) = v {
+                // `,"name":"value"`
+                n += name.len() + v.len() + 6;
+            }
+        }
+        if !self.attrs.is_empty() {
+            // `,"attrs":{}` and `"k":"v",` each
+            n += 11
+                + self
+                    .attrs
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len() + 6)
+                    .sum::<usize>();
+        }
+        n
     }
 }
 
@@ -503,6 +536,29 @@ mod tests {
         assert_eq!(e.attrs["vip"], "true");
         let round = Event::parse(&e.to_json(), NOW, &EventLimits::default()).unwrap();
         assert_eq!(round, e);
+    }
+
+    #[test]
+    fn given_events_without_escapes_when_serialised_then_the_buffer_never_grows() {
+        let inputs = [
+            r#"{"uid":"u1","ts":"2026-11-22T10:00:00Z","type":"search","url":"https://a.example/x",
+                "ref":"https://r.example/","q":"ипотека","ip":"203.0.113.7","ua":"Mozilla/5.0",
+                "src":"pixel","attrs":{"gender":"f","age":31,"vip":true}}"#,
+            r#"{"uid":"0123456789abcdef","ts":1}"#,
+            r#"{"uid":"u","ts":1795341600000,"attrs":{"k":""}}"#,
+        ];
+        for i in inputs {
+            let e = parse(i).unwrap();
+            let json = e.to_json();
+            assert!(
+                json.len() <= e.json_len_estimate(),
+                "{} > {}: {}",
+                json.len(),
+                e.json_len_estimate(),
+                String::from_utf8_lossy(&json)
+            );
+            assert_eq!(json.capacity(), e.json_len_estimate(), "grown: {i}");
+        }
     }
 
     #[test]
