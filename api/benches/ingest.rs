@@ -1,8 +1,9 @@
 #![allow(missing_docs)] // criterion_group! generates undocumented functions
-//! The ingest endpoint's records: a request of 2000 pageviews and searches (the loadtest's
-//! `batch_max`, fields as its generator fills them) made into the records it produces to
-//! `dmp.events`, with `Event::to_json` (its buffer sized once) against `serde_json::to_vec`
-//! (grown from empty, as before), side by side.
+//! The ingest endpoint's work on a request of 2000 pageviews and searches (the loadtest's
+//! `batch_max`, fields as its generator fills them), side by side with how it did it before:
+//! parsing the NDJSON body into a vector sized once (`ndjson_events`) against one grown from
+//! empty, and making the records it produces to `dmp.events` with `Event::to_json` (its buffer
+//! sized once) against `serde_json::to_vec` (grown from empty).
 //!
 //! `cargo bench -p dmp-api --bench ingest`
 
@@ -14,7 +15,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc; // as in the dmp binary
 
 const NOW: i64 = 1_795_341_600_000;
 
-fn events() -> Vec<Event> {
+/// The request's lines: 2000 pageviews and searches.
+fn lines() -> Vec<String> {
     let uas = [
         "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36",
         "Mozilla/5.0 (iPhone; CPU iPhone OS 17_6 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.6 Mobile/15E148 Safari/604.1",
@@ -23,7 +25,7 @@ fn events() -> Vec<Event> {
     (0..2000u64)
         .map(|i| {
             let search = i % 5 == 0;
-            let line = format!(
+            format!(
                 r#"{{"uid":"{:016x}","ts":{},"type":"{}","url":"https://{}.example.ru/catalog/{}/item-{}?utm_source=partner","ref":"https://www.example.com/search?q=item+{}","ip":"{}.{}.{}.{}","ua":"{}"{}}}"#,
                 i.wrapping_mul(0x9e37_79b9_7f4a_7c15),
                 NOW - 500 + (i % 400) as i64,
@@ -42,13 +44,41 @@ fn events() -> Vec<Event> {
                 } else {
                     ""
                 },
-            );
-            let mut e = Event::parse(line.as_bytes(), NOW, &EventLimits::default())
-                .expect("a valid event");
+            )
+        })
+        .collect()
+}
+
+/// The request's events, as the endpoint accepts them.
+fn events() -> Vec<Event> {
+    lines()
+        .iter()
+        .map(|line| {
+            let mut e =
+                Event::parse(line.as_bytes(), NOW, &EventLimits::default()).expect("a valid event");
             e.src = Some("http".into());
             e
         })
         .collect()
+}
+
+fn parse(c: &mut Criterion) {
+    let body = lines().join("\n").into_bytes();
+    let limits = EventLimits::default();
+    let mut g = c.benchmark_group("ingest");
+    g.throughput(Throughput::Elements(2000));
+    g.bench_function("parse_2000_ndjson_sized", |b| {
+        b.iter(|| dmp_api::ingest::ndjson_events(&body, NOW, &limits, 10_000))
+    });
+    g.bench_function("parse_2000_ndjson_grown", |b| {
+        b.iter(|| {
+            body.split(|b| *b == b'\n')
+                .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
+                .map(|line| Event::parse(line, NOW, &limits))
+                .collect::<Vec<_>>()
+        })
+    });
+    g.finish();
 }
 
 fn records(c: &mut Criterion) {
@@ -69,5 +99,5 @@ fn records(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, records);
+criterion_group!(benches, parse, records);
 criterion_main!(benches);

@@ -323,6 +323,30 @@ enum Format {
     Ndjson,
 }
 
+/// The events of an NDJSON body (blank lines skipped), or why each line could not be one, in
+/// order. Lines are found with `memchr`, and the vector is sized once from their count, up to one more than
+/// `max_events` (a longer batch is refused after parsing anyway, and a body of newlines must not
+/// reserve room for millions of events): collecting a request's events into a vector grown from
+/// empty was 7% of the API runtime's samples at 100K events/s, most of it faults of fresh pages.
+pub fn ndjson_events(
+    body: &[u8],
+    now: i64,
+    limits: &EventLimits,
+    max_events: usize,
+) -> Vec<Result<Event, EventError>> {
+    let lines = memchr::memchr_iter(b'\n', body).count() + 1;
+    let mut items = Vec::with_capacity(lines.min(max_events.saturating_add(1)));
+    let mut start = 0;
+    for end in memchr::memchr_iter(b'\n', body).chain(std::iter::once(body.len())) {
+        let line = &body[start..end];
+        start = end + 1;
+        if !line.iter().all(u8::is_ascii_whitespace) {
+            items.push(Event::parse(line, now, limits));
+        }
+    }
+    items
+}
+
 /// `POST /v1/events` with a JSON array (`application/json`) or NDJSON (`application/x-ndjson`),
 /// optionally `Content-Encoding: gzip`.
 pub async fn events(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Response {
@@ -426,11 +450,7 @@ pub async fn events(State(s): State<AppState>, headers: HeaderMap, body: Body) -
             }
             Err(e) => return refuse(EP, StatusCode::BAD_REQUEST, format!("malformed JSON: {e}")),
         },
-        Format::Ndjson => body
-            .split(|b| *b == b'\n')
-            .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
-            .map(|line| Event::parse(line, now, limits))
-            .collect(),
+        Format::Ndjson => ndjson_events(&body, now, limits, cfg.max_batch_events),
     };
     if items.len() > cfg.max_batch_events {
         return refuse(
@@ -492,6 +512,24 @@ mod tests {
         let mut c = dmp_core::Config::defaults().api;
         c.trusted_proxy_header = header.to_string();
         c
+    }
+
+    #[test]
+    fn given_an_ndjson_body_when_parsed_then_lines_in_order_blank_ones_skipped() {
+        let body = b"{\"uid\":\"a\",\"ts\":1}\n\n  \n{\"uid\":\"\"}\r\n{\"uid\":\"b\",\"ts\":2}";
+        let items = ndjson_events(body, 10, &EventLimits::default(), 100);
+        assert_eq!(items.len(), 3);
+        assert_eq!(items[0].as_ref().unwrap().uid, "a");
+        assert!(items[1].is_err(), "an empty uid is refused");
+        assert_eq!(items[2].as_ref().unwrap().uid, "b");
+    }
+
+    #[test]
+    fn given_a_body_of_newlines_when_parsed_then_room_for_no_more_than_the_limit() {
+        let body = vec![b'\n'; 1_000_000];
+        let items = ndjson_events(&body, 10, &EventLimits::default(), 2000);
+        assert!(items.is_empty());
+        assert!(items.capacity() <= 2001, "{}", items.capacity());
     }
 
     #[test]
