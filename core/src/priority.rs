@@ -22,20 +22,13 @@ pub fn lower_to(nice: u64, what: &str) {
 }
 
 #[cfg(all(test, target_os = "linux"))]
+#[path = "../../testsupport/nice.rs"]
+mod nice;
+
+#[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::lower_to;
-
-    /// This thread's nice value, from `/proc/thread-self/stat` (field 19).
-    fn own_nice() -> i64 {
-        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
-        let close = stat.rfind(')').unwrap();
-        stat[close + 2..]
-            .split(' ')
-            .nth(16)
-            .unwrap()
-            .parse()
-            .unwrap()
-    }
+    use super::nice::own_nice;
 
     #[test]
     fn given_a_nice_value_then_only_the_calling_thread_gets_it_and_it_never_goes_back_down() {

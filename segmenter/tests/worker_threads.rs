@@ -7,6 +7,9 @@
 
 #![cfg(target_os = "linux")]
 
+#[path = "../../testsupport/nice.rs"]
+mod nice;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,6 +19,7 @@ use dmp_core::Config;
 use dmp_segmenter::Segmenter;
 use dmp_store::embedded::{EmbeddedDatabase, EmbeddedStore};
 use dmp_store::Schema;
+use nice::{nice_of, own_nice};
 use tokio::sync::watch;
 
 /// The CPUs a `Cpus_allowed_list` names ("0-3,6").
@@ -37,22 +41,6 @@ fn allowed(status: &str) -> Vec<usize> {
         .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
         .expect("a Cpus_allowed_list line");
     cpus(line)
-}
-
-/// The nice value of a thread's `/proc/…/stat` line (field 19).
-fn nice_of(stat: &str) -> i64 {
-    let close = stat.rfind(')').expect("a name in parentheses");
-    stat[close + 2..]
-        .split(' ')
-        .nth(16)
-        .expect("19 fields")
-        .parse()
-        .unwrap()
-}
-
-/// This thread's nice value.
-fn own_nice() -> i64 {
-    nice_of(&std::fs::read_to_string("/proc/thread-self/stat").unwrap())
 }
 
 /// A worker thread: its name, allowed CPUs and nice value.

@@ -6,20 +6,11 @@
 
 #![cfg(target_os = "linux")]
 
-use dmp_store::embedded::open_temp_with;
+#[path = "../../testsupport/nice.rs"]
+mod nice;
 
-/// (thread name, nice value) of a thread's `/proc/…/stat` line.
-fn name_and_nice(stat: &str) -> (String, i64) {
-    let (open, close) = (stat.find('(').unwrap(), stat.rfind(')').unwrap());
-    // After the name: state is field 3 of the line, nice field 19.
-    let nice = stat[close + 2..]
-        .split(' ')
-        .nth(16)
-        .unwrap()
-        .parse()
-        .unwrap();
-    (stat[open + 1..close].to_string(), nice)
-}
+use dmp_store::embedded::open_temp_with;
+use nice::{name_and_nice, own_nice};
 
 /// (thread name, nice value) of every thread of this process.
 fn threads() -> Vec<(String, i64)> {
@@ -31,10 +22,6 @@ fn threads() -> Vec<(String, i64)> {
         out.push(name_and_nice(&stat));
     }
     out
-}
-
-fn own_nice() -> i64 {
-    name_and_nice(&std::fs::read_to_string("/proc/thread-self/stat").unwrap()).1
 }
 
 #[test]
