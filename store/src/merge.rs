@@ -61,65 +61,85 @@ pub(crate) fn read(
             cells: out.finish(),
         });
     }
-    // Cells with the buffer they are in (0: the base, i: writes[i - 1]).
-    let mut cells: Vec<(RawCell<'_>, u32)> = Vec::with_capacity(base.len() / CELL_BYTES);
+    // The base's cells, for the written cells' places to be found by binary search.
+    let mut cells: Vec<RawCell<'_>> = Vec::with_capacity(base.len() / CELL_BYTES);
     if !base.is_empty() {
         codec::walk(base, |c| {
-            cells.push((c, 0));
+            cells.push(c);
             Ok(false)
         })?;
     }
-    // Cells of the writes, in write order (counted per cell: of two cells of one coordinate in
-    // one write, the later one wins, as of two writes).
-    let mut deltas: Vec<(RawCell<'_>, u32)> = Vec::new();
+    // Cells of the writes with the write they are in (i: writes[i - 1]) and their place in write
+    // order (of two cells of one coordinate, in one write or two, the later one wins).
+    let mut deltas: Vec<(RawCell<'_>, u32, u32)> = Vec::new();
     for (i, w) in writes.iter().enumerate() {
         codec::walk(w, |c| {
-            deltas.push((c, i as u32 + 1));
+            let n = deltas.len() as u32;
+            deltas.push((c, i as u32 + 1, n));
             Ok(false)
         })?;
     }
-    // Newest cell first: reversed, then a stable sort keeps the newest of a coordinate first,
-    // and only it is kept.
-    deltas.reverse();
-    deltas.sort_by(|a, b| a.0.cmp_key(&b.0));
+    // HBase order, the newest of a coordinate first; only it is kept. Unstable, with the write
+    // order as the last key: a stable sort allocated its scratch buffer at every read.
+    deltas.sort_unstable_by(|a, b| a.0.cmp_key(&b.0).then(b.2.cmp(&a.2)));
     deltas.dedup_by(|later, earlier| later.0.same_coordinates(&earlier.0));
-    let base_cells = std::mem::take(&mut cells);
-    cells.reserve(base_cells.len() + deltas.len());
-    let mut rest = &base_cells[..];
-    for d in deltas {
-        let before = rest.partition_point(|c| c.0.cmp_key(&d.0).is_lt());
-        cells.extend_from_slice(&rest[..before]);
+    let written: usize = deltas.iter().map(|d| d.0.encoded.len()).sum();
+    let mut sink = Sink {
+        limits,
+        // The base's cells and the writes' (less when a write replaces a cell or limits drop).
+        packed: pack.then(|| codec::packed_with_capacity(base.len().saturating_sub(1) + written)),
+        out: Cells::new(projection, cells.len() + deltas.len()),
+    };
+    // Each written cell's place in the base by binary search; the cells go to the sink in
+    // order as they are placed (not into a merged vector first: it was the row's size again).
+    let mut rest = &cells[..];
+    for (d, src, _) in deltas {
+        let before = rest.partition_point(|c| c.cmp_key(&d).is_lt());
+        for c in &rest[..before] {
+            sink.emit(*c, base)?;
+        }
         rest = &rest[before..];
-        if rest.first().is_some_and(|c| c.0.same_coordinates(&d.0)) {
+        if rest.first().is_some_and(|c| c.same_coordinates(&d)) {
             rest = &rest[1..]; // a later write replaces the base's value
         }
-        cells.push(d);
+        sink.emit(d, writes[src as usize - 1])?;
     }
-    cells.extend_from_slice(rest);
-    let mut packed =
-        pack.then(|| codec::packed_with_capacity(cells.iter().map(|c| c.0.encoded.len()).sum()));
-    let mut out = Cells::new(projection, cells.len());
-    for (c, src) in cells {
-        let next = limits.keeps(&c);
-        if let Next::Dropped = next {
-            continue;
-        }
-        if let Some(p) = &mut packed {
-            p.extend_from_slice(c.encoded);
-        }
-        let buf = match src {
-            0 => base,
-            i => writes[i as usize - 1],
-        };
-        out.push(c, buf, next)?;
+    for c in rest {
+        sink.emit(*c, base)?;
     }
+    let Sink {
+        mut packed, out, ..
+    } = sink;
     if let Some(p) = &mut packed {
-        p.shrink_to_fit(); // exact size when limits dropped cells (the cache keeps it as is)
+        p.shrink_to_fit(); // exact size when cells were replaced or dropped (the cache keeps it)
     }
     Ok(Merged {
         packed,
         cells: out.finish(),
     })
+}
+
+/// Where a merge's cells go, in HBase order: through the limits, into the packed value (when
+/// one is made) and the read's cells.
+struct Sink<'s, 'p, 'a> {
+    limits: Limits<'s, 'a>,
+    packed: Option<Vec<u8>>,
+    out: Cells<'p, 'a>,
+}
+
+impl<'a> Sink<'_, '_, 'a> {
+    /// Adds `c`, a cell of the packed value `buf`, unless the limits leave it out.
+    #[inline]
+    fn emit(&mut self, c: RawCell<'a>, buf: &Bytes) -> Result<(), String> {
+        let next = self.limits.keeps(&c);
+        if let Next::Dropped = next {
+            return Ok(());
+        }
+        if let Some(p) = &mut self.packed {
+            p.extend_from_slice(c.encoded);
+        }
+        self.out.push(c, buf, next)
+    }
 }
 
 /// Which cells of a row, met in HBase order, a read keeps: not those of families no longer in
