@@ -76,6 +76,8 @@ pub struct Config {
     pub segmenter: SegmenterConfig,
     /// Segment counters and audience estimates.
     pub stats: StatsConfig,
+    /// The process's memory.
+    pub memory: MemoryConfig,
     /// Logs and metrics.
     pub telemetry: TelemetryConfig,
 }
@@ -371,6 +373,19 @@ pub struct StorageWriterConfig {
     /// How often suppressions (deleted users) made by other processes are picked up, ms.
     pub suppression_reload_ms: u64,
 }
+
+/// `[memory]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryConfig {
+    /// MiB faulted in when a long-running command starts and given to the allocator to use
+    /// first (0: none). Used in whole blocks of [`PRETOUCH_BLOCK_MB`].
+    pub pretouch_mb: u64,
+}
+
+/// The allocator's arenas come in blocks of this many MiB (mimalloc 3's smallest arena): a
+/// pretouch is at least one and is rounded down to whole ones.
+pub const PRETOUCH_BLOCK_MB: u64 = 32;
 
 /// `[telemetry]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -819,6 +834,14 @@ impl Config {
                 format!("{} is not 0 (no theta sketches) or 8..=20", st.theta_lg_k),
             ));
         }
+        if self.memory.pretouch_mb != 0 {
+            range(
+                "memory.pretouch_mb",
+                self.memory.pretouch_mb,
+                PRETOUCH_BLOCK_MB,
+                1 << 20,
+            )?;
+        }
         if !matches!(self.telemetry.log_format.as_str(), "text" | "json") {
             return Err(ConfigError::key(
                 "telemetry.log_format",
@@ -1001,6 +1024,8 @@ mod tests {
                 "store.families.e.max_versions",
             ),
             ("DMP__TELEMETRY__LOG_FORMAT", "xml", "telemetry.log_format"),
+            ("DMP__MEMORY__PRETOUCH_MB", "16", "memory.pretouch_mb"),
+            ("DMP__MEMORY__PRETOUCH_MB", "-1", "memory.pretouch_mb"),
             (
                 "DMP__STORAGE_WRITER__IP_MODE",
                 "hash",

@@ -10,6 +10,7 @@
 mod audience_cmd;
 mod backends;
 mod import;
+mod memory;
 mod replay_cmd;
 mod roles;
 mod rules_cmd;
@@ -156,6 +157,27 @@ fn main() -> ExitCode {
         }
     };
     dmp_core::telemetry::init_tracing(&cfg.telemetry);
+    let serves = matches!(
+        cli.command,
+        Command::Run { .. } | Command::Api { .. } | Command::StorageWriter | Command::Segmenter
+    );
+    if serves && cfg.memory.pretouch_mb > 0 {
+        match memory::pretouch(cfg.memory.pretouch_mb) {
+            Ok(p) => tracing::info!(
+                mb = p.mb,
+                seconds = p.took.as_secs_f64(),
+                "memory faulted in and handed to the allocator (memory.pretouch_mb)"
+            ),
+            Err(e @ memory::PretouchError::TooLarge { .. }) => {
+                eprintln!("dmp: configuration error: {e}");
+                return ExitCode::from(2);
+            }
+            Err(e) => {
+                eprintln!("dmp: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("dmp-rt")

@@ -2,6 +2,8 @@
 //! SIGTERM; `dmp topics` and `dmp config check` work and fail with clear errors and exit codes.
 
 mod common;
+#[path = "../../testsupport/rss.rs"]
+mod rss;
 
 use std::time::Instant;
 
@@ -89,6 +91,48 @@ fn given_bad_config_when_any_command_runs_then_exit_2_names_the_key() {
 
     let out = dmp().args(["no-such-command"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
+}
+
+#[tokio::test]
+async fn given_memory_pretouch_when_dmp_runs_then_that_memory_is_resident_before_it_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    // Without: the resident size of an idle `dmp run`.
+    let (mut plain, url) = start(dir.path(), &[]);
+    let http = reqwest::Client::new();
+    let ready = http.get(format!("{url}/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let idle = rss::rss_mb(Some(plain.id()));
+    assert!(sigterm(&mut plain).success());
+
+    let (mut child, url) = start(dir.path(), &[("DMP__MEMORY__PRETOUCH_MB", "512")]);
+    // The URL is printed once it serves, after the pretouch: the memory is already there.
+    let with = rss::rss_mb(Some(child.id()));
+    assert!(
+        with >= idle + 480,
+        "512 MiB pretouched, but resident {with} MiB against {idle} MiB without"
+    );
+    let ready = http.get(format!("{url}/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let now = dmp_core::clock::now_ms();
+    let events: Vec<serde_json::Value> = (0..200)
+        .map(|i| serde_json::json!({"uid": format!("u{i}"), "ts": now - i, "url": "https://a.example/"}))
+        .collect();
+    post_events(&url, &events).await;
+    assert!(sigterm(&mut child).success());
+
+    // More than the machine has: refused before anything starts, naming the key.
+    let out = dmp()
+        .args(["run", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env("DMP__MEMORY__PRETOUCH_MB", "1048576")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("memory.pretouch_mb") && err.contains("more than this machine's memory"),
+        "{err}"
+    );
 }
 
 #[test]
