@@ -23,11 +23,12 @@ const ALIGN: usize = 2 * MIB;
 /// Why memory could not be pretouched.
 #[derive(Debug)]
 pub enum PretouchError {
-    /// More than the machine has: faulting it in would end in the OOM killer.
+    /// More than the machine has (or the process's cgroup allows): faulting it in would end in
+    /// the OOM killer.
     TooLarge {
         /// Asked for, MiB.
         asked_mb: u64,
-        /// The machine's memory (`MemTotal`), MiB.
+        /// The machine's memory (`MemTotal`), or the cgroup's limit when lower, MiB.
         machine_mb: u64,
     },
     /// The kernel refused the mapping or could not fault it in.
@@ -45,7 +46,7 @@ impl std::fmt::Display for PretouchError {
             } => write!(
                 f,
                 "memory.pretouch_mb: {asked_mb} MiB is more than this machine's memory \
-                 ({machine_mb} MiB)"
+                 ({machine_mb} MiB, or its cgroup's memory limit when lower)"
             ),
             PretouchError::Os(e) => write!(f, "memory.pretouch_mb: {e}"),
             PretouchError::Allocator => {
@@ -71,7 +72,7 @@ pub struct Pretouched {
 
 /// Faults in `mb` MiB (rounded down to whole [`PRETOUCH_BLOCK_MB`] blocks; the config checks it
 /// is at least one) and hands them to the allocator. Fails, touching nothing, when `mb` is more
-/// than the machine's memory.
+/// than the machine's memory or the limit of the process's cgroup.
 pub fn pretouch(mb: u64) -> Result<Pretouched, PretouchError> {
     let blocks = mb / PRETOUCH_BLOCK_MB;
     let mb = blocks * PRETOUCH_BLOCK_MB;
@@ -95,12 +96,54 @@ pub fn pretouch(mb: u64) -> Result<Pretouched, PretouchError> {
     })
 }
 
-/// The machine's memory in MiB, from `/proc/meminfo` (None where there is none).
+/// The memory this process may use in MiB: the machine's (`/proc/meminfo`), or less when its
+/// control group (a container's memory limit) allows less. None where neither says.
 fn machine_mb() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024)
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib / 1024)
+        });
+    let groups = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let limit = limit_files(&groups)
+        .into_iter()
+        .filter_map(|file| {
+            std::fs::read_to_string(file)
+                .ok()?
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .min()
+        .map(|bytes| bytes / MIB as u64);
+    match (total, limit) {
+        (Some(t), Some(l)) => Some(t.min(l)),
+        (t, l) => t.or(l),
+    }
+}
+
+/// The files holding the memory limits of the cgroups in `proc_self_cgroup` (the text of
+/// `/proc/self/cgroup`): "0::/path" is cgroup v2 (`memory.max`; its "max", no limit, does not
+/// parse as a number), "N:memory:/path" v1 (`memory.limit_in_bytes`; no limit is a number larger
+/// than any machine's memory). In a container with its own cgroup namespace the path is "/".
+fn limit_files(proc_self_cgroup: &str) -> Vec<String> {
+    proc_self_cgroup
+        .lines()
+        .filter_map(|l| {
+            let (_, rest) = l.split_once(':')?;
+            let (controllers, path) = rest.split_once(':')?;
+            let path = path.trim_end_matches('/');
+            match controllers {
+                "" => Some(format!("/sys/fs/cgroup{path}/memory.max")),
+                c if c.split(',').any(|c| c == "memory") => {
+                    Some(format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes"))
+                }
+                _ => None,
+            }
+        })
+        .collect()
 }
 
 #[allow(unsafe_code)]
@@ -181,6 +224,23 @@ mod tests {
         // The allocator goes on working with the range in its arenas.
         let v: Vec<u64> = (0..4_000_000).collect();
         assert_eq!(v.iter().sum::<u64>(), 3_999_999 * 4_000_000 / 2);
+    }
+
+    #[test]
+    fn given_cgroups_v1_and_v2_when_read_then_their_memory_limit_files_are_named() {
+        let v1 = "9:name=systemd:/\n4:memory:/process_api/abc\n3:cpu,cpuacct:/x\n0::/\n";
+        assert_eq!(
+            limit_files(v1),
+            [
+                "/sys/fs/cgroup/memory/process_api/abc/memory.limit_in_bytes",
+                "/sys/fs/cgroup/memory.max"
+            ]
+        );
+        assert_eq!(
+            limit_files("0::/system.slice/dmp.service\n"),
+            ["/sys/fs/cgroup/system.slice/dmp.service/memory.max"]
+        );
+        assert!(limit_files("").is_empty());
     }
 
     #[test]
