@@ -74,8 +74,14 @@ pub struct Pretouched {
 /// is at least one) and hands them to the allocator. Fails, touching nothing, when `mb` is more
 /// than the machine's memory or the limit of the process's cgroup.
 pub fn pretouch(mb: u64) -> Result<Pretouched, PretouchError> {
-    let blocks = mb / PRETOUCH_BLOCK_MB;
-    let mb = blocks * PRETOUCH_BLOCK_MB;
+    let mb = mb / PRETOUCH_BLOCK_MB * PRETOUCH_BLOCK_MB;
+    if mb == 0 {
+        // Less than a block: nothing the allocator could take (the config refuses it).
+        return Ok(Pretouched {
+            mb,
+            took: Duration::ZERO,
+        });
+    }
     if let Some(machine_mb) = machine_mb() {
         if mb > machine_mb {
             return Err(PretouchError::TooLarge {
@@ -241,6 +247,12 @@ mod tests {
             ["/sys/fs/cgroup/system.slice/dmp.service/memory.max"]
         );
         assert!(limit_files("").is_empty());
+    }
+
+    #[test]
+    fn given_less_than_a_block_when_pretouched_then_nothing_is_mapped() {
+        let done = pretouch(PRETOUCH_BLOCK_MB - 1).unwrap();
+        assert_eq!(done.mb, 0);
     }
 
     #[test]
