@@ -41,24 +41,25 @@ pub(crate) fn read(
     projection: Option<&Projection>,
     pack: bool,
 ) -> Result<Merged, String> {
-    let mut limits = Limits::new(schema, now);
+    let limits = Limits::new(schema, now);
     let empty = Bytes::new();
     let base = base.unwrap_or(&empty);
     if writes.is_empty() {
-        // The base is the merge: one walk.
-        let mut out = Cells::new(projection, base.len() / CELL_BYTES);
+        // The base is the merge: one walk, nothing to pack.
+        let mut sink = Sink {
+            limits,
+            packed: None,
+            out: Cells::new(projection, base.len() / CELL_BYTES),
+        };
         if !base.is_empty() {
             codec::walk(base, |c| {
-                match limits.keeps(&c) {
-                    Next::Dropped => {}
-                    next => out.push(c, base, next)?,
-                }
+                sink.emit(c, base)?;
                 Ok(false)
             })?;
         }
         return Ok(Merged {
             packed: None,
-            cells: out.finish(),
+            cells: sink.out.finish(),
         });
     }
     // The base's cells, for the written cells' places to be found by binary search.
