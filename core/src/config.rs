@@ -324,6 +324,13 @@ pub struct SegmenterConfig {
     pub throttle_after_changes: u32,
     /// A throttled user's least time between evaluations, ms.
     pub throttle_interval_ms: u64,
+    /// A change whose newest event is older than its write by more than this (a partner's file,
+    /// a replayed backlog) is backfill: handled after live changes, ms (0 = no priority).
+    pub backfill_age_ms: u64,
+    /// The longest a backfill change waits behind live ones, ms.
+    pub backfill_max_wait_ms: u64,
+    /// Backfill changes a worker holds back at most; beyond, they are handled in turn.
+    pub backfill_max_held: usize,
     /// How often due re-evaluation timers are scanned, ms.
     pub timer_scan_interval_ms: u64,
     /// Due timers handed to workers per partition per scan.
@@ -727,6 +734,37 @@ impl Config {
             1,
             60_000,
         )?;
+        if sg.backfill_age_ms != 0 {
+            range(
+                "segmenter.backfill_age_ms",
+                sg.backfill_age_ms,
+                1_000,
+                30 * 86_400_000,
+            )?;
+        }
+        range(
+            "segmenter.backfill_max_wait_ms",
+            sg.backfill_max_wait_ms,
+            1,
+            600_000,
+        )?;
+        if sg.backfill_max_wait_ms >= self.api.ready_stuck_secs.saturating_mul(1000) {
+            // Held changes hold the committed offsets back; readiness would call that stuck.
+            return Err(ConfigError::key(
+                "segmenter.backfill_max_wait_ms",
+                format!(
+                    "{} ms is not below api.ready_stuck_secs ({} s): readiness would report \
+                     the segmenter stuck while backfill waits",
+                    sg.backfill_max_wait_ms, self.api.ready_stuck_secs
+                ),
+            ));
+        }
+        range(
+            "segmenter.backfill_max_held",
+            sg.backfill_max_held as u64,
+            1,
+            100_000_000,
+        )?;
         range(
             "segmenter.timer_scan_interval_ms",
             sg.timer_scan_interval_ms,
@@ -1060,6 +1098,26 @@ mod tests {
                 "DMP__SEGMENTER__THROTTLE_INTERVAL_MS",
                 "0",
                 "segmenter.throttle_interval_ms",
+            ),
+            (
+                "DMP__SEGMENTER__BACKFILL_AGE_MS",
+                "999",
+                "segmenter.backfill_age_ms",
+            ),
+            (
+                "DMP__SEGMENTER__BACKFILL_MAX_WAIT_MS",
+                "0",
+                "segmenter.backfill_max_wait_ms",
+            ),
+            (
+                "DMP__SEGMENTER__BACKFILL_MAX_WAIT_MS",
+                "120000",
+                "segmenter.backfill_max_wait_ms",
+            ),
+            (
+                "DMP__SEGMENTER__BACKFILL_MAX_HELD",
+                "0",
+                "segmenter.backfill_max_held",
             ),
         ];
         for (k, v, key) in cases {

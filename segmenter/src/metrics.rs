@@ -11,6 +11,11 @@ pub const SKIPPED_BOT: &str = "dmp_segmenter_changes_skipped_bot_total";
 /// Changes of throttled users held back to be read with the user's next evaluation (counter).
 /// Each is then counted as evaluated, duplicate or bot as well.
 pub const THROTTLED: &str = "dmp_segmenter_changes_throttled_total";
+/// Backfill changes (newest event older than `segmenter.backfill_age_ms` at their write) held
+/// back behind live ones (counter). Each is then counted as evaluated, duplicate or bot as well.
+pub const BACKFILL: &str = "dmp_segmenter_changes_backfill_total";
+/// Backfill changes a worker holds back now (gauge).
+pub const BACKFILL_HELD: &str = "dmp_segmenter_backfill_held_changes";
 /// Users evaluated, by `trigger` (`change`, `timer`) (counter).
 pub const EVALUATED: &str = "dmp_segmenter_users_evaluated_total";
 /// Users newly blacklisted (counter).

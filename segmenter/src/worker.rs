@@ -1,7 +1,7 @@
 //! One segmenter worker: a thread (pinned when asked) that owns its dedupe and blacklist, and
 //! handles the users sharded to it: their changes and their due re-evaluation timers.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -83,6 +83,8 @@ struct Counters {
     duplicate: metrics::Counter,
     bot: metrics::Counter,
     throttled: metrics::Counter,
+    backfill: metrics::Counter,
+    backfill_held: metrics::Gauge,
     wait: metrics::Histogram,
     evaluated_change: metrics::Counter,
     evaluated_timer: metrics::Counter,
@@ -97,6 +99,73 @@ struct State {
     users: Users,
     /// Changes of throttled users held back, by when they fall due (each time's in arrival order).
     deferred: BTreeMap<i64, Vec<Job>>,
+    /// Backfill changes held back behind live ones.
+    backfill: Backfill,
+}
+
+/// Most changes a worker handles in one batch (held back ones included).
+const BATCH_MAX: usize = 1000;
+
+/// Backfill changes held back behind live ones, in arrival order, each with when it must be
+/// handled at the latest.
+struct Backfill {
+    held: VecDeque<(i64, Job)>,
+    max: usize,
+}
+
+impl Backfill {
+    fn new(max: usize) -> Backfill {
+        Backfill {
+            held: VecDeque::new(),
+            max,
+        }
+    }
+
+    /// Room for this many more.
+    fn room(&self) -> usize {
+        self.max.saturating_sub(self.held.len())
+    }
+
+    fn hold(&mut self, due: i64, j: Job) {
+        self.held.push_back((due, j));
+    }
+
+    /// Up to `n` held changes due at `now`, oldest first. Dues are in arrival order (arrival time
+    /// plus one fixed wait), so the due ones are at the front.
+    fn take_due(&mut self, now: i64, n: usize) -> Vec<Job> {
+        let due = self
+            .held
+            .iter()
+            .take(n)
+            .take_while(|(at, _)| *at <= now)
+            .count();
+        self.held.drain(..due).map(|(_, j)| j).collect()
+    }
+
+    /// Up to `n` held changes, oldest first, due or not (the worker has nothing live to do).
+    fn take(&mut self, n: usize) -> Vec<Job> {
+        let n = n.min(self.held.len());
+        self.held.drain(..n).map(|(_, j)| j).collect()
+    }
+
+    fn len(&self) -> usize {
+        self.held.len()
+    }
+}
+
+/// When a change counts as backfill: its newest event is more than `age_ms` older than its
+/// write (by the writer's clock, both of them). A change without an event time is not.
+fn is_backfill(j: &Job, age_ms: i64) -> bool {
+    j.last_event_ts > 0 && j.ts.saturating_sub(j.last_event_ts) > age_ms
+}
+
+/// Why a change of a batch is not handled with it.
+#[derive(Clone, Copy)]
+enum Hold {
+    /// The throttle holds it until then.
+    Throttle(i64),
+    /// Backfill, behind live changes.
+    Backfill,
 }
 
 impl State {
@@ -205,7 +274,9 @@ impl Worker {
             received: metrics::counter!(m::RECEIVED, "worker" => label.clone()),
             duplicate: metrics::counter!(m::SKIPPED_DUPLICATE, "worker" => label.clone()),
             bot: metrics::counter!(m::SKIPPED_BOT, "worker" => label.clone()),
-            throttled: metrics::counter!(m::THROTTLED, "worker" => label),
+            throttled: metrics::counter!(m::THROTTLED, "worker" => label.clone()),
+            backfill: metrics::counter!(m::BACKFILL, "worker" => label.clone()),
+            backfill_held: metrics::gauge!(m::BACKFILL_HELD, "worker" => label),
             wait: metrics::histogram!(m::WAIT),
             evaluated_change: metrics::counter!(m::EVALUATED, "trigger" => "change"),
             evaluated_timer: metrics::counter!(m::EVALUATED, "trigger" => "timer"),
@@ -225,8 +296,25 @@ impl Worker {
                 },
             ),
             deferred: BTreeMap::new(),
+            backfill: Backfill::new(self.cfg.backfill_max_held),
         };
         loop {
+            // Held backfill waits for a moment with no live change queued.
+            if st.backfill.len() > 0 {
+                match self.jobs.try_recv() {
+                    Ok(first) => {
+                        self.take_batch(&rt, &mut st, &counters, Some(first));
+                    }
+                    Err(std::sync::mpsc::TryRecvError::Empty) => {
+                        let mut due = st.take_due(dmp_core::clock::now_ms());
+                        due.extend(st.backfill.take(BATCH_MAX));
+                        counters.backfill_held.set(st.backfill.len() as f64);
+                        self.handle(&rt, &mut st, &counters, Vec::new(), due);
+                    }
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => break,
+                }
+                continue;
+            }
             // The next change, or none when a deferred one falls due first.
             let first = match st.deferred.keys().next().copied() {
                 None => match self.jobs.recv() {
@@ -255,26 +343,49 @@ impl Worker {
                     }
                 }
             }
-            let mut batch: Vec<Job> = first.into_iter().collect();
-            while batch.len() < 1000 {
-                match self.jobs.try_recv() {
-                    Ok(j) => batch.push(j),
-                    Err(_) => break,
-                }
-            }
-            let due = st.take_due(dmp_core::clock::now_ms());
-            self.handle(&rt, &mut st, &counters, batch, due);
+            self.take_batch(&rt, &mut st, &counters, first);
         }
         // Stopping: changes still held back are evaluated now, so every change handed to this
         // worker is reported done.
-        let held: Vec<Job> = std::mem::take(&mut st.deferred)
+        let mut held: Vec<Job> = std::mem::take(&mut st.deferred)
             .into_values()
             .flatten()
             .collect();
-        if !held.is_empty() {
-            self.handle(&rt, &mut st, &counters, Vec::new(), held);
+        held.extend(st.backfill.take(usize::MAX));
+        counters.backfill_held.set(0.0);
+        for chunk in held.chunks(BATCH_MAX) {
+            self.handle(&rt, &mut st, &counters, Vec::new(), chunk.to_vec());
         }
         tracing::debug!(worker = self.index, "segmenter worker stopped");
+    }
+
+    /// Takes a batch after `first` (none: only held back changes fell due): the changes queued
+    /// now, and the held back ones due, and handles it.
+    fn take_batch(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        st: &mut State,
+        counters: &Counters,
+        first: Option<Job>,
+    ) {
+        let mut batch: Vec<Job> = first.into_iter().collect();
+        while batch.len() < BATCH_MAX {
+            match self.jobs.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        let now = dmp_core::clock::now_ms();
+        let mut due = st.take_due(now);
+        due.extend(st.backfill.take_due(now, BATCH_MAX));
+        self.handle(rt, st, counters, batch, due);
+        counters.backfill_held.set(st.backfill.len() as f64);
+    }
+
+    /// The age past which a change is backfill, when backfill waits behind live changes (it
+    /// needs the dedupe: a held change is skipped when a read of the user already saw it).
+    fn backfill_age(&self) -> Option<i64> {
+        (self.cfg.backfill_age_ms > 0 && self.cfg.dedupe).then_some(self.cfg.backfill_age_ms as i64)
     }
 
     /// The throttle, when it is on (it needs the blacklist's change counts and the dedupe's
@@ -316,8 +427,10 @@ impl Worker {
                 add_change(&mut users, j, counters);
             }
         }
-        // When each change of the batch is held back to (none: handled now).
-        let mut held: Vec<Option<i64>> = vec![None; batch.len()];
+        // Whether and why each change of the batch is held back (none: handled now).
+        let mut held: Vec<Option<Hold>> = vec![None; batch.len()];
+        let backfill_age = self.backfill_age();
+        let mut backfill_room = st.backfill.room();
         for (i, j) in batch.iter().enumerate() {
             if let Some(t) = &j.timer {
                 if self.cfg.blacklist && st.users.banned(&j.uid, now) {
@@ -378,6 +491,16 @@ impl Worker {
                 counters.duplicate.increment(1);
                 continue;
             }
+            // Backfill waits behind live changes, unless this batch reads the user anyway.
+            if backfill_age.is_some_and(|age| is_backfill(j, age))
+                && backfill_room > 0
+                && !users.contains_key(&j.uid)
+            {
+                held[i] = Some(Hold::Backfill);
+                backfill_room -= 1;
+                counters.backfill.increment(1);
+                continue;
+            }
             // A busy user read moments ago waits for its next evaluation (whatever the skew
             // between the writer's clock and this one, no longer than the interval).
             if let (Some(t), Some(seen)) = (throttle, user.seen.last()) {
@@ -386,7 +509,7 @@ impl Worker {
                     && !users.contains_key(&j.uid)
                     && user.rate.estimate(now, limits) > t.after
                 {
-                    held[i] = Some(due);
+                    held[i] = Some(Hold::Throttle(due));
                     counters.throttled.increment(1);
                     continue;
                 }
@@ -409,8 +532,12 @@ impl Worker {
             .chain(due.into_iter().map(|j| (j, None)))
         {
             match held {
-                Some(at) => {
+                Some(Hold::Throttle(at)) => {
                     st.deferred.entry(at).or_default().push(j);
+                }
+                Some(Hold::Backfill) => {
+                    let due = now.saturating_add(self.cfg.backfill_max_wait_ms as i64);
+                    st.backfill.hold(due, j);
                 }
                 None if j.timer.is_none() => {
                     let _ = self.done.send((j.tp, j.offset));
@@ -684,5 +811,56 @@ impl Worker {
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(uid: &str, ts: i64, last_event_ts: i64) -> Job {
+        Job {
+            uid: uid.into(),
+            ts,
+            msg_ts: ts,
+            last_event_ts,
+            tp: TopicPartition::new("dmp.user-changes", 0),
+            offset: 0,
+            timer: None,
+        }
+    }
+
+    #[test]
+    fn given_changes_when_classified_then_only_old_events_are_backfill() {
+        let hour = 3_600_000;
+        assert!(is_backfill(&job("u", 10 * hour, 8 * hour), hour));
+        assert!(
+            !is_backfill(&job("u", 10 * hour, 9 * hour), hour),
+            "exactly the age"
+        );
+        assert!(!is_backfill(&job("u", 10 * hour, 10 * hour - 5), hour));
+        assert!(
+            !is_backfill(&job("u", 10 * hour, 11 * hour), hour),
+            "an event ahead of the writer's clock"
+        );
+        assert!(!is_backfill(&job("u", 10 * hour, 0), hour), "no event time");
+    }
+
+    #[test]
+    fn given_held_backfill_when_taken_then_due_ones_first_in_order_and_bounded() {
+        let mut b = Backfill::new(3);
+        assert_eq!(b.room(), 3);
+        b.hold(100, job("a", 1, 0));
+        b.hold(200, job("b", 2, 0));
+        b.hold(300, job("c", 3, 0));
+        assert_eq!(b.room(), 0);
+        let uids = |v: Vec<Job>| v.into_iter().map(|j| j.uid).collect::<Vec<_>>();
+        assert!(b.take_due(99, 10).is_empty());
+        assert_eq!(uids(b.take_due(250, 1)), ["a"], "at most n");
+        assert_eq!(uids(b.take_due(250, 10)), ["b"]);
+        assert_eq!(b.len(), 1);
+        assert_eq!(uids(b.take(10)), ["c"], "idle: due or not");
+        assert_eq!(b.len(), 0);
+        assert!(b.take(10).is_empty());
     }
 }

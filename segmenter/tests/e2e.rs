@@ -71,6 +71,8 @@ fn spawn_segmenter(
 /// A plugin rule that counts how often it is evaluated per user, and can be slow.
 struct Counting {
     counts: Arc<std::sync::Mutex<BTreeMap<String, usize>>>,
+    /// The users in the order they were evaluated.
+    order: Order,
     sleep: Duration,
 }
 
@@ -98,6 +100,7 @@ impl dmp_rules::Rule for Counting {
             .unwrap()
             .entry(user.uid.to_string())
             .or_default() += 1;
+        self.order.lock().unwrap().push(user.uid.to_string());
         std::thread::sleep(self.sleep);
         dmp_rules::Outcome {
             matched: true,
@@ -109,14 +112,28 @@ impl dmp_rules::Rule for Counting {
 /// Evaluations per user, shared with the test.
 type Counts = Arc<std::sync::Mutex<BTreeMap<String, usize>>>;
 
+/// Users in the order of their evaluations, shared with the test.
+type Order = Arc<std::sync::Mutex<Vec<String>>>;
+
 fn counting_rules(sleep: Duration) -> (Arc<dyn dmp_segmenter::RulesSource>, Counts) {
+    let (rules, counts, _) = recording_rules(sleep);
+    (rules, counts)
+}
+
+fn recording_rules(sleep: Duration) -> (Arc<dyn dmp_segmenter::RulesSource>, Counts, Order) {
     let counts = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
     let rule: Arc<dyn dmp_rules::Rule> = Arc::new(Counting {
         counts: counts.clone(),
+        order: order.clone(),
         sleep,
     });
     let set = dmp_rules::RuleSet::new("counting".into(), vec![rule], "test").unwrap();
-    (Arc::new(dmp_segmenter::FixedRules(Arc::new(set))), counts)
+    (
+        Arc::new(dmp_segmenter::FixedRules(Arc::new(set))),
+        counts,
+        order,
+    )
 }
 
 async fn start(rules: &str, tweak: impl FnOnce(&mut Config)) -> Pipe {
@@ -253,15 +270,54 @@ impl Pipe {
 
     /// A new segmenter instance (nothing in memory from the last one) on the same bus and store.
     fn start_segmenter(&mut self) {
+        self.start_segmenter_with(None);
+    }
+
+    /// A new segmenter instance with `custom` rules (none: the rule file).
+    fn start_segmenter_with(&mut self, custom: Option<Arc<dyn dmp_segmenter::RulesSource>>) {
         assert!(self.segmenter.is_none(), "stop the running segmenter first");
         self.segmenter = Some(spawn_segmenter(
             &self.cfg,
             self.bus.clone(),
             self.store.clone(),
-            None,
+            custom,
             self.counters.clone(),
             self.progress.clone(),
         ));
+    }
+
+    /// Waits until the storage writer has emitted `n` change records (or 60 s).
+    async fn changes_written(&self, n: u64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let high: u64 = self
+                .bus
+                .offsets(&self.cfg.topics.user_changes)
+                .await
+                .unwrap()
+                .iter()
+                .map(|o| o.high)
+                .sum();
+            if high >= n {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{high} of {n} changes written"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// One event of each of `users`, at `ts` (the users' order within the request), in one request.
+    async fn post_users(&self, users: impl Iterator<Item = String>, ts: i64) {
+        let events: Vec<serde_json::Value> = users
+            .enumerate()
+            .map(|(i, uid)| {
+                serde_json::json!({"uid": uid, "ts": ts + i as i64, "url": "https://cats.example/"})
+            })
+            .collect();
+        self.post(serde_json::Value::Array(events)).await;
     }
 
     async fn stop(mut self) {
@@ -544,6 +600,83 @@ async fn given_a_held_back_change_when_the_segmenter_stops_then_it_is_evaluated_
     assert_eq!(
         dmp_segmenter::evaluated(&row).unwrap().last_event_ts,
         now + 1
+    );
+    p.stop().await;
+}
+
+/// Backfill (a partner's file of events hours old) waits behind live changes: with both queued,
+/// the live users are evaluated first, then the backfill, and every change is handled. (A batch
+/// evaluates its users in uid order: the backfill users' uids sort first.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_backfill_queued_before_live_changes_when_segmenting_then_live_users_go_first() {
+    let (rules, counts, order) = recording_rules(Duration::from_millis(20));
+    let mut p = start_with(RULES, |c| c.segmenter.workers = 1, None, None).await;
+    p.stop_segmenter().await;
+    let now = dmp_core::clock::now_ms();
+    p.post_users((0..40).map(|i| format!("a-past-{i}")), now - 2 * 3_600_000)
+        .await;
+    p.post_users((0..5).map(|i| format!("z-now-{i}")), now)
+        .await;
+    p.changes_written(45).await;
+    p.start_segmenter_with(Some(rules));
+    p.drained().await;
+    let order = order.lock().unwrap().clone();
+    assert_eq!(order.len(), 45, "each user once: {order:?}");
+    assert!(counts.lock().unwrap().values().all(|n| *n == 1));
+    let last_live = order.iter().rposition(|u| u.starts_with("z-now")).unwrap();
+    let backfill_first = order[..last_live]
+        .iter()
+        .filter(|u| u.starts_with("a-past"))
+        .count();
+    // The worker may take the first backfill changes before the rest reach its queue; it handles
+    // what it holds when nothing live is queued. Without the priority all 40 come first.
+    assert!(
+        backfill_first <= 10,
+        "{backfill_first} backfill users before the last live one: {order:?}"
+    );
+    p.stop().await;
+}
+
+/// While live changes keep a worker busy, a backfill change waits `backfill_max_wait_ms` (here
+/// 1 ms: one batch) and no longer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_a_busy_worker_when_backfill_waits_then_no_longer_than_the_max_wait() {
+    let (rules, _, order) = recording_rules(Duration::from_millis(20));
+    let mut p = start_with(
+        RULES,
+        |c| {
+            c.segmenter.workers = 1;
+            c.segmenter.backfill_max_wait_ms = 1;
+        },
+        None,
+        None,
+    )
+    .await;
+    p.stop_segmenter().await;
+    let now = dmp_core::clock::now_ms();
+    p.post_users((0..30).map(|i| format!("z-now-{i:03}")), now)
+        .await;
+    p.post_users(std::iter::once("a-past".to_string()), now - 2 * 3_600_000)
+        .await;
+    p.post_users((30..60).map(|i| format!("z-now-{i:03}")), now)
+        .await;
+    p.changes_written(61).await;
+    p.start_segmenter_with(Some(rules));
+    // Twice what the worker can evaluate, for 3 s: its queue is never empty.
+    for round in 0..60 {
+        p.post_users((0..5).map(|i| format!("z-now-{round}-{i}")), now)
+            .await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    p.drained().await;
+    let order = order.lock().unwrap().clone();
+    assert_eq!(order.len(), 361, "each user once");
+    let at = order.iter().position(|u| u == "a-past").unwrap();
+    // At the start of the batch after the one it came with (its uid sorts first), about 60 live
+    // users in; waiting for an empty queue it would be the last of 361.
+    assert!(
+        at <= 250,
+        "the backfill user was evaluated after {at} live users"
     );
     p.stop().await;
 }
