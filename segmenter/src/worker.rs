@@ -2,7 +2,7 @@
 //! handles the users sharded to it: their changes and their due re-evaluation timers.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -299,36 +299,35 @@ impl Worker {
             backfill: Backfill::new(self.cfg.backfill_max_held),
         };
         loop {
-            // Held backfill waits for a moment with no live change queued.
-            if st.backfill.len() > 0 {
+            // The next change, or none when a deferred one falls due first. Held backfill waits
+            // for a moment with no live change queued: then it is handled instead.
+            let first = if st.backfill.len() > 0 {
                 match self.jobs.try_recv() {
-                    Ok(first) => {
-                        self.take_batch(&rt, &mut st, &counters, Some(first));
-                    }
-                    Err(std::sync::mpsc::TryRecvError::Empty) => {
+                    Ok(j) => Some(j),
+                    Err(TryRecvError::Empty) => {
                         let mut due = st.take_due(dmp_core::clock::now_ms());
                         due.extend(st.backfill.take(BATCH_MAX));
                         counters.backfill_held.set(st.backfill.len() as f64);
                         self.handle(&rt, &mut st, &counters, Vec::new(), due);
+                        continue;
                     }
-                    Err(std::sync::mpsc::TryRecvError::Disconnected) => break,
+                    Err(TryRecvError::Disconnected) => break,
                 }
-                continue;
-            }
-            // The next change, or none when a deferred one falls due first.
-            let first = match st.deferred.keys().next().copied() {
-                None => match self.jobs.recv() {
-                    Ok(j) => Some(j),
-                    Err(_) => break,
-                },
-                Some(due) => match due - dmp_core::clock::now_ms() {
-                    wait if wait <= 0 => None,
-                    wait => match self.jobs.recv_timeout(Duration::from_millis(wait as u64)) {
+            } else {
+                match st.deferred.keys().next().copied() {
+                    None => match self.jobs.recv() {
                         Ok(j) => Some(j),
-                        Err(RecvTimeoutError::Timeout) => None,
-                        Err(RecvTimeoutError::Disconnected) => break,
+                        Err(_) => break,
                     },
-                },
+                    Some(due) => match due - dmp_core::clock::now_ms() {
+                        wait if wait <= 0 => None,
+                        wait => match self.jobs.recv_timeout(Duration::from_millis(wait as u64)) {
+                            Ok(j) => Some(j),
+                            Err(RecvTimeoutError::Timeout) => None,
+                            Err(RecvTimeoutError::Disconnected) => break,
+                        },
+                    },
+                }
             };
             if let Some(first) = first.as_ref().filter(|j| j.timer.is_none()) {
                 if self.cfg.coalesce_ms > 0 {
