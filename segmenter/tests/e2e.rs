@@ -681,6 +681,45 @@ async fn given_a_busy_worker_when_backfill_waits_then_no_longer_than_the_max_wai
     p.stop().await;
 }
 
+/// Backfill held back behind live changes when the segmenter stops is evaluated before it stops
+/// (a new instance then takes up from the committed offsets and finishes the rest).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_held_backfill_when_the_segmenter_stops_then_it_is_evaluated_first() {
+    let (rules, counts, _) = recording_rules(Duration::from_millis(20));
+    let mut p = start_with(
+        RULES,
+        |c| {
+            c.segmenter.workers = 1;
+            c.segmenter.backfill_max_wait_ms = 60_000;
+        },
+        None,
+        None,
+    )
+    .await;
+    p.stop_segmenter().await;
+    let now = dmp_core::clock::now_ms();
+    p.post_users((0..20).map(|i| format!("z-now-{i:03}")), now)
+        .await;
+    p.post_users(std::iter::once("a-past".to_string()), now - 2 * 3_600_000)
+        .await;
+    p.post_users((20..40).map(|i| format!("z-now-{i:03}")), now)
+        .await;
+    p.changes_written(41).await;
+    p.start_segmenter_with(Some(rules));
+    // Live changes keep coming (faster than the worker evaluates them), then it stops.
+    for round in 0..10 {
+        p.post_users((0..5).map(|i| format!("z-now-{round}-{i}")), now)
+            .await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    p.stop_segmenter().await;
+    assert_eq!(counts.lock().unwrap().get("a-past"), Some(&1));
+    // Changes written after it stopped are the next instance's: it takes up from the commit.
+    p.start_segmenter();
+    p.drained().await;
+    p.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn given_burst_of_changes_when_segmented_then_duplicates_skipped_and_bots_blacklisted() {
     let (rules, counts) = counting_rules(Duration::ZERO);
