@@ -242,14 +242,7 @@ impl Pipe {
                 .iter()
                 .map(|c| c.unwrap_or(0))
                 .sum();
-            let high: u64 = self
-                .bus
-                .offsets(&self.cfg.topics.user_changes)
-                .await
-                .unwrap()
-                .iter()
-                .map(|o| o.high)
-                .sum();
+            let high = self.changes_high().await;
             if high > 0 && committed == high {
                 return;
             }
@@ -286,18 +279,22 @@ impl Pipe {
         ));
     }
 
+    /// Change records written so far, over every partition.
+    async fn changes_high(&self) -> u64 {
+        self.bus
+            .offsets(&self.cfg.topics.user_changes)
+            .await
+            .unwrap()
+            .iter()
+            .map(|o| o.high)
+            .sum()
+    }
+
     /// Waits until the storage writer has emitted `n` change records (or 60 s).
     async fn changes_written(&self, n: u64) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
-            let high: u64 = self
-                .bus
-                .offsets(&self.cfg.topics.user_changes)
-                .await
-                .unwrap()
-                .iter()
-                .map(|o| o.high)
-                .sum();
+            let high = self.changes_high().await;
             if high >= n {
                 return;
             }
@@ -637,16 +634,21 @@ async fn given_backfill_queued_before_live_changes_when_segmenting_then_live_use
     p.stop().await;
 }
 
-/// While live changes keep a worker busy, a backfill change waits `backfill_max_wait_ms` (here
-/// 1 ms: one batch) and no longer.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn given_a_busy_worker_when_backfill_waits_then_no_longer_than_the_max_wait() {
-    let (rules, _, order) = recording_rules(Duration::from_millis(20));
+/// One worker whose rule takes 20 ms, waiting at most `max_wait_ms` for backfill; queued before
+/// it starts: `live` live users, with one backfill user (`a-past`, events two hours old) in the
+/// middle; then, while it runs, `rounds` rounds of 5 more live users every 50 ms (twice what it
+/// evaluates: its queue is never empty).
+async fn backfill_among_live(
+    max_wait_ms: u64,
+    live: usize,
+    rounds: usize,
+) -> (Pipe, Counts, Order) {
+    let (rules, counts, order) = recording_rules(Duration::from_millis(20));
     let mut p = start_with(
         RULES,
         |c| {
             c.segmenter.workers = 1;
-            c.segmenter.backfill_max_wait_ms = 1;
+            c.segmenter.backfill_max_wait_ms = max_wait_ms;
         },
         None,
         None,
@@ -654,20 +656,27 @@ async fn given_a_busy_worker_when_backfill_waits_then_no_longer_than_the_max_wai
     .await;
     p.stop_segmenter().await;
     let now = dmp_core::clock::now_ms();
-    p.post_users((0..30).map(|i| format!("z-now-{i:03}")), now)
+    p.post_users((0..live / 2).map(|i| format!("z-now-{i:03}")), now)
         .await;
     p.post_users(std::iter::once("a-past".to_string()), now - 2 * 3_600_000)
         .await;
-    p.post_users((30..60).map(|i| format!("z-now-{i:03}")), now)
+    p.post_users((live / 2..live).map(|i| format!("z-now-{i:03}")), now)
         .await;
-    p.changes_written(61).await;
+    p.changes_written(live as u64 + 1).await;
     p.start_segmenter_with(Some(rules));
-    // Twice what the worker can evaluate, for 3 s: its queue is never empty.
-    for round in 0..60 {
+    for round in 0..rounds {
         p.post_users((0..5).map(|i| format!("z-now-{round}-{i}")), now)
             .await;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    (p, counts, order)
+}
+
+/// While live changes keep a worker busy, a backfill change waits `backfill_max_wait_ms` (here
+/// 1 ms: one batch) and no longer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_a_busy_worker_when_backfill_waits_then_no_longer_than_the_max_wait() {
+    let (p, _, order) = backfill_among_live(1, 60, 60).await;
     p.drained().await;
     let order = order.lock().unwrap().clone();
     assert_eq!(order.len(), 361, "each user once");
@@ -685,33 +694,7 @@ async fn given_a_busy_worker_when_backfill_waits_then_no_longer_than_the_max_wai
 /// (a new instance then takes up from the committed offsets and finishes the rest).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn given_held_backfill_when_the_segmenter_stops_then_it_is_evaluated_first() {
-    let (rules, counts, _) = recording_rules(Duration::from_millis(20));
-    let mut p = start_with(
-        RULES,
-        |c| {
-            c.segmenter.workers = 1;
-            c.segmenter.backfill_max_wait_ms = 60_000;
-        },
-        None,
-        None,
-    )
-    .await;
-    p.stop_segmenter().await;
-    let now = dmp_core::clock::now_ms();
-    p.post_users((0..20).map(|i| format!("z-now-{i:03}")), now)
-        .await;
-    p.post_users(std::iter::once("a-past".to_string()), now - 2 * 3_600_000)
-        .await;
-    p.post_users((20..40).map(|i| format!("z-now-{i:03}")), now)
-        .await;
-    p.changes_written(41).await;
-    p.start_segmenter_with(Some(rules));
-    // Live changes keep coming (faster than the worker evaluates them), then it stops.
-    for round in 0..10 {
-        p.post_users((0..5).map(|i| format!("z-now-{round}-{i}")), now)
-            .await;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (mut p, counts, _) = backfill_among_live(60_000, 40, 10).await;
     p.stop_segmenter().await;
     assert_eq!(counts.lock().unwrap().get("a-past"), Some(&1));
     // Changes written after it stopped are the next instance's: it takes up from the commit.
