@@ -103,7 +103,8 @@ struct State {
     backfill: Backfill,
 }
 
-/// Most changes a worker handles in one batch (held back ones included).
+/// Most changes a worker takes from its queue for one batch, and most held backfill it adds to
+/// one.
 const BATCH_MAX: usize = 1000;
 
 /// Backfill changes held back behind live ones, in arrival order, each with when it must be
