@@ -547,9 +547,13 @@ impl Config {
             1,
             1024,
         )?;
-        if self.store.row_cache_mb != 0 {
-            range("store.row_cache_mb", self.store.row_cache_mb, 8, 1 << 20)?;
-        }
+        range_or_off(
+            "store.row_cache_mb",
+            self.store.row_cache_mb,
+            8,
+            1 << 20,
+            "no row cache",
+        )?;
         if self.store.families.is_empty() {
             return Err(ConfigError::key(
                 "store.families",
@@ -734,14 +738,13 @@ impl Config {
             1,
             60_000,
         )?;
-        if sg.backfill_age_ms != 0 {
-            range(
-                "segmenter.backfill_age_ms",
-                sg.backfill_age_ms,
-                1_000,
-                30 * 86_400_000,
-            )?;
-        }
+        range_or_off(
+            "segmenter.backfill_age_ms",
+            sg.backfill_age_ms,
+            1_000,
+            30 * 86_400_000,
+            "no backfill priority",
+        )?;
         range(
             "segmenter.backfill_max_wait_ms",
             sg.backfill_max_wait_ms,
@@ -866,20 +869,20 @@ impl Config {
             4_000,
         )?;
         range("stats.flush_timeout_ms", st.flush_timeout_ms, 10, 600_000)?;
-        if st.theta_lg_k != 0 && !(8..=20).contains(&st.theta_lg_k) {
-            return Err(ConfigError::key(
-                "stats.theta_lg_k",
-                format!("{} is not 0 (no theta sketches) or 8..=20", st.theta_lg_k),
-            ));
-        }
-        if self.memory.pretouch_mb != 0 {
-            range(
-                "memory.pretouch_mb",
-                self.memory.pretouch_mb,
-                PRETOUCH_BLOCK_MB,
-                1 << 20,
-            )?;
-        }
+        range_or_off(
+            "stats.theta_lg_k",
+            u64::from(st.theta_lg_k),
+            8,
+            20,
+            "no theta sketches",
+        )?;
+        range_or_off(
+            "memory.pretouch_mb",
+            self.memory.pretouch_mb,
+            PRETOUCH_BLOCK_MB,
+            1 << 20,
+            "none",
+        )?;
         if !matches!(self.telemetry.log_format.as_str(), "text" | "json") {
             return Err(ConfigError::key(
                 "telemetry.log_format",
@@ -942,6 +945,17 @@ fn env_value(raw: &str) -> toml::Value {
 fn range(key: &str, v: u64, lo: u64, hi: u64) -> Result<(), ConfigError> {
     if v < lo || v > hi {
         return Err(ConfigError::key(key, format!("{v} is outside {lo}..={hi}")));
+    }
+    Ok(())
+}
+
+/// Like [`range`], for a key where 0 turns the thing off (`off` says what 0 means).
+fn range_or_off(key: &str, v: u64, lo: u64, hi: u64, off: &str) -> Result<(), ConfigError> {
+    if v != 0 && (v < lo || v > hi) {
+        return Err(ConfigError::key(
+            key,
+            format!("{v} is not 0 ({off}) or {lo}..={hi}"),
+        ));
     }
     Ok(())
 }
