@@ -160,6 +160,15 @@ fn is_backfill(j: &Job, age_ms: i64) -> bool {
     j.last_event_ts > 0 && j.ts.saturating_sub(j.last_event_ts) > age_ms
 }
 
+/// Which held backfill joins a batch.
+#[derive(Clone, Copy)]
+enum Backlog {
+    /// What has waited the longest wait.
+    Due,
+    /// The oldest, due or not: no live change is queued.
+    Idle,
+}
+
 /// Why a change of a batch is not handled with it.
 #[derive(Clone, Copy)]
 enum Hold {
@@ -306,10 +315,7 @@ impl Worker {
                 match self.jobs.try_recv() {
                     Ok(j) => Some(j),
                     Err(TryRecvError::Empty) => {
-                        let mut due = st.take_due(dmp_core::clock::now_ms());
-                        due.extend(st.backfill.take(BATCH_MAX));
-                        counters.backfill_held.set(st.backfill.len() as f64);
-                        self.handle(&rt, &mut st, &counters, Vec::new(), due);
+                        self.take_batch(&rt, &mut st, &counters, None, Backlog::Idle);
                         continue;
                     }
                     Err(TryRecvError::Disconnected) => break,
@@ -343,7 +349,7 @@ impl Worker {
                     }
                 }
             }
-            self.take_batch(&rt, &mut st, &counters, first);
+            self.take_batch(&rt, &mut st, &counters, first, Backlog::Due);
         }
         // Stopping: changes still held back are evaluated now, so every change handed to this
         // worker is reported done.
@@ -353,23 +359,25 @@ impl Worker {
             .collect();
         held.extend(st.backfill.take(usize::MAX));
         counters.backfill_held.set(0.0);
-        for chunk in held.chunks(BATCH_MAX) {
-            self.handle(&rt, &mut st, &counters, Vec::new(), chunk.to_vec());
+        while !held.is_empty() {
+            let chunk: Vec<Job> = held.drain(..held.len().min(BATCH_MAX)).collect();
+            self.handle(&rt, &mut st, &counters, Vec::new(), chunk);
         }
         tracing::debug!(worker = self.index, "segmenter worker stopped");
     }
 
-    /// Takes a batch after `first` (none: only held back changes fell due): the changes queued
-    /// now, and the held back ones due, and handles it.
+    /// Takes a batch after `first` (none: only held back changes, due or, idle, backfill): the
+    /// changes queued now, and the held back ones `backlog` says, and handles it.
     fn take_batch(
         &self,
         rt: &tokio::runtime::Runtime,
         st: &mut State,
         counters: &Counters,
         first: Option<Job>,
+        backlog: Backlog,
     ) {
         let mut batch: Vec<Job> = first.into_iter().collect();
-        while batch.len() < BATCH_MAX {
+        while matches!(backlog, Backlog::Due) && batch.len() < BATCH_MAX {
             match self.jobs.try_recv() {
                 Ok(j) => batch.push(j),
                 Err(_) => break,
@@ -377,7 +385,10 @@ impl Worker {
         }
         let now = dmp_core::clock::now_ms();
         let mut due = st.take_due(now);
-        due.extend(st.backfill.take_due(now, BATCH_MAX));
+        due.extend(match backlog {
+            Backlog::Due => st.backfill.take_due(now, BATCH_MAX),
+            Backlog::Idle => st.backfill.take(BATCH_MAX),
+        });
         self.handle(rt, st, counters, batch, due);
         counters.backfill_held.set(st.backfill.len() as f64);
     }
