@@ -39,7 +39,27 @@ struct SetTracker {
     partitions: HashMap<TopicPartition, (BTreeSet<u64>, u64)>,
 }
 
-impl SetTracker {
+/// What the bench asks of a tracker.
+trait Tracker: Default {
+    fn track(&mut self, tp: &TopicPartition, o: u64);
+    fn done(&mut self, tp: &TopicPartition, o: u64);
+    /// Asks for the watermarks (something of them, so the work is not optimised away).
+    fn marks(&mut self) -> u64;
+}
+
+impl Tracker for OffsetTracker {
+    fn track(&mut self, tp: &TopicPartition, o: u64) {
+        OffsetTracker::track(self, tp, o);
+    }
+    fn done(&mut self, tp: &TopicPartition, o: u64) {
+        OffsetTracker::done(self, tp, o);
+    }
+    fn marks(&mut self) -> u64 {
+        self.committable().iter().map(|(_, m)| m).sum()
+    }
+}
+
+impl Tracker for SetTracker {
     fn track(&mut self, tp: &TopicPartition, o: u64) {
         let st = self.partitions.entry(tp.clone()).or_default();
         st.0.insert(o);
@@ -50,12 +70,26 @@ impl SetTracker {
             st.0.remove(&o);
         }
     }
-    fn marks(&self) -> u64 {
+    fn marks(&mut self) -> u64 {
         self.partitions
             .values()
             .map(|s| s.0.first().copied().unwrap_or(s.1))
             .sum()
     }
+}
+
+/// One pass of the workload through a new tracker of type `T`.
+fn drive<T: Tracker>(handed: &Records, finished: &Records, tps: &[TopicPartition]) -> u64 {
+    let mut t = T::default();
+    let mut marks = 0;
+    for (i, ((hp, ho), (fp, fo))) in handed.iter().zip(finished).enumerate() {
+        t.track(&tps[*hp as usize], *ho);
+        t.done(&tps[*fp as usize], *fo);
+        if i % 20_000 == 0 {
+            marks += t.marks();
+        }
+    }
+    marks
 }
 
 fn bench(c: &mut Criterion) {
@@ -64,32 +98,10 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("tracker");
     g.throughput(Throughput::Elements(N));
     g.bench_function("ring", |b| {
-        b.iter(|| {
-            let mut t = OffsetTracker::new();
-            let mut marks = 0;
-            for (i, ((hp, ho), (fp, fo))) in handed.iter().zip(&finished).enumerate() {
-                t.track(&tps[*hp as usize], *ho);
-                t.done(&tps[*fp as usize], *fo);
-                if i % 20_000 == 0 {
-                    marks += t.committable().len();
-                }
-            }
-            marks + t.in_flight()
-        })
+        b.iter(|| drive::<OffsetTracker>(&handed, &finished, &tps))
     });
     g.bench_function("btreeset_before", |b| {
-        b.iter(|| {
-            let mut t = SetTracker::default();
-            let mut marks = 0;
-            for (i, ((hp, ho), (fp, fo))) in handed.iter().zip(&finished).enumerate() {
-                t.track(&tps[*hp as usize], *ho);
-                t.done(&tps[*fp as usize], *fo);
-                if i % 20_000 == 0 {
-                    marks += t.marks();
-                }
-            }
-            marks
-        })
+        b.iter(|| drive::<SetTracker>(&handed, &finished, &tps))
     });
     g.finish();
 }
