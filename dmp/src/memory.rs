@@ -113,21 +113,11 @@ fn machine_mb() -> Option<u64> {
             Some(kib / 1024)
         });
     let groups = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-    let limit = limit_files(&groups)
-        .into_iter()
-        .filter_map(|file| {
-            std::fs::read_to_string(file)
-                .ok()?
-                .trim()
-                .parse::<u64>()
-                .ok()
-        })
-        .min()
-        .map(|bytes| bytes / MIB as u64);
-    match (total, limit) {
-        (Some(t), Some(l)) => Some(t.min(l)),
-        (t, l) => t.or(l),
-    }
+    let limits = limit_files(&groups).into_iter().filter_map(|file| {
+        let bytes: u64 = std::fs::read_to_string(file).ok()?.trim().parse().ok()?;
+        Some(bytes / MIB as u64)
+    });
+    total.into_iter().chain(limits).min()
 }
 
 /// The files holding the memory limits of the cgroups in `proc_self_cgroup` (the text of
