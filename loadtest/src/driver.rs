@@ -13,8 +13,13 @@
 //!
 //! A batch that fails is retried until dmp takes it (events are idempotent in the store). Only
 //! acknowledged events reach the [`Oracle`].
+//!
+//! With `prerender` the same schedule is ticked through before the clock starts, in the drive's
+//! own time, and every batch is made then (NDJSON bodies included); while the traffic runs the
+//! driver sends the batches of each tick, their times moved to the clock (written over in place).
+//! The loadtest shares the machine with dmp, and making the traffic was half of its CPU.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -97,6 +102,50 @@ struct Batch {
     body: bytes::Bytes,
     due_ms: i64,
     dump: bool,
+}
+
+/// A batch as made, before it is sent: its times can still be moved.
+struct Made {
+    events: Vec<Event>,
+    uids: Vec<String>,
+    body: Vec<u8>,
+    /// Where in `body` the digits of each event's time are.
+    ts_at: Vec<std::ops::Range<usize>>,
+    dump: bool,
+}
+
+impl Made {
+    /// The batch to send, every time in it moved by `by` ms: the times' digits are written over
+    /// in place (a time in ms keeps its 13 digits from 2001 to 2286); a time whose digits would
+    /// not fit is made again with the rest of the batch.
+    fn shifted(mut self, by: i64, gen: &Generator) -> Batch {
+        if by != 0 {
+            let mut fits = true;
+            for (e, at) in self.events.iter_mut().zip(&self.ts_at) {
+                e.ts += by;
+                let mut num = itoa::Buffer::new();
+                let digits = num.format(e.ts).as_bytes();
+                if digits.len() == at.len() {
+                    self.body[at.clone()].copy_from_slice(digits);
+                } else {
+                    fits = false;
+                }
+            }
+            if !fits {
+                self.body.clear();
+                for e in &self.events {
+                    gen.write_ndjson(e, &mut self.body);
+                }
+            }
+        }
+        Batch {
+            due_ms: self.events.iter().map(|e| e.ts).min().unwrap_or(0),
+            events: self.events,
+            uids: self.uids,
+            body: bytes::Bytes::from(self.body),
+            dump: self.dump,
+        }
+    }
 }
 
 async fn send(target: &Target, batch: &Batch, seq: u64) -> anyhow::Result<()> {
@@ -247,6 +296,107 @@ impl Pending {
     }
 }
 
+/// What is due when: the sessions started at the rate (times the daily curve), their pages
+/// falling due, and the partner dumps, made into batches tick by tick. One state machine serves
+/// both ways to drive: ticks of the running clock, or (with `prerender`) ticks counted before
+/// the clock starts, in the drive's own time.
+struct Schedule {
+    /// The drive's time 0, epoch ms.
+    start_ms: i64,
+    rate: f64,
+    seconds: u64,
+    /// Events not yet due (a heap of a million pending pages was a quarter of the driver's CPU
+    /// at 50K events/s, and a map by millisecond a quarter again).
+    pending: Pending,
+    /// Events the rate asked for so far, and those made.
+    started: f64,
+    generated: u64,
+    /// The previous tick, s.
+    last: f64,
+    next_dump: f64,
+    /// Each user's last event time, by user index (a hashed map was a tenth of the driver).
+    last_ts: Vec<i64>,
+    session_buf: Vec<Event>,
+}
+
+impl Schedule {
+    fn new(drive: &Drive<'_>, rate: f64, seconds: u64, start_ms: i64, prewarm: Vec<Event>) -> Self {
+        let mut pending = Pending::new(start_ms);
+        for e in prewarm {
+            pending.push(e);
+        }
+        Schedule {
+            start_ms,
+            rate,
+            seconds,
+            pending,
+            started: 0.0,
+            generated: 0,
+            last: 0.0,
+            next_dump: drive.traffic.partner_every_seconds as f64,
+            last_ts: vec![i64::MIN; drive.gen.users().len()],
+            session_buf: Vec::new(),
+        }
+    }
+
+    /// The batches due `elapsed` s after the start, and whether the drive is over with them.
+    fn tick(&mut self, drive: &mut Drive<'_>, elapsed: f64) -> (Vec<Made>, bool) {
+        let now_ms = self.start_ms + (elapsed * 1000.0) as i64;
+        let running = elapsed < self.seconds as f64;
+        if running {
+            let r = if drive.traffic.daily_curve {
+                let phase = (elapsed / drive.traffic.day_seconds as f64).fract();
+                self.rate * crate::generator::day_curve(phase)
+            } else {
+                self.rate
+            };
+            self.started += r * (elapsed - self.last);
+            self.last = elapsed;
+            // Sessions whose events sum to the rate; later pages are due later.
+            while (self.generated as f64) < self.started {
+                self.session_buf.clear();
+                self.generated += drive.gen.session(now_ms, &mut self.session_buf) as u64;
+                for e in self.session_buf.drain(..) {
+                    self.pending.push(e);
+                }
+            }
+        }
+        let end_ms = self.start_ms + self.seconds as i64 * 1000;
+        let mut due: Vec<Event> = Vec::new();
+        self.pending
+            .drain_until(if running { now_ms } else { now_ms.min(end_ms) }, &mut due);
+        for e in &mut due {
+            // A user's row keeps one version per millisecond (HBase's model): two events of one
+            // user in the same millisecond would be one, so the later moves on.
+            let last = &mut self.last_ts[e.user as usize];
+            if e.ts <= *last {
+                e.ts = *last + 1;
+            }
+            *last = e.ts;
+        }
+        let mut batches: Vec<Made> = Vec::new();
+        for chunk in due.chunks(drive.driver.batch_max) {
+            batches.push(drive.batch(chunk.to_vec(), false));
+        }
+        if running
+            && drive.traffic.partner_dump_events > 0
+            && elapsed >= self.next_dump
+            && drive.traffic.partner_every_seconds > 0
+        {
+            self.next_dump += drive.traffic.partner_every_seconds as f64;
+            let dump = drive
+                .gen
+                .partner_dump(now_ms, drive.traffic.partner_dump_events);
+            for chunk in dump.chunks(drive.driver.batch_max) {
+                batches.push(drive.batch(chunk.to_vec(), true));
+            }
+        }
+        // Pages of sessions that would have continued past the end are not sent.
+        let over = !running && (self.pending.is_empty() || self.pending.all_after(end_ms));
+        (batches, over)
+    }
+}
+
 impl Drive<'_> {
     /// Drives traffic at `rate` events/s (times the daily curve when on) for `seconds`.
     pub async fn run(&mut self, rate: f64, seconds: u64) -> Driven {
@@ -262,79 +412,47 @@ impl Drive<'_> {
         // them at once) and moved to it after.
         let made_at = dmp_core::clock::now_ms();
         let prewarm = self.prewarm(rate, made_at);
+        // With `prerender`, every batch of the drive, made now in the drive's own time (from
+        // `made_at`) and moved to the clock's as it is sent; without, a schedule ticked by the
+        // clock.
+        let (mut plan, live) = if self.driver.prerender {
+            (Some(self.prerender(rate, seconds, made_at, prewarm)), None)
+        } else {
+            (None, Some(prewarm))
+        };
         let start = Instant::now();
         let start_ms = dmp_core::clock::now_ms();
-        // Events not yet due (a heap of a million pending pages was a quarter of the driver's CPU
-        // at 50K events/s, and a map by millisecond a quarter again).
-        let mut pending = Pending::new(start_ms);
-        for mut e in prewarm {
-            e.ts += start_ms - made_at;
-            pending.push(e);
-        }
-        let mut started = 0.0f64;
-        let mut generated = 0u64;
-        let mut last = 0.0f64;
-        let mut next_dump = self.traffic.partner_every_seconds as f64;
+        let by = if plan.is_some() {
+            start_ms - made_at
+        } else {
+            0
+        };
+        let mut schedule = live.map(|mut prewarm| {
+            for e in &mut prewarm {
+                e.ts += start_ms - made_at;
+            }
+            Schedule::new(self, rate, seconds, start_ms, prewarm)
+        });
         let mut tasks = tokio::task::JoinSet::new();
         let mut batch_seq = 0u64;
-        let mut session_buf = Vec::new();
-        // Each user's last event time, by user index (a hashed map was a tenth of the driver).
-        let mut last_ts: Vec<i64> = vec![i64::MIN; self.gen.users().len()];
         let mut interval = tokio::time::interval(tick);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             interval.tick().await;
             let elapsed = start.elapsed().as_secs_f64();
-            let now_ms = start_ms + (elapsed * 1000.0) as i64;
-            let running = elapsed < seconds as f64;
-            if running {
-                let r = if self.traffic.daily_curve {
-                    let phase = (elapsed / self.traffic.day_seconds as f64).fract();
-                    rate * crate::generator::day_curve(phase)
-                } else {
-                    rate
-                };
-                started += r * (elapsed - last);
-                last = elapsed;
-                // Sessions whose events sum to the rate; later pages are due later.
-                while (generated as f64) < started {
-                    session_buf.clear();
-                    generated += self.gen.session(now_ms, &mut session_buf) as u64;
-                    for e in session_buf.drain(..) {
-                        pending.push(e);
+            let (batches, over) = match (&mut plan, &mut schedule) {
+                (Some(ticks), _) => {
+                    let mut due = Vec::new();
+                    while ticks.front().is_some_and(|(t, _)| *t <= elapsed) {
+                        due.extend(ticks.pop_front().map(|(_, b)| b).unwrap_or_default());
                     }
+                    (due, ticks.is_empty())
                 }
-            }
-            let end_ms = start_ms + seconds as i64 * 1000;
-            let mut due: Vec<Event> = Vec::new();
-            pending.drain_until(if running { now_ms } else { now_ms.min(end_ms) }, &mut due);
-            for e in &mut due {
-                // A user's row keeps one version per millisecond (HBase's model): two events
-                // of one user in the same millisecond would be one, so the later moves on.
-                let last = &mut last_ts[e.user as usize];
-                if e.ts <= *last {
-                    e.ts = *last + 1;
-                }
-                *last = e.ts;
-            }
-            let mut batches: Vec<Batch> = Vec::new();
-            for chunk in due.chunks(self.driver.batch_max) {
-                batches.push(self.batch(chunk.to_vec(), false));
-            }
-            if running
-                && self.traffic.partner_dump_events > 0
-                && elapsed >= next_dump
-                && self.traffic.partner_every_seconds > 0
-            {
-                next_dump += self.traffic.partner_every_seconds as f64;
-                let dump = self
-                    .gen
-                    .partner_dump(now_ms, self.traffic.partner_dump_events);
-                for chunk in dump.chunks(self.driver.batch_max) {
-                    batches.push(self.batch(chunk.to_vec(), true));
-                }
-            }
-            for b in batches {
+                (None, Some(schedule)) => schedule.tick(self, elapsed),
+                (None, None) => unreachable!("a drive has a plan or a schedule"),
+            };
+            for made in batches {
+                let b = made.shifted(by, self.gen);
                 self.progress
                     .offered
                     .fetch_add(b.events.len() as u64, Ordering::Relaxed);
@@ -382,11 +500,7 @@ impl Drive<'_> {
                 });
             }
             while tasks.try_join_next().is_some() {}
-            if !running && pending.is_empty() {
-                break;
-            }
-            if !running && pending.all_after(end_ms) {
-                // Pages of sessions that would have continued past the end are not sent.
+            if over {
                 break;
             }
         }
@@ -399,6 +513,36 @@ impl Drive<'_> {
             seconds: start.elapsed().as_secs_f64(),
             ack_latency_ms: Percentiles::of(&h, 1.0),
         }
+    }
+
+    /// Every batch of a drive at `rate` for `seconds` from `start_ms`, by the tick it is due at
+    /// (seconds from the start), made before the clock starts.
+    fn prerender(
+        &mut self,
+        rate: f64,
+        seconds: u64,
+        start_ms: i64,
+        prewarm: Vec<Event>,
+    ) -> VecDeque<(f64, Vec<Made>)> {
+        let mut schedule = Schedule::new(self, rate, seconds, start_ms, prewarm);
+        let mut ticks = VecDeque::new();
+        let (mut k, mut events) = (1u64, 0usize);
+        loop {
+            let elapsed = (k * self.driver.tick_ms) as f64 / 1000.0;
+            let (batches, over) = schedule.tick(self, elapsed);
+            events += batches.iter().map(|b| b.events.len()).sum::<usize>();
+            ticks.push_back((elapsed, batches));
+            if over {
+                break;
+            }
+            k += 1;
+        }
+        tracing::info!(
+            events,
+            seconds = (dmp_core::clock::now_ms() - start_ms) as f64 / 1000.0,
+            "drive made before its clock starts"
+        );
+        ticks
     }
 
     /// The pages at or after `start_ms` of the sessions begun in the 90 s before it, at `rate`
@@ -422,13 +566,14 @@ impl Drive<'_> {
         out
     }
 
-    fn batch(&self, events: Vec<Event>, dump: bool) -> Batch {
+    fn batch(&self, events: Vec<Event>, dump: bool) -> Made {
         let mut body = Vec::with_capacity(events.len() * 300);
+        let mut ts_at = Vec::with_capacity(events.len());
         for e in &events {
-            self.gen.write_ndjson(e, &mut body);
+            ts_at.push(self.gen.write_ndjson(e, &mut body));
         }
+        body.shrink_to_fit();
         let users = self.gen.users();
-        let body = bytes::Bytes::from(body);
         // Keys of bus records, and the arrival of each dumped user.
         let uids = if dump || matches!(self.target, Target::Bus(..)) {
             events
@@ -438,11 +583,11 @@ impl Drive<'_> {
         } else {
             Vec::new()
         };
-        Batch {
-            due_ms: events.iter().map(|e| e.ts).min().unwrap_or(0),
-            uids,
+        Made {
             events,
+            uids,
             body,
+            ts_at,
             dump,
         }
     }
@@ -525,6 +670,141 @@ mod tests {
             "p99 {} ms from due to acknowledged ({made:.2} s spent before the clock started)",
             driven.ack_latency_ms.p99
         );
+    }
+
+    /// Answers like [`accept_all`], and records for every event received how long after its
+    /// time it came (ms, negative when its time was still ahead).
+    async fn accept_timing(mut s: tokio::net::TcpStream, late: Arc<Mutex<Vec<i64>>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf: Vec<u8> = Vec::new();
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                match s.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+                continue;
+            };
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            while buf.len() < end + 4 + len {
+                match s.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let now = dmp_core::clock::now_ms();
+            let body = &buf[end + 4..end + 4 + len];
+            let mut got = Vec::new();
+            for line in body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                let v: serde_json::Value = serde_json::from_slice(line).unwrap();
+                got.push(now - v["ts"].as_i64().unwrap());
+            }
+            late.lock().unwrap().extend(got);
+            buf.drain(..end + 4 + len);
+            let ok = b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\n\r\n";
+            if s.write_all(ok).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// A drive made before its clock starts sends what a live one does, when it is due, with
+    /// the times in the bodies moved to the clock: made in the drive's own time and sent as
+    /// made, each event would arrive as late as the drive took to make (over a second here).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn given_a_prerendered_drive_then_events_go_when_due_with_their_times_moved() {
+        let sc = crate::scenario::Scenario::parse(
+            "name = \"t\"\nusers = 50000\n[traffic]\nmode = \"open\"\nrate = 50000.0\n\
+             seconds = 2\nwarmup_seconds = 0\npartner_dump_events = 2000\n\
+             partner_every_seconds = 1\n[driver]\nprerender = true\n",
+        )
+        .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let late = Arc::new(Mutex::new(Vec::new()));
+        let seen = late.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                tokio::spawn(accept_timing(s, seen.clone()));
+            }
+        });
+        let mut gen = Generator::new(sc.seed, sc.users);
+        let dumps: DumpArrivals = Default::default();
+        let mut drive = Drive {
+            target: Target::Http(url),
+            gen: &mut gen,
+            oracle: Arc::new(Mutex::new(Oracle::new(sc.users))),
+            dumps: dumps.clone(),
+            progress: Arc::new(Progress::default()),
+            traffic: &sc.traffic,
+            driver: &sc.driver,
+        };
+        let started = Instant::now();
+        let driven = drive.run(sc.traffic.rate, sc.traffic.seconds).await;
+        let made = started.elapsed().as_secs_f64() - driven.seconds;
+        assert_eq!(driven.acked, driven.offered);
+        assert!(driven.offered > 30_000, "{driven:?}");
+        assert!(made > 0.5, "made in {made:.2} s: too fast to tell");
+        let late = late.lock().unwrap();
+        assert_eq!(late.len() as u64, driven.offered);
+        // Live events: sent when due, so never ahead of the clock and rarely far behind.
+        let mut live: Vec<i64> = late.iter().copied().filter(|l| *l < 60_000).collect();
+        live.sort_unstable();
+        assert!(live[0] >= -20, "an event {} ms ahead of its time", -live[0]);
+        let p99 = live[live.len() * 99 / 100];
+        assert!(
+            p99 < 450,
+            "p99 {p99} ms late ({made:.2} s spent before the clock)"
+        );
+        // The dump went (its events are hours old).
+        assert_eq!(late.len() - live.len(), 2000);
+        assert!(dumps.lock().unwrap().len() > 1000);
+        assert!(driven.ack_latency_ms.p99 < 450.0, "{driven:?}");
+    }
+
+    /// Moving a made batch's times writes over their digits, or makes the body again when the
+    /// number of digits changes; either way it is the body the moved events would have made.
+    #[test]
+    fn given_a_made_batch_when_moved_then_its_body_is_that_of_the_moved_events() {
+        let gen = Generator::new(1, 100);
+        let drive_batch = |events: Vec<Event>| {
+            let mut body = Vec::new();
+            let ts_at = events
+                .iter()
+                .map(|e| gen.write_ndjson(e, &mut body))
+                .collect();
+            Made {
+                events,
+                uids: Vec::new(),
+                body,
+                ts_at,
+                dump: false,
+            }
+        };
+        for (times, by) in [
+            (vec![1_795_341_600_000i64, 1_795_341_600_007], 1234),
+            (vec![999_999_999_990, 999_999_999_999], 5), // 12 digits to 13
+            (vec![1_795_341_600_000, 1_795_341_600_001], 0),
+        ] {
+            let events: Vec<Event> = times.iter().map(|t| event(*t, 1)).collect();
+            let moved: Vec<Event> = times.iter().map(|t| event(t + by, 1)).collect();
+            let b = drive_batch(events).shifted(by, &gen);
+            let mut want = Vec::new();
+            for e in &moved {
+                gen.write_ndjson(e, &mut want);
+            }
+            assert_eq!(
+                String::from_utf8_lossy(&b.body),
+                String::from_utf8_lossy(&want)
+            );
+            assert_eq!(b.events, moved);
+            assert_eq!(b.due_ms, times[0] + by);
+        }
     }
 
     fn event(ts: i64, seq: u32) -> Event {

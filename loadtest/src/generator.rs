@@ -361,16 +361,19 @@ impl Generator {
         out
     }
 
-    /// Appends `e` as one NDJSON line (the vocabularies hold no character JSON must escape).
+    /// Appends `e` as one NDJSON line (the vocabularies hold no character JSON must escape) and
+    /// answers where in `out` the digits of its time are (a batch made ahead moves them).
     /// Bytes appended directly: through `write!` this was a fifth of the loadtest's CPU, which
     /// shares the machine with dmp.
-    pub fn write_ndjson(&self, e: &Event, out: &mut Vec<u8>) {
+    pub fn write_ndjson(&self, e: &Event, out: &mut Vec<u8>) -> std::ops::Range<usize> {
         let u = &self.users[e.user as usize];
         let mut num = itoa::Buffer::new();
         out.extend_from_slice(br#"{"uid":""#);
         out.extend_from_slice(u.uid.as_bytes());
         out.extend_from_slice(br#"","ts":"#);
+        let ts_from = out.len();
         out.extend_from_slice(num.format(e.ts).as_bytes());
+        let ts = ts_from..out.len();
         out.extend_from_slice(br#","ua":""#);
         out.extend_from_slice(u.ua.as_bytes());
         out.extend_from_slice(br#"","ip":""#);
@@ -395,6 +398,7 @@ impl Generator {
             }
         }
         out.push(b'\n');
+        ts
     }
 
     /// `e` as a JSON value.
