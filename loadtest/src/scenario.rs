@@ -138,7 +138,8 @@ pub struct Driver {
     /// Make every batch of a drive (sessions, NDJSON bodies, partner dumps) before its clock
     /// starts, so that while the traffic runs the driver only sends them (moving their times to
     /// the clock) instead of taking its share of the cores dmp is measured on. Memory: about
-    /// 300 bytes per event of the drive.
+    /// 400 bytes per event of the drive ([`PRERENDER_BYTES_PER_EVENT`]); a scenario whose largest
+    /// drive would need over half the machine's memory is refused.
     #[serde(default)]
     pub prerender: bool,
 }
@@ -309,6 +310,20 @@ impl Scenario {
         if self.driver.connections == 0 || self.driver.batch_max == 0 || self.driver.tick_ms == 0 {
             bail!("driver.connections, driver.batch_max and driver.tick_ms are at least 1");
         }
+        if self.driver.prerender {
+            let bytes = self.prerender_bytes();
+            if let Some(total) = machine_memory_bytes() {
+                if bytes > total / 2 {
+                    bail!(
+                        "driver.prerender: the largest drive would hold about {:.1} GiB of events made \
+                         ahead, over half of this machine's {:.1} GiB; shorten traffic.seconds or \
+                         leave prerender off",
+                        bytes as f64 / GIB,
+                        total as f64 / GIB
+                    );
+                }
+            }
+        }
         for k in self.dmp.config.keys() {
             if k.is_empty()
                 || !k
@@ -322,9 +337,68 @@ impl Scenario {
     }
 }
 
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Memory a batch made ahead holds per event: the event, its NDJSON line and where its time is.
+pub const PRERENDER_BYTES_PER_EVENT: u64 = 400;
+
+impl Scenario {
+    /// About the memory the largest drive holds with `driver.prerender`: its events at the
+    /// highest rate it runs at (the last step of `find_max`), with the partner dumps.
+    pub fn prerender_bytes(&self) -> u64 {
+        let t = &self.traffic;
+        let (rate, seconds) = match t.mode {
+            Mode::Open => (t.rate, t.seconds),
+            Mode::FindMax => (
+                t.rate * t.step_factor.powi(t.max_steps.saturating_sub(1) as i32),
+                t.seconds.max(t.prefill_seconds),
+            ),
+        };
+        let dumps = match t.partner_every_seconds {
+            0 => 0,
+            every => seconds / every * t.partner_dump_events as u64,
+        };
+        ((rate * seconds as f64) as u64 + dumps).saturating_mul(PRERENDER_BYTES_PER_EVENT)
+    }
+}
+
+/// The machine's memory (`MemTotal`), where `/proc/meminfo` tells.
+fn machine_memory_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn given_prerender_when_the_drive_would_not_fit_then_the_key_is_named() {
+        let sc = |rate: &str, seconds: u64| {
+            format!(
+                "name = \"t\"\nusers = 1000\n[traffic]\nmode = \"open\"\nrate = {rate}\nseconds = {seconds}\n\
+                 warmup_seconds = 0\n[driver]\nprerender = true\n"
+            )
+        };
+        let peak = Scenario::parse(&sc("100000.0", 60)).unwrap();
+        assert!(peak.prerender_bytes() >= 6_000_000 * PRERENDER_BYTES_PER_EVENT);
+        if let Some(total) = machine_memory_bytes() {
+            // Ten times the machine's memory in events at 10M events/s.
+            let seconds = total * 10 / PRERENDER_BYTES_PER_EVENT / 10_000_000 + 1;
+            let e = Scenario::parse(&sc("10000000.0", seconds)).unwrap_err();
+            assert!(format!("{e:#}").contains("driver.prerender"), "{e:#}");
+            let off = sc("10000000.0", seconds).replace("prerender = true", "prerender = false");
+            Scenario::parse(&off).unwrap();
+        }
+    }
 
     #[test]
     fn every_shipped_scenario_parses() {
