@@ -24,10 +24,11 @@ pub struct EventView<'a> {
     cells: Vec<EventCell<'a>>,
     /// Index in `cells` of each well-known qualifier ([`crate::lang::SLOTS`]); `u16::MAX`: absent.
     slots: [u16; crate::lang::SLOTS.len()],
-    /// Parts derived once per event, as byte ranges: host (in the lowercased text) and path (in
-    /// the text) of `url` (0) and `ref` (1), on first use (rules that read neither, or only the
-    /// host, do not pay for the rest); the three parts of `geo`.
-    hosts: [std::cell::OnceCell<(u32, u32)>; 2],
+    /// Parts derived once per event, as byte ranges: host and path (in the text) of `url` (0)
+    /// and `ref` (1), on first use (rules that read neither, or only the host, do not pay for the
+    /// rest); the three parts of `geo`. A host is a range in the text when it is lowercase ASCII
+    /// there (nearly always), else in the lowercased text (`true`).
+    hosts: [std::cell::OnceCell<(u32, u32, bool)>; 2],
     paths: [std::cell::OnceCell<(u32, u32)>; 2],
     geo: [Option<(u32, u32)>; 3],
     /// The ranges in the `ua` cell's value of the user agent's three parts (None: no such cell,
@@ -148,13 +149,26 @@ impl<'a> EventView<'a> {
         }
     }
 
-    /// The host of the URL in `slot` (`url` or `ref`), lowercase.
+    /// The host of the URL in `slot` (`url` or `ref`), lowercase: `host` of the lowercased
+    /// text. When the text's own host is lowercase ASCII that is the same slice (lowercasing maps
+    /// letters to letters, so the delimiters `host` looks for stay where they are around it), and
+    /// the rest of the URL is neither checked nor lowercased.
     #[inline(always)]
     fn host_of(&self, slot: usize) -> Option<&str> {
         let (t, low) = self.text(self.slot(slot)?);
-        let low = lowered(t, low);
-        let (a, b) = *self.hosts[url_index(slot)].get_or_init(|| range_in(low, host(low)));
-        low.get(a as usize..b as usize)
+        let (a, b, in_low) = *self.hosts[url_index(slot)].get_or_init(|| {
+            let h = host(t);
+            if h.bytes().all(|c| c.is_ascii() && !c.is_ascii_uppercase()) {
+                let (a, b) = range_in(t, h);
+                (a, b, false)
+            } else {
+                let low = lowered(t, low);
+                let (a, b) = range_in(low, host(low));
+                (a, b, true)
+            }
+        });
+        let s = if in_low { lowered(t, low) } else { t };
+        s.get(a as usize..b as usize)
     }
 
     /// The path of the URL in `slot` (`url` or `ref`), as stored.
@@ -1107,6 +1121,27 @@ mod tests {
         ) {
             proptest::prop_assert_eq!(host(&url), host_by_search(&url));
             proptest::prop_assert_eq!(path(&url), path_by_search(&url));
+        }
+
+        /// An event's host of `url` and of `ref` is the host of the lowercased text, whether its
+        /// own host is lowercase ASCII (read in place) or not (read in the lowercased copy).
+        #[test]
+        fn given_any_url_then_the_events_host_is_that_of_the_lowercased_text(
+            url in "[a-zA-Z:/?#@.ЁёİΣσ]{0,24}",
+            referrer in "(https?://[a-zA-Z.İ]{0,8}/)?[a-zA-Z:/.Ё]{0,12}",
+        ) {
+            let cells = [
+                dmp_core::Cell::new(FAMILY_EVENTS, "ref", 1, referrer.as_bytes().to_vec()),
+                dmp_core::Cell::new(FAMILY_EVENTS, "url", 1, url.as_bytes().to_vec()),
+            ];
+            let refs: Vec<&dmp_core::Cell> = cells.iter().collect();
+            let ev = EventView::new(1, &refs);
+            for (slot, text) in [(1, &url), (2, &referrer)] {
+                let want = text.to_lowercase();
+                // Twice: the second answer comes from the range kept by the first.
+                proptest::prop_assert_eq!(ev.host_of(slot), Some(host(&want)));
+                proptest::prop_assert_eq!(ev.host_of(slot), Some(host(&want)));
+            }
         }
     }
 }
