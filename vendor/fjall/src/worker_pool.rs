@@ -178,6 +178,10 @@ fn worker_tick(ctx: &WorkerState) -> crate::Result<bool> {
             return Ok(true);
         }
         WorkerMessage::RotateMemtable(keyspace, memtable_id) => {
+            // dmp patch: the request is taken; a write over the size from now on asks again.
+            keyspace
+                .rotation_requested
+                .store(false, std::sync::atomic::Ordering::Release);
             log::trace!("acquiring journal lock");
             let journal_writer = keyspace.supervisor.journal.get_writer()?;
             keyspace.inner_rotate_memtable(journal_writer, memtable_id)?;
@@ -310,6 +314,72 @@ mod tests {
             );
         }
 
+        Ok(())
+    }
+
+    /// dmp patch (vendor/fjall/DMP-PATCH.md): under write load into keyspaces whose memtables
+    /// fill fast, every commit over the size asked for a rotation; the requests filled the
+    /// workers' bounded queue, and a worker that rotated a memtable then blocked for ever sending
+    /// `Flush` into it (the only worker here, so at once). Rotations stopped and the memtables
+    /// held everything written. With one request per keyspace in the queue, writers and flushes
+    /// go on, and no memtable holds much more than its size.
+    #[test]
+    fn given_one_worker_and_writes_flooding_rotations_then_memtables_still_rotate_and_flush(
+    ) -> crate::Result<()> {
+        const MEMTABLE: u64 = 64 * 1024;
+        let folder = tempfile::tempdir()?;
+        let db = Database::builder(&folder)
+            .worker_threads_unchecked(1)
+            .open()?;
+        let keyspaces = (0..3)
+            .map(|i| {
+                db.keyspace(&format!("k{i}"), || {
+                    KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE)
+                })
+            })
+            .collect::<crate::Result<Vec<_>>>()?;
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        for t in 0..4u32 {
+            let (db, keyspaces, done) = (db.clone(), keyspaces.clone(), done_tx.clone());
+            std::thread::spawn(move || {
+                for i in 0..15_000u32 {
+                    let mut batch = db.batch();
+                    for k in &keyspaces {
+                        batch.insert(k, format!("{t:02}-{i:08}"), vec![7u8; 100]);
+                    }
+                    batch.commit().expect("commit");
+                }
+                done.send(()).ok();
+            });
+        }
+        for _ in 0..4 {
+            done_rx
+                .recv_timeout(std::time::Duration::from_secs(120))
+                .expect("writers stopped: flushes stuck behind a full worker queue");
+        }
+        // 4 x 15,000 x ~115 bytes = about 6.9 MB per keyspace went in, faster than one worker
+        // flushes. Each further write asks for a rotation again: the worker gets to them, and
+        // every memtable ends up under its size, flushed to tables. (Stuck, it never does.)
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            for k in &keyspaces {
+                k.insert("z", "z")?;
+            }
+            let sizes: Vec<u64> = keyspaces
+                .iter()
+                .map(|k| k.tree.active_memtable().size())
+                .collect();
+            if sizes.iter().all(|s| *s < 2 * MEMTABLE)
+                && keyspaces.iter().all(|k| k.tree.table_count() > 0)
+            {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "active memtables {sizes:?} bytes a minute after the writes: rotations stopped"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         Ok(())
     }
 

@@ -88,6 +88,10 @@ pub struct KeyspaceInner {
 
     pub(crate) worker_messager: flume::Sender<WorkerMessage>,
 
+    /// dmp patch: whether a `RotateMemtable` for this keyspace is in the workers' queue (see
+    /// `request_rotation` and vendor/fjall/DMP-PATCH.md).
+    pub(crate) rotation_requested: AtomicBool,
+
     #[expect(unused)]
     lock_file: LockedFileGuard,
 }
@@ -315,6 +319,7 @@ impl Keyspace {
             config,
             supervisor: db.supervisor.clone(),
             worker_messager: db.worker_pool.sender.clone(),
+            rotation_requested: AtomicBool::default(),
             is_deleted: AtomicBool::default(),
             is_poisoned: db.is_poisoned.clone(),
             lock_file: db.lock_file.clone(),
@@ -353,6 +358,7 @@ impl Keyspace {
         Ok(Self(Arc::new(KeyspaceInner {
             supervisor: db.supervisor.clone(),
             worker_messager: db.worker_pool.sender.clone(),
+            rotation_requested: AtomicBool::default(),
             id: keyspace_id,
             name,
             config,
@@ -821,16 +827,35 @@ impl Keyspace {
     }
 
     pub(crate) fn request_rotation(&self) {
+        // dmp patch: one request in the queue per keyspace. Every write to a keyspace whose
+        // memtable is over its size asked again, so under write load the workers' bounded queue
+        // filled with requests; a worker rotating a memtable then blocked sending `Flush` into the
+        // full queue, and once every worker did, nothing read the queue again: no flush, no
+        // rotation, memtables growing without bound (vendor/fjall/DMP-PATCH.md). The worker that
+        // takes the request clears the flag before rotating, so a later write asks again.
+        if self
+            .rotation_requested
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return;
+        }
+
         let lock = self.tree.get_version_history_lock();
         let latest_version = lock.latest_version();
         let active_memtable = &latest_version.active_memtable;
 
-        self.worker_messager
+        if self
+            .worker_messager
             .try_send(WorkerMessage::RotateMemtable(
                 self.clone(),
                 active_memtable.id(),
             ))
-            .ok();
+            .is_err()
+        {
+            // Not queued: the next write over the size asks again.
+            self.rotation_requested
+                .store(false, std::sync::atomic::Ordering::Release);
+        }
     }
 
     pub(crate) fn check_memtable_rotate(&self, size: u64) {
