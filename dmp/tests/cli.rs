@@ -5,7 +5,7 @@ mod common;
 #[path = "../../testsupport/rss.rs"]
 mod rss;
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use common::{dmp, post_events, sigterm, start, topic_high};
 
@@ -39,6 +39,37 @@ async fn given_empty_data_dir_when_dmp_runs_then_api_answers_and_sigterm_stops_i
     assert_eq!(topics[0]["partitions"].as_array().unwrap().len(), 8);
     let metrics = http.get(format!("{url}/metrics")).send().await.unwrap();
     assert_eq!(metrics.status(), 200);
+    // The embedded database's memtables are sampled every second: what an operator watches for
+    // flushes that stop (sealed memtables that stay, a write buffer that only grows).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = http
+            .get(format!("{url}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let value = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+        };
+        match (
+            value("dmp_store_write_buffer_bytes"),
+            value("dmp_store_sealed_memtables"),
+        ) {
+            (Some(bytes), Some(sealed)) => {
+                assert!(bytes >= 0.0 && sealed >= 0.0, "{bytes} {sealed}");
+                break;
+            }
+            _ => assert!(
+                Instant::now() < deadline,
+                "no memtable gauges in /metrics:\n{text}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // While it runs, the data dir is locked: a second process says so clearly.
     let out = dmp()

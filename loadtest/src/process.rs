@@ -206,6 +206,7 @@ pub fn role_of(thread: &str) -> &'static str {
         "api"
     } else if thread.starts_with("fjall")
         || thread == "lsm-reaper"
+        || thread == "dmp-db"
         || thread == "dmp-fsync"
         || thread == "dmp-bus-retenti"
     {
@@ -318,5 +319,6 @@ mod tests {
         assert_eq!(role_of("dmp-segmenter-1"), "segmenter");
         assert_eq!(role_of("dmp-writer"), "storage-writer");
         assert_eq!(role_of("lsm-reaper"), "embedded-storage");
+        assert_eq!(role_of("dmp-db"), "embedded-storage");
     }
 }

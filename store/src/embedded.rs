@@ -82,7 +82,8 @@ const _: () = assert!(L0_COMPACTION_TABLES < 20, "under fjall's write stall");
 const CACHED_REPACK_FACTOR: usize = 16;
 
 /// The embedded fjall database shared by the embedded bus and store, with its fsync policy.
-/// Cloning is cheap; the periodic fsync stops when the last clone is dropped.
+/// Cloning is cheap; the upkeep thread (`dmp-db`: the periodic fsync, the memtable gauges) stops
+/// when the last clone is dropped.
 #[derive(Clone)]
 pub struct EmbeddedDatabase {
     db: Database,
@@ -175,31 +176,48 @@ impl EmbeddedDatabase {
             e => StoreError::Backend(e),
         })?;
         let stop = Arc::new(AtomicBool::new(false));
-        let handle = if cfg.fsync_interval_ms > 0 {
+        // The database's upkeep: the periodic fsync (when batches are not each fsynced) and,
+        // every second, the gauges of its memtables. Flushes that stop (as fjall's did once,
+        // vendor/fjall/DMP-PATCH.md change 2) show there first: sealed memtables that stay and a
+        // write buffer that only grows.
+        let handle = {
             let (db2, stop2) = (db.clone(), stop.clone());
-            let every = Duration::from_millis(cfg.fsync_interval_ms);
+            let fsync_every =
+                (cfg.fsync_interval_ms > 0).then(|| Duration::from_millis(cfg.fsync_interval_ms));
             let dir = path.to_path_buf();
             Some(
                 std::thread::Builder::new()
-                    .name("dmp-fsync".into())
+                    .name("dmp-db".into())
                     .spawn(move || {
-                        let mut last = std::time::Instant::now();
+                        let gauges_every = Duration::from_secs(1);
+                        let tick = fsync_every
+                            .unwrap_or(gauges_every)
+                            .min(Duration::from_millis(100));
+                        let (mut synced, mut sampled) = (std::time::Instant::now(), None);
                         while !stop2.load(Ordering::Acquire) {
-                            // Wake often enough to stop promptly; sync every `every`.
-                            std::thread::sleep(every.min(Duration::from_millis(100)));
-                            if last.elapsed() < every {
-                                continue;
+                            if sampled
+                                .is_none_or(|t: std::time::Instant| t.elapsed() >= gauges_every)
+                            {
+                                sampled = Some(std::time::Instant::now());
+                                metrics::gauge!(crate::metrics::WRITE_BUFFER_BYTES)
+                                    .set(db2.write_buffer_size() as f64);
+                                metrics::gauge!(crate::metrics::SEALED_MEMTABLES)
+                                    .set(db2.outstanding_flushes() as f64);
                             }
-                            last = std::time::Instant::now();
-                            if let Err(e) = sync_journals(&db2, &dir) {
-                                tracing::error!(error = %e, "periodic fsync failed");
+                            // Wake often enough to stop promptly.
+                            std::thread::sleep(tick);
+                            if let Some(every) = fsync_every {
+                                if synced.elapsed() >= every {
+                                    synced = std::time::Instant::now();
+                                    if let Err(e) = sync_journals(&db2, &dir) {
+                                        tracing::error!(error = %e, "periodic fsync failed");
+                                    }
+                                }
                             }
                         }
                     })
                     .expect("spawning a thread"),
             )
-        } else {
-            None
         };
         Ok(EmbeddedDatabase {
             db,
