@@ -43,14 +43,7 @@ async fn given_empty_data_dir_when_dmp_runs_then_api_answers_and_sigterm_stops_i
     // flushes that stop (sealed memtables that stay, a write buffer that only grows).
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let text = http
-            .get(format!("{url}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = common::get_text(&http, format!("{url}/metrics")).await;
         let value = |name: &str| {
             text.lines()
                 .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())

@@ -267,14 +267,7 @@ async fn given_user_deleted_when_late_events_arrive_then_row_stays_gone_and_part
     .await;
     let started = std::time::Instant::now();
     loop {
-        let m = http
-            .get(format!("{url}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let m = common::get_text(&http, format!("{url}/metrics")).await;
         if m.lines()
             .any(|l| l.starts_with("dmp_storage_writer_events_total{outcome=\"suppressed\"} 1"))
         {

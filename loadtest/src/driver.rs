@@ -598,8 +598,9 @@ mod tests {
     use super::*;
     use crate::generator::{Kind, Rng};
 
-    /// Answers every HTTP/1.1 request on `s` with 202 (keep-alive), reading each body.
-    async fn accept_all(mut s: tokio::net::TcpStream) {
+    /// Answers every HTTP/1.1 request on `s` with 202 (keep-alive), handing each body to
+    /// `on_body`.
+    async fn accept(mut s: tokio::net::TcpStream, on_body: impl Fn(&[u8])) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut buf: Vec<u8> = Vec::new();
         let mut chunk = vec![0u8; 64 * 1024];
@@ -622,12 +623,26 @@ mod tests {
                     Ok(n) => buf.extend_from_slice(&chunk[..n]),
                 }
             }
+            on_body(&buf[end + 4..end + 4 + len]);
             buf.drain(..end + 4 + len);
             let ok = b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\n\r\n";
             if s.write_all(ok).await.is_err() {
                 return;
             }
         }
+    }
+
+    /// For every event in an NDJSON `body` received now, how long after its time it came (ms,
+    /// negative when its time was still ahead).
+    fn lateness(body: &[u8]) -> Vec<i64> {
+        let now = dmp_core::clock::now_ms();
+        body.split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|line| {
+                let v: serde_json::Value = serde_json::from_slice(line).unwrap();
+                now - v["ts"].as_i64().unwrap()
+            })
+            .collect()
     }
 
     /// The sessions begun before the traffic are made before its clock starts, so the first
@@ -644,7 +659,7 @@ mod tests {
         let url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move {
             while let Ok((s, _)) = listener.accept().await {
-                tokio::spawn(accept_all(s));
+                tokio::spawn(accept(s, |_| {}));
             }
         });
         let mut gen = Generator::new(sc.seed, sc.users);
@@ -672,47 +687,6 @@ mod tests {
         );
     }
 
-    /// Answers like [`accept_all`], and records for every event received how long after its
-    /// time it came (ms, negative when its time was still ahead).
-    async fn accept_timing(mut s: tokio::net::TcpStream, late: Arc<Mutex<Vec<i64>>>) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut buf: Vec<u8> = Vec::new();
-        let mut chunk = vec![0u8; 64 * 1024];
-        loop {
-            let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                match s.read(&mut chunk).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                }
-                continue;
-            };
-            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .map_or(0, |v| v.trim().parse().unwrap());
-            while buf.len() < end + 4 + len {
-                match s.read(&mut chunk).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                }
-            }
-            let now = dmp_core::clock::now_ms();
-            let body = &buf[end + 4..end + 4 + len];
-            let mut got = Vec::new();
-            for line in body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-                let v: serde_json::Value = serde_json::from_slice(line).unwrap();
-                got.push(now - v["ts"].as_i64().unwrap());
-            }
-            late.lock().unwrap().extend(got);
-            buf.drain(..end + 4 + len);
-            let ok = b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\n\r\n";
-            if s.write_all(ok).await.is_err() {
-                return;
-            }
-        }
-    }
-
     /// A drive made before its clock starts sends what a live one does, when it is due, with
     /// the times in the bodies moved to the clock: made in the drive's own time and sent as
     /// made, each event would arrive as late as the drive took to make (over a second here).
@@ -730,7 +704,10 @@ mod tests {
         let seen = late.clone();
         tokio::spawn(async move {
             while let Ok((s, _)) = listener.accept().await {
-                tokio::spawn(accept_timing(s, seen.clone()));
+                let seen = seen.clone();
+                tokio::spawn(accept(s, move |body| {
+                    seen.lock().unwrap().extend(lateness(body))
+                }));
             }
         });
         let mut gen = Generator::new(sc.seed, sc.users);

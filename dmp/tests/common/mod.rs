@@ -77,6 +77,11 @@ pub async fn get_json(http: &reqwest::Client, url: impl reqwest::IntoUrl) -> ser
     http.get(url).send().await.unwrap().json().await.unwrap()
 }
 
+/// `GET url` answered with text (any status): `/metrics`.
+pub async fn get_text(http: &reqwest::Client, url: impl reqwest::IntoUrl) -> String {
+    http.get(url).send().await.unwrap().text().await.unwrap()
+}
+
 /// Posts `events` to `POST /v1/events` and expects 202.
 pub async fn post_events(url: &str, events: &(impl serde::Serialize + ?Sized)) {
     let r = reqwest::Client::new()
