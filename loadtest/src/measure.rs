@@ -151,6 +151,9 @@ pub struct Sample {
     pub loadtest_cpu: f64,
     /// Resident memory peak so far, bytes.
     pub peak_rss: u64,
+    /// Bytes in the embedded database's memtables now (`dmp_store_write_buffer_bytes`; 0 when
+    /// nothing is embedded).
+    pub memtable_bytes: f64,
 }
 
 /// Fills a [`Sample`] from a scrape.
@@ -168,6 +171,7 @@ pub fn sample_from(s: &Scrape, t: f64, offered: u64, acked: u64, pid: u32) -> Sa
         cpu: crate::process::cpu_by_role(pid),
         loadtest_cpu: crate::process::own_cpu(),
         peak_rss: crate::process::peak_rss(pid).unwrap_or(0),
+        memtable_bytes: s.sum("dmp_store_write_buffer_bytes"),
     }
 }
 

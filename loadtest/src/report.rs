@@ -339,6 +339,25 @@ fn audience_chart(p: &Phase, path: &Path) -> Res {
     Ok(())
 }
 
+/// dmp's default `embedded.memtable_mb`.
+const DEFAULT_MEMTABLE_MB: f64 = 64.0;
+
+/// A line for the summary when the embedded database's memtables held more than they do while
+/// flushes keep up (about 2 x 5 keyspaces x `embedded.memtable_mb`): flushes fell behind, or
+/// stopped (as fjall's once did, with every user still right: nothing else in the report showed
+/// it but the CPU chart and the peak memory).
+pub fn memtables_warning(p: &Phase, memtable_mb: f64) -> Option<String> {
+    let bound = 2.0 * 5.0 * memtable_mb;
+    (p.memtables_peak_mib > bound).then(|| {
+        format!(
+            "\n**{}: the embedded database's memtables held up to {:.0} MiB, over the {bound:.0} MiB \
+             (2 x 5 keyspaces x embedded.memtable_mb) they stay under while flushes keep up: \
+             flushes fell behind or stopped (see the embedded storage's CPU in {}-cpu.png).**\n",
+            p.label, p.memtables_peak_mib, p.label
+        )
+    })
+}
+
 /// The headline table, in Markdown.
 pub fn summary(r: &Report) -> String {
     let mut s = String::new();
@@ -400,6 +419,18 @@ pub fn summary(r: &Report) -> String {
             wrong,
             p.cold_start_ms,
         ));
+    }
+    let memtable_mb = r
+        .scenario
+        .dmp
+        .config
+        .get("embedded.memtable_mb")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DEFAULT_MEMTABLE_MB);
+    for p in &r.phases {
+        if let Some(w) = memtables_warning(p, memtable_mb) {
+            s.push_str(&w);
+        }
     }
     for p in &r.phases {
         if let Some(max) = p.max_sustained_rate {
@@ -500,4 +531,26 @@ pub fn verdict(r: &Report) -> anyhow::Result<()> {
         bail!("the run's checks failed:\n{}", problems.join("\n"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn given_memtables_over_their_bound_then_the_summary_says_so() {
+        let mut p = Phase {
+            label: "main".into(),
+            memtables_peak_mib: 600.0,
+            ..Phase::default()
+        };
+        assert_eq!(memtables_warning(&p, 64.0), None, "under 640 MiB");
+        p.memtables_peak_mib = 1_950.0;
+        let w = memtables_warning(&p, 64.0).expect("over 640 MiB");
+        assert!(
+            w.contains("1950 MiB") && w.contains("640 MiB") && w.contains("main-cpu.png"),
+            "{w}"
+        );
+        assert_eq!(memtables_warning(&p, 256.0), None, "under 2560 MiB");
+    }
 }

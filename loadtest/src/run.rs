@@ -127,6 +127,8 @@ pub struct Phase {
     pub loadtest_cpu_per_1k_events: f64,
     /// Peak resident memory of dmp, MiB.
     pub peak_rss_mib: f64,
+    /// Most bytes the embedded database's memtables held at a sample, MiB.
+    pub memtables_peak_mib: f64,
     /// Per-second samples.
     pub samples: Vec<Sample>,
     /// find_max steps.
@@ -488,6 +490,12 @@ async fn phase(
         phase.samples = all.iter().map(|(s, _)| s.clone()).collect();
         phase.peak_rss_mib =
             phase.samples.iter().map(|s| s.peak_rss).max().unwrap_or(0) as f64 / 1_048_576.0;
+        phase.memtables_peak_mib = phase
+            .samples
+            .iter()
+            .map(|s| s.memtable_bytes)
+            .fold(0.0, f64::max)
+            / 1_048_576.0;
     }
     if scenario.checks.audience {
         let bots = phase
