@@ -16,6 +16,7 @@ pub mod config;
 pub mod error;
 pub mod event;
 pub mod health;
+pub mod machine;
 pub mod partition;
 pub mod priority;
 pub mod segment;

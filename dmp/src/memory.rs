@@ -82,7 +82,7 @@ pub fn pretouch(mb: u64) -> Result<Pretouched, PretouchError> {
             took: Duration::ZERO,
         });
     }
-    if let Some(machine_mb) = machine_mb() {
+    if let Some(machine_mb) = dmp_core::machine::memory_mb() {
         if mb > machine_mb {
             return Err(PretouchError::TooLarge {
                 asked_mb: mb,
@@ -100,46 +100,6 @@ pub fn pretouch(mb: u64) -> Result<Pretouched, PretouchError> {
         mb,
         took: started.elapsed(),
     })
-}
-
-/// The memory this process may use in MiB: the machine's (`/proc/meminfo`), or less when its
-/// control group (a container's memory limit) allows less. None where neither says.
-fn machine_mb() -> Option<u64> {
-    let total = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|text| {
-            let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
-            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-            Some(kib / 1024)
-        });
-    let groups = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-    let limits = limit_files(&groups).into_iter().filter_map(|file| {
-        let bytes: u64 = std::fs::read_to_string(file).ok()?.trim().parse().ok()?;
-        Some(bytes / MIB as u64)
-    });
-    total.into_iter().chain(limits).min()
-}
-
-/// The files holding the memory limits of the cgroups in `proc_self_cgroup` (the text of
-/// `/proc/self/cgroup`): "0::/path" is cgroup v2 (`memory.max`; its "max", no limit, does not
-/// parse as a number), "N:memory:/path" v1 (`memory.limit_in_bytes`; no limit is a number larger
-/// than any machine's memory). In a container with its own cgroup namespace the path is "/".
-fn limit_files(proc_self_cgroup: &str) -> Vec<String> {
-    proc_self_cgroup
-        .lines()
-        .filter_map(|l| {
-            let (_, rest) = l.split_once(':')?;
-            let (controllers, path) = rest.split_once(':')?;
-            let path = path.trim_end_matches('/');
-            match controllers {
-                "" => Some(format!("/sys/fs/cgroup{path}/memory.max")),
-                c if c.split(',').any(|c| c == "memory") => {
-                    Some(format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes"))
-                }
-                _ => None,
-            }
-        })
-        .collect()
 }
 
 #[allow(unsafe_code)]
@@ -223,23 +183,6 @@ mod tests {
     }
 
     #[test]
-    fn given_cgroups_v1_and_v2_when_read_then_their_memory_limit_files_are_named() {
-        let v1 = "9:name=systemd:/\n4:memory:/process_api/abc\n3:cpu,cpuacct:/x\n0::/\n";
-        assert_eq!(
-            limit_files(v1),
-            [
-                "/sys/fs/cgroup/memory/process_api/abc/memory.limit_in_bytes",
-                "/sys/fs/cgroup/memory.max"
-            ]
-        );
-        assert_eq!(
-            limit_files("0::/system.slice/dmp.service\n"),
-            ["/sys/fs/cgroup/system.slice/dmp.service/memory.max"]
-        );
-        assert!(limit_files("").is_empty());
-    }
-
-    #[test]
     fn given_less_than_a_block_when_pretouched_then_nothing_is_mapped() {
         let done = pretouch(PRETOUCH_BLOCK_MB - 1).unwrap();
         assert_eq!(done.mb, 0);
@@ -247,7 +190,7 @@ mod tests {
 
     #[test]
     fn given_more_than_the_machine_has_when_pretouched_then_it_is_refused_naming_the_key() {
-        let machine = machine_mb().expect("Linux has /proc/meminfo");
+        let machine = dmp_core::machine::memory_mb().expect("Linux has /proc/meminfo");
         let asked = (machine / PRETOUCH_BLOCK_MB + 1) * PRETOUCH_BLOCK_MB;
         let e = pretouch(asked).unwrap_err();
         assert!(matches!(e, PretouchError::TooLarge { .. }), "{e}");

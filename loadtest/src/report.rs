@@ -339,9 +339,6 @@ fn audience_chart(p: &Phase, path: &Path) -> Res {
     Ok(())
 }
 
-/// dmp's default `embedded.memtable_mb`.
-const DEFAULT_MEMTABLE_MB: f64 = 64.0;
-
 /// A line for the summary when the embedded database's memtables held more than they do while
 /// flushes keep up (about 2 x 5 keyspaces x `embedded.memtable_mb`): flushes fell behind, or
 /// stopped (as fjall's once did, with every user still right: nothing else in the report showed
@@ -426,7 +423,7 @@ pub fn summary(r: &Report) -> String {
         .config
         .get("embedded.memtable_mb")
         .and_then(|v| v.parse().ok())
-        .unwrap_or(DEFAULT_MEMTABLE_MB);
+        .unwrap_or(dmp_core::config::Config::defaults().embedded.memtable_mb as f64);
     for p in &r.phases {
         if let Some(w) = memtables_warning(p, memtable_mb) {
             s.push_str(&w);

@@ -312,11 +312,11 @@ impl Scenario {
         }
         if self.driver.prerender {
             let bytes = self.prerender_bytes();
-            if let Some(total) = machine_memory_bytes() {
+            if let Some(total) = dmp_core::machine::memory_mb().map(|mb| mb << 20) {
                 if bytes > total / 2 {
                     bail!(
                         "driver.prerender: the largest drive would hold about {:.1} GiB of events made \
-                         ahead, over half of this machine's {:.1} GiB; shorten traffic.seconds or \
+                         ahead, over half of the {:.1} GiB this process may use; shorten traffic.seconds or \
                          leave prerender off",
                         bytes as f64 / GIB,
                         total as f64 / GIB
@@ -362,20 +362,6 @@ impl Scenario {
     }
 }
 
-/// The machine's memory (`MemTotal`), where `/proc/meminfo` tells.
-fn machine_memory_bytes() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kb: u64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kb * 1024)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -390,7 +376,7 @@ mod tests {
         };
         let peak = Scenario::parse(&sc("100000.0", 60)).unwrap();
         assert!(peak.prerender_bytes() >= 6_000_000 * PRERENDER_BYTES_PER_EVENT);
-        if let Some(total) = machine_memory_bytes() {
+        if let Some(total) = dmp_core::machine::memory_mb().map(|mb| mb << 20) {
             // Ten times the machine's memory in events at 10M events/s.
             let seconds = total * 10 / PRERENDER_BYTES_PER_EVENT / 10_000_000 + 1;
             let e = Scenario::parse(&sc("10000000.0", seconds)).unwrap_err();
