@@ -313,7 +313,8 @@ pub struct SegmenterConfig {
     pub coalesce_ms: u64,
     /// Skip users changing faster than `blacklist_max_changes` per window.
     pub blacklist: bool,
-    /// Blacklist window, seconds.
+    /// Blacklist window, seconds, on the users' time (their changes' newest events), not the
+    /// workers'.
     pub blacklist_window_secs: u64,
     /// Changes within the window above which a user is a bot.
     pub blacklist_max_changes: u32,

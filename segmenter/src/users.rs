@@ -173,11 +173,11 @@ mod tests {
         users.read("u", now, 500);
         let (u, l) = users.get("u", now);
         assert!(!u.seen.needs_read(500));
-        assert_eq!(u.rate.check(now, l), Verdict::Pass);
+        assert_eq!(u.rate.check(now, now, l), Verdict::Pass);
         assert_eq!(users.len(), 1);
         for _ in 0..2 {
             let (u, l) = users.get("u", now);
-            u.rate.check(now, l);
+            u.rate.check(now, now, l);
         }
         assert!(users.banned("u", now + 1));
         assert!(
@@ -238,7 +238,7 @@ mod tests {
         // A banned user is seen as banned from either generation, without moving it.
         let (u, l) = users.get("bot", 0);
         for _ in 0..3 {
-            u.rate.check(0, l);
+            u.rate.check(0, 0, l);
         }
         assert!(users.banned("bot", 1));
         // Half the capacity of new users: exactly one turn, whatever `young` held.

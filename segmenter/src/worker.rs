@@ -13,7 +13,7 @@ use dmp_core::{Cell, DeadLetter, Row, SegmentUpdate, UserChange};
 use dmp_rules::RuleSet;
 use dmp_store::{Get, Projection, Put, StoreError, UserStore};
 
-use crate::blacklist::{Limits, Verdict};
+use crate::blacklist::{self, Limits, Verdict};
 use crate::metrics as m;
 use crate::timers::{self, Due};
 use crate::users::Users;
@@ -467,8 +467,10 @@ impl Worker {
             // One lookup of the user's state for all checks (none when both are off).
             let mut state =
                 (self.cfg.blacklist || self.cfg.dedupe).then(|| st.users.get(&j.uid, now));
+            // The blacklist counts the change when the user made it, not when it is read here.
+            let at = blacklist::change_time(j.ts, j.last_event_ts);
             let verdict = match &mut state {
-                Some((user, limits)) if self.cfg.blacklist => user.rate.check(now, limits),
+                Some((user, limits)) if self.cfg.blacklist => user.rate.check(at, now, limits),
                 _ => Verdict::Pass,
             };
             match verdict {
@@ -518,7 +520,7 @@ impl Worker {
                 let due = (seen + t.interval_ms).min(now + t.interval_ms);
                 if due > now
                     && !users.contains_key(&j.uid)
-                    && user.rate.estimate(now, limits) > t.after
+                    && user.rate.estimate(at, limits) > t.after
                 {
                     held[i] = Some(Hold::Throttle(due));
                     counters.throttled.increment(1);

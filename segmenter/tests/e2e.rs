@@ -781,6 +781,61 @@ async fn given_burst_of_changes_when_segmented_then_duplicates_skipped_and_bots_
     p.stop().await;
 }
 
+/// A worker catching up on a backlog (after a restart, or behind at a peak) reads a user's changes
+/// far faster than the user made them. The blacklist counts each change at its own time, so a
+/// busy human's ten minutes read in a second are not a crawler's second; a crawler's second is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_a_backlog_when_caught_up_then_the_blacklist_counts_changes_at_their_own_times() {
+    let (rules, _counts) = counting_rules(Duration::ZERO);
+    let p = start_with(
+        RULES,
+        |c| c.segmenter.blacklist_max_changes = 50,
+        Some(rules),
+        None,
+    )
+    .await;
+    let now = dmp_core::clock::now_ms();
+    // 120 changes each, produced at once: the human's over ten minutes (12 a minute), the
+    // crawler's within 1.2 s, both ten minutes ago.
+    let backlog = |uid: &str, spacing_ms: i64| -> Vec<ProduceRecord> {
+        (0..120)
+            .map(|i| {
+                let t = now - 600_000 + i * spacing_ms;
+                ProduceRecord::new(
+                    uid,
+                    UserChange {
+                        uid: uid.into(),
+                        ts: t + 5,
+                        last_event_ts: t,
+                    }
+                    .to_json(),
+                )
+            })
+            .collect()
+    };
+    let mut records = backlog("busy-human", 5_000);
+    records.extend(backlog("crawler-7", 10));
+    p.bus
+        .produce(&p.cfg.topics.user_changes, records)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    p.drained().await;
+    let flagged = |uid: &str| {
+        p.store
+            .get(&Get::row(uid))
+            .unwrap()
+            .and_then(|r| r.latest("m", "bot").map(|c| c.value.to_vec()))
+    };
+    assert_eq!(
+        flagged("busy-human"),
+        None,
+        "12 changes a minute is no crawler"
+    );
+    assert_eq!(flagged("crawler-7"), Some(b"1".to_vec()));
+    p.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a Kafka-protocol broker: run scripts/test.sh"]
 async fn given_rule_slower_than_max_poll_interval_when_segmenting_on_kafka_then_no_rebalance_and_no_redelivery(
