@@ -812,14 +812,16 @@ impl Worker {
             }
         }
         // Fired and replaced timers go last: a crash before leaves an extra timer, not a lost one.
+        // All of them in one delete (one commit in the embedded store).
         let mut deletes = out.deletes;
         deletes.sort_unstable();
         deletes.dedup();
-        for key in deletes {
+        if !deletes.is_empty() {
+            let keys: Vec<&str> = deletes.iter().map(String::as_str).collect();
             let mut backoff = Duration::from_millis(50);
-            while let Err(e) = self.store.delete_row(&key) {
+            while let Err(e) = self.store.delete_rows(&keys) {
                 metrics::counter!(m::RETRIES).increment(1);
-                tracing::warn!(error = %e, "deleting a fired timer failed; retrying");
+                tracing::warn!(error = %e, "deleting fired timers failed; retrying");
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }

@@ -239,6 +239,50 @@ fn benches(c: &mut Criterion) {
                 .unwrap()
         })
     });
+    // A segmenter batch's fired timers: 16 timer rows (one cell each, as `timer_put` writes
+    // them) deleted a commit each, as before `delete_rows`, and in one commit. The puts that
+    // make them are outside the measured time.
+    let mut timer = 0u64;
+    let mut timer_rows = || -> Vec<String> {
+        let rows: Vec<String> = (0..16)
+            .map(|_| {
+                timer += 1;
+                format!("\u{1}timer/00003/{:020}/u{timer:08}", t0 + timer as i64)
+            })
+            .collect();
+        let puts: Vec<Put> = rows
+            .iter()
+            .map(|r| Put {
+                row: r.clone(),
+                cells: vec![Cell::new("m", "t", t0, Vec::new())],
+            })
+            .collect();
+        store.put(&puts).unwrap();
+        rows
+    };
+    g.throughput(Throughput::Elements(16));
+    g.bench_function("delete_16_timer_rows_a_commit_each", |b| {
+        b.iter_batched(
+            &mut timer_rows,
+            |rows| {
+                for r in &rows {
+                    store.delete_row(r).unwrap();
+                }
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("delete_16_timer_rows_in_one_commit", |b| {
+        b.iter_batched(
+            &mut timer_rows,
+            |rows| {
+                let keys: Vec<&str> = rows.iter().map(String::as_str).collect();
+                store.delete_rows(&keys).unwrap();
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    g.throughput(Throughput::Elements(1));
     // The segmenter's whole cycle: a write of one event, then the projected read. Last: each
     // write grows the store, so a bench of writes or reads after it would meet a larger one.
     g.bench_function("write_event_then_read_500_cell_row_projected", |b| {

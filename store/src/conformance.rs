@@ -48,6 +48,10 @@ pub fn checks() -> Vec<(&'static str, Check)> {
             "delete_row_removes_every_cell",
             delete_row_removes_every_cell,
         ),
+        (
+            "delete_rows_removes_each_row_and_only_them",
+            delete_rows_removes_each_row_and_only_them,
+        ),
         ("bad_requests_are_rejected", bad_requests_are_rejected),
         (
             "scan_returns_rows_in_key_order",
@@ -329,6 +333,48 @@ fn family_ttl_enforced(s: &dyn UserStore) -> CheckResult {
     ensure!(
         values == vec![b"alive".as_slice(), b"forever".as_slice()],
         "TTL: {values:?}"
+    );
+    Ok(())
+}
+
+fn delete_rows_removes_each_row_and_only_them(s: &dyn UserStore) -> CheckResult {
+    let t = t0();
+    for row in ["many-a", "many-b", "many-c", "many-ab"] {
+        for i in 0..3 {
+            put(s, row, vec![Cell::new("e", "url", t + i, b"x".to_vec())])?;
+        }
+        // A one-version family too (the embedded store keeps those apart).
+        put(s, row, vec![Cell::new("s", "current", t, b"{}".to_vec())])?;
+    }
+    // Twice the same row, a row that does not exist, and none at all.
+    s.delete_rows(&["many-b", "many-a", "many-b", "never-written"])
+        .map_err(err)?;
+    s.delete_rows(&[]).map_err(err)?;
+    for gone in ["many-a", "many-b", "never-written"] {
+        ensure!(
+            s.get(&Get::row(gone)).map_err(err)?.is_none(),
+            "row {gone} still there"
+        );
+    }
+    // Neighbours in key order, one of them sharing a deleted row's name as a prefix.
+    for kept in ["many-c", "many-ab"] {
+        let cells = read(s, &Get::row(kept))?;
+        ensure!(cells.len() == 4, "row {kept}: {} cells", cells.len());
+    }
+    put(
+        s,
+        "many-a",
+        vec![Cell::new("e", "url", t + 100, b"y".to_vec())],
+    )?;
+    let cells = read(s, &Get::row("many-a"))?;
+    ensure!(
+        cells.len() == 1,
+        "a write after delete starts a new row: {}",
+        cells.len()
+    );
+    ensure!(
+        s.delete_rows(&["many-c", ""]).is_err(),
+        "an empty row key is refused"
     );
     Ok(())
 }

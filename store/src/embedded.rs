@@ -857,16 +857,32 @@ impl UserStore for EmbeddedStore {
     }
 
     fn delete_row(&self, row: &str) -> Result<()> {
-        check_row_key(row)?;
-        let _guard = self.lock_for(row).lock();
-        let mut prefix = row.as_bytes().to_vec();
-        prefix.push(0);
+        self.delete_rows(&[row])
+    }
+
+    fn delete_rows(&self, rows: &[&str]) -> Result<()> {
+        for row in rows {
+            check_row_key(row)?;
+        }
+        if rows.is_empty() {
+            return Ok(());
+        }
+        // Under the rows' locks, so no write to them lands between the scan and the commit.
+        let _locks = self.lock_rows(rows.iter().copied());
         let mut batch = self.db.db.batch().durability(self.db.batch_durability());
-        for kv in self.rows.prefix(&prefix) {
-            batch.remove(&self.rows, kv.key()?);
+        let mut prefix = Vec::new();
+        for row in rows {
+            prefix.clear();
+            prefix.extend_from_slice(row.as_bytes());
+            prefix.push(0);
+            for kv in self.rows.prefix(&prefix) {
+                batch.remove(&self.rows, kv.key()?);
+            }
         }
         batch.commit()?;
-        self.cache.remove(row);
+        for row in rows {
+            self.cache.remove(row);
+        }
         Ok(())
     }
 

@@ -19,6 +19,7 @@ struct Handles {
     put: metrics::Histogram,
     get: metrics::Histogram,
     delete_row: metrics::Histogram,
+    delete_rows: metrics::Histogram,
     scan: metrics::Histogram,
     flush: metrics::Histogram,
     write_cells: metrics::Counter,
@@ -35,6 +36,7 @@ impl<S: UserStore> Instrumented<S> {
             put: op("put"),
             get: op("get"),
             delete_row: op("delete_row"),
+            delete_rows: op("delete_rows"),
             scan: op("scan"),
             flush: op("flush"),
             write_cells: metrics::counter!(m::WRITE_CELLS, "backend" => backend),
@@ -87,6 +89,12 @@ impl<S: UserStore> UserStore for Instrumented<S> {
     fn delete_row(&self, row: &str) -> Result<()> {
         self.observe("delete_row", &self.metrics.delete_row, || {
             self.inner.delete_row(row)
+        })
+    }
+
+    fn delete_rows(&self, rows: &[&str]) -> Result<()> {
+        self.observe("delete_rows", &self.metrics.delete_rows, || {
+            self.inner.delete_rows(rows)
         })
     }
 

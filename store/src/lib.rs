@@ -199,6 +199,12 @@ pub trait UserStore: Send + Sync {
     }
     /// Deletes a whole row, every family and version.
     fn delete_row(&self, row: &str) -> Result<()>;
+    /// Deletes whole rows (a row may come twice; one that does not exist is no error). A backend
+    /// that can does it in one write (the embedded store: one commit, where a `delete_row` each
+    /// was a commit each); by default, [`UserStore::delete_row`] for each in turn.
+    fn delete_rows(&self, rows: &[&str]) -> Result<()> {
+        rows.iter().try_for_each(|r| self.delete_row(r))
+    }
     /// Rows in key order, starting after `start_after` (or from the first), at most `limit`,
     /// each read with `template`'s filters.
     fn scan(&self, start_after: Option<&str>, limit: usize, template: &Get) -> Result<Vec<Row>>;

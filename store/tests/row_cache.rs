@@ -28,6 +28,7 @@ enum Op {
     Put(Vec<(u8, Cells)>),
     Get(u8, Option<&'static str>, Option<u32>),
     Delete(u8),
+    DeleteMany(Vec<u8>),
 }
 
 /// A version time a day ago plus `t` ms: inside family `e`'s 180-day TTL.
@@ -54,6 +55,7 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (0u8..5, prop::option::of(prop::sample::select(vec!["e", "s"])), prop::option::of(1u32..3))
             .prop_map(|(r, f, v)| Op::Get(r, f, v)),
         1 => (0u8..5).prop_map(Op::Delete),
+        1 => prop::collection::vec(0u8..5, 0..4).prop_map(Op::DeleteMany),
     ]
 }
 
@@ -97,6 +99,15 @@ proptest! {
                 Op::Delete(r) => {
                     cached.delete_row(&row(*r)).unwrap();
                     plain.delete_row(&row(*r)).unwrap();
+                }
+                Op::DeleteMany(rs) => {
+                    // One commit on the cached side, one row at a time on the other.
+                    let rows: Vec<String> = rs.iter().map(|r| row(*r)).collect();
+                    let keys: Vec<&str> = rows.iter().map(String::as_str).collect();
+                    cached.delete_rows(&keys).unwrap();
+                    for k in &keys {
+                        plain.delete_row(k).unwrap();
+                    }
                 }
             }
         }
