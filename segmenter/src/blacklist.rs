@@ -122,15 +122,14 @@ mod tests {
     use crate::users::Users;
 
     /// Blacklist settings of the tests: over 10 changes a minute bans for an hour.
+    const LIMITS: Limits = Limits {
+        window_ms: 60_000,
+        max: 10,
+        ban_ms: 3_600_000,
+    };
+
     fn users() -> Users {
-        Users::new(
-            100,
-            Limits {
-                window_ms: 60_000,
-                max: 10,
-                ban_ms: 3_600_000,
-            },
-        )
+        Users::new(100, LIMITS)
     }
 
     /// Counts a change as the worker does.
@@ -213,11 +212,7 @@ mod tests {
 
     #[test]
     fn given_a_backlog_read_at_once_then_changes_count_at_their_own_times() {
-        let limits = Limits {
-            window_ms: 60_000,
-            max: 10,
-            ban_ms: 3_600_000,
-        };
+        let limits = LIMITS;
         let t0 = 1_000_020_000i64;
         // A human's 80 changes over ten minutes (8 a minute), read in one go ten minutes later,
         // as a worker catching up reads them.
@@ -241,11 +236,7 @@ mod tests {
 
     #[test]
     fn given_changes_out_of_order_then_each_counts_at_the_latest_time_counted() {
-        let limits = Limits {
-            window_ms: 60_000,
-            max: 10,
-            ban_ms: 3_600_000,
-        };
+        let limits = LIMITS;
         let t0 = 1_000_020_000i64;
         let mut r = Rate::new(t0, &limits);
         assert_eq!(r.check(t0 + 50_000, t0 + 50_000, &limits), Verdict::Pass);

@@ -140,6 +140,19 @@ async fn start(rules: &str, tweak: impl FnOnce(&mut Config)) -> Pipe {
     start_with(rules, tweak, None, None).await
 }
 
+/// A pipeline whose rules count evaluations per user, banning users over `max` changes a minute.
+async fn start_counting_with_blacklist_of(max: u32) -> (Pipe, Counts) {
+    let (rules, counts) = counting_rules(Duration::ZERO);
+    let p = start_with(
+        RULES,
+        |c| c.segmenter.blacklist_max_changes = max,
+        Some(rules),
+        None,
+    )
+    .await;
+    (p, counts)
+}
+
 async fn start_with(
     rules: &str,
     tweak: impl FnOnce(&mut Config),
@@ -705,14 +718,7 @@ async fn given_held_backfill_when_the_segmenter_stops_then_it_is_evaluated_first
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn given_burst_of_changes_when_segmented_then_duplicates_skipped_and_bots_blacklisted() {
-    let (rules, counts) = counting_rules(Duration::ZERO);
-    let p = start_with(
-        RULES,
-        |c| c.segmenter.blacklist_max_changes = 50,
-        Some(rules),
-        None,
-    )
-    .await;
+    let (p, counts) = start_counting_with_blacklist_of(50).await;
     let now = dmp_core::clock::now_ms();
     p.post(serde_json::json!([{"uid": "burst", "ts": now - 500, "url": "https://cats.example/"}]))
         .await;
@@ -786,14 +792,7 @@ async fn given_burst_of_changes_when_segmented_then_duplicates_skipped_and_bots_
 /// busy human's ten minutes read in a second are not a crawler's second; a crawler's second is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn given_a_backlog_when_caught_up_then_the_blacklist_counts_changes_at_their_own_times() {
-    let (rules, _counts) = counting_rules(Duration::ZERO);
-    let p = start_with(
-        RULES,
-        |c| c.segmenter.blacklist_max_changes = 50,
-        Some(rules),
-        None,
-    )
-    .await;
+    let (p, _counts) = start_counting_with_blacklist_of(50).await;
     let now = dmp_core::clock::now_ms();
     // 120 changes each, produced at once: the human's over ten minutes (12 a minute), the
     // crawler's within 1.2 s, both ten minutes ago.
