@@ -867,7 +867,9 @@ impl UserStore for EmbeddedStore {
         if rows.is_empty() {
             return Ok(());
         }
-        // Under the rows' locks, so no write to them lands between the scan and the commit.
+        // Under the rows' locks, which repacks and slot writes take too, so neither comes between
+        // a row's scan and the commit (a delta written meanwhile survives: a write after the
+        // delete, as the old code had it).
         let _locks = self.lock_rows(rows.iter().copied());
         let mut batch = self.db.db.batch().durability(self.db.batch_durability());
         let mut prefix = Vec::new();
