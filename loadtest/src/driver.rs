@@ -397,14 +397,30 @@ impl Schedule {
     }
 }
 
+/// A drive made ready before its clock starts ([`Drive::prepare`]), to be sent with
+/// [`Drive::send`].
+pub struct Prepared {
+    rate: f64,
+    seconds: u64,
+    /// When it was made (the drive's own time starts there).
+    made_at: i64,
+    /// With `prerender`, every batch by the tick it is due at; without, the sessions that began
+    /// before the traffic, for a schedule ticked by the clock.
+    plan: Option<VecDeque<(f64, Vec<Made>)>>,
+    live: Option<Vec<Event>>,
+}
+
 impl Drive<'_> {
     /// Drives traffic at `rate` events/s (times the daily curve when on) for `seconds`.
     pub async fn run(&mut self, rate: f64, seconds: u64) -> Driven {
-        let tick = Duration::from_millis(self.driver.tick_ms);
-        let sem = Arc::new(tokio::sync::Semaphore::new(self.driver.connections));
-        let hist = Arc::new(Mutex::new(
-            Histogram::<u64>::new_with_bounds(1, 3_600_000, 3).expect("valid bounds"),
-        ));
+        let prepared = self.prepare(rate, seconds);
+        self.send(prepared).await
+    }
+
+    /// What a drive makes before its clock starts: the sessions that began before the traffic
+    /// did, and with `prerender` every batch. A caller that measures the drive (`find_max`'s
+    /// steps) starts its measurement after this, so the making is not counted as traffic time.
+    pub fn prepare(&mut self, rate: f64, seconds: u64) -> Prepared {
         // Sessions that began before the traffic did: their later pages fall due from the first
         // tick, so the rate is steady from the start (sessions last up to a minute and a half).
         // Made before the clock starts (at 100K events/s that is about a second of the driver's
@@ -415,11 +431,34 @@ impl Drive<'_> {
         // With `prerender`, every batch of the drive, made now in the drive's own time (from
         // `made_at`) and moved to the clock's as it is sent; without, a schedule ticked by the
         // clock.
-        let (mut plan, live) = if self.driver.prerender {
+        let (plan, live) = if self.driver.prerender {
             (Some(self.prerender(rate, seconds, made_at, prewarm)), None)
         } else {
             (None, Some(prewarm))
         };
+        Prepared {
+            rate,
+            seconds,
+            made_at,
+            plan,
+            live,
+        }
+    }
+
+    /// Starts the clock and sends a prepared drive.
+    pub async fn send(&mut self, prepared: Prepared) -> Driven {
+        let Prepared {
+            rate,
+            seconds,
+            made_at,
+            mut plan,
+            live,
+        } = prepared;
+        let tick = Duration::from_millis(self.driver.tick_ms);
+        let sem = Arc::new(tokio::sync::Semaphore::new(self.driver.connections));
+        let hist = Arc::new(Mutex::new(
+            Histogram::<u64>::new_with_bounds(1, 3_600_000, 3).expect("valid bounds"),
+        ));
         let start = Instant::now();
         let start_ms = dmp_core::clock::now_ms();
         let by = if plan.is_some() {
@@ -689,7 +728,8 @@ mod tests {
 
     /// A drive made before its clock starts sends what a live one does, when it is due, with
     /// the times in the bodies moved to the clock: made in the drive's own time and sent as
-    /// made, each event would arrive as late as the drive took to make (over a second here).
+    /// made, each event would arrive as late as the drive took to make (over a second here) and
+    /// waited before it was sent (half a second).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn given_a_prerendered_drive_then_events_go_when_due_with_their_times_moved() {
         let sc = crate::scenario::Scenario::parse(
@@ -722,8 +762,20 @@ mod tests {
             driver: &sc.driver,
         };
         let started = Instant::now();
-        let driven = drive.run(sc.traffic.rate, sc.traffic.seconds).await;
-        let made = started.elapsed().as_secs_f64() - driven.seconds;
+        let prepared = drive.prepare(sc.traffic.rate, sc.traffic.seconds);
+        let made = started.elapsed().as_secs_f64();
+        // A caller that measures the drive (`find_max`'s steps scrape dmp's counters) starts
+        // here: the events are due from when the drive is sent, not from when it was made.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let sending = Instant::now();
+        let driven = drive.send(prepared).await;
+        assert!(driven.seconds <= sending.elapsed().as_secs_f64());
+        assert!(
+            driven.seconds < sc.traffic.seconds as f64 + 0.5,
+            "{:.2} s of traffic for {} s: the making counted ({made:.2} s)",
+            driven.seconds,
+            sc.traffic.seconds
+        );
         assert_eq!(driven.acked, driven.offered);
         assert!(driven.offered > 30_000, "{driven:?}");
         assert!(made > 0.5, "made in {made:.2} s: too fast to tell");
