@@ -94,7 +94,9 @@ fn drive<T: Tracker>(handed: &Records, finished: &Records, tps: &[TopicPartition
 
 fn bench(c: &mut Criterion) {
     let (handed, finished) = workload();
-    let tps: Vec<TopicPartition> = (0..4).map(|p| TopicPartition::new("t", p)).collect();
+    let tps: Vec<TopicPartition> = (0..4)
+        .map(|p| TopicPartition::new("dmp.user-changes", p))
+        .collect();
     let mut g = c.benchmark_group("tracker");
     g.throughput(Throughput::Elements(N));
     g.bench_function("ring", |b| {

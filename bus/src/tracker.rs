@@ -91,7 +91,11 @@ impl PartitionState {
 /// Per-partition watermark of finished work.
 #[derive(Debug, Default)]
 pub struct OffsetTracker {
-    partitions: HashMap<TopicPartition, PartitionState>,
+    /// By partition, hashed with foldhash: the segmenter's poll loop tracks and finishes every
+    /// change (about 190K lookups a second at 100K events/s), and SipHash over the topic's name
+    /// was 3% of that thread's samples. Topic names come from the configuration, not from
+    /// clients, so a keyed hash buys nothing here.
+    partitions: HashMap<TopicPartition, PartitionState, foldhash::fast::RandomState>,
 }
 
 impl OffsetTracker {
