@@ -404,10 +404,23 @@ pub struct Prepared {
     seconds: u64,
     /// When it was made (the drive's own time starts there).
     made_at: i64,
-    /// With `prerender`, every batch by the tick it is due at; without, the sessions that began
-    /// before the traffic, for a schedule ticked by the clock.
-    plan: Option<VecDeque<(f64, Vec<Made>)>>,
-    live: Option<Vec<Event>>,
+    traffic: Ahead,
+}
+
+/// What a drive made before its clock starts.
+enum Ahead {
+    /// With `prerender`: every batch, by the tick it is due at.
+    Batches(VecDeque<(f64, Vec<Made>)>),
+    /// Without: the sessions that began before the traffic, for a schedule ticked by the clock.
+    Prewarm(Vec<Event>),
+}
+
+/// Where a running drive's batches come from at each tick.
+enum Source {
+    /// Made ahead: those of the ticks now due.
+    Ahead(VecDeque<(f64, Vec<Made>)>),
+    /// Made as the clock ticks.
+    Clock(Box<Schedule>),
 }
 
 impl Drive<'_> {
@@ -431,17 +444,16 @@ impl Drive<'_> {
         // With `prerender`, every batch of the drive, made now in the drive's own time (from
         // `made_at`) and moved to the clock's as it is sent; without, a schedule ticked by the
         // clock.
-        let (plan, live) = if self.driver.prerender {
-            (Some(self.prerender(rate, seconds, made_at, prewarm)), None)
+        let traffic = if self.driver.prerender {
+            Ahead::Batches(self.prerender(rate, seconds, made_at, prewarm))
         } else {
-            (None, Some(prewarm))
+            Ahead::Prewarm(prewarm)
         };
         Prepared {
             rate,
             seconds,
             made_at,
-            plan,
-            live,
+            traffic,
         }
     }
 
@@ -451,8 +463,7 @@ impl Drive<'_> {
             rate,
             seconds,
             made_at,
-            mut plan,
-            live,
+            traffic,
         } = prepared;
         let tick = Duration::from_millis(self.driver.tick_ms);
         let sem = Arc::new(tokio::sync::Semaphore::new(self.driver.connections));
@@ -461,17 +472,18 @@ impl Drive<'_> {
         ));
         let start = Instant::now();
         let start_ms = dmp_core::clock::now_ms();
-        let by = if plan.is_some() {
-            start_ms - made_at
-        } else {
-            0
-        };
-        let mut schedule = live.map(|mut prewarm| {
-            for e in &mut prewarm {
-                e.ts += start_ms - made_at;
+        // Batches made ahead have their times moved to the clock as they are sent; a schedule
+        // ticked by the clock makes them in its time, from the prewarm moved to it now.
+        let (by, mut source) = match traffic {
+            Ahead::Batches(ticks) => (start_ms - made_at, Source::Ahead(ticks)),
+            Ahead::Prewarm(mut prewarm) => {
+                for e in &mut prewarm {
+                    e.ts += start_ms - made_at;
+                }
+                let schedule = Schedule::new(self, rate, seconds, start_ms, prewarm);
+                (0, Source::Clock(Box::new(schedule)))
             }
-            Schedule::new(self, rate, seconds, start_ms, prewarm)
-        });
+        };
         let mut tasks = tokio::task::JoinSet::new();
         let mut batch_seq = 0u64;
         let mut interval = tokio::time::interval(tick);
@@ -479,16 +491,15 @@ impl Drive<'_> {
         loop {
             interval.tick().await;
             let elapsed = start.elapsed().as_secs_f64();
-            let (batches, over) = match (&mut plan, &mut schedule) {
-                (Some(ticks), _) => {
+            let (batches, over) = match &mut source {
+                Source::Ahead(ticks) => {
                     let mut due = Vec::new();
                     while ticks.front().is_some_and(|(t, _)| *t <= elapsed) {
                         due.extend(ticks.pop_front().map(|(_, b)| b).unwrap_or_default());
                     }
                     (due, ticks.is_empty())
                 }
-                (None, Some(schedule)) => schedule.tick(self, elapsed),
-                (None, None) => unreachable!("a drive has a plan or a schedule"),
+                Source::Clock(schedule) => schedule.tick(self, elapsed),
             };
             for made in batches {
                 let b = made.shifted(by, self.gen);
