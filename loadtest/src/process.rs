@@ -207,6 +207,7 @@ pub fn role_of(thread: &str) -> &'static str {
     } else if thread.starts_with("fjall")
         || thread == "lsm-reaper"
         || thread == "dmp-db"
+        // Its name in builds before fb96684, which `--dmp` can still run side by side.
         || thread == "dmp-fsync"
         || thread == "dmp-bus-retenti"
     {
