@@ -361,20 +361,23 @@ fn delete_rows_removes_each_row_and_only_them(s: &dyn UserStore) -> CheckResult 
         let cells = read(s, &Get::row(kept))?;
         ensure!(cells.len() == 4, "row {kept}: {} cells", cells.len());
     }
-    put(
-        s,
-        "many-a",
-        vec![Cell::new("e", "url", t + 100, b"y".to_vec())],
-    )?;
-    let cells = read(s, &Get::row("many-a"))?;
+    written_again_as_a_new_row(s, "many-a", t)?;
+    ensure!(
+        s.delete_rows(&["many-c", ""]).is_err(),
+        "an empty row key is refused"
+    );
+    Ok(())
+}
+
+/// A write to a deleted `row` (at `t` + 100 ms) starts a new row: that one cell, nothing of
+/// before.
+fn written_again_as_a_new_row(s: &dyn UserStore, row: &str, t: i64) -> CheckResult {
+    put(s, row, vec![Cell::new("e", "url", t + 100, b"y".to_vec())])?;
+    let cells = read(s, &Get::row(row))?;
     ensure!(
         cells.len() == 1,
         "a write after delete starts a new row: {}",
         cells.len()
-    );
-    ensure!(
-        s.delete_rows(&["many-c", ""]).is_err(),
-        "an empty row key is refused"
     );
     Ok(())
 }
@@ -394,17 +397,7 @@ fn delete_row_removes_every_cell(s: &dyn UserStore) -> CheckResult {
         s.get(&Get::row("gone2")).map_err(err)?.is_some(),
         "neighbour row deleted"
     );
-    put(
-        s,
-        "gone",
-        vec![Cell::new("e", "url", t + 100, b"y".to_vec())],
-    )?;
-    let cells = read(s, &Get::row("gone"))?;
-    ensure!(
-        cells.len() == 1,
-        "a write after delete starts a new row: {}",
-        cells.len()
-    );
+    written_again_as_a_new_row(s, "gone", t)?;
     Ok(())
 }
 
