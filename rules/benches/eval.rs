@@ -69,14 +69,61 @@ fn row() -> Row {
     r
 }
 
+/// The loadtest's demo rules (four windowed counts and `any`s over the demo sites and queries).
+fn demo_rules() -> RuleSet {
+    let text = include_str!("../../loadtest/scenarios/demo-rules.toml");
+    let (v, r) = parse_rules("demo-rules.toml", text).unwrap();
+    RuleSet::new(v, r, "demo-rules.toml").unwrap()
+}
+
+/// A demo user interested in cats and news: 40 page views and searches over 20 days, cells as
+/// the storage writer writes them (without the user agent and address, which the rules skip).
+fn demo_row() -> Row {
+    let mut r = Row {
+        key: "u".into(),
+        cells: Vec::new(),
+    };
+    for e in 0..40i64 {
+        let ts = NOW - e * DAY_MS / 2;
+        let (host, q) = if e % 2 == 0 {
+            ("cats.example", "корм для кошек")
+        } else {
+            ("news.example", "новости")
+        };
+        let search = e % 3 == 0;
+        r.cells.push(Cell::new(
+            "e",
+            "type",
+            ts,
+            if search { "search" } else { "pageview" },
+        ));
+        r.cells.push(Cell::new(
+            "e",
+            "url",
+            ts,
+            format!("https://{host}/page/{e}").into_bytes(),
+        ));
+        if search {
+            r.cells.push(Cell::new("e", "q", ts, q.as_bytes().to_vec()));
+        }
+    }
+    r.sort();
+    r
+}
+
 fn bench(c: &mut Criterion) {
     let set = rules();
     let row = row();
+    let (demo, demo_row) = (demo_rules(), demo_row());
+    assert_eq!(demo.evaluate(&demo_row, NOW).live.len(), 2);
     assert_eq!(row.cells.len(), 300);
     let mut g = c.benchmark_group("rules");
     g.throughput(Throughput::Elements(1));
     g.bench_function("100_rules_over_300_cell_row", |b| {
         b.iter(|| set.evaluate(&row, NOW))
+    });
+    g.bench_function("demo_rules_over_a_40_event_cat_and_news_reader", |b| {
+        b.iter(|| demo.evaluate(&demo_row, NOW))
     });
     g.bench_function("user_view_of_300_cell_row", |b| {
         b.iter(|| dmp_rules::UserView::new(&row, NOW).events.len())

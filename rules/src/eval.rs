@@ -1,10 +1,12 @@
 //! Evaluation of a checked expression over a user's row.
 //!
 //! The row's cells of family `e` that share a version (the event time) form one event. Aggregates
-//! (`count`, `any`, `since`) walk the events newest first and stop at their window. Each matched
-//! event becomes evidence. Each aggregate also says when its result can change without a new event
-//! (an event leaving a window, a recency bound passing): [`Outcome::recheck_at`], which the
-//! segmenter uses to re-evaluate users whose memberships expire.
+//! (`count`, `any`, `since`) walk the events newest first and stop at their window; `any` and a
+//! count compared with a number (`count(c, w) >= n`) stop at the match that decides them. Each
+//! matched event becomes evidence. Each aggregate also says when its result can change without a
+//! new event (the deciding match leaving the window, a recency bound passing):
+//! [`Outcome::recheck_at`], which the segmenter uses to re-evaluate users whose memberships
+//! expire.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -563,6 +565,9 @@ impl<'v> Eval<'v> {
                     let l = newest.map_or(Value::Missing, |t| Value::Dur(self.user.now - t));
                     return Value::Bool(compare(&l, *op, &Value::Dur(*d)));
                 }
+                if let Some((cond, window, k, negated)) = count_threshold(a, *op, b) {
+                    return Value::Bool(self.count_at_least(cond, window, k) != negated);
+                }
                 self.time_bound(a, *op, b);
                 let (l, r) = (self.value(a, ev), self.value(b, ev));
                 Value::Bool(compare(&l, *op, &r))
@@ -712,6 +717,40 @@ impl<'v> Eval<'v> {
 
     /// Matching events within the window. Records evidence and when the oldest match leaves the
     /// window (the count drops then).
+    /// Whether at least `k` events within the window match `cond`: the walk stops at the `k`-th
+    /// match (explanations walk on for evidence). The answer changes without a new event only
+    /// when it is yes and the `k`-th newest match leaves the window, so that is the recheck time
+    /// (a no can only stay a no as time passes).
+    fn count_at_least(&mut self, cond: &'v Cond, window: Option<i64>, k: u32) -> bool {
+        if k == 0 {
+            return true;
+        }
+        let from = window.map_or(i64::MIN, |w| self.user.now - w);
+        let user = self.user;
+        let mut n = 0u32;
+        let mut kth = None;
+        for ev in &user.events {
+            if ev.ts < from {
+                break;
+            }
+            if self.test(&cond.pred, ev) {
+                n += 1;
+                self.note(ev);
+                if n == k {
+                    kth = Some(ev.ts);
+                    if !self.explain {
+                        break;
+                    }
+                }
+            }
+        }
+        if let (Some(w), Some(t)) = (window, kth) {
+            // The window includes its edge (`ts >= now - w`): the match leaves one ms after.
+            self.recheck_at(t + w + 1);
+        }
+        kth.is_some()
+    }
+
     fn aggregate(&mut self, cond: &'v Cond, window: Option<i64>) -> usize {
         let from = window.map_or(i64::MIN, |w| self.user.now - w);
         let user = self.user;
@@ -837,6 +876,48 @@ fn field_text<'v>(f: &Field, ev: &'v EventView<'v>, lower: bool) -> Option<Cow<'
             })
         }
     }
+}
+
+/// A count compared with a number literal, either side (`count(c, w) >= 3`, `2 < count(c)`), as
+/// `(c, w, k, negated)`: the comparison is `count >= k`, negated when `negated`. A count is a
+/// whole number, so `> n` is `>= floor(n) + 1` and `< n` is not `>= ceil(n)`. `==` and `!=`
+/// need the exact count and are not rewritten.
+fn count_threshold<'e>(
+    a: &'e Expr,
+    op: CmpOp,
+    b: &'e Expr,
+) -> Option<(&'e Cond, Option<i64>, u32, bool)> {
+    let (cond, window, op, n) = match (a, b) {
+        (Expr::Count(c, w), Expr::Num(n)) => (c, *w, op, *n),
+        (Expr::Num(n), Expr::Count(c, w)) => {
+            let mirrored = match op {
+                CmpOp::Lt => CmpOp::Gt,
+                CmpOp::Le => CmpOp::Ge,
+                CmpOp::Gt => CmpOp::Lt,
+                CmpOp::Ge => CmpOp::Le,
+                other => other,
+            };
+            (c, *w, mirrored, *n)
+        }
+        _ => return None,
+    };
+    if n.is_nan() {
+        return None;
+    }
+    let (k, negated) = match op {
+        CmpOp::Ge => (n.ceil(), false),
+        CmpOp::Gt => (n.floor() + 1.0, false),
+        CmpOp::Lt => (n.ceil(), true),
+        CmpOp::Le => (n.floor() + 1.0, true),
+        CmpOp::Eq | CmpOp::Ne => return None,
+    };
+    // Saturating: a threshold below one always holds, one beyond u32 never does.
+    Some((
+        cond,
+        window,
+        k.clamp(0.0, f64::from(u32::MAX)) as u32,
+        negated,
+    ))
 }
 
 fn compare(l: &Value<'_>, op: CmpOp, r: &Value<'_>) -> bool {

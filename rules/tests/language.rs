@@ -403,6 +403,61 @@ when = '''count(type == "search", 7d) >= 3'''
 }
 
 #[test]
+fn given_more_matches_than_a_count_needs_when_evaluated_then_the_recheck_is_when_the_count_falls_short(
+) {
+    // Five searches, 1 to 5 days ago; two are enough. The user stays in until the second newest
+    // (2 days ago) leaves the 7-day window, not when the oldest does (as it did before).
+    let search = [("type", "search")];
+    let r = row(
+        "u",
+        &[
+            (1.0, &search),
+            (2.0, &search),
+            (3.0, &search),
+            (4.0, &search),
+            (5.0, &search),
+        ],
+    );
+    let rule = |when: &str| set(&format!("[[segment]]\nid = \"s\"\nwhen = '''{when}'''\n"));
+    let s = rule(r#"count(type == "search", 7d) >= 2"#);
+    let second_leaves = NOW - 2 * DAY_MS + 7 * DAY_MS + 1;
+    let now = s.evaluate(&r, NOW);
+    assert!(now.live.contains_key("s"));
+    assert_eq!(now.recheck_at, Some(second_leaves));
+    assert!(s.evaluate(&r, second_leaves - 1).live.contains_key("s"));
+    assert!(!s.evaluate(&r, second_leaves).live.contains_key("s"));
+    // Explained: every match is evidence, the recheck time is the same.
+    let explained = s.explain(&r, NOW);
+    assert_eq!(explained.recheck_at, Some(second_leaves));
+    assert_eq!(explained.live["s"].evidence.len(), 5);
+    // Short of the count: time can only take matches away, so there is nothing to recheck.
+    let e = rule(r#"count(type == "search", 7d) >= 6"#).evaluate(&r, NOW);
+    assert!(e.live.is_empty());
+    assert_eq!(e.recheck_at, None);
+    // Every comparison with a literal, either side, whole or not.
+    for (when, member) in [
+        (r#"count(type == "search", 7d) > 4"#, true),
+        (r#"count(type == "search", 7d) > 4.5"#, true),
+        (r#"count(type == "search", 7d) > 5"#, false),
+        (r#"count(type == "search", 7d) >= 4.5"#, true),
+        (r#"count(type == "search", 7d) < 5"#, false),
+        (r#"count(type == "search", 7d) < 5.5"#, true),
+        (r#"count(type == "search", 7d) <= 4.9"#, false),
+        (r#"count(type == "search", 7d) <= 5"#, true),
+        (r#"count(type == "search", 7d) >= 0"#, true),
+        (r#"count(type == "search", 7d) < 0"#, false),
+        (r#"3 <= count(type == "search", 7d)"#, true),
+        (r#"6 <= count(type == "search", 7d)"#, false),
+        (r#"5 > count(type == "search", 7d)"#, false),
+        (r#"count(type == "search", 7d) >= 99999999999"#, false),
+        (r#"count(type == "search", 7d) == 5"#, true),
+        (r#"count(type == "search", 7d) != 5"#, false),
+    ] {
+        assert_eq!(one(when, &r), member, "{when}");
+    }
+}
+
+#[test]
 fn given_shadow_rule_when_evaluated_then_results_go_to_shadow_for_a_stable_sample() {
     let s = set(r#"
 [[segment]]
@@ -552,4 +607,64 @@ fn given_rule_file_when_changed_then_reloaded_and_a_bad_file_never_replaces_a_go
         .err()
         .unwrap();
     assert!(e[0].to_string().contains("rules.toml:4:"), "{}", e[0]);
+}
+
+proptest::proptest! {
+    /// A count compared with a literal: the same answer as counting every match, and the recheck
+    /// time is exactly when that answer first changes with no new event (none when it never does).
+    #[test]
+    fn given_any_events_and_threshold_when_a_count_is_compared_then_answer_and_recheck_are_exact(
+        events in proptest::collection::vec((0u32..20 * 24, proptest::bool::ANY), 0..12),
+        n in 0u32..14,
+        op in proptest::sample::select(vec![">=", ">", "<", "<=", "==", "!="]),
+        literal_first in proptest::bool::ANY,
+    ) {
+        let (search, view) = ([("type", "search")], [("type", "view")]);
+        let mut hours: Vec<(u32, bool)> = events;
+        hours.sort_by_key(|(h, _)| *h);
+        hours.dedup_by_key(|(h, _)| *h); // one event per time
+        let evs: Vec<(f64, &[(&str, &str)])> = hours
+            .iter()
+            .map(|(h, m)| (f64::from(*h) / 24.0, if *m { &search[..] } else { &view[..] }))
+            .collect();
+        let r = row("u", &evs);
+        let lit = f64::from(n) / 2.0; // whole and half numbers
+        let count = r#"count(type == "search", 7d)"#;
+        let when = if literal_first {
+            let mirrored = match op { ">=" => "<=", ">" => "<", "<" => ">", "<=" => ">=", o => o };
+            format!("{lit} {mirrored} {count}")
+        } else {
+            format!("{count} {op} {lit}")
+        };
+        let s = set(&format!("[[segment]]\nid = \"s\"\nwhen = '''{when}'''\n"));
+        let member = |at: i64| s.evaluate(&r, at).live.contains_key("s");
+        let naive = |at: i64| {
+            let c = hours
+                .iter()
+                .filter(|(h, m)| *m && NOW - i64::from(*h) * 3_600_000 >= at - 7 * DAY_MS)
+                .count() as f64;
+            match op {
+                ">=" => c >= lit, ">" => c > lit, "<" => c < lit,
+                "<=" => c <= lit, "==" => c == lit, _ => c != lit,
+            }
+        };
+        proptest::prop_assert_eq!(member(NOW), naive(NOW), "{}", when);
+        match s.evaluate(&r, NOW).recheck_at {
+            Some(t) => {
+                proptest::prop_assert!(t > NOW);
+                proptest::prop_assert_eq!(member(t), naive(t), "{}", when);
+                if op != "==" && op != "!=" {
+                    // Exact for thresholds: unchanged until then, changed at it.
+                    proptest::prop_assert_eq!(member(t - 1), member(NOW), "{}", when);
+                    proptest::prop_assert_ne!(member(t), member(NOW), "{}", when);
+                }
+            }
+            None => {
+                for later in [1, 3, 8, 30] {
+                    let at = NOW + later * DAY_MS;
+                    proptest::prop_assert_eq!(member(at), member(NOW), "{} at +{}d", when, later);
+                }
+            }
+        }
+    }
 }
