@@ -76,14 +76,14 @@ fn demo_rules() -> RuleSet {
     RuleSet::new(v, r, "demo-rules.toml").unwrap()
 }
 
-/// A demo user interested in cats and news: 40 page views and searches over 20 days, cells as
+/// A demo user interested in cats and news: `n` page views and searches, two a day, cells as
 /// the storage writer writes them (without the user agent and address, which the rules skip).
-fn demo_row() -> Row {
+fn demo_row(n: i64) -> Row {
     let mut r = Row {
         key: "u".into(),
         cells: Vec::new(),
     };
-    for e in 0..40i64 {
+    for e in 0..n {
         let ts = NOW - e * DAY_MS / 2;
         let (host, q) = if e % 2 == 0 {
             ("cats.example", "корм для кошек")
@@ -114,8 +114,28 @@ fn demo_row() -> Row {
 fn bench(c: &mut Criterion) {
     let set = rules();
     let row = row();
-    let (demo, demo_row) = (demo_rules(), demo_row());
-    assert_eq!(demo.evaluate(&demo_row, NOW).live.len(), 2);
+    let (demo, reader) = (demo_rules(), demo_row(40));
+    assert_eq!(demo.evaluate(&reader, NOW).live.len(), 2);
+    // A longer history (30 days of the demo's longest window, four events a day) and the same
+    // pruned to the events the demo rules depend on (docs/adr/007).
+    let long = demo_row(120);
+    let needs = demo.history_needs().expect("the demo rules are prunable");
+    let pruned = needs.prune(&long);
+    let (a, b) = (demo.evaluate(&long, NOW), demo.evaluate(&pruned, NOW));
+    assert!(a.live.keys().eq(b.live.keys()));
+    assert_eq!(a.recheck_at, b.recheck_at);
+    // What a change adds: the pruned row and two newer events (a cat page, a news page).
+    let mut step = pruned.clone();
+    for (i, host) in [(1, "cats.example"), (2, "news.example")] {
+        step.cells.push(Cell::new("e", "type", NOW + i, "pageview"));
+        step.cells.push(Cell::new(
+            "e",
+            "url",
+            NOW + i,
+            format!("https://{host}/new").into_bytes(),
+        ));
+    }
+    step.sort();
     assert_eq!(row.cells.len(), 300);
     let mut g = c.benchmark_group("rules");
     g.throughput(Throughput::Elements(1));
@@ -123,7 +143,19 @@ fn bench(c: &mut Criterion) {
         b.iter(|| set.evaluate(&row, NOW))
     });
     g.bench_function("demo_rules_over_a_40_event_cat_and_news_reader", |b| {
-        b.iter(|| demo.evaluate(&demo_row, NOW))
+        b.iter(|| demo.evaluate(&reader, NOW))
+    });
+    g.bench_function("demo_rules_over_a_120_event_reader", |b| {
+        b.iter(|| demo.evaluate(&long, NOW))
+    });
+    g.bench_function("demo_rules_over_the_same_pruned", |b| {
+        b.iter(|| demo.evaluate(&pruned, NOW))
+    });
+    g.bench_function("pruning_a_120_event_reader", |b| {
+        b.iter(|| needs.prune(&long))
+    });
+    g.bench_function("pruning_it_pruned_with_two_new_events", |b| {
+        b.iter(|| needs.prune(&step))
     });
     g.bench_function("user_view_of_300_cell_row", |b| {
         b.iter(|| dmp_rules::UserView::new(&row, NOW).events.len())

@@ -32,6 +32,9 @@ impl Rule for KnownCrawler {
     fn event_qualifiers(&self) -> Option<Vec<String>> {
         Some(Vec::new()) // reads `m:crawler` from the row
     }
+    fn history_needs(&self) -> Option<crate::history::HistoryNeeds> {
+        Some(Default::default()) // no event: `m:crawler` is kept with every other `m` cell
+    }
     fn evaluate(&self, user: &UserView<'_>, _ctx: &Context<'_>) -> Outcome {
         let cell = user
             .row

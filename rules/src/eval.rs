@@ -440,6 +440,29 @@ fn path(url: &str) -> &str {
         .unwrap_or(p.len())]
 }
 
+/// The times of the `k` newest events of `user` matching `cond`, newest first (every one when
+/// fewer match), whatever their age.
+pub(crate) fn newest_matches(cond: &Cond, user: &UserView<'_>, k: usize) -> Vec<i64> {
+    let segments = HashMap::new();
+    let mut e = Eval {
+        user,
+        segments: &segments,
+        explain: false,
+        evidence: Vec::new(),
+        recheck: None,
+    };
+    let mut out = Vec::with_capacity(k.min(16));
+    for ev in &user.events {
+        if out.len() == k {
+            break;
+        }
+        if e.test(&cond.pred, ev) {
+            out.push(ev.ts);
+        }
+    }
+    out
+}
+
 /// The evaluation of one rule: collects evidence and the recheck time.
 pub struct Eval<'v> {
     user: &'v UserView<'v>,
@@ -882,7 +905,7 @@ fn field_text<'v>(f: &Field, ev: &'v EventView<'v>, lower: bool) -> Option<Cow<'
 /// `(c, w, k, negated)`: the comparison is `count >= k`, negated when `negated`. A count is a
 /// whole number, so `> n` is `>= floor(n) + 1` and `< n` is not `>= ceil(n)`. `==` and `!=`
 /// need the exact count and are not rewritten.
-fn count_threshold<'e>(
+pub(crate) fn count_threshold<'e>(
     a: &'e Expr,
     op: CmpOp,
     b: &'e Expr,

@@ -11,12 +11,14 @@
 //!   cycles) and ordered so that a segment's inputs are evaluated before it; live and shadow
 //!   results kept apart.
 //! - [`RuleWatcher`]: reloads a rule file when it changes; a bad file never replaces a good one.
-//!
-//! Not built yet (segmenter issue): the segmenter that runs rule sets on user changes.
+//! - [`history`]: which of a user's events a rule set's results depend on, and a row pruned to
+//!   them that evaluates alike (the first part of docs/adr/007; the segmenter does not use it
+//!   yet).
 
 pub mod builtin;
 pub mod eval;
 pub mod file;
+pub mod history;
 pub mod lang;
 mod metrics;
 
@@ -72,6 +74,12 @@ pub trait Rule: Send + Sync {
     fn event_qualifiers(&self) -> Option<Vec<String>> {
         None
     }
+    /// The events of a user this rule's result and recheck time depend on
+    /// ([`history::HistoryNeeds`]); `None` (the default): any of them, so a rule set with this
+    /// rule is evaluated over whole rows only.
+    fn history_needs(&self) -> Option<history::HistoryNeeds> {
+        None
+    }
     /// Evaluates the rule for one user.
     fn evaluate(&self, user: &UserView<'_>, ctx: &Context<'_>) -> Outcome;
 }
@@ -123,6 +131,9 @@ impl Rule for DeclaredRule {
         lang::event_qualifiers(&self.expr, &mut out);
         Some(out)
     }
+    fn history_needs(&self) -> Option<history::HistoryNeeds> {
+        history::HistoryNeeds::of_expr(&self.expr)
+    }
     fn evaluate(&self, user: &UserView<'_>, ctx: &Context<'_>) -> Outcome {
         eval::Eval::run(&self.expr, user, ctx)
     }
@@ -152,6 +163,8 @@ pub struct RuleSet {
     event_qualifiers: Option<Vec<String>>,
     /// What an evaluation reads of a row, if every rule says which event cells it reads.
     projection: Option<Arc<Projection>>,
+    /// The events the results depend on, if every rule says which.
+    history: Option<history::HistoryNeeds>,
 }
 
 /// One evaluation in this many records the time of each rule.
@@ -249,8 +262,19 @@ impl RuleSet {
                 [ATTR_PREFIX],
             ))
         });
+        let history = order
+            .iter()
+            .map(|r| r.history_needs())
+            .collect::<Option<Vec<_>>>()
+            .map(|all| {
+                all.into_iter().fold(
+                    history::HistoryNeeds::default(),
+                    history::HistoryNeeds::merge,
+                )
+            });
         Ok(RuleSet {
             version,
+            history,
             referenced,
             rules: order,
             evaluations: std::sync::atomic::AtomicU64::new(0),
@@ -299,6 +323,13 @@ impl RuleSet {
     /// whole row.
     pub fn projection(&self) -> Option<&Arc<Projection>> {
         self.projection.as_ref()
+    }
+
+    /// The events of a user the results depend on, if every rule says which (`None`: any):
+    /// [`RuleSet::evaluate`] gives the same segments and recheck time for a row pruned to them
+    /// ([`history::HistoryNeeds::prune`]) as for the row.
+    pub fn history_needs(&self) -> Option<&history::HistoryNeeds> {
+        self.history.as_ref()
     }
 
     fn evaluate_with(&self, row: &Row, now: i64, explain: bool) -> Evaluation {
