@@ -59,6 +59,10 @@ pub fn checks() -> Vec<(&'static str, Check)> {
         ),
         ("many_writes_to_one_row_merge", many_writes_to_one_row_merge),
         ("get_many_reads_each_row", get_many_reads_each_row),
+        (
+            "get_since_returns_exactly_the_writes_after_a_read",
+            get_since_returns_exactly_the_writes_after_a_read,
+        ),
     ]
 }
 
@@ -486,6 +490,71 @@ fn get_many_reads_each_row(s: &dyn UserStore) -> CheckResult {
     ensure!(
         rows.len() == 2 && rows[0].is_some() && rows[1].is_none(),
         "{rows:?}"
+    );
+    Ok(())
+}
+
+/// A backend may always answer `None` (it cannot tell); when it answers, the cells are exactly
+/// those of the writes after the read, as a read of them alone returns them.
+fn get_since_returns_exactly_the_writes_after_a_read(s: &dyn UserStore) -> CheckResult {
+    let t = t0();
+    let row = "since";
+    let cell = |f: &str, q: &str, ts: i64, v: &[u8]| Cell::new(f, q, ts, v.to_vec());
+    put(
+        s,
+        row,
+        vec![cell("e", "url", t, b"a"), cell("e", "q", t, b"x")],
+    )?;
+    put(s, "since-other", vec![cell("e", "url", t, b"o")])?;
+    let get = Get::row(row);
+    let (first, cursor) = s.get_with_cursor(&get).map_err(err)?;
+    ensure!(
+        first.map(|r| r.cells.len()) == Some(2),
+        "the read with a cursor reads the row"
+    );
+    let Some(cursor) = cursor else {
+        return Ok(()); // this store cannot say what was written since
+    };
+    // An event, a one-version cell (a slot in the embedded store), one coordinate twice (the
+    // later write wins), and a write to another row.
+    put(s, row, vec![cell("e", "url", t + 1, b"b")])?;
+    put(s, row, vec![cell("s", "current", t + 1, b"{}")])?;
+    put(s, row, vec![cell("e", "q", t + 1, b"y1")])?;
+    put(s, row, vec![cell("e", "q", t + 1, b"y2")])?;
+    put(s, "since-other", vec![cell("e", "url", t + 1, b"o2")])?;
+    let expected = vec![
+        cell("e", "q", t + 1, b"y2"),
+        cell("e", "url", t + 1, b"b"),
+        cell("s", "current", t + 1, b"{}"),
+    ];
+    let Some((cells, next)) = s.get_since(&get, cursor).map_err(err)? else {
+        return Ok(());
+    };
+    ensure!(cells == expected, "writes since the read: {cells:?}");
+    if let Some((cells, _)) = s.get_since(&get, next).map_err(err)? {
+        ensure!(cells.is_empty(), "nothing written since: {cells:?}");
+    }
+    // Only a projection may go with it.
+    let filtered = Get {
+        time_range: Some((t, t + 10)),
+        ..Get::row(row)
+    };
+    ensure!(
+        s.get_since(&filtered, cursor).map_err(err)?.is_none(),
+        "a read with a time range has no writes since"
+    );
+    // A full read after: the old cursor answers the same or not at all.
+    let whole = read(s, &get)?;
+    ensure!(whole.len() == 5, "the whole row: {whole:?}");
+    if let Some((cells, _)) = s.get_since(&get, cursor).map_err(err)? {
+        ensure!(cells == expected, "after a full read: {cells:?}");
+    }
+    // A deleted row has nothing to add to what was read before.
+    s.delete_row(row).map_err(err)?;
+    put(s, row, vec![cell("e", "url", t + 2, b"c")])?;
+    ensure!(
+        s.get_since(&get, next).map_err(err)?.is_none(),
+        "a row deleted after the read answers none"
     );
     Ok(())
 }

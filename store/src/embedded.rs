@@ -588,6 +588,7 @@ impl EmbeddedStore {
         cached: crate::row_cache::Cached,
         projection: Option<&crate::Projection>,
     ) -> Result<Vec<Cell>> {
+        // (`cached.writes` and `cached.id` are the read's cursor, taken by the caller.)
         let mut pending = cached.pending;
         pending.sort_unstable_by_key(|(seq, _)| *seq);
         let writes: Vec<&bytes::Bytes> = pending.iter().map(|(_, v)| v).collect();
@@ -815,10 +816,19 @@ impl UserStore for EmbeddedStore {
     }
 
     fn get(&self, get: &Get) -> Result<Option<Row>> {
+        Ok(self.get_with_cursor(get)?.0)
+    }
+
+    fn get_with_cursor(&self, get: &Get) -> Result<(Option<Row>, Option<crate::ReadCursor>)> {
         check_row_key(&get.row)?;
         let projection = get.projection.as_deref();
+        let mut cursor = None;
         let cells = if let Some(cached) = self.cache.get(&get.row) {
             self.cache_hits.increment(1);
+            cursor = Some(crate::ReadCursor {
+                entry: cached.id,
+                writes: cached.writes,
+            });
             self.get_cached(&get.row, cached, projection)?
         } else {
             // Taken before the read: a write the read does not see moves it (see row_cache).
@@ -844,16 +854,43 @@ impl UserStore for EmbeddedStore {
                     (None, Some(base)) => bytes::Bytes::copy_from_slice(base),
                     (None, None) => codec::packed_with_capacity(0).into(),
                 };
-                self.cache
-                    .insert(&get.row, generation, base, delta_seqs, slots);
+                cursor = self
+                    .cache
+                    .insert(&get.row, generation, base, delta_seqs, slots)
+                    .map(|entry| crate::ReadCursor { entry, writes: 0 });
             }
             merged.cells
         };
         let cells = self.filter(get, cells);
-        Ok((!cells.is_empty()).then(|| Row {
+        let row = (!cells.is_empty()).then(|| Row {
             key: get.row.clone(),
             cells,
-        }))
+        });
+        Ok((row, cursor))
+    }
+
+    fn get_since(
+        &self,
+        get: &Get,
+        cursor: crate::ReadCursor,
+    ) -> Result<Option<(Vec<Cell>, crate::ReadCursor)>> {
+        check_row_key(&get.row)?;
+        let plain = Get {
+            row: get.row.clone(),
+            projection: get.projection.clone(),
+            ..Get::default()
+        };
+        if *get != plain {
+            return Ok(None); // only a projection is applied to the writes since
+        }
+        let Some(mut since) = self.cache.since(&get.row, cursor) else {
+            return Ok(None);
+        };
+        // Merged in write order, as a read merges them, with nothing under them.
+        since.writes.sort_unstable_by_key(|(seq, _)| *seq);
+        let writes: Vec<&bytes::Bytes> = since.writes.iter().map(|(_, v)| v).collect();
+        let merged = self.read_merged(&get.row, None, &writes, get.projection.as_deref(), false)?;
+        Ok(Some((merged.cells, since.cursor)))
     }
 
     fn delete_row(&self, row: &str) -> Result<()> {

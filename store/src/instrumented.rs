@@ -18,6 +18,7 @@ pub struct Instrumented<S> {
 struct Handles {
     put: metrics::Histogram,
     get: metrics::Histogram,
+    get_since: metrics::Histogram,
     delete_row: metrics::Histogram,
     delete_rows: metrics::Histogram,
     scan: metrics::Histogram,
@@ -35,6 +36,7 @@ impl<S: UserStore> Instrumented<S> {
         let metrics = Handles {
             put: op("put"),
             get: op("get"),
+            get_since: op("get_since"),
             delete_row: op("delete_row"),
             delete_rows: op("delete_rows"),
             scan: op("scan"),
@@ -84,6 +86,23 @@ impl<S: UserStore> UserStore for Instrumented<S> {
         let n = r.as_ref().map_or(0, |r| r.cells.len());
         self.metrics.read_cells.record(n as f64);
         Ok(r)
+    }
+
+    fn get_with_cursor(&self, get: &Get) -> Result<(Option<Row>, Option<crate::ReadCursor>)> {
+        let r = self.observe("get", &self.metrics.get, || self.inner.get_with_cursor(get))?;
+        let n = r.0.as_ref().map_or(0, |r| r.cells.len());
+        self.metrics.read_cells.record(n as f64);
+        Ok(r)
+    }
+
+    fn get_since(
+        &self,
+        get: &Get,
+        cursor: crate::ReadCursor,
+    ) -> Result<Option<(Vec<dmp_core::Cell>, crate::ReadCursor)>> {
+        self.observe("get_since", &self.metrics.get_since, || {
+            self.inner.get_since(get, cursor)
+        })
     }
 
     fn delete_row(&self, row: &str) -> Result<()> {

@@ -186,6 +186,16 @@ impl Schema {
     }
 }
 
+/// Where a read left off in a row's writes, for [`UserStore::get_since`]. Opaque; only the store
+/// that gave it understands it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadCursor {
+    /// Which cached copy of the row the read came from.
+    pub(crate) entry: u64,
+    /// How many writes that copy had recorded.
+    pub(crate) writes: u64,
+}
+
 /// The wide-column user store. Calls may block on I/O: call from worker threads or
 /// `spawn_blocking`, not from an async task's hot loop.
 pub trait UserStore: Send + Sync {
@@ -193,6 +203,22 @@ pub trait UserStore: Send + Sync {
     fn put(&self, puts: &[Put]) -> Result<()>;
     /// Reads one row; `None` when it has no live cell.
     fn get(&self, get: &Get) -> Result<Option<Row>>;
+    /// Reads one row as [`UserStore::get`] does, and where the read left off in the row's
+    /// writes, when the store can later say what was written since ([`UserStore::get_since`]);
+    /// by default it cannot (`None`).
+    fn get_with_cursor(&self, get: &Get) -> Result<(Option<Row>, Option<ReadCursor>)> {
+        Ok((self.get(get)?, None))
+    }
+    /// The cells written to `get.row` after the read that gave `cursor` (family by family as a
+    /// read returns them: `get.projection` applied, TTL applied as of now, a later write of a
+    /// coordinate winning, the families' version limits among these cells only, which a read of
+    /// the whole row applies over all of them), and the new cursor. `None` when the store cannot tell (the row left its cache, a
+    /// read folded later writes in, too many writes since, a `get` with filters other than a
+    /// projection, a backend without a cursor): the caller then reads the row. Never a guess.
+    fn get_since(&self, get: &Get, cursor: ReadCursor) -> Result<Option<(Vec<Cell>, ReadCursor)>> {
+        let _ = (get, cursor);
+        Ok(None)
+    }
     /// Reads several rows (HBase `getMultiple`).
     fn get_many(&self, gets: &[Get]) -> Result<Vec<Option<Row>>> {
         gets.iter().map(|g| self.get(g)).collect()

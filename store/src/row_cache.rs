@@ -47,6 +47,10 @@ pub(crate) struct Entry {
     pub slots: Vec<(Vec<u8>, i64)>,
     /// Writes recorded since the entry was inserted.
     pub writes: u64,
+    /// This copy of the row, among all the cache has held (for [`crate::ReadCursor`]).
+    pub id: u64,
+    /// How many of `writes` `base` holds: `pending` holds the rest, in the order recorded.
+    pub folded: u64,
     /// Bytes of `pending`'s values (kept as they change, so sizing an entry does not walk it).
     pending_bytes: usize,
 }
@@ -76,7 +80,21 @@ pub(crate) struct Cached {
     pub deltas_on_disk: usize,
     /// The entry's write count, for [`RowCache::merged`].
     pub writes: u64,
+    /// The entry's id: with `writes`, where a read of it left off ([`crate::ReadCursor`]).
+    pub id: u64,
 }
+
+/// A cached row's writes after a cursor, for [`crate::UserStore::get_since`].
+pub(crate) struct Since {
+    /// Packed cells of each write after the cursor, with its sequence number.
+    pub writes: Vec<(u64, Bytes)>,
+    /// Where this leaves off.
+    pub cursor: crate::ReadCursor,
+}
+
+/// Writes after a cursor beyond which [`RowCache::since`] answers none: the caller reads the row,
+/// which folds them into the base (and lets a repack run).
+pub(crate) const MAX_SINCE_WRITES: usize = 32;
 
 /// What a repack from the cache writes and removes.
 pub(crate) struct RepackPlan {
@@ -92,6 +110,8 @@ pub(crate) struct RepackPlan {
 pub(crate) struct RowCache {
     shards: Box<[Mutex<Shard>]>,
     shard_capacity: usize,
+    /// The next entry's id.
+    next_id: std::sync::atomic::AtomicU64,
 }
 
 impl RowCache {
@@ -109,6 +129,7 @@ impl RowCache {
                 })
                 .collect(),
             shard_capacity: capacity / SHARDS.max(1),
+            next_id: std::sync::atomic::AtomicU64::new(1),
         }
     }
 
@@ -143,11 +164,39 @@ impl RowCache {
             pending: e.pending.clone(),
             deltas_on_disk: e.delta_seqs.len(),
             writes: e.writes,
+            id: e.id,
+        })
+    }
+
+    /// The writes of a cached row after `cursor`, if the cache still holds them apart: the same
+    /// copy of the row (not evicted, deleted or read in again since), no read having folded
+    /// writes after the cursor into the base, and at most [`MAX_SINCE_WRITES`] of them.
+    pub fn since(&self, row: &str, cursor: crate::ReadCursor) -> Option<Since> {
+        if !self.enabled() {
+            return None;
+        }
+        let mut shard = self.shard(row).lock();
+        let e = shard.map.get(row)?;
+        if e.id != cursor.entry || e.folded > cursor.writes || cursor.writes > e.writes {
+            return None;
+        }
+        let skip = (cursor.writes - e.folded) as usize;
+        let new = e.pending.get(skip..)?;
+        if new.len() > MAX_SINCE_WRITES {
+            return None;
+        }
+        Some(Since {
+            writes: new.to_vec(),
+            cursor: crate::ReadCursor {
+                entry: e.id,
+                writes: e.writes,
+            },
         })
     }
 
     /// Caches a row read from the LSM when no write or delete touched its shard since
-    /// `generation` was taken (before the read). `base` must be a buffer of its own.
+    /// `generation` was taken (before the read). `base` must be a buffer of its own. Returns
+    /// the new entry's id when it was cached.
     pub fn insert(
         &self,
         row: &str,
@@ -155,29 +204,36 @@ impl RowCache {
         base: Bytes,
         delta_seqs: Vec<u64>,
         slots: Vec<(Vec<u8>, i64)>,
-    ) {
+    ) -> Option<u64> {
         if !self.enabled() {
-            return;
+            return None;
         }
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let entry = Entry {
             base,
             pending: Vec::new(),
             delta_seqs,
             slots,
             writes: 0,
+            id,
+            folded: 0,
             pending_bytes: 0,
         };
         let size = entry.bytes(row);
         if size > self.shard_capacity / 8 {
-            return;
+            return None;
         }
         let mut shard = self.shard(row).lock();
         if shard.generation != generation || shard.map.contains(row) {
-            return;
+            return None;
         }
         shard.map.put(row.into(), entry);
         shard.bytes += size;
         self.evict(&mut shard);
+        // Evicted at once (a shard smaller than the row): nothing to say later.
+        shard.map.contains(row).then_some(id)
     }
 
     /// Changes a cached row under its shard's lock, keeping the shard's byte count: a row grown
@@ -249,6 +305,7 @@ impl RowCache {
                 e.base = base;
                 e.pending.clear();
                 e.pending_bytes = 0;
+                e.folded = writes;
             }
         });
     }

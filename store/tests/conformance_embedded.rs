@@ -183,3 +183,72 @@ fn given_tables_replaced_by_a_compaction_when_old_versions_are_freed_then_their_
         assert_eq!(row.cells.len(), 4, "row u{i:04}");
     }
 }
+
+#[test]
+fn given_a_cached_row_when_asked_what_was_written_since_a_read_then_it_answers_until_it_cannot() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_db, store) = open_temp(dir.path()).unwrap();
+    let t = now_ms() - 60_000;
+    let put = |ts: i64, q: &str| {
+        store
+            .put(&[Put {
+                row: "u".into(),
+                cells: vec![
+                    Cell::new("e", "url", ts, format!("https://x/{q}").into_bytes()),
+                    Cell::new("e", "ua", ts, b"agent".to_vec()),
+                ],
+            }])
+            .unwrap()
+    };
+    put(t, "a");
+    // Read with the rules' projection: `ua` is left out, its versions kept as markers.
+    let get = Get {
+        projection: Some(std::sync::Arc::new(dmp_core::Projection::new(
+            "e",
+            ["url"],
+            ["a."],
+        ))),
+        ..Get::row("u")
+    };
+    let (row, cursor) = store.get_with_cursor(&get).unwrap();
+    assert_eq!(row.unwrap().cells.len(), 2, "url and a marker");
+    let cursor = cursor.expect("the embedded store with its row cache gives a cursor");
+    put(t + 1, "b");
+    let (cells, next) = store
+        .get_since(&get, cursor)
+        .unwrap()
+        .expect("cached: it answers");
+    assert_eq!(
+        cells,
+        vec![
+            dmp_core::Projection::new("e", ["url"], ["a."]).marker(t + 1),
+            Cell::new("e", "url", t + 1, b"https://x/b".to_vec()),
+        ],
+        "the new write, projected"
+    );
+    // Beyond 32 writes since, it asks for a read instead (which folds them in).
+    for i in 0..33 {
+        put(t + 2 + i, "c");
+    }
+    assert!(store.get_since(&get, next).unwrap().is_none());
+    let (row, cursor) = store.get_with_cursor(&get).unwrap();
+    assert_eq!(row.unwrap().cells.len(), 2 * 35);
+    let (cells, _) = store.get_since(&get, cursor.unwrap()).unwrap().unwrap();
+    assert!(cells.is_empty());
+    // Without a row cache there is no cursor.
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = dmp_core::Config::defaults();
+    cfg.store.row_cache_mb = 0;
+    let (_db, store) = open_temp_with(dir.path(), &cfg).unwrap();
+    put_into(&store, t);
+    assert!(store.get_with_cursor(&get).unwrap().1.is_none());
+}
+
+fn put_into(store: &dyn UserStore, t: i64) {
+    store
+        .put(&[Put {
+            row: "u".into(),
+            cells: vec![Cell::new("e", "url", t, b"x".to_vec())],
+        }])
+        .unwrap();
+}
