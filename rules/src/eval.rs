@@ -738,8 +738,6 @@ impl<'v> Eval<'v> {
             .collect()
     }
 
-    /// Matching events within the window. Records evidence and when the oldest match leaves the
-    /// window (the count drops then).
     /// Whether at least `k` events within the window match `cond`: the walk stops at the `k`-th
     /// match (explanations walk on for evidence). The answer changes without a new event only
     /// when it is yes and the `k`-th newest match leaves the window, so that is the recheck time
@@ -774,6 +772,8 @@ impl<'v> Eval<'v> {
         kth.is_some()
     }
 
+    /// Matching events within the window. Records evidence and when the oldest match leaves the
+    /// window (the count drops then).
     fn aggregate(&mut self, cond: &'v Cond, window: Option<i64>) -> usize {
         let from = window.map_or(i64::MIN, |w| self.user.now - w);
         let user = self.user;

@@ -212,9 +212,10 @@ pub trait UserStore: Send + Sync {
     /// The cells written to `get.row` after the read that gave `cursor` (family by family as a
     /// read returns them: `get.projection` applied, TTL applied as of now, a later write of a
     /// coordinate winning, the families' version limits among these cells only, which a read of
-    /// the whole row applies over all of them), and the new cursor. `None` when the store cannot tell (the row left its cache, a
-    /// read folded later writes in, too many writes since, a `get` with filters other than a
-    /// projection, a backend without a cursor): the caller then reads the row. Never a guess.
+    /// the whole row applies over all of them), and the new cursor. `None` when the store cannot
+    /// tell (the row left its cache, a read folded later writes in, too many writes since, a
+    /// `get` with filters other than a projection, a backend without a cursor): the caller then
+    /// reads the row. Never a guess.
     fn get_since(&self, get: &Get, cursor: ReadCursor) -> Result<Option<(Vec<Cell>, ReadCursor)>> {
         let _ = (get, cursor);
         Ok(None)
