@@ -582,17 +582,23 @@ impl EmbeddedStore {
     /// A read served by the row cache: the cached base and the writes since, merged (TTL and
     /// versions applied as of now). The merge goes back to the cache (a copy of the row's bytes;
     /// the next read then has no write to merge).
+    ///
+    /// A read that takes a cursor folds the writes into the cached row (the next read then has
+    /// none to merge); a plain read (a lookup) leaves up to `MAX_SINCE_WRITES` of them as they
+    /// are, so that it does not end the cursor of the segmenter's last read of the row.
     fn get_cached(
         &self,
         row: &str,
         cached: crate::row_cache::Cached,
         projection: Option<&crate::Projection>,
+        with_cursor: bool,
     ) -> Result<Vec<Cell>> {
         // (`cached.writes` and `cached.id` are the read's cursor, taken by the caller.)
+        let fold = with_cursor || cached.pending.len() > crate::row_cache::MAX_SINCE_WRITES;
         let mut pending = cached.pending;
         pending.sort_unstable_by_key(|(seq, _)| *seq);
         let writes: Vec<&bytes::Bytes> = pending.iter().map(|(_, v)| v).collect();
-        let merged = self.read_merged(row, Some(&cached.base), &writes, projection, true)?;
+        let merged = self.read_merged(row, Some(&cached.base), &writes, projection, fold)?;
         if let Some(packed) = merged.packed {
             self.cache.merged(row, cached.writes, packed.into());
         }
@@ -600,6 +606,61 @@ impl EmbeddedStore {
             self.repack_cached(row)?;
         }
         Ok(merged.cells)
+    }
+
+    /// A read of one row; with a cursor (the read the segmenter builds on), or a plain one.
+    fn read_row(
+        &self,
+        get: &Get,
+        with_cursor: bool,
+    ) -> Result<(Option<Row>, Option<crate::ReadCursor>)> {
+        check_row_key(&get.row)?;
+        let projection = get.projection.as_deref();
+        let mut cursor = None;
+        let cells = if let Some(cached) = self.cache.get(&get.row) {
+            self.cache_hits.increment(1);
+            cursor = Some(crate::ReadCursor {
+                entry: cached.id,
+                writes: cached.writes,
+            });
+            self.get_cached(&get.row, cached, projection, with_cursor)?
+        } else {
+            // Taken before the read: a write the read does not see moves it (see row_cache).
+            let generation = self.cache.generation(&get.row);
+            let raw = self.read_parts(&get.row)?;
+            let needs_repack = raw.delta_seqs.len() > self.repack_after;
+            let (delta_seqs, slots) = if self.cache.enabled() && !needs_repack {
+                (raw.delta_seqs.clone(), raw.slots.clone())
+            } else {
+                // A repack below removes every delta and slot the read saw (and any later one
+                // would have moved the generation, so the row would not be cached).
+                (Vec::new(), Vec::new())
+            };
+            let merged = self.read_raw(&get.row, &raw, projection, self.cache.enabled())?;
+            if needs_repack {
+                self.repack(&get.row)?;
+            }
+            if self.cache.enabled() {
+                self.cache_misses.increment(1);
+                // A buffer of the cache's own, not a slice of an LSM block.
+                let base = match (merged.packed, &raw.base) {
+                    (Some(packed), _) => packed.into(),
+                    (None, Some(base)) => bytes::Bytes::copy_from_slice(base),
+                    (None, None) => codec::packed_with_capacity(0).into(),
+                };
+                cursor = self
+                    .cache
+                    .insert(&get.row, generation, base, delta_seqs, slots)
+                    .map(|entry| crate::ReadCursor { entry, writes: 0 });
+            }
+            merged.cells
+        };
+        let cells = self.filter(get, cells);
+        let row = (!cells.is_empty()).then(|| Row {
+            key: get.row.clone(),
+            cells,
+        });
+        Ok((row, cursor.filter(|_| with_cursor)))
     }
 
     fn next_seqs(&self, n: u64, batch: &mut fjall::OwnedWriteBatch) -> u64 {
@@ -816,57 +877,11 @@ impl UserStore for EmbeddedStore {
     }
 
     fn get(&self, get: &Get) -> Result<Option<Row>> {
-        Ok(self.get_with_cursor(get)?.0)
+        Ok(self.read_row(get, false)?.0)
     }
 
     fn get_with_cursor(&self, get: &Get) -> Result<(Option<Row>, Option<crate::ReadCursor>)> {
-        check_row_key(&get.row)?;
-        let projection = get.projection.as_deref();
-        let mut cursor = None;
-        let cells = if let Some(cached) = self.cache.get(&get.row) {
-            self.cache_hits.increment(1);
-            cursor = Some(crate::ReadCursor {
-                entry: cached.id,
-                writes: cached.writes,
-            });
-            self.get_cached(&get.row, cached, projection)?
-        } else {
-            // Taken before the read: a write the read does not see moves it (see row_cache).
-            let generation = self.cache.generation(&get.row);
-            let raw = self.read_parts(&get.row)?;
-            let needs_repack = raw.delta_seqs.len() > self.repack_after;
-            let (delta_seqs, slots) = if self.cache.enabled() && !needs_repack {
-                (raw.delta_seqs.clone(), raw.slots.clone())
-            } else {
-                // A repack below removes every delta and slot the read saw (and any later one
-                // would have moved the generation, so the row would not be cached).
-                (Vec::new(), Vec::new())
-            };
-            let merged = self.read_raw(&get.row, &raw, projection, self.cache.enabled())?;
-            if needs_repack {
-                self.repack(&get.row)?;
-            }
-            if self.cache.enabled() {
-                self.cache_misses.increment(1);
-                // A buffer of the cache's own, not a slice of an LSM block.
-                let base = match (merged.packed, &raw.base) {
-                    (Some(packed), _) => packed.into(),
-                    (None, Some(base)) => bytes::Bytes::copy_from_slice(base),
-                    (None, None) => codec::packed_with_capacity(0).into(),
-                };
-                cursor = self
-                    .cache
-                    .insert(&get.row, generation, base, delta_seqs, slots)
-                    .map(|entry| crate::ReadCursor { entry, writes: 0 });
-            }
-            merged.cells
-        };
-        let cells = self.filter(get, cells);
-        let row = (!cells.is_empty()).then(|| Row {
-            key: get.row.clone(),
-            cells,
-        });
-        Ok((row, cursor))
+        self.read_row(get, true)
     }
 
     fn get_since(
