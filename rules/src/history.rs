@@ -108,13 +108,16 @@ impl HistoryNeeds {
     /// newest event holding each attribute, and the newest event (no rule may need it, but the
     /// segmenter stamps `s:evaluated` and segment records with its time).
     pub fn kept_events(&self, row: &Row) -> BTreeSet<i64> {
-        let user = UserView::new(row, i64::MAX);
+        self.kept_of(row, &UserView::new(row, i64::MAX))
+    }
+
+    fn kept_of(&self, row: &Row, user: &UserView<'_>) -> BTreeSet<i64> {
         let mut kept = BTreeSet::new();
         if let Some(newest) = user.events.first() {
             kept.insert(newest.ts);
         }
         for (cond, k) in &self.conds {
-            kept.extend(newest_matches(cond, &user, *k as usize));
+            kept.extend(newest_matches(cond, user, *k as usize));
         }
         for name in &self.attrs {
             // Cells come in HBase order, newest first per qualifier: the first is the value.
@@ -131,8 +134,19 @@ impl HistoryNeeds {
     /// `row` with only the events these needs keep (every cell of family `e` of those times) and
     /// every cell of the other families, in the row's order.
     pub fn prune(&self, row: &Row) -> Row {
-        let kept = self.kept_events(row);
-        Row {
+        self.prune_counting(row).0
+    }
+
+    /// [`HistoryNeeds::prune`], and how many events `row` holds.
+    pub fn prune_counting(&self, row: &Row) -> (Row, usize) {
+        self.prune_with(row, &UserView::new(row, i64::MAX))
+    }
+
+    /// [`HistoryNeeds::prune_counting`] with a view of `row` already built (of every qualifier
+    /// the conditions read, at any time: the newest matches are taken whatever their age).
+    pub(crate) fn prune_with(&self, row: &Row, user: &UserView<'_>) -> (Row, usize) {
+        let kept = self.kept_of(row, user);
+        let pruned = Row {
             key: row.key.clone(),
             cells: row
                 .cells
@@ -140,6 +154,7 @@ impl HistoryNeeds {
                 .filter(|c| !same(&c.family, FAMILY_EVENTS) || kept.contains(&c.ts))
                 .cloned()
                 .collect(),
-        }
+        };
+        (pruned, user.events.len())
     }
 }

@@ -332,12 +332,29 @@ impl RuleSet {
         self.history.as_ref()
     }
 
-    fn evaluate_with(&self, row: &Row, now: i64, explain: bool) -> Evaluation {
+    /// [`RuleSet::evaluate`], and the row pruned to the events the results depend on with the
+    /// number of events it held ([`history::HistoryNeeds::prune_counting`]) when the rule set is
+    /// prunable, from one view of the row.
+    pub fn evaluate_and_prune(&self, row: &Row, now: i64) -> (Evaluation, Option<(Row, usize)>) {
+        let user = self.view(row, now, false);
+        let pruned = self.history.as_ref().map(|h| h.prune_with(row, &user));
+        (self.run(row, &user, false), pruned)
+    }
+
+    fn view<'a>(&self, row: &'a Row, now: i64, explain: bool) -> UserView<'a> {
         // Evidence shows every cell of an event; evaluation needs only what the rules read.
-        let user = match (&self.event_qualifiers, explain) {
+        match (&self.event_qualifiers, explain) {
             (Some(only), false) => UserView::with_qualifiers(row, now, only),
             _ => UserView::new(row, now),
-        };
+        }
+    }
+
+    fn evaluate_with(&self, row: &Row, now: i64, explain: bool) -> Evaluation {
+        let user = self.view(row, now, explain);
+        self.run(row, &user, explain)
+    }
+
+    fn run(&self, row: &Row, user: &UserView<'_>, explain: bool) -> Evaluation {
         let timed = self
             .evaluations
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
@@ -355,12 +372,12 @@ impl RuleSet {
             }
             let o = if timed {
                 let started = std::time::Instant::now();
-                let o = r.evaluate(&user, &ctx);
+                let o = r.evaluate(user, &ctx);
                 ::metrics::histogram!(metrics::RULE_DURATION, "rule" => r.id().to_string())
                     .record(started.elapsed().as_secs_f64());
                 o
             } else {
-                r.evaluate(&user, &ctx)
+                r.evaluate(user, &ctx)
             };
             if let Some(t) = o.recheck_at {
                 out.recheck_at = Some(out.recheck_at.map_or(t, |x: i64| x.min(t)));
