@@ -311,6 +311,9 @@ pub struct SegmenterConfig {
     /// A change is read no sooner than this many ms after it was written (a user's burst is one
     /// evaluation); 0 = at once.
     pub coalesce_ms: u64,
+    /// Users each worker keeps a summary of (the row pruned to the events the rules depend on),
+    /// to evaluate a change from what it wrote instead of the whole row; 0 = always the whole row.
+    pub summaries_per_worker: usize,
     /// Skip users changing faster than `blacklist_max_changes` per window.
     pub blacklist: bool,
     /// Blacklist window, seconds, on the users' time (their changes' newest events), not the
@@ -710,6 +713,12 @@ impl Config {
         )?;
         range("segmenter.coalesce_ms", sg.coalesce_ms, 0, 10_000)?;
         range(
+            "segmenter.summaries_per_worker",
+            sg.summaries_per_worker as u64,
+            0,
+            100_000_000,
+        )?;
+        range(
             "segmenter.blacklist_window_secs",
             sg.blacklist_window_secs,
             1,
@@ -1108,6 +1117,11 @@ mod tests {
                 "DMP__SEGMENTER__COALESCE_MS",
                 "60000",
                 "segmenter.coalesce_ms",
+            ),
+            (
+                "DMP__SEGMENTER__SUMMARIES_PER_WORKER",
+                "100000001",
+                "segmenter.summaries_per_worker",
             ),
             (
                 "DMP__SEGMENTER__THROTTLE_INTERVAL_MS",

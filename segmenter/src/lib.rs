@@ -29,6 +29,7 @@ pub mod blacklist;
 pub mod dedupe;
 mod metrics;
 use crate::metrics as m;
+mod summaries;
 pub mod timers;
 pub mod users;
 mod worker;
@@ -174,6 +175,7 @@ impl Segmenter {
                 jobs: rx,
                 done: done_tx.clone(),
                 counters: self.counters.clone(),
+                max_row_cells: self.cfg.store.max_row_cells,
             };
             let core = (!cores.is_empty()).then(|| cores[i % cores.len()]);
             threads.push(

@@ -18,6 +18,15 @@ pub const BACKFILL: &str = "dmp_segmenter_changes_backfill_total";
 pub const BACKFILL_HELD: &str = "dmp_segmenter_backfill_held_changes";
 /// Users evaluated, by `trigger` (`change`, `timer`) (counter).
 pub const EVALUATED: &str = "dmp_segmenter_users_evaluated_total";
+/// Evaluations from a user's summary and the cells written since (counter; docs/adr/007).
+pub const FROM_SUMMARY: &str = "dmp_segmenter_evaluations_from_summary_total";
+/// Evaluations from the whole row, by `reason` the summary was not used: `no_summary`, `rules`
+/// (pruned for another rule set), `timer`, `store` (it could not say what was written since),
+/// `out_of_order` (an event not newer than the summary's), `history` (near the store's limits)
+/// (counter).
+pub const FROM_ROW: &str = "dmp_segmenter_evaluations_from_row_total";
+/// Users a worker keeps a summary of (gauge).
+pub const SUMMARIES: &str = "dmp_segmenter_summaries";
 /// Users newly blacklisted (counter).
 pub const BOTS: &str = "dmp_segmenter_bots_blacklisted_total";
 /// Cells per row read: with the rules' projection, the event cells they read plus a marker per

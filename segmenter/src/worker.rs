@@ -11,10 +11,11 @@ use dmp_core::cell::{FAMILY_META, FAMILY_SEGMENTS};
 use dmp_core::config::{SegmenterConfig, Topics};
 use dmp_core::{Cell, DeadLetter, Row, SegmentUpdate, UserChange};
 use dmp_rules::RuleSet;
-use dmp_store::{Get, Projection, Put, StoreError, UserStore};
+use dmp_store::{Get, Put, ReadCursor, StoreError, UserStore};
 
 use crate::blacklist::{self, Limits, Verdict};
 use crate::metrics as m;
+use crate::summaries::{self, Pruned, Refused, Summaries, Summary};
 use crate::timers::{self, Due};
 use crate::users::Users;
 
@@ -74,6 +75,17 @@ pub(crate) struct Worker {
     pub jobs: Receiver<Job>,
     pub done: tokio::sync::mpsc::UnboundedSender<(TopicPartition, u64)>,
     pub counters: Option<Arc<dyn dmp_stats::SegmentCounters>>,
+    /// The store's cap on the cells of a read (`store.max_row_cells`): a summary is kept only of
+    /// rows well under it, whose reads it does not cut.
+    pub max_row_cells: usize,
+}
+
+/// Where an evaluation's row came from.
+enum Source {
+    /// The user's summary with the cells written since (its row is the evaluation's).
+    Summary(Pruned, ReadCursor),
+    /// A read of the whole row, and the store's cursor of it.
+    Whole(Option<ReadCursor>),
 }
 
 /// This worker's metrics, resolved once (a macro call per change or evaluation looks the key up
@@ -93,10 +105,16 @@ struct Counters {
     published_live: metrics::Counter,
     published_shadow: metrics::Counter,
     end_to_end: metrics::Histogram,
+    from_summary: metrics::Counter,
+    /// By [`Refused`], in the order of [`Refused::ALL`].
+    from_row: Vec<metrics::Counter>,
+    summaries: metrics::Gauge,
 }
 
 struct State {
     users: Users,
+    /// Users' summaries, to evaluate a change from what it wrote.
+    summaries: Summaries,
     /// Changes of throttled users held back, by when they fall due (each time's in arrival order).
     deferred: BTreeMap<i64, Vec<Job>>,
     /// Backfill changes held back behind live ones.
@@ -295,8 +313,15 @@ impl Worker {
             published_live: metrics::counter!(m::PUBLISHED, "topic_kind" => "live"),
             published_shadow: metrics::counter!(m::PUBLISHED, "topic_kind" => "shadow"),
             end_to_end: metrics::histogram!(m::END_TO_END),
+            from_summary: metrics::counter!(m::FROM_SUMMARY),
+            from_row: Refused::ALL
+                .iter()
+                .map(|r| metrics::counter!(m::FROM_ROW, "reason" => r.as_str()))
+                .collect(),
+            summaries: metrics::gauge!(m::SUMMARIES, "worker" => self.index.to_string()),
         };
         let mut st = State {
+            summaries: Summaries::new(self.cfg.summaries_per_worker),
             users: Users::new(
                 self.cfg.dedupe_capacity,
                 Limits {
@@ -569,7 +594,6 @@ impl Worker {
     ) -> Output {
         let mut out = Output::default();
         let rules = self.rules.current();
-        let projection = rules.projection();
         let now = dmp_core::clock::now_ms();
         for uid in new_bots {
             out.puts.push(Put {
@@ -578,8 +602,8 @@ impl Worker {
             });
         }
         for (uid, reason) in users {
-            let row = match self.read(&uid, projection) {
-                Ok(row) => row,
+            let (row, source) = match self.row_for(st, counters, &uid, &reason, &rules, now) {
+                Ok(r) => r,
                 Err(e) => {
                     // Reading it again would fail again: the change goes to the dead letters
                     // (the user's fired timers are deleted: the next change or timer retries).
@@ -595,9 +619,11 @@ impl Worker {
                 Trigger::Change => counters.evaluated_change.increment(1),
             }
             out.deletes.extend(reason.fired);
-            counters
-                .row_cells
-                .record(row.as_ref().map_or(0, |r| r.cells.len()) as f64);
+            if let Source::Whole(_) = source {
+                counters
+                    .row_cells
+                    .record(row.as_ref().map_or(0, |r| r.cells.len()) as f64);
+            }
             if let Some(w) = row.as_ref().and_then(dmp_storage_writer::cells::written_of) {
                 st.users.read(&uid, now, w);
             }
@@ -605,7 +631,13 @@ impl Worker {
             // Every cell this evaluation writes to the user's row goes in one put (one delta).
             let mut row_cells: Vec<Cell> = Vec::with_capacity(4);
             let started = Instant::now();
-            let eval = rules.evaluate(&row, now);
+            // With the row pruned for the user's summary from the same view, when one is kept.
+            let (eval, pruned) = if st.summaries.enabled() && !matches!(source, Source::Whole(None))
+            {
+                rules.evaluate_and_prune(&row, now)
+            } else {
+                (rules.evaluate(&row, now), None)
+            };
             if let Some(c) = &self.counters {
                 let live: Vec<&str> = eval.live.keys().map(String::as_str).collect();
                 c.record(dmp_stats::day_of(now), &uid, &live);
@@ -711,28 +743,141 @@ impl Worker {
             if let Some(p) = plan.delete {
                 out.deletes.push(p.row_key(&uid));
             }
+            if let Some((pruned, events)) = pruned {
+                self.keep_summary(
+                    st,
+                    &uid,
+                    &rules,
+                    row.cells.len(),
+                    pruned,
+                    events,
+                    last_event_ts,
+                    source,
+                );
+            }
             out.puts.push(Put {
                 row: uid,
                 cells: row_cells,
             });
         }
+        counters.summaries.set(st.summaries.len() as f64);
         out
+    }
+
+    /// The row to evaluate `uid` with: its summary and the cells written since when that gives
+    /// what the whole row would (see `summaries`), else the whole row read.
+    fn row_for(
+        &self,
+        st: &mut State,
+        counters: &Counters,
+        uid: &str,
+        reason: &Reason,
+        rules: &Arc<RuleSet>,
+        now: i64,
+    ) -> Result<(Option<Row>, Source), StoreError> {
+        let get = Get {
+            projection: rules.projection().cloned(),
+            ..Get::row(uid)
+        };
+        let refused = match st.summaries.take(uid) {
+            None => Refused::NoSummary,
+            Some(_) if !reason.fired.is_empty() || matches!(reason.trigger, Trigger::Timer) => {
+                Refused::Timer
+            }
+            Some(s) if !Arc::ptr_eq(&s.rules, rules) => Refused::Rules,
+            Some(s) => match self.store.get_since(&get, s.cursor) {
+                Ok(Some((cells, cursor))) => {
+                    match summaries::extend(
+                        s.pruned,
+                        cells,
+                        self.store.schema(),
+                        now,
+                        self.max_row_cells,
+                    ) {
+                        Ok(mut p) => {
+                            counters.from_summary.increment(1);
+                            let row = std::mem::take(&mut p.row);
+                            return Ok((Some(row), Source::Summary(p, cursor)));
+                        }
+                        Err(r) => r,
+                    }
+                }
+                Ok(None) => Refused::Store,
+                Err(e) => {
+                    tracing::warn!(uid, error = %e, "reading the writes since failed; reading the row");
+                    Refused::Store
+                }
+            },
+        };
+        let i = Refused::ALL.iter().position(|r| *r == refused).unwrap_or(0);
+        counters.from_row[i].increment(1);
+        let (row, cursor) = self.read(&get)?;
+        Ok((row, Source::Whole(cursor)))
+    }
+
+    /// Keeps the user's summary after an evaluation of `row`: pruned again from the summary it
+    /// came from, or pruned from the whole row read (when the store gave a cursor, the rules
+    /// are prunable, and the row is well under the store's limits).
+    /// Keeps the user's summary after an evaluation of a row of `cells` cells, `pruned` to the
+    /// events the rules depend on (`events` in all): from the summary it came from, or from the
+    /// whole row read (when the store gave a cursor and the row is well under its limits).
+    #[allow(clippy::too_many_arguments)]
+    fn keep_summary(
+        &self,
+        st: &mut State,
+        uid: &str,
+        rules: &Arc<RuleSet>,
+        cells: usize,
+        pruned: Row,
+        events: usize,
+        newest: i64,
+        source: Source,
+    ) {
+        let (pruned, cursor) = match source {
+            Source::Summary(mut p, cursor) => {
+                // The new cells' values are slices of the cache's copies of whole writes.
+                p.row = summaries::compact(pruned);
+                (p, cursor)
+            }
+            Source::Whole(Some(cursor)) => {
+                let versions = self
+                    .store
+                    .schema()
+                    .family(dmp_core::cell::FAMILY_EVENTS)
+                    .map_or(0, |f| f.max_versions) as usize;
+                if cells >= self.max_row_cells / 2 || events > versions / 2 {
+                    return;
+                }
+                (
+                    Pruned {
+                        pruned_cells: pruned.cells.len(),
+                        // Its values are slices of the whole cached row: copied out.
+                        row: summaries::compact(pruned),
+                        events,
+                        cells,
+                        newest,
+                    },
+                    cursor,
+                )
+            }
+            Source::Whole(None) => return,
+        };
+        st.summaries.put(
+            uid,
+            Summary {
+                rules: rules.clone(),
+                cursor,
+                pruned,
+            },
+        );
     }
 
     /// Reads a user's row, retrying the store's failures, but not a row that cannot be read
     /// (refused, or stored bytes that do not decode): that error comes back.
-    fn read(
-        &self,
-        uid: &str,
-        projection: Option<&Arc<Projection>>,
-    ) -> Result<Option<Row>, StoreError> {
-        let get = Get {
-            projection: projection.cloned(),
-            ..Get::row(uid)
-        };
+    fn read(&self, get: &Get) -> Result<(Option<Row>, Option<ReadCursor>), StoreError> {
         let mut backoff = Duration::from_millis(50);
         loop {
-            match self.store.get(&get) {
+            match self.store.get_with_cursor(get) {
                 Ok(r) => return Ok(r),
                 Err(e @ (StoreError::Rejected(_) | StoreError::Corrupt { .. })) => return Err(e),
                 Err(e) => {
