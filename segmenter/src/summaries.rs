@@ -42,8 +42,6 @@ pub(crate) struct Pruned {
     pub cells: usize,
     /// Time of the newest event seen.
     pub newest: i64,
-    /// Cells of `row` when it was last pruned: it is pruned again once it holds twice as many.
-    pub pruned_cells: usize,
 }
 
 /// `row` with its cells' values copied into one buffer of its own. A read's cells are slices of
@@ -174,11 +172,7 @@ pub(crate) fn extend(
         return Err(Refused::History);
     }
     let newest = times.last().copied().unwrap_or(s.newest).max(s.newest);
-    let Pruned {
-        row: old,
-        pruned_cells,
-        ..
-    } = s;
+    let old = s.row;
     let mut row = Row {
         key: old.key,
         cells: merge(old.cells, new),
@@ -189,7 +183,6 @@ pub(crate) fn extend(
         events,
         cells,
         newest,
-        pruned_cells,
     })
 }
 
@@ -262,7 +255,6 @@ mod tests {
     fn summary(row: Row, events: usize, newest: i64) -> Pruned {
         Pruned {
             cells: row.cells.len(),
-            pruned_cells: row.cells.len(),
             row,
             events,
             newest,

@@ -815,9 +815,6 @@ impl Worker {
         Ok((row, Source::Whole(cursor)))
     }
 
-    /// Keeps the user's summary after an evaluation of `row`: pruned again from the summary it
-    /// came from, or pruned from the whole row read (when the store gave a cursor, the rules
-    /// are prunable, and the row is well under the store's limits).
     /// Keeps the user's summary after an evaluation of a row of `cells` cells, `pruned` to the
     /// events the rules depend on (`events` in all): from the summary it came from, or from the
     /// whole row read (when the store gave a cursor and the row is well under its limits).
@@ -850,7 +847,6 @@ impl Worker {
                 }
                 (
                     Pruned {
-                        pruned_cells: pruned.cells.len(),
                         // Its values are slices of the whole cached row: copied out.
                         row: summaries::compact(pruned),
                         events,
