@@ -210,6 +210,7 @@ pub fn role_of(thread: &str) -> &'static str {
         // Its name in builds before fb96684, which `--dmp` can still run side by side.
         || thread == "dmp-fsync"
         || thread == "dmp-bus-retenti"
+        || thread == "dmp-row-cache"
     {
         "embedded-storage"
     } else if thread.starts_with("rdk:") || thread == "dmp-kafka-poll" {
@@ -321,5 +322,6 @@ mod tests {
         assert_eq!(role_of("dmp-writer"), "storage-writer");
         assert_eq!(role_of("lsm-reaper"), "embedded-storage");
         assert_eq!(role_of("dmp-db"), "embedded-storage");
+        assert_eq!(role_of("dmp-row-cache"), "embedded-storage");
     }
 }

@@ -81,6 +81,34 @@ const _: () = assert!(L0_COMPACTION_TABLES < 20, "under fjall's write stall");
 /// 150 s at 30K events/s (docs/benchmarks.md, "Long runs").
 const CACHED_REPACK_FACTOR: usize = 16;
 
+/// A row cache of `capacity` bytes, and (when on) a thread `dmp-row-cache` that sets its gauges
+/// every second (`dmp_store_row_cache_bytes`, `dmp_store_row_cache_rows`: sizing
+/// `store.row_cache_mb` to the active users' rows needs to see how full it is) until the cache is
+/// dropped.
+fn row_cache_with_gauges(capacity: usize) -> Arc<RowCache> {
+    let cache = Arc::new(RowCache::new(capacity));
+    if cache.enabled() {
+        let weak = Arc::downgrade(&cache);
+        let spawned = std::thread::Builder::new()
+            .name("dmp-row-cache".into())
+            .spawn(move || {
+                let bytes = metrics::gauge!(crate::metrics::ROW_CACHE_BYTES);
+                let rows = metrics::gauge!(crate::metrics::ROW_CACHE_ROWS);
+                loop {
+                    std::thread::sleep(Duration::from_secs(1));
+                    let Some(cache) = weak.upgrade() else { break };
+                    let (b, n) = cache.usage();
+                    bytes.set(b as f64);
+                    rows.set(n as f64);
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "no thread for the row cache's gauges");
+        }
+    }
+    cache
+}
+
 /// The embedded fjall database shared by the embedded bus and store, with its fsync policy.
 /// Cloning is cheap; the upkeep thread (`dmp-db`: the periodic fsync, the memtable gauges) stops
 /// when the last clone is dropped.
@@ -310,7 +338,7 @@ pub struct EmbeddedStore {
     seq: AtomicU64,
     seq_reserved: Mutex<u64>,
     locks: Vec<Mutex<()>>,
-    cache: RowCache,
+    cache: Arc<RowCache>,
     /// Row cache hits and misses (handles registered at open: a lookup per read costs).
     cache_hits: metrics::Counter,
     cache_misses: metrics::Counter,
@@ -360,7 +388,7 @@ impl EmbeddedStore {
             seq: AtomicU64::new(start),
             seq_reserved: Mutex::new(reserved),
             locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
-            cache: RowCache::new(cfg.row_cache_mb as usize * 1024 * 1024),
+            cache: row_cache_with_gauges(cfg.row_cache_mb as usize * 1024 * 1024),
             cache_hits: metrics::counter!(crate::metrics::ROW_CACHE_HITS),
             cache_misses: metrics::counter!(crate::metrics::ROW_CACHE_MISSES),
         })

@@ -18,6 +18,10 @@ pub const TTL_DROPPED_CELLS: &str = "dmp_store_ttl_dropped_cells_total";
 pub const ROW_CACHE_HITS: &str = "dmp_store_row_cache_hits_total";
 /// Whole-row reads that went to the LSM while the row cache is on (counter).
 pub const ROW_CACHE_MISSES: &str = "dmp_store_row_cache_misses_total";
+/// Bytes the embedded store's row cache holds, of `store.row_cache_mb` (gauge, every second).
+pub const ROW_CACHE_BYTES: &str = "dmp_store_row_cache_bytes";
+/// Rows in the embedded store's row cache (gauge, every second).
+pub const ROW_CACHE_ROWS: &str = "dmp_store_row_cache_rows";
 /// Bytes in the embedded database's memtables, bus and store together (gauge, sampled every
 /// second). Bounded by about 2 x 5 x `embedded.memtable_mb` while flushes keep up.
 pub const WRITE_BUFFER_BYTES: &str = "dmp_store_write_buffer_bytes";
