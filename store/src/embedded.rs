@@ -704,11 +704,7 @@ impl EmbeddedStore {
 
     fn filter(&self, get: &Get, mut cells: Vec<Cell>) -> Vec<Cell> {
         let cap = get.max_cells.unwrap_or(self.max_row_cells);
-        if get.families.is_empty()
-            && get.columns.is_empty()
-            && get.time_range.is_none()
-            && get.max_versions.is_none()
-        {
+        if !get.filters() {
             // The whole row (the segmenter's read): only the cap applies.
             cells.truncate(cap);
             return cells;
@@ -918,12 +914,7 @@ impl UserStore for EmbeddedStore {
         cursor: crate::ReadCursor,
     ) -> Result<Option<(Vec<Cell>, crate::ReadCursor)>> {
         check_row_key(&get.row)?;
-        let plain = Get {
-            row: get.row.clone(),
-            projection: get.projection.clone(),
-            ..Get::default()
-        };
-        if *get != plain {
+        if get.filters() || get.max_cells.is_some() {
             return Ok(None); // only a projection is applied to the writes since
         }
         let Some(mut since) = self.cache.since(&get.row, cursor) else {

@@ -129,6 +129,15 @@ impl Get {
         }
     }
 
+    /// Whether this read filters the row's cells (families, columns, time range or versions;
+    /// neither the projection nor the cell cap counts).
+    pub fn filters(&self) -> bool {
+        !self.families.is_empty()
+            || !self.columns.is_empty()
+            || self.time_range.is_some()
+            || self.max_versions.is_some()
+    }
+
     /// Whether a cell passes this read's column and time filters.
     pub fn selects(&self, cell: &Cell) -> bool {
         if !self.families.is_empty() && !self.families.iter().any(|f| *f == cell.family) {
