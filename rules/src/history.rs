@@ -104,13 +104,9 @@ impl HistoryNeeds {
         event_local
     }
 
-    /// The times of the events of `row` these needs keep: each condition's newest matches, the
-    /// newest event holding each attribute, and the newest event (no rule may need it, but the
-    /// segmenter stamps `s:evaluated` and segment records with its time).
-    pub fn kept_events(&self, row: &Row) -> BTreeSet<i64> {
-        self.kept_of(row, &UserView::new(row, i64::MAX))
-    }
-
+    /// The times of the events of `row` (seen as `user`) these needs keep: each condition's
+    /// newest matches, the newest event holding each attribute, and the newest event (no rule may
+    /// need it, but the segmenter stamps `s:evaluated` and segment records with its time).
     fn kept_of(&self, row: &Row, user: &UserView<'_>) -> BTreeSet<i64> {
         let mut kept = BTreeSet::new();
         if let Some(newest) = user.events.first() {
@@ -134,16 +130,12 @@ impl HistoryNeeds {
     /// `row` with only the events these needs keep (every cell of family `e` of those times) and
     /// every cell of the other families, in the row's order.
     pub fn prune(&self, row: &Row) -> Row {
-        self.prune_counting(row).0
+        self.prune_with(row, &UserView::new(row, i64::MAX)).0
     }
 
-    /// [`HistoryNeeds::prune`], and how many events `row` holds.
-    pub fn prune_counting(&self, row: &Row) -> (Row, usize) {
-        self.prune_with(row, &UserView::new(row, i64::MAX))
-    }
-
-    /// [`HistoryNeeds::prune_counting`] with a view of `row` already built (of every qualifier
-    /// the conditions read, at any time: the newest matches are taken whatever their age).
+    /// [`HistoryNeeds::prune`] with a view of `row` already built (of every qualifier the
+    /// conditions read, at any time: the newest matches are taken whatever their age), and how
+    /// many events `row` holds.
     pub(crate) fn prune_with(&self, row: &Row, user: &UserView<'_>) -> (Row, usize) {
         let kept = self.kept_of(row, user);
         let pruned = Row {

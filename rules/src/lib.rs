@@ -333,7 +333,7 @@ impl RuleSet {
     }
 
     /// [`RuleSet::evaluate`], and the row pruned to the events the results depend on with the
-    /// number of events it held ([`history::HistoryNeeds::prune_counting`]) when the rule set is
+    /// number of events it held ([`history::HistoryNeeds::prune`]) when the rule set is
     /// prunable, from one view of the row.
     pub fn evaluate_and_prune(&self, row: &Row, now: i64) -> (Evaluation, Option<(Row, usize)>) {
         let user = self.view(row, now, false);
