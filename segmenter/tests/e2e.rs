@@ -3,6 +3,7 @@
 
 #[path = "../../testsupport/ingest.rs"]
 mod ingest;
+mod support;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -11,8 +12,6 @@ use std::time::Duration;
 use dmp_bus::{Bus, ProduceRecord};
 use dmp_core::{Config, SegmentUpdate, UserChange};
 use dmp_segmenter::{memberships, Segmenter};
-use dmp_storage_writer::enrich::{Enricher, IpMode, SHIPPED_CRAWLER_LIST};
-use dmp_storage_writer::StorageWriter;
 use dmp_store::embedded::EmbeddedStore;
 use dmp_store::{Get, UserStore};
 use tokio::sync::watch;
@@ -160,33 +159,22 @@ async fn start_with(
     bus: Option<Arc<dyn Bus>>,
 ) -> Pipe {
     let dir = tempfile::tempdir().unwrap();
-    let rules_path = dir.path().join("rules.toml");
-    std::fs::write(&rules_path, rules).unwrap();
-    let mut cfg = Config::defaults();
-    cfg.data_dir = dir.path().to_path_buf();
-    cfg.topics.partitions = 4;
-    cfg.segmenter.rules = rules_path.display().to_string();
-    cfg.segmenter.workers = 2;
+    let mut cfg = support::config(dir.path(), rules);
     cfg.segmenter.reload_interval_ms = 100;
     cfg.segmenter.timer_scan_interval_ms = 200;
     tweak(&mut cfg);
+    let served = ingest::serve(&cfg, bus).await;
+    let writer = support::spawn_writer(&cfg, &served);
     let ingest::Served {
         db,
         store,
         bus,
         url,
         stop,
-        rx,
         server,
-    } = ingest::serve(&cfg, bus).await;
-    let mut tasks = vec![server];
-    let writer = StorageWriter::new(
-        bus.clone(),
-        store.clone(),
-        &cfg,
-        Enricher::new(IpMode::Full, Vec::new(), SHIPPED_CRAWLER_LIST).unwrap(),
-    );
-    tasks.push(tokio::spawn(async move { writer.run(rx).await.unwrap() }));
+        ..
+    } = served;
+    let tasks = vec![server, writer];
     let counters = Arc::new(dmp_stats::EmbeddedCounters::in_memory());
     let progress = Arc::new(dmp_core::health::Progress::default());
     let segmenter = Some(spawn_segmenter(

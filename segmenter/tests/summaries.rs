@@ -4,15 +4,13 @@
 
 #[path = "../../testsupport/ingest.rs"]
 mod ingest;
+mod support;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use dmp_core::Config;
 use dmp_rules::RuleSet;
 use dmp_segmenter::{evaluated, memberships, Segmenter};
-use dmp_storage_writer::enrich::{Enricher, IpMode, SHIPPED_CRAWLER_LIST};
-use dmp_storage_writer::StorageWriter;
 use dmp_store::{Get, UserStore};
 use tokio::sync::watch;
 
@@ -44,33 +42,22 @@ async fn given_users_changing_in_rounds_when_segmented_then_summaries_give_the_w
 {
     let metrics = dmp_core::telemetry::init_metrics();
     let dir = tempfile::tempdir().unwrap();
-    let rules_path = dir.path().join("rules.toml");
-    std::fs::write(&rules_path, RULES).unwrap();
-    let mut cfg = Config::defaults();
-    cfg.data_dir = dir.path().to_path_buf();
-    cfg.topics.partitions = 4;
-    cfg.segmenter.rules = rules_path.display().to_string();
-    cfg.segmenter.workers = 2;
+    let cfg = support::config(dir.path(), RULES);
+    let served = ingest::serve(&cfg, None).await;
+    let writing = support::spawn_writer(&cfg, &served);
     let ingest::Served {
         db: _db,
         store,
         bus,
         url,
         stop,
-        rx,
         server,
-    } = ingest::serve(&cfg, None).await;
-    let writer = StorageWriter::new(
-        bus.clone(),
-        store.clone(),
-        &cfg,
-        Enricher::new(IpMode::Full, Vec::new(), SHIPPED_CRAWLER_LIST).unwrap(),
-    );
-    let writing = tokio::spawn(async move { writer.run(rx).await.unwrap() });
+        ..
+    } = served;
     let seg = Segmenter::new(bus.clone(), store.clone(), &cfg).unwrap();
     let (seg_stop, seg_rx) = watch::channel(false);
     let segmenting = tokio::spawn(async move { seg.run(seg_rx).await.unwrap() });
-    let rules = RuleSet::load(&rules_path).unwrap();
+    let rules = RuleSet::load(std::path::Path::new(&cfg.segmenter.rules)).unwrap();
     assert!(
         rules.history_needs().is_some(),
         "the test's rules are prunable"
