@@ -94,7 +94,7 @@ pub(crate) struct Since {
 
 /// Writes after a cursor beyond which [`RowCache::since`] answers none: the caller reads the row,
 /// which folds them into the base (and lets a repack run).
-pub(crate) const MAX_SINCE_WRITES: usize = 8;
+pub(crate) const MAX_SINCE_WRITES: usize = 32;
 
 /// What a repack from the cache writes and removes.
 pub(crate) struct RepackPlan {

@@ -226,13 +226,13 @@ fn given_a_cached_row_when_asked_what_was_written_since_a_read_then_it_answers_u
         ],
         "the new write, projected"
     );
-    // Beyond 8 writes since, it asks for a read instead (which folds them in).
-    for i in 0..9 {
+    // Beyond 32 writes since, it asks for a read instead (which folds them in).
+    for i in 0..33 {
         put(t + 2 + i, "c");
     }
     assert!(store.get_since(&get, next).unwrap().is_none());
     let (row, cursor) = store.get_with_cursor(&get).unwrap();
-    assert_eq!(row.unwrap().cells.len(), 2 * 11);
+    assert_eq!(row.unwrap().cells.len(), 2 * 35);
     let (cells, _) = store.get_since(&get, cursor.unwrap()).unwrap().unwrap();
     assert!(cells.is_empty());
     // Without a row cache there is no cursor.
