@@ -1,6 +1,6 @@
 //! A row pruned to the events a rule set depends on evaluates as the whole row does: the same
 //! segments and the same recheck time, at any time, and pruning a pruned row with newer events
-//! added is the same as pruning the whole row.
+//! added, or events older than all of its own, is the same as pruning the whole row.
 
 use dmp_core::clock::DAY_MS;
 use dmp_core::{Cell, Row};
@@ -183,6 +183,12 @@ proptest! {
         step.sort();
         let step = needs.prune(&step);
         prop_assert_eq!(&step.cells, &pruned.cells, "{:?}", rules);
+        // And with events older than every event it saw added (a partner's file of the past).
+        let mut step = needs.prune(&row(&newer, first, crawler));
+        step.cells.extend(row(&older, None, false).cells);
+        step.sort();
+        let step = needs.prune(&step);
+        prop_assert_eq!(&step.cells, &pruned.cells, "older added: {:?}", rules);
     }
 }
 

@@ -7,8 +7,10 @@
 //! ([`dmp_store::UserStore::get_since`]), adds them to the summary ([`extend`]) and evaluates
 //! that: the same segments and recheck time as the whole row, at a cost that does not grow with
 //! the history. [`extend`] refuses (and the worker reads the whole row) when that could differ:
-//! a new event not newer than every event the summary saw (it may merge into an existing event),
-//! or a history large enough for the store's version or cell limits to cut it.
+//! a new event at a time from the oldest to the newest event the row held (it may merge into an
+//! event pruned away, or into one kept so that it no longer matches where a pruned one did), or
+//! a history large enough for the store's version or cell limits to cut it. An event older than
+//! every event of the row (a partner's file of past events) is a new event like a newer one.
 //!
 //! Summaries are bounded per worker (`segmenter.summaries_per_worker`, least recently used
 //! first out), never persisted, and tied to the rule set they were pruned for.
@@ -42,6 +44,9 @@ pub(crate) struct Pruned {
     pub cells: usize,
     /// Time of the newest event seen.
     pub newest: i64,
+    /// Time of the oldest event seen (`i64::MAX` when none): an event older than it cannot merge
+    /// into one pruned away.
+    pub oldest: i64,
 }
 
 /// `row` with its cells' values copied into one buffer of its own. A read's cells are slices of
@@ -142,10 +147,11 @@ impl Summaries {
 
 /// The summary's row with the cells written since added, as a read of the whole row would give
 /// what the rules depend on: a later write of a coordinate wins, each family's versions and TTL
-/// apply as of `now`. Also the summary's new event count, cell count and newest event. Refused
-/// when a new event is not newer than every event seen (an event at an existing event's time
-/// merges into it), or when the history may reach half the `e` family's versions or
-/// `max_cells` (the store's cap on a read), where the whole row's read would be cut.
+/// apply as of `now`. Also the summary's new event count, cell count, newest and oldest event.
+/// Refused when a new event's time is from the oldest to the newest event seen (an event at an
+/// existing event's time merges into it, and that one may have been pruned away), or when the
+/// history may reach half the `e` family's versions or `max_cells` (the store's cap on a read),
+/// where the whole row's read would be cut.
 pub(crate) fn extend(
     s: Pruned,
     new: Vec<Cell>,
@@ -160,7 +166,10 @@ pub(crate) fn extend(
         .collect();
     times.sort_unstable();
     times.dedup();
-    if times.first().is_some_and(|t| *t <= s.newest) {
+    // An event newer than every event the row held, or older than all of them, is a new event.
+    // One at another time may merge into an event pruned away (or change one kept, which may
+    // then no longer match a condition that a pruned event matched): only the row can say.
+    if times.iter().any(|t| *t <= s.newest && *t >= s.oldest) {
         return Err(Refused::OutOfOrder);
     }
     let events = s.events + times.len();
@@ -172,6 +181,7 @@ pub(crate) fn extend(
         return Err(Refused::History);
     }
     let newest = times.last().copied().unwrap_or(s.newest).max(s.newest);
+    let oldest = times.first().copied().unwrap_or(s.oldest).min(s.oldest);
     let old = s.row;
     let mut row = Row {
         key: old.key,
@@ -183,6 +193,7 @@ pub(crate) fn extend(
         events,
         cells,
         newest,
+        oldest,
     })
 }
 
@@ -225,19 +236,25 @@ fn limit(row: &mut Row, schema: &Schema, now: i64) {
     let keep: Vec<bool> = {
         let cells = &row.cells;
         let mut versions = 0u32;
+        // The family's versions and TTL cutoff, looked up when the family changes (cells come
+        // grouped by family); none for a family the schema does not have: its cells go.
+        let mut limits: Option<(u32, i64)> = None;
         cells
             .iter()
             .enumerate()
             .map(|(i, c)| {
-                let same_column = i > 0 && {
-                    let p = &cells[i - 1];
-                    p.family == c.family && p.qualifier == c.qualifier
+                let (same_family, same_column) = match i.checked_sub(1).map(|j| &cells[j]) {
+                    Some(p) if p.family == c.family => (true, p.qualifier == c.qualifier),
+                    _ => (false, false),
                 };
+                if !same_family {
+                    limits = schema.family(&c.family).map(|f| {
+                        let cutoff = schema.ttl_ms(&c.family).map_or(i64::MIN, |ttl| now - ttl);
+                        (f.max_versions, cutoff)
+                    });
+                }
                 versions = if same_column { versions + 1 } else { 1 };
-                schema.family(&c.family).is_some_and(|f| {
-                    let cutoff = schema.ttl_ms(&c.family).map_or(i64::MIN, |ttl| now - ttl);
-                    versions <= f.max_versions && c.ts >= cutoff
-                })
+                limits.is_some_and(|(max, cutoff)| versions <= max && c.ts >= cutoff)
             })
             .collect()
     };
@@ -258,6 +275,7 @@ mod tests {
             row,
             events,
             newest,
+            oldest: newest - 100,
         }
     }
 
@@ -305,11 +323,49 @@ mod tests {
     }
 
     #[test]
-    fn given_an_event_not_newer_than_the_summary_or_a_long_history_when_extended_then_refused() {
+    fn given_an_event_older_than_every_event_of_the_row_when_extended_then_it_joins() {
         let schema = Schema::dmp_default();
         let now = 1_800_000_000_000;
-        let s = summary(empty(), 10, now - 10);
-        for ts in [now - 10, now - 11] {
+        // The row held events from now - 110 to now - 10; the summary keeps now - 10 and
+        // now - 50.
+        let old = Row {
+            key: "u".into(),
+            cells: vec![
+                Cell::new("e", "q", now - 50, b"cats".to_vec()),
+                Cell::new("e", "url", now - 10, b"a".to_vec()),
+            ],
+        };
+        let s = summary(old, 5, now - 10);
+        let new = vec![
+            Cell::new("e", "q", now - 200, b"dogs".to_vec()),
+            Cell::new("e", "url", now - 200, b"c".to_vec()),
+        ];
+        let p = extend(s, new, &schema, now, 100_000).unwrap();
+        assert_eq!((p.events, p.newest, p.oldest), (6, now - 10, now - 200));
+        let got: Vec<(&str, &str, i64)> = p.row.cells.iter().map(|c| c.coordinates()).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("e", "q", now - 50),
+                ("e", "q", now - 200),
+                ("e", "url", now - 10),
+                ("e", "url", now - 200),
+            ]
+        );
+    }
+
+    #[test]
+    fn given_an_event_within_the_rows_times_or_a_long_history_when_extended_then_refused() {
+        let schema = Schema::dmp_default();
+        let now = 1_800_000_000_000;
+        // From the oldest (now - 110) to the newest, even at the time of an event the summary
+        // keeps (now - 10): it may merge into an event pruned away, or change a kept one.
+        let kept = Row {
+            key: "u".into(),
+            cells: vec![Cell::new("e", "url", now - 10, b"a".to_vec())],
+        };
+        let s = summary(kept, 10, now - 10);
+        for ts in [now - 10, now - 11, now - 110] {
             let new = vec![Cell::new("e", "url", ts, b"x".to_vec())];
             assert_eq!(
                 extend(s.clone(), new, &schema, now, 100_000).err(),

@@ -645,13 +645,15 @@ impl Worker {
             counters
                 .evaluation_time
                 .record(started.elapsed().as_secs_f64());
-            let last_event_ts = row
+            // The newest event's time (0: none) and the oldest's (i64::MAX: none).
+            let (last_event_ts, oldest_event_ts) = row
                 .cells
                 .iter()
                 .filter(|c| c.family == dmp_core::cell::FAMILY_EVENTS)
-                .map(|c| c.ts)
-                .max()
-                .unwrap_or(0);
+                .fold((None, i64::MAX), |(newest, oldest), c| {
+                    (newest.max(Some(c.ts)), oldest.min(c.ts))
+                });
+            let last_event_ts = last_event_ts.unwrap_or(0);
             for (qualifier, results, records, published) in [
                 (
                     "current",
@@ -751,7 +753,7 @@ impl Worker {
                     row.cells.len(),
                     pruned,
                     events,
-                    last_event_ts,
+                    (oldest_event_ts, last_event_ts),
                     source,
                 );
             }
@@ -816,8 +818,9 @@ impl Worker {
     }
 
     /// Keeps the user's summary after an evaluation of a row of `cells` cells, `pruned` to the
-    /// events the rules depend on (`events` in all): from the summary it came from, or from the
-    /// whole row read (when the store gave a cursor and the row is well under its limits).
+    /// events the rules depend on (`events` in all, from `oldest` to `newest`): from the summary
+    /// it came from, or from the whole row read (when the store gave a cursor and the row is well
+    /// under its limits).
     #[allow(clippy::too_many_arguments)]
     fn keep_summary(
         &self,
@@ -827,7 +830,7 @@ impl Worker {
         cells: usize,
         pruned: Row,
         events: usize,
-        newest: i64,
+        (oldest, newest): (i64, i64),
         source: Source,
     ) {
         let (pruned, cursor) = match source {
@@ -852,6 +855,7 @@ impl Worker {
                         events,
                         cells,
                         newest,
+                        oldest,
                     },
                     cursor,
                 )
