@@ -15,8 +15,9 @@
 //! It is the first part of evaluating a user from what changed (docs/adr/007): a summary of
 //! a user is its pruned row, and a change adds the new events to it and prunes again, which gives
 //! the same result as pruning the whole row when every new event is newer than every event the
-//! summary has seen (an event at an existing event's time merges into it). Cells older than the
-//! store's TTL must be dropped from a summary before it is evaluated, as a read drops them.
+//! summary has seen, or older than all of them (an event at an existing event's time merges into
+//! it). Cells older than the store's TTL must be dropped from a summary before it is evaluated,
+//! as a read drops them.
 
 use std::collections::BTreeSet;
 

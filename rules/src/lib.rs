@@ -12,8 +12,7 @@
 //!   results kept apart.
 //! - [`RuleWatcher`]: reloads a rule file when it changes; a bad file never replaces a good one.
 //! - [`history`]: which of a user's events a rule set's results depend on, and a row pruned to
-//!   them that evaluates alike (the first part of docs/adr/007; the segmenter does not use it
-//!   yet).
+//!   them that evaluates alike (docs/adr/007: the segmenter's summaries are such rows).
 
 pub mod builtin;
 pub mod eval;

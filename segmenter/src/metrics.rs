@@ -22,8 +22,8 @@ pub const EVALUATED: &str = "dmp_segmenter_users_evaluated_total";
 pub const FROM_SUMMARY: &str = "dmp_segmenter_evaluations_from_summary_total";
 /// Evaluations from the whole row, by `reason` the summary was not used: `no_summary`, `rules`
 /// (pruned for another rule set), `timer`, `store` (it could not say what was written since),
-/// `out_of_order` (an event not newer than the summary's), `history` (near the store's limits)
-/// (counter).
+/// `out_of_order` (an event within the times of the row's events), `history` (near the store's
+/// limits) (counter).
 pub const FROM_ROW: &str = "dmp_segmenter_evaluations_from_row_total";
 /// Users a worker keeps a summary of (gauge).
 pub const SUMMARIES: &str = "dmp_segmenter_summaries";

@@ -79,7 +79,7 @@ pub(crate) enum Refused {
     Timer,
     /// The store could not say what was written since.
     Store,
-    /// A new event not newer than every event the summary saw.
+    /// A new event at a time from the oldest to the newest event the row held.
     OutOfOrder,
     /// A history near the store's version or cell limits.
     History,
