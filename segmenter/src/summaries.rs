@@ -174,10 +174,7 @@ pub(crate) fn extend(
     }
     let events = s.events + times.len();
     let cells = s.cells + new.len();
-    let versions = schema
-        .family(FAMILY_EVENTS)
-        .map_or(u32::MAX, |f| f.max_versions) as usize;
-    if events > versions / 2 || cells >= max_cells / 2 {
+    if near_limits(events, cells, schema, max_cells) {
         return Err(Refused::History);
     }
     let newest = times.last().copied().unwrap_or(s.newest).max(s.newest);
@@ -195,6 +192,16 @@ pub(crate) fn extend(
         newest,
         oldest,
     })
+}
+
+/// Whether a row of `events` events and `cells` cells may reach half the `e` family's versions or
+/// half `max_cells` (the store's cap on a read), where a read of the whole row would be cut and a
+/// summary would hold what the row no longer does.
+pub(crate) fn near_limits(events: usize, cells: usize, schema: &Schema, max_cells: usize) -> bool {
+    let versions = schema
+        .family(FAMILY_EVENTS)
+        .map_or(u32::MAX, |f| f.max_versions) as usize;
+    events > versions / 2 || cells >= max_cells / 2
 }
 
 /// Two rows' cells in HBase order merged into one in that order; of two cells with the same

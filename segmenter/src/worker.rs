@@ -840,12 +840,7 @@ impl Worker {
                 (p, cursor)
             }
             Source::Whole(Some(cursor)) => {
-                let versions = self
-                    .store
-                    .schema()
-                    .family(dmp_core::cell::FAMILY_EVENTS)
-                    .map_or(0, |f| f.max_versions) as usize;
-                if cells >= self.max_row_cells / 2 || events > versions / 2 {
+                if summaries::near_limits(events, cells, self.store.schema(), self.max_row_cells) {
                     return;
                 }
                 (
