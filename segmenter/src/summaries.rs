@@ -184,7 +184,7 @@ pub(crate) fn extend(
         key: old.key,
         cells: merge(old.cells, new),
     };
-    limit(&mut row, schema, now);
+    schema.limit(&mut row.cells, now);
     Ok(Pruned {
         row,
         events,
@@ -234,42 +234,6 @@ fn merge(old: Vec<Cell>, new: Vec<Cell>) -> Vec<Cell> {
         }
     }
     out
-}
-
-/// Applies each family's versions and TTL to a row in HBase order, as a read does: at most
-/// `max_versions` newest versions per column, none older than the TTL, none of a family not in
-/// the schema.
-fn limit(row: &mut Row, schema: &Schema, now: i64) {
-    let keep: Vec<bool> = {
-        let cells = &row.cells;
-        let mut versions = 0u32;
-        // The family's versions and TTL cutoff, looked up when the family changes (cells come
-        // grouped by family); none for a family the schema does not have: its cells go.
-        let mut limits: Option<(u32, i64)> = None;
-        cells
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let (same_family, same_column) = match i.checked_sub(1).map(|j| &cells[j]) {
-                    Some(p) if p.family == c.family => (true, p.qualifier == c.qualifier),
-                    _ => (false, false),
-                };
-                if !same_family {
-                    limits = schema.family(&c.family).map(|f| {
-                        let cutoff = schema.ttl_ms(&c.family).map_or(i64::MIN, |ttl| now - ttl);
-                        (f.max_versions, cutoff)
-                    });
-                }
-                versions = if same_column { versions + 1 } else { 1 };
-                limits.is_some_and(|(max, cutoff)| versions <= max && c.ts >= cutoff)
-            })
-            .collect()
-    };
-    let mut i = 0;
-    row.cells.retain(|_| {
-        i += 1;
-        keep[i - 1]
-    });
 }
 
 #[cfg(test)]

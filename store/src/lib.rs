@@ -193,6 +193,14 @@ impl Schema {
             .get(family)
             .and_then(|f| (f.ttl_days > 0).then(|| f.ttl_days as i64 * dmp_core::clock::DAY_MS))
     }
+
+    /// Drops from `cells`, in HBase order, what a read as of `now` leaves out: cells of families
+    /// not in the schema, versions beyond a family's `max_versions`, cells past its TTL. For
+    /// cells put together outside the store (a segmenter's summary with the writes since), so
+    /// they hold what a read of the row would.
+    pub fn limit(&self, cells: &mut Vec<Cell>, now: i64) {
+        merge::limit(cells, self, now);
+    }
 }
 
 /// Where a read left off in a row's writes, for [`UserStore::get_since`]. Opaque; only the store

@@ -251,11 +251,17 @@ impl<'s, 'a> Limits<'s, 'a> {
     /// Whether `c`, the cell after the previous one asked about, is kept.
     #[inline]
     fn keeps(&mut self, c: &RawCell<'a>) -> Next {
+        self.keeps_parts(c.family, c.qualifier, c.ts)
+    }
+
+    /// [`Limits::keeps`] of a cell given by its family, qualifier and version.
+    #[inline]
+    fn keeps_parts(&mut self, family: &'a [u8], qualifier: &'a [u8], ts: i64) -> Next {
         let same_family = self
             .prev
-            .is_some_and(|(f, _)| dmp_core::cell::same_bytes(f, c.family));
+            .is_some_and(|(f, _)| dmp_core::cell::same_bytes(f, family));
         if !same_family {
-            let name = std::str::from_utf8(c.family).unwrap_or("");
+            let name = std::str::from_utf8(family).unwrap_or("");
             self.max_versions = self.schema.family(name).map_or(0, |f| f.max_versions);
             self.cutoff = self
                 .schema
@@ -265,10 +271,10 @@ impl<'s, 'a> Limits<'s, 'a> {
         let same_column = same_family
             && self
                 .prev
-                .is_some_and(|(_, q)| dmp_core::cell::same_bytes(q, c.qualifier));
+                .is_some_and(|(_, q)| dmp_core::cell::same_bytes(q, qualifier));
         self.versions = if same_column { self.versions + 1 } else { 1 };
-        self.prev = Some((c.family, c.qualifier));
-        let kept = self.versions <= self.max_versions && c.ts >= self.cutoff;
+        self.prev = Some((family, qualifier));
+        let kept = self.versions <= self.max_versions && ts >= self.cutoff;
         let next = match (kept, self.prev_kept) {
             (false, _) => Next::Dropped,
             (true, true) => Next::After {
@@ -280,6 +286,24 @@ impl<'s, 'a> Limits<'s, 'a> {
         self.prev_kept = kept;
         next
     }
+}
+
+/// Drops from `cells`, in HBase order, what a read would leave out as of `now`: cells of
+/// families not in `schema`, versions beyond a family's `max_versions`, cells past its TTL (the
+/// same [`Limits`] a read applies to packed cells).
+pub(crate) fn limit(cells: &mut Vec<Cell>, schema: &Schema, now: i64) {
+    let keep: Vec<bool> = {
+        let mut limits = Limits::new(schema, now);
+        cells
+            .iter()
+            .map(|c| {
+                let next = limits.keeps_parts(c.family.as_bytes(), c.qualifier.as_bytes(), c.ts);
+                !matches!(next, Next::Dropped)
+            })
+            .collect()
+    };
+    let mut keep = keep.into_iter();
+    cells.retain(|_| keep.next().unwrap_or(false));
 }
 
 /// The cells a read returns, built as they are met in HBase order, with a projection applied:
@@ -586,6 +610,33 @@ mod tests {
         let m = read(Some(&base), &[&write], &s, now, None, true).unwrap();
         assert_eq!(m.packed, Some(codec::encode(&[fresh.clone(), bot.clone()])));
         assert_eq!(m.cells, vec![fresh, bot]);
+    }
+
+    #[test]
+    fn given_cells_put_together_when_limited_then_what_a_read_of_them_keeps() {
+        let now = 1_800_000_000_000;
+        let s = schema();
+        let cells = vec![
+            Cell::new("e", "url", now - 1, b"a".to_vec()),
+            Cell::new("e", "url", 1, b"b".to_vec()), // past the TTL
+            Cell::new("m", "written", now, b"w2".to_vec()),
+            Cell::new("m", "written", now - 5, b"w1".to_vec()), // one version kept
+            Cell::new("x", "gone", now, b"?".to_vec()),         // no such family
+        ];
+        let mut limited = cells.clone();
+        s.limit(&mut limited, now);
+        let read_back = read(
+            Some(&Bytes::from(codec::encode(&cells))),
+            &[],
+            &s,
+            now,
+            None,
+            false,
+        )
+        .unwrap()
+        .cells;
+        assert_eq!(limited, read_back);
+        assert_eq!(limited, vec![cells[0].clone(), cells[2].clone()]);
     }
 }
 
