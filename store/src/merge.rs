@@ -85,10 +85,7 @@ pub(crate) fn read(
             Ok(false)
         })?;
     }
-    // HBase order, the newest of a coordinate first; only it is kept. Unstable, with the write
-    // order as the last key: a stable sort allocated its scratch buffer at every read.
-    deltas.sort_unstable_by(|a, b| a.0.cmp_key(&b.0).then(b.2.cmp(&a.2)));
-    deltas.dedup_by(|later, earlier| later.0.same_coordinates(&earlier.0));
+    newest_per_coordinate(&mut deltas);
     let written: usize = deltas.iter().map(|d| d.0.encoded.len()).sum();
     let mut sink = Sink {
         limits,
@@ -125,6 +122,14 @@ pub(crate) fn read(
     })
 }
 
+/// Written cells (each with the write it is in and its place in write order) into HBase order,
+/// only the newest write of each coordinate kept. Unstable, with the write order as the last
+/// key: a stable sort allocated its scratch buffer at every read.
+fn newest_per_coordinate(deltas: &mut Vec<(RawCell<'_>, u32, u32)>) {
+    deltas.sort_unstable_by(|a, b| a.0.cmp_key(&b.0).then(b.2.cmp(&a.2)));
+    deltas.dedup_by(|later, earlier| later.0.same_coordinates(&earlier.0));
+}
+
 /// [`read`] of writes alone, unpacked, with a projection (what was written since a read): the
 /// left-out columns' cells are never sorted or built, only their versions kept for the markers.
 /// None (the general path then) when a left-out column may hold more versions than its family
@@ -158,8 +163,7 @@ fn read_writes_projected(
     if left_out > max_versions {
         return Ok(None);
     }
-    deltas.sort_unstable_by(|a, b| a.0.cmp_key(&b.0).then(b.2.cmp(&a.2)));
-    deltas.dedup_by(|later, earlier| later.0.same_coordinates(&earlier.0));
+    newest_per_coordinate(&mut deltas);
     let mut sink = Sink {
         limits: Limits::new(schema, now),
         packed: None,
