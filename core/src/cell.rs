@@ -46,6 +46,21 @@ impl Cell {
         }
     }
 
+    /// The order of two cells in a row, HBase's: family, qualifier ascending, version descending
+    /// (equal for the same coordinates).
+    pub fn cmp_hbase(&self, other: &Cell) -> std::cmp::Ordering {
+        (
+            self.family.as_str(),
+            self.qualifier.as_str(),
+            std::cmp::Reverse(self.ts),
+        )
+            .cmp(&(
+                other.family.as_str(),
+                other.qualifier.as_str(),
+                std::cmp::Reverse(other.ts),
+            ))
+    }
+
     /// The coordinates that identify a cell: writing the same coordinates twice replaces the value.
     pub fn coordinates(&self) -> (&str, &str, i64) {
         (&self.family, &self.qualifier, self.ts)
@@ -83,18 +98,7 @@ impl Row {
 
     /// Sorts cells into HBase order (family, qualifier ascending; version descending).
     pub fn sort(&mut self) {
-        self.cells.sort_by(|a, b| {
-            (
-                a.family.as_str(),
-                a.qualifier.as_str(),
-                std::cmp::Reverse(a.ts),
-            )
-                .cmp(&(
-                    b.family.as_str(),
-                    b.qualifier.as_str(),
-                    std::cmp::Reverse(b.ts),
-                ))
-        });
+        self.cells.sort_by(Cell::cmp_hbase);
     }
 }
 /// Leaves out the cells of one family whose qualifier a reader does not use, and keeps *when*

@@ -208,18 +208,11 @@ pub(crate) fn near_limits(events: usize, cells: usize, schema: &Schema, max_cell
 /// coordinates, `new`'s.
 fn merge(old: Vec<Cell>, new: Vec<Cell>) -> Vec<Cell> {
     use std::cmp::Ordering;
-    let cmp = |a: &Cell, b: &Cell| {
-        a.family
-            .as_str()
-            .cmp(b.family.as_str())
-            .then_with(|| a.qualifier.as_str().cmp(b.qualifier.as_str()))
-            .then_with(|| b.ts.cmp(&a.ts))
-    };
     let mut out = Vec::with_capacity(old.len() + new.len());
     let (mut a, mut b) = (old.into_iter().peekable(), new.into_iter().peekable());
     loop {
         let o = match (a.peek(), b.peek()) {
-            (Some(x), Some(y)) => cmp(x, y),
+            (Some(x), Some(y)) => x.cmp_hbase(y),
             (Some(_), None) => Ordering::Less,
             (None, Some(_)) => Ordering::Greater,
             (None, None) => break,
