@@ -539,6 +539,21 @@ impl EmbeddedStore {
             .map_err(|reason| corrupt(row, reason))
     }
 
+    /// [`EmbeddedStore::read_merged`] of cached writes (with their sequence numbers, in the order
+    /// recorded): merged in write order, as the LSM read merges them.
+    fn read_cached_writes(
+        &self,
+        row: &str,
+        base: Option<&bytes::Bytes>,
+        mut writes: Vec<(u64, bytes::Bytes)>,
+        projection: Option<&crate::Projection>,
+        pack: bool,
+    ) -> Result<crate::merge::Merged> {
+        writes.sort_unstable_by_key(|(seq, _)| *seq);
+        let writes: Vec<&bytes::Bytes> = writes.iter().map(|(_, v)| v).collect();
+        self.read_merged(row, base, &writes, projection, pack)
+    }
+
     /// [`EmbeddedStore::read_merged`] of a row's parts as stored.
     fn read_raw(
         &self,
@@ -623,10 +638,8 @@ impl EmbeddedStore {
     ) -> Result<Vec<Cell>> {
         // (`cached.writes` and `cached.id` are the read's cursor, taken by the caller.)
         let fold = with_cursor || cached.pending.len() > crate::row_cache::MAX_SINCE_WRITES;
-        let mut pending = cached.pending;
-        pending.sort_unstable_by_key(|(seq, _)| *seq);
-        let writes: Vec<&bytes::Bytes> = pending.iter().map(|(_, v)| v).collect();
-        let merged = self.read_merged(row, Some(&cached.base), &writes, projection, fold)?;
+        let merged =
+            self.read_cached_writes(row, Some(&cached.base), cached.pending, projection, fold)?;
         if let Some(packed) = merged.packed {
             self.cache.merged(row, cached.writes, packed.into());
         }
@@ -917,13 +930,12 @@ impl UserStore for EmbeddedStore {
         if get.filters() || get.max_cells.is_some() {
             return Ok(None); // only a projection is applied to the writes since
         }
-        let Some(mut since) = self.cache.since(&get.row, cursor) else {
+        let Some(since) = self.cache.since(&get.row, cursor) else {
             return Ok(None);
         };
-        // Merged in write order, as a read merges them, with nothing under them.
-        since.writes.sort_unstable_by_key(|(seq, _)| *seq);
-        let writes: Vec<&bytes::Bytes> = since.writes.iter().map(|(_, v)| v).collect();
-        let merged = self.read_merged(&get.row, None, &writes, get.projection.as_deref(), false)?;
+        // The writes alone, with nothing under them.
+        let projection = get.projection.as_deref();
+        let merged = self.read_cached_writes(&get.row, None, since.writes, projection, false)?;
         Ok(Some((merged.cells, since.cursor)))
     }
 
