@@ -34,6 +34,11 @@ pub mod timers;
 pub mod users;
 mod worker;
 
+// The unit tests allocate as the `dmp` binary does (`worker::cost` counts instructions).
+#[cfg(test)]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::collections::HashSet;
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::Arc;

@@ -121,6 +121,52 @@ struct State {
     backfill: Backfill,
 }
 
+impl Counters {
+    fn new(index: usize) -> Counters {
+        let label = index.to_string();
+        Counters {
+            received: metrics::counter!(m::RECEIVED, "worker" => label.clone()),
+            duplicate: metrics::counter!(m::SKIPPED_DUPLICATE, "worker" => label.clone()),
+            bot: metrics::counter!(m::SKIPPED_BOT, "worker" => label.clone()),
+            throttled: metrics::counter!(m::THROTTLED, "worker" => label.clone()),
+            backfill: metrics::counter!(m::BACKFILL, "worker" => label.clone()),
+            backfill_held: metrics::gauge!(m::BACKFILL_HELD, "worker" => label),
+            wait: metrics::histogram!(m::WAIT),
+            evaluated_change: metrics::counter!(m::EVALUATED, "trigger" => "change"),
+            evaluated_timer: metrics::counter!(m::EVALUATED, "trigger" => "timer"),
+            row_cells: metrics::histogram!(m::ROW_CELLS),
+            evaluation_time: metrics::histogram!(m::EVALUATION_TIME),
+            published_live: metrics::counter!(m::PUBLISHED, "topic_kind" => "live"),
+            published_shadow: metrics::counter!(m::PUBLISHED, "topic_kind" => "shadow"),
+            end_to_end: metrics::histogram!(m::END_TO_END),
+            from_summary: metrics::counter!(m::FROM_SUMMARY),
+            from_row: Refused::ALL
+                .iter()
+                .map(|r| metrics::counter!(m::FROM_ROW, "reason" => r.as_str()))
+                .collect(),
+            summaries: metrics::gauge!(m::SUMMARIES, "worker" => index.to_string()),
+        }
+    }
+}
+
+impl State {
+    fn new(cfg: &SegmenterConfig) -> State {
+        State {
+            summaries: Summaries::new(cfg.summaries_per_worker),
+            users: Users::new(
+                cfg.dedupe_capacity,
+                Limits {
+                    window_ms: cfg.blacklist_window_secs as i64 * 1000,
+                    max: cfg.blacklist_max_changes,
+                    ban_ms: cfg.blacklist_ban_secs as i64 * 1000,
+                },
+            ),
+            deferred: BTreeMap::new(),
+            backfill: Backfill::new(cfg.backfill_max_held),
+        }
+    }
+}
+
 /// Most changes a worker takes from its queue for one batch, and most held backfill it adds to
 /// one.
 const BATCH_MAX: usize = 1000;
@@ -297,42 +343,8 @@ impl Worker {
             .enable_all()
             .build()
             .expect("a current-thread runtime");
-        let label = self.index.to_string();
-        let counters = Counters {
-            received: metrics::counter!(m::RECEIVED, "worker" => label.clone()),
-            duplicate: metrics::counter!(m::SKIPPED_DUPLICATE, "worker" => label.clone()),
-            bot: metrics::counter!(m::SKIPPED_BOT, "worker" => label.clone()),
-            throttled: metrics::counter!(m::THROTTLED, "worker" => label.clone()),
-            backfill: metrics::counter!(m::BACKFILL, "worker" => label.clone()),
-            backfill_held: metrics::gauge!(m::BACKFILL_HELD, "worker" => label),
-            wait: metrics::histogram!(m::WAIT),
-            evaluated_change: metrics::counter!(m::EVALUATED, "trigger" => "change"),
-            evaluated_timer: metrics::counter!(m::EVALUATED, "trigger" => "timer"),
-            row_cells: metrics::histogram!(m::ROW_CELLS),
-            evaluation_time: metrics::histogram!(m::EVALUATION_TIME),
-            published_live: metrics::counter!(m::PUBLISHED, "topic_kind" => "live"),
-            published_shadow: metrics::counter!(m::PUBLISHED, "topic_kind" => "shadow"),
-            end_to_end: metrics::histogram!(m::END_TO_END),
-            from_summary: metrics::counter!(m::FROM_SUMMARY),
-            from_row: Refused::ALL
-                .iter()
-                .map(|r| metrics::counter!(m::FROM_ROW, "reason" => r.as_str()))
-                .collect(),
-            summaries: metrics::gauge!(m::SUMMARIES, "worker" => self.index.to_string()),
-        };
-        let mut st = State {
-            summaries: Summaries::new(self.cfg.summaries_per_worker),
-            users: Users::new(
-                self.cfg.dedupe_capacity,
-                Limits {
-                    window_ms: self.cfg.blacklist_window_secs as i64 * 1000,
-                    max: self.cfg.blacklist_max_changes,
-                    ban_ms: self.cfg.blacklist_ban_secs as i64 * 1000,
-                },
-            ),
-            deferred: BTreeMap::new(),
-            backfill: Backfill::new(self.cfg.backfill_max_held),
-        };
+        let counters = Counters::new(self.index);
+        let mut st = State::new(&self.cfg);
         loop {
             // The next change, or none when a deferred one falls due first. Held backfill waits
             // for a moment with no live change queued: then it is handled instead.
@@ -1017,5 +1029,146 @@ mod tests {
         assert_eq!(uids(b.take(10)), ["c"], "idle: due or not");
         assert_eq!(b.len(), 0);
         assert!(b.take(10).is_empty());
+    }
+}
+
+/// What an evaluation costs in instructions, counted under callgrind (a count does not move with
+/// the machine's noise, as the loadtest's CPU figures do): users with a page or a search a
+/// round, as the storage writer writes them, evaluated by a worker after each round, from their
+/// summaries after the first; each user's segments are then checked against its whole row. Run
+/// it twice with `COST_ROUNDS` apart and subtract (docs/benchmarks.md, "Instructions per
+/// evaluation"):
+///
+/// ```text
+/// cargo test --release -p dmp-segmenter --lib --no-run
+/// COST_ROUNDS=10 valgrind --tool=callgrind --toggle-collect='*Worker::evaluate*' \
+///     --toggle-collect='*Worker::write*' <the test binary> worker::cost --test-threads=1
+/// ```
+#[cfg(test)]
+mod cost {
+    use super::*;
+    use dmp_bus::embedded::EmbeddedBus;
+    use dmp_store::embedded::{EmbeddedDatabase, EmbeddedStore};
+
+    /// The loadtest's rules (the `peak` scenario's).
+    const DEMO: &str = include_str!("../../loadtest/scenarios/demo-rules.toml");
+    const USERS: i64 = 200;
+
+    /// User `u`'s event of round `r` at `ts`, written at `written`: the cells the storage
+    /// writer puts for it.
+    fn event(u: i64, r: i64, ts: i64, written: i64) -> Vec<Cell> {
+        let e = dmp_core::cell::FAMILY_EVENTS;
+        let (kind, url, q) = match (u + r) % 5 {
+            0 => ("pageview", "https://cats.example/p/123", None),
+            1 => ("search", "https://ya.ru/search", Some("корм для кошек")),
+            2 => ("pageview", "https://news.example/2026/11/23/x", None),
+            3 => ("pageview", "https://bank.example/mortgage", None),
+            _ => (
+                "search",
+                "https://www.google.com/search",
+                Some("car service near me"),
+            ),
+        };
+        let mut cells = vec![
+            Cell::new(e, "type", ts, kind.as_bytes().to_vec()),
+            Cell::new(e, "url", ts, url.as_bytes().to_vec()),
+            Cell::new(e, "ref", ts, b"https://ya.ru/".to_vec()),
+            Cell::new(e, "src", ts, b"web".to_vec()),
+            Cell::new(e, "ip", ts, b"\x0a\x00\x00\x01".to_vec()),
+            Cell::new(e, "geo", ts, b"RU/Moscow/Moscow".to_vec()),
+            Cell::new(
+                e,
+                "ua",
+                ts,
+                b"\x01\x02\x03\x04\x05\x06\x07\x08Chrome\0Windows\0desktop\0".to_vec(),
+            ),
+            Cell::new(
+                FAMILY_META,
+                "first_seen",
+                i64::MAX - ts,
+                ts.to_be_bytes().to_vec(),
+            ),
+            dmp_storage_writer::cells::written_cell(written),
+        ];
+        if let Some(q) = q {
+            cells.push(Cell::new(e, "q", ts, q.as_bytes().to_vec()));
+        }
+        cells
+    }
+
+    #[test]
+    fn given_users_changing_in_rounds_when_evaluated_then_from_summaries_and_right() {
+        let rounds: i64 = std::env::var("COST_ROUNDS").map_or(10, |v| v.parse().expect("a number"));
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = dmp_core::Config::defaults();
+        cfg.data_dir = dir.path().to_path_buf();
+        let db =
+            EmbeddedDatabase::open(dir.path(), &cfg.embedded, &dmp_store::Schema::dmp_default())
+                .unwrap();
+        let store: Arc<dyn UserStore> = Arc::new(EmbeddedStore::open(&db, &cfg.store).unwrap());
+        let bus: Arc<dyn Bus> = Arc::new(EmbeddedBus::open(&db, &cfg.bus).unwrap());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(dmp_bus::ensure_topics(bus.as_ref(), &cfg.topics))
+            .unwrap();
+        let (version, rules) = dmp_rules::file::parse_rules("demo.toml", DEMO).unwrap();
+        let set = Arc::new(RuleSet::new(version, rules, "demo.toml").unwrap());
+        let (_jobs, rx) = std::sync::mpsc::sync_channel(1);
+        let (done, _done) = tokio::sync::mpsc::unbounded_channel();
+        let w = Worker {
+            index: 0,
+            store: store.clone(),
+            bus,
+            rules: Arc::new(FixedRules(set.clone())),
+            topics: cfg.topics.clone(),
+            cfg: cfg.segmenter.clone(),
+            jobs: rx,
+            done,
+            counters: None,
+            max_row_cells: cfg.store.max_row_cells,
+        };
+        let counters = Counters::new(0);
+        let mut st = State::new(&w.cfg);
+        let uid = |u: i64| format!("{:016x}", (u as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let start = dmp_core::clock::now_ms() - 3_600_000;
+        for r in 0..rounds {
+            let mut puts = Vec::new();
+            let mut users = BTreeMap::new();
+            for u in 0..USERS {
+                let ts = start + r * 1000 + u;
+                let written = ts + 10;
+                puts.push(Put {
+                    row: uid(u),
+                    cells: event(u, r, ts, written),
+                });
+                let job = Job {
+                    uid: uid(u),
+                    ts: written,
+                    msg_ts: written,
+                    last_event_ts: ts,
+                    tp: TopicPartition::new("dmp.user-changes", 0),
+                    offset: (r * USERS + u) as u64,
+                    timer: None,
+                };
+                users.insert(uid(u), Reason::change(&job));
+            }
+            store.put(&puts).unwrap();
+            let out = w.evaluate(&mut st, &counters, users, Vec::new());
+            w.write(&rt, out);
+        }
+        assert_eq!(
+            st.summaries.len(),
+            USERS as usize,
+            "every user has a summary"
+        );
+        let now = dmp_core::clock::now_ms();
+        for u in 0..USERS {
+            let row = store.get(&Get::row(uid(u))).unwrap().unwrap();
+            let whole: Vec<String> = set.evaluate(&row, now).live.into_keys().collect();
+            let written: Vec<String> = memberships(Some(&row), "current").into_keys().collect();
+            assert_eq!(written, whole, "user {u}");
+        }
     }
 }
