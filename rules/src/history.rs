@@ -19,8 +19,6 @@
 //! it). Cells older than the store's TTL must be dropped from a summary before it is evaluated,
 //! as a read drops them.
 
-use std::collections::BTreeSet;
-
 use dmp_core::cell::{same, ATTR_PREFIX, FAMILY_EVENTS};
 use dmp_core::Row;
 
@@ -105,16 +103,17 @@ impl HistoryNeeds {
         event_local
     }
 
-    /// The times of the events of `row` (seen as `user`) these needs keep: each condition's
+    /// The events of `row` (seen as `user`, a view of every qualifier the conditions read, at any
+    /// time: the newest matches are taken whatever their age) these needs keep: each condition's
     /// newest matches, the newest event holding each attribute, and the newest event (no rule may
     /// need it, but the segmenter stamps `s:evaluated` and segment records with its time).
-    fn kept_of(&self, row: &Row, user: &UserView<'_>) -> BTreeSet<i64> {
-        let mut kept = BTreeSet::new();
+    pub(crate) fn kept(&self, row: &Row, user: &UserView<'_>) -> Kept {
+        let mut times = Vec::with_capacity(1 + self.conds.len() + self.attrs.len());
         if let Some(newest) = user.events.first() {
-            kept.insert(newest.ts);
+            times.push(newest.ts);
         }
         for (cond, k) in &self.conds {
-            kept.extend(newest_matches(cond, user, *k as usize));
+            times.extend(newest_matches(cond, user, *k as usize));
         }
         for name in &self.attrs {
             // Cells come in HBase order, newest first per qualifier: the first is the value.
@@ -122,32 +121,42 @@ impl HistoryNeeds {
                 same(&c.family, FAMILY_EVENTS)
                     && c.qualifier.strip_prefix(ATTR_PREFIX) == Some(name.as_str())
             }) {
-                kept.insert(c.ts);
+                times.push(c.ts);
             }
         }
-        kept
+        times.sort_unstable();
+        times.dedup();
+        Kept {
+            times,
+            events: user.events.len(),
+        }
     }
 
     /// `row` with only the events these needs keep (every cell of family `e` of those times) and
     /// every cell of the other families, in the row's order.
     pub fn prune(&self, row: &Row) -> Row {
-        self.prune_with(row, &UserView::new(row, i64::MAX)).0
+        let mut pruned = row.clone();
+        self.kept(row, &UserView::new(row, i64::MAX))
+            .apply(&mut pruned);
+        pruned
     }
+}
 
-    /// [`HistoryNeeds::prune`] with a view of `row` already built (of every qualifier the
-    /// conditions read, at any time: the newest matches are taken whatever their age), and how
-    /// many events `row` holds.
-    pub(crate) fn prune_with(&self, row: &Row, user: &UserView<'_>) -> (Row, usize) {
-        let kept = self.kept_of(row, user);
-        let pruned = Row {
-            key: row.key.clone(),
-            cells: row
-                .cells
-                .iter()
-                .filter(|c| !same(&c.family, FAMILY_EVENTS) || kept.contains(&c.ts))
-                .cloned()
-                .collect(),
-        };
-        (pruned, user.events.len())
+/// The events of a row that [`HistoryNeeds`] keep, and how many events the row held. Applied to
+/// the row it was taken from, it prunes the row in place (no cell is copied).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kept {
+    /// The kept events' times, ascending.
+    times: Vec<i64>,
+    /// How many events the row held.
+    pub events: usize,
+}
+
+impl Kept {
+    /// Removes from `row` every event not kept (every cell of family `e` of another time); the
+    /// cells of the other families stay, in the row's order.
+    pub fn apply(&self, row: &mut Row) {
+        row.cells
+            .retain(|c| !same(&c.family, FAMILY_EVENTS) || self.times.binary_search(&c.ts).is_ok());
     }
 }

@@ -331,13 +331,13 @@ impl RuleSet {
         self.history.as_ref()
     }
 
-    /// [`RuleSet::evaluate`], and the row pruned to the events the results depend on with the
-    /// number of events it held ([`history::HistoryNeeds::prune`]) when the rule set is
-    /// prunable, from one view of the row.
-    pub fn evaluate_and_prune(&self, row: &Row, now: i64) -> (Evaluation, Option<(Row, usize)>) {
+    /// [`RuleSet::evaluate`], and the events the results depend on when the rule set is prunable
+    /// (applied to `row`, they prune it as [`history::HistoryNeeds::prune`] does), from one view
+    /// of the row.
+    pub fn evaluate_and_prune(&self, row: &Row, now: i64) -> (Evaluation, Option<history::Kept>) {
         let user = self.view(row, now, false);
-        let pruned = self.history.as_ref().map(|h| h.prune_with(row, &user));
-        (self.run(row, &user, false), pruned)
+        let kept = self.history.as_ref().map(|h| h.kept(row, &user));
+        (self.run(row, &user, false), kept)
     }
 
     fn view<'a>(&self, row: &'a Row, now: i64, explain: bool) -> UserView<'a> {

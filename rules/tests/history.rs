@@ -175,6 +175,12 @@ proptest! {
         prop_assert!(pruned.cells.len() <= whole.cells.len());
         for at in [NOW, NOW + DAY_MS, NOW + 2 * DAY_MS + 7, NOW + 8 * DAY_MS] {
             prop_assert_eq!(outcome(&s, &pruned, at), outcome(&s, &whole, at), "{:?} at {}", rules, at);
+            // One view for the evaluation and the pruning gives what each gives alone.
+            let (e, kept) = s.evaluate_and_prune(&whole, at);
+            prop_assert_eq!((e.live.keys().cloned().collect::<Vec<_>>(), e.recheck_at), outcome(&s, &whole, at));
+            let mut in_place = whole.clone();
+            kept.expect("prunable").apply(&mut in_place);
+            prop_assert_eq!(&in_place.cells, &pruned.cells, "{:?} at {}", rules, at);
         }
         // A summary kept up to date: the older events pruned, the newer ones added, pruned again.
         let (newer, older): (Vec<Ev>, Vec<Ev>) = evs.iter().partition(|e| e.0 < split);

@@ -643,9 +643,8 @@ impl Worker {
             // Every cell this evaluation writes to the user's row goes in one put (one delta).
             let mut row_cells: Vec<Cell> = Vec::with_capacity(4);
             let started = Instant::now();
-            // With the row pruned for the user's summary from the same view, when one is kept.
-            let (eval, pruned) = if st.summaries.enabled() && !matches!(source, Source::Whole(None))
-            {
+            // With the events the user's summary keeps, from the same view, when one is kept.
+            let (eval, kept) = if st.summaries.enabled() && !matches!(source, Source::Whole(None)) {
                 rules.evaluate_and_prune(&row, now)
             } else {
                 (rules.evaluate(&row, now), None)
@@ -757,14 +756,18 @@ impl Worker {
             if let Some(p) = plan.delete {
                 out.deletes.push(p.row_key(&uid));
             }
-            if let Some((pruned, events)) = pruned {
+            if let Some(kept) = kept {
+                // The row is pruned in place: its cells move to the summary.
+                let cells = row.cells.len();
+                let mut pruned = row;
+                kept.apply(&mut pruned);
                 self.keep_summary(
                     st,
                     &uid,
                     &rules,
-                    row.cells.len(),
+                    cells,
                     pruned,
-                    events,
+                    kept.events,
                     (oldest_event_ts, last_event_ts),
                     source,
                 );
