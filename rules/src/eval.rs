@@ -9,6 +9,7 @@
 //! expire.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::collections::HashMap;
 
 use dmp_core::cell::{same, same_bytes, FAMILY_EVENTS, FAMILY_META};
@@ -195,6 +196,20 @@ pub struct UserView<'a> {
     pub events: Vec<EventView<'a>>,
     attrs: HashMap<&'a str, &'a [u8]>,
     first_seen: Option<i64>,
+    /// The matches found so far of each event-local condition tested (by its id): the rules
+    /// and the pruning of one evaluation test each event against a condition once.
+    matches: RefCell<Vec<Matches>>,
+}
+
+/// The events found so far matching one event-local condition.
+#[derive(Debug, Clone)]
+struct Matches {
+    /// The condition's id.
+    cond: u64,
+    /// Times of the matching events, newest first.
+    times: Vec<i64>,
+    /// How many events (newest first) have been tested.
+    tested: usize,
 }
 
 impl<'a> UserView<'a> {
@@ -233,6 +248,7 @@ impl<'a> UserView<'a> {
             events,
             attrs,
             first_seen,
+            matches: RefCell::new(Vec::new()),
         }
     }
 
@@ -451,6 +467,15 @@ pub(crate) fn newest_matches(cond: &Cond, user: &UserView<'_>, k: usize) -> Vec<
         evidence: Vec::new(),
         recheck: None,
     };
+    if cond.event_local {
+        let i = e.scan_local(cond, k, i64::MIN);
+        return user.matches.borrow()[i]
+            .times
+            .iter()
+            .take(k)
+            .copied()
+            .collect();
+    }
     let mut out = Vec::with_capacity(k.min(16));
     for ev in &user.events {
         if out.len() == k {
@@ -649,8 +674,53 @@ impl<'v> Eval<'v> {
         }
     }
 
+    /// Tests the events of the view, newest first, against an event-local `cond` from where
+    /// the last test of it stopped, until `k` matches are known or the next event is older than
+    /// `from`. Returns the index of the condition's matches in the view.
+    fn scan_local(&mut self, cond: &'v Cond, k: usize, from: i64) -> usize {
+        let user = self.user;
+        let mut all = user.matches.borrow_mut();
+        let i = match all.iter().position(|m| m.cond == cond.id) {
+            Some(i) => i,
+            None => {
+                all.push(Matches {
+                    cond: cond.id,
+                    times: Vec::new(),
+                    tested: 0,
+                });
+                all.len() - 1
+            }
+        };
+        let m = &mut all[i];
+        while m.times.len() < k {
+            let Some(ev) = user.events.get(m.tested) else {
+                break;
+            };
+            if ev.ts < from {
+                break;
+            }
+            m.tested += 1;
+            // An event-local condition reads no aggregate, so it never looks at the matches.
+            if self.test(&cond.pred, ev) {
+                m.times.push(ev.ts);
+            }
+        }
+        i
+    }
+
+    /// The time of the `k`-th newest event (k >= 1) matching an event-local `cond`, if it is no
+    /// older than `from`: whether at least `k` events from `from` on match.
+    fn kth_local(&mut self, cond: &'v Cond, k: usize, from: i64) -> Option<i64> {
+        let i = self.scan_local(cond, k, from);
+        let all = self.user.matches.borrow();
+        all[i].times.get(k - 1).copied().filter(|t| *t >= from)
+    }
+
     /// The newest event matching `cond` (recorded as evidence).
     fn newest(&mut self, cond: &'v Cond) -> Option<i64> {
+        if cond.event_local && !self.explain {
+            return self.kth_local(cond, 1, i64::MIN);
+        }
         let user = self.user;
         let ev = user.events.iter().find(|ev| self.test(&cond.pred, ev))?;
         self.note(ev);
@@ -661,6 +731,13 @@ impl<'v> Eval<'v> {
     /// leaves the window, so that is the recheck time; only explanations walk on for evidence.
     fn any(&mut self, cond: &'v Cond, window: Option<i64>) -> bool {
         let from = window.map_or(i64::MIN, |w| self.user.now - w);
+        if cond.event_local && !self.explain {
+            let newest = self.kth_local(cond, 1, from);
+            if let (Some(w), Some(t)) = (window, newest) {
+                self.recheck_at(t + w + 1);
+            }
+            return newest.is_some();
+        }
         let user = self.user;
         let mut found = false;
         for ev in &user.events {
@@ -747,6 +824,14 @@ impl<'v> Eval<'v> {
             return true;
         }
         let from = window.map_or(i64::MIN, |w| self.user.now - w);
+        if cond.event_local && !self.explain {
+            let kth = self.kth_local(cond, k as usize, from);
+            if let (Some(w), Some(t)) = (window, kth) {
+                // The window includes its edge (`ts >= now - w`): the match leaves one ms after.
+                self.recheck_at(t + w + 1);
+            }
+            return kth.is_some();
+        }
         let user = self.user;
         let mut n = 0u32;
         let mut kth = None;

@@ -83,24 +83,10 @@ impl HistoryNeeds {
     /// Adds the `k` newest matches of `cond`, if its answer for an event depends on that event
     /// alone (no aggregate, attribute, `first_seen` or segment inside).
     fn add_cond(&mut self, cond: &Cond, k: u32) -> bool {
-        let mut event_local = true;
-        crate::lang::visit(&cond.expr, &mut |x| {
-            if matches!(
-                x,
-                Expr::Count(..)
-                    | Expr::Any(..)
-                    | Expr::Since(..)
-                    | Expr::Attr(_)
-                    | Expr::FirstSeen
-                    | Expr::Segment(_)
-            ) {
-                event_local = false;
-            }
-        });
-        if event_local && k > 0 {
+        if cond.event_local && k > 0 {
             self.conds.push((cond.clone(), k));
         }
-        event_local
+        cond.event_local
     }
 
     /// The events of `row` (seen as `user`, a view of every qualifier the conditions read, at any

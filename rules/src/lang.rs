@@ -356,12 +356,39 @@ pub struct Cond {
     pub expr: Expr,
     /// The same, compiled.
     pub(crate) pred: Pred,
+    /// Which parsed condition this is: unique per parse, shared by its clones (the pruning's
+    /// copy of a rule's condition is the same condition).
+    pub(crate) id: u64,
+    /// Whether its answer for an event depends on that event alone (no aggregate, attribute,
+    /// `first_seen` or segment inside): then one answer per event serves every rule and the
+    /// pruning ([`crate::eval::UserView`] remembers the matches found).
+    pub(crate) event_local: bool,
 }
 
 impl Cond {
     fn new(expr: Expr) -> Cond {
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let pred = Pred::compile(&expr);
-        Cond { expr, pred }
+        let mut event_local = true;
+        visit(&expr, &mut |x| {
+            if matches!(
+                x,
+                Expr::Count(..)
+                    | Expr::Any(..)
+                    | Expr::Since(..)
+                    | Expr::Attr(_)
+                    | Expr::FirstSeen
+                    | Expr::Segment(_)
+            ) {
+                event_local = false;
+            }
+        });
+        Cond {
+            expr,
+            pred,
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            event_local,
+        }
     }
 }
 

@@ -1,6 +1,8 @@
 //! A row pruned to the events a rule set depends on evaluates as the whole row does: the same
 //! segments and the same recheck time, at any time, and pruning a pruned row with newer events
-//! added, or events older than all of its own, is the same as pruning the whole row.
+//! added, or events older than all of its own, is the same as pruning the whole row. The matches
+//! of a condition that one evaluation remembers for its rules and its pruning agree with testing
+//! every event (as an explanation does).
 
 use dmp_core::clock::DAY_MS;
 use dmp_core::{Cell, Row};
@@ -175,6 +177,11 @@ proptest! {
         prop_assert!(pruned.cells.len() <= whole.cells.len());
         for at in [NOW, NOW + DAY_MS, NOW + 2 * DAY_MS + 7, NOW + 8 * DAY_MS] {
             prop_assert_eq!(outcome(&s, &pruned, at), outcome(&s, &whole, at), "{:?} at {}", rules, at);
+            // The view remembers each condition's matches for the other rules and the pruning;
+            // an explanation tests every event itself: the two agree.
+            let explained = s.explain(&whole, at);
+            let explained = (explained.live.keys().cloned().collect::<Vec<_>>(), explained.recheck_at);
+            prop_assert_eq!(outcome(&s, &whole, at), explained, "{:?} at {}", rules, at);
             // One view for the evaluation and the pruning gives what each gives alone.
             let (e, kept) = s.evaluate_and_prune(&whole, at);
             prop_assert_eq!((e.live.keys().cloned().collect::<Vec<_>>(), e.recheck_at), outcome(&s, &whole, at));
