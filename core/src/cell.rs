@@ -49,16 +49,9 @@ impl Cell {
     /// The order of two cells in a row, HBase's: family, qualifier ascending, version descending
     /// (equal for the same coordinates).
     pub fn cmp_hbase(&self, other: &Cell) -> std::cmp::Ordering {
-        (
-            self.family.as_str(),
-            self.qualifier.as_str(),
-            std::cmp::Reverse(self.ts),
-        )
-            .cmp(&(
-                other.family.as_str(),
-                other.qualifier.as_str(),
-                std::cmp::Reverse(other.ts),
-            ))
+        cmp_name(self.family.as_bytes(), other.family.as_bytes())
+            .then_with(|| cmp_name(self.qualifier.as_bytes(), other.qualifier.as_bytes()))
+            .then_with(|| other.ts.cmp(&self.ts))
     }
 
     /// The coordinates that identify a cell: writing the same coordinates twice replaces the value.
@@ -206,8 +199,26 @@ pub fn same_bytes(a: &[u8], b: &[u8]) -> bool {
     }
 }
 
+/// Byte order of two names, compared in place when short (families and qualifiers are a few
+/// bytes: a call to `memcmp` for each costs more than the compare), as `<[u8]>::cmp` does.
+#[inline]
+pub fn cmp_name(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
+    let n = a.len().min(b.len());
+    if n > 16 {
+        return a.cmp(b);
+    }
+    for i in 0..n {
+        if a[i] != b[i] {
+            return a[i].cmp(&b[i]);
+        }
+    }
+    a.len().cmp(&b.len())
+}
+
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     #[test]
     fn short_string_equality_agrees_with_eq() {
         let words = [
@@ -237,6 +248,21 @@ mod tests {
             for b in words {
                 assert_eq!(super::same(a, b), a == b, "{a:?} {b:?}");
             }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn given_any_names_when_compared_then_byte_order(
+            a in proptest::collection::vec(any::<u8>(), 0..24),
+            b in proptest::collection::vec(any::<u8>(), 0..24),
+            shared in proptest::collection::vec(any::<u8>(), 0..20),
+        ) {
+            prop_assert_eq!(super::cmp_name(&a, &b), a.cmp(&b));
+            // Names that share a prefix differ late, or only in length.
+            let (x, y) = ([&shared[..], &a].concat(), [&shared[..], &b].concat());
+            prop_assert_eq!(super::cmp_name(&x, &y), x.cmp(&y));
+            prop_assert_eq!(super::cmp_name(&x, &shared), x.cmp(&shared));
         }
     }
 }

@@ -67,8 +67,8 @@ impl RawCell<'_> {
     /// HBase order: family, qualifier, then newest version first.
     #[inline]
     pub fn cmp_key(&self, other: &RawCell<'_>) -> std::cmp::Ordering {
-        cmp_name(self.family, other.family)
-            .then_with(|| cmp_name(self.qualifier, other.qualifier))
+        dmp_core::cell::cmp_name(self.family, other.family)
+            .then_with(|| dmp_core::cell::cmp_name(self.qualifier, other.qualifier))
             .then_with(|| other.ts.cmp(&self.ts))
     }
 
@@ -101,22 +101,6 @@ impl RawCell<'_> {
             value: packed.slice(self.value.0 as usize..self.value.1 as usize),
         }
     }
-}
-
-/// Byte order of two names, compared in place when short (families and qualifiers are a few
-/// bytes: a call to `memcmp` for each costs more than the compare), as `<[u8]>::cmp` does.
-#[inline]
-fn cmp_name(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
-    let n = a.len().min(b.len());
-    if n > 16 {
-        return a.cmp(b);
-    }
-    for i in 0..n {
-        if a[i] != b[i] {
-            return a[i].cmp(&b[i]);
-        }
-    }
-    a.len().cmp(&b.len())
 }
 
 /// Walks a packed value's cells, calling `f` for each until it answers `true`; returns whether
@@ -319,21 +303,6 @@ mod tests {
             // Cut short: an error, never a wrong number.
             let mut cut = &out[..len - 1];
             prop_assert!(super::get_varint(&mut cut).is_err());
-        }
-    }
-
-    proptest! {
-        #[test]
-        fn given_any_names_when_compared_then_byte_order(
-            a in proptest::collection::vec(any::<u8>(), 0..24),
-            b in proptest::collection::vec(any::<u8>(), 0..24),
-            shared in proptest::collection::vec(any::<u8>(), 0..20),
-        ) {
-            prop_assert_eq!(super::cmp_name(&a, &b), a.cmp(&b));
-            // Names that share a prefix differ late, or only in length.
-            let (x, y) = ([&shared[..], &a].concat(), [&shared[..], &b].concat());
-            prop_assert_eq!(super::cmp_name(&x, &y), x.cmp(&y));
-            prop_assert_eq!(super::cmp_name(&x, &shared), x.cmp(&shared));
         }
     }
 
