@@ -1057,10 +1057,15 @@ mod cost {
     const DEMO: &str = include_str!("../../loadtest/scenarios/demo-rules.toml");
     const USERS: i64 = 200;
 
-    /// User `u`'s event of round `r` at `ts`, written at `written`: the cells the storage
-    /// writer puts for it.
-    fn event(u: i64, r: i64, ts: i64, written: i64) -> Vec<Cell> {
-        let e = dmp_core::cell::FAMILY_EVENTS;
+    /// User `u`'s event of round `r` at `ts`, written at `written`: the cells the storage writer
+    /// puts for it (its own `event_cells`, with `en` its enrichment of the IP and user agent).
+    fn event(
+        u: i64,
+        r: i64,
+        ts: i64,
+        written: i64,
+        en: &dmp_storage_writer::enrich::Enrichment,
+    ) -> Vec<Cell> {
         let (kind, url, q) = match (u + r) % 5 {
             0 => ("pageview", "https://cats.example/p/123", None),
             1 => ("search", "https://ya.ru/search", Some("корм для кошек")),
@@ -1072,30 +1077,20 @@ mod cost {
                 Some("car service near me"),
             ),
         };
-        let mut cells = vec![
-            Cell::new(e, "type", ts, kind.as_bytes().to_vec()),
-            Cell::new(e, "url", ts, url.as_bytes().to_vec()),
-            Cell::new(e, "ref", ts, b"https://ya.ru/".to_vec()),
-            Cell::new(e, "src", ts, b"web".to_vec()),
-            Cell::new(e, "ip", ts, b"\x0a\x00\x00\x01".to_vec()),
-            Cell::new(e, "geo", ts, b"RU/Moscow/Moscow".to_vec()),
-            Cell::new(
-                e,
-                "ua",
-                ts,
-                b"\x01\x02\x03\x04\x05\x06\x07\x08Chrome\0Windows\0desktop\0".to_vec(),
-            ),
-            Cell::new(
-                FAMILY_META,
-                "first_seen",
-                i64::MAX - ts,
-                ts.to_be_bytes().to_vec(),
-            ),
-            dmp_storage_writer::cells::written_cell(written),
-        ];
-        if let Some(q) = q {
-            cells.push(Cell::new(e, "q", ts, q.as_bytes().to_vec()));
-        }
+        let ev = dmp_core::Event {
+            uid: String::new(),
+            ts,
+            kind: Some(kind.into()),
+            url: Some(url.into()),
+            referrer: Some("https://ya.ru/".into()),
+            q: q.map(str::to_string),
+            ip: None,
+            ua: None,
+            src: Some("web".into()),
+            attrs: Default::default(),
+        };
+        let mut cells = dmp_storage_writer::cells::event_cells(ev, en);
+        cells.push(dmp_storage_writer::cells::written_cell(written));
         cells
     }
 
@@ -1134,6 +1129,16 @@ mod cost {
         };
         let counters = Counters::new(0);
         let mut st = State::new(&w.cfg);
+        let en = dmp_storage_writer::enrich::Enricher::new(
+            dmp_storage_writer::enrich::IpMode::Full,
+            Vec::new(),
+            dmp_storage_writer::enrich::SHIPPED_CRAWLER_LIST,
+        )
+        .unwrap()
+        .enrich(
+            Some("10.0.0.1"),
+            Some("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36"),
+        );
         let uid = |u: i64| format!("{:016x}", (u as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
         let start = dmp_core::clock::now_ms() - 3_600_000;
         for r in 0..rounds {
@@ -1144,7 +1149,7 @@ mod cost {
                 let written = ts + 10;
                 puts.push(Put {
                     row: uid(u),
-                    cells: event(u, r, ts, written),
+                    cells: event(u, r, ts, written, &en),
                 });
                 let job = Job {
                     uid: uid(u),
