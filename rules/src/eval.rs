@@ -457,8 +457,14 @@ fn path(url: &str) -> &str {
 }
 
 /// The times of the `k` newest events of `user` matching `cond`, newest first (every one when
-/// fewer match), whatever their age.
+/// fewer match), whatever their age. `cond` is event-local (the only kind
+/// [`crate::history::HistoryNeeds`] keeps matches of): the walk is the view's, shared with the
+/// rules' tests of it.
 pub(crate) fn newest_matches(cond: &Cond, user: &UserView<'_>, k: usize) -> Vec<i64> {
+    debug_assert!(
+        cond.event_local,
+        "only an event-local condition's matches are kept"
+    );
     let segments = HashMap::new();
     let mut e = Eval {
         user,
@@ -467,25 +473,9 @@ pub(crate) fn newest_matches(cond: &Cond, user: &UserView<'_>, k: usize) -> Vec<
         evidence: Vec::new(),
         recheck: None,
     };
-    if cond.event_local {
-        let i = e.scan_local(cond, k, i64::MIN);
-        return user.matches.borrow()[i]
-            .times
-            .iter()
-            .take(k)
-            .copied()
-            .collect();
-    }
-    let mut out = Vec::with_capacity(k.min(16));
-    for ev in &user.events {
-        if out.len() == k {
-            break;
-        }
-        if e.test(&cond.pred, ev) {
-            out.push(ev.ts);
-        }
-    }
-    out
+    let i = e.scan_local(cond, k, i64::MIN);
+    let all = user.matches.borrow();
+    all[i].times.iter().take(k).copied().collect()
 }
 
 /// The evaluation of one rule: collects evidence and the recheck time.
