@@ -1,14 +1,18 @@
 #![allow(missing_docs)] // criterion_group! generates undocumented functions
 //! The ingest endpoint's work on a request of 2000 pageviews and searches (the loadtest's
 //! `batch_max`, fields as its generator fills them), side by side with how it did it before:
-//! parsing the NDJSON body into a vector sized once (`ndjson_events`) against one grown from
-//! empty, and making the records it produces to `dmp.events` with `Event::to_json` (its buffer
-//! sized once) against `serde_json::to_vec` (grown from empty).
+//! - parsing the NDJSON body into a vector sized once (`ndjson_events`) against one grown from
+//!   empty;
+//! - making the records it produces to `dmp.events` with `Event::to_json` (its buffer sized once)
+//!   against `serde_json::to_vec` (grown from empty);
+//! - the whole of it: the lines checked in place and sent on as they are (`ndjson_events`, then
+//!   `CheckedLine::to_json`, which appends the default source these lines lack) against each
+//!   line parsed into an `Event` and written again.
 //!
 //! `cargo bench -p dmp-api --bench ingest`
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use dmp_core::event::{Event, EventLimits};
+use dmp_core::event::{CheckedLine, Event, EventLimits};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc; // as in the dmp binary
@@ -74,7 +78,38 @@ fn parse(c: &mut Criterion) {
         b.iter(|| {
             body.split(|b| *b == b'\n')
                 .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
-                .map(|line| Event::parse(line, NOW, &limits))
+                .map(|line| Event::check_line(line, NOW, "http", &limits))
+                .collect::<Vec<_>>()
+        })
+    });
+    g.finish();
+}
+
+fn lines_to_records(c: &mut Criterion) {
+    let body = lines().join("\n").into_bytes();
+    let limits = EventLimits::default();
+    let mut g = c.benchmark_group("ingest");
+    g.throughput(Throughput::Elements(2000));
+    g.bench_function("records_2000_lines_sent_as_they_are", |b| {
+        b.iter(|| {
+            dmp_api::ingest::ndjson_events(&body, NOW, &limits, 10_000)
+                .into_iter()
+                .map(|c| {
+                    let c = c.expect("a valid event");
+                    assert!(matches!(c, CheckedLine::Line(_)));
+                    (c.uid().as_bytes().to_vec(), c.to_json())
+                })
+                .collect::<Vec<_>>()
+        })
+    });
+    g.bench_function("records_2000_lines_parsed_and_written_again", |b| {
+        b.iter(|| {
+            body.split(|b| *b == b'\n')
+                .map(|line| {
+                    let mut e = Event::parse(line, NOW, &limits).expect("a valid event");
+                    e.src.get_or_insert_with(|| "http".into());
+                    (e.uid.clone().into_bytes(), e.to_json())
+                })
                 .collect::<Vec<_>>()
         })
     });
@@ -99,5 +134,5 @@ fn records(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, parse, records);
+criterion_group!(benches, parse, records, lines_to_records);
 criterion_main!(benches);

@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use dmp_bus::{Bus, ProduceRecord};
 use dmp_core::config::ApiConfig;
-use dmp_core::event::EventLimits;
+use dmp_core::event::{CheckedLine, EventLimits};
 use dmp_core::{Event, EventError};
 
 use crate::spill::{Spill, SpillError};
@@ -43,6 +43,43 @@ pub const PIXEL_GIF: &[u8] = &[
     0xff, 0xff, 0xff, 0x21, 0xf9, 0x04, 0x01, 0x00, 0x00, 0x00, 0x00, 0x2c, 0x00, 0x00, 0x00, 0x00,
     0x01, 0x00, 0x01, 0x00, 0x00, 0x02, 0x02, 0x44, 0x01, 0x00, 0x3b,
 ];
+
+/// The source of an event sent to `POST /v1/events` that names none.
+pub const HTTP_SRC: &str = "http";
+
+/// An accepted event, as the ingest endpoints put it on the bus: parsed, or still in its line.
+pub trait Accepted {
+    /// The user id (the record's key).
+    fn uid(&self) -> &str;
+    /// The source, for the accepted events' count.
+    fn src(&self) -> Option<&str>;
+    /// The record's value.
+    fn to_json(&self) -> Vec<u8>;
+}
+
+impl Accepted for Event {
+    fn uid(&self) -> &str {
+        &self.uid
+    }
+    fn src(&self) -> Option<&str> {
+        self.src.as_deref()
+    }
+    fn to_json(&self) -> Vec<u8> {
+        Event::to_json(self)
+    }
+}
+
+impl Accepted for CheckedLine<'_> {
+    fn uid(&self) -> &str {
+        CheckedLine::uid(self)
+    }
+    fn src(&self) -> Option<&str> {
+        CheckedLine::src(self)
+    }
+    fn to_json(&self) -> Vec<u8> {
+        CheckedLine::to_json(self)
+    }
+}
 
 /// Where accepted events go.
 pub struct Ingest {
@@ -81,7 +118,7 @@ impl Ingest {
     }
 
     /// Puts validated events on the bus, or in the spill when the bus does not answer in time.
-    pub async fn submit(&self, events: &[Event]) -> Result<Landing, SpillError> {
+    pub async fn submit<E: Accepted + Sync>(&self, events: &[E]) -> Result<Landing, SpillError> {
         if events.is_empty() {
             return Ok(Landing::Bus);
         }
@@ -92,7 +129,7 @@ impl Ingest {
             events
                 .iter()
                 .map(|e| ProduceRecord {
-                    key: e.uid.clone().into_bytes(),
+                    key: e.uid().as_bytes().to_vec(),
                     value: e.to_json(),
                     timestamp: Some(now),
                 })
@@ -115,22 +152,20 @@ impl Ingest {
         }
     }
 
-    fn source_label(&self, src: Option<&str>) -> String {
+    fn source_label<'a>(&self, src: Option<&'a str>) -> &'a str {
         match src {
-            Some(s) if self.cfg.metric_sources.iter().any(|m| m == s) => s.to_string(),
-            _ => "other".to_string(),
+            Some(s) if self.cfg.metric_sources.iter().any(|m| m == s) => s,
+            _ => "other",
         }
     }
 
-    fn count_accepted(&self, endpoint: &'static str, events: &[Event]) {
-        let mut by_source: HashMap<String, u64> = HashMap::new();
+    fn count_accepted<E: Accepted>(&self, endpoint: &'static str, events: &[E]) {
+        let mut by_source: HashMap<&str, u64> = HashMap::new();
         for e in events {
-            *by_source
-                .entry(self.source_label(e.src.as_deref()))
-                .or_default() += 1;
+            *by_source.entry(self.source_label(e.src())).or_default() += 1;
         }
         for (source, n) in by_source {
-            metrics::counter!(mn::ACCEPTED, "endpoint" => endpoint, "source" => source)
+            metrics::counter!(mn::ACCEPTED, "endpoint" => endpoint, "source" => source.to_string())
                 .increment(n);
         }
     }
@@ -324,17 +359,18 @@ enum Format {
 }
 
 /// The events of an NDJSON body (blank lines skipped), or why each line could not be one, in
-/// order. Lines are found with `memchr`, and the vector is sized once from their count, up to
+/// order, each event still in its line when the line can go to the bus as it is
+/// ([`Event::check_line`], with [`HTTP_SRC`] for a line that names no source). Lines are found with `memchr`, and the vector is sized once from their count, up to
 /// one more than `max_events` (a longer batch is refused after parsing anyway, and a body of
 /// newlines must not reserve room for millions of events): collecting a request's events into a
 /// vector grown from empty was 7% of the API runtime's samples at 100K events/s, most of it
 /// faults of fresh pages.
-pub fn ndjson_events(
-    body: &[u8],
+pub fn ndjson_events<'a>(
+    body: &'a [u8],
     now: i64,
     limits: &EventLimits,
     max_events: usize,
-) -> Vec<Result<Event, EventError>> {
+) -> Vec<Result<CheckedLine<'a>, EventError>> {
     let lines = memchr::memchr_iter(b'\n', body).count() + 1;
     let mut items = Vec::with_capacity(lines.min(max_events.saturating_add(1)));
     let mut start = 0;
@@ -342,7 +378,7 @@ pub fn ndjson_events(
         let line = &body[start..end];
         start = end + 1;
         if !line.iter().all(u8::is_ascii_whitespace) {
-            items.push(Event::parse(line, now, limits));
+            items.push(Event::check_line(line, now, HTTP_SRC, limits));
         }
     }
     items
@@ -433,15 +469,19 @@ pub async fn events(State(s): State<AppState>, headers: HeaderMap, body: Body) -
     };
     let now = dmp_core::clock::now_ms();
     let limits = &ingest.limits;
-    // Items: events, or why each could not be one. NDJSON lines take `Event::parse`'s typed,
-    // borrowing parse (no JSON tree per event); a JSON array is parsed whole first.
-    let items: Vec<Result<Event, EventError>> = match format {
+    // Items: events, or why each could not be one. NDJSON lines take `Event::check_line`'s typed,
+    // borrowing parse (no JSON tree per event, and the line goes on as the record); a JSON array
+    // is parsed whole first.
+    let parsed = |v: serde_json::Value| {
+        Event::from_json(v, now, limits).map(|mut e| {
+            e.src.get_or_insert_with(|| HTTP_SRC.into());
+            CheckedLine::Event(e)
+        })
+    };
+    let items: Vec<Result<CheckedLine<'_>, EventError>> = match format {
         Format::JsonArray => match serde_json::from_slice::<serde_json::Value>(&body) {
-            Ok(serde_json::Value::Array(a)) => a
-                .into_iter()
-                .map(|v| Event::from_json(v, now, limits))
-                .collect(),
-            Ok(obj @ serde_json::Value::Object(_)) => vec![Event::from_json(obj, now, limits)],
+            Ok(serde_json::Value::Array(a)) => a.into_iter().map(parsed).collect(),
+            Ok(obj @ serde_json::Value::Object(_)) => vec![parsed(obj)],
             Ok(_) => {
                 return refuse(
                     EP,
@@ -469,12 +509,7 @@ pub async fn events(State(s): State<AppState>, headers: HeaderMap, body: Body) -
     let mut errors = Vec::new();
     for (index, item) in items.into_iter().enumerate() {
         match item {
-            Ok(mut ev) => {
-                if ev.src.is_none() {
-                    ev.src = Some("http".into());
-                }
-                accepted.push(ev)
-            }
+            Ok(ev) => accepted.push(ev),
             Err(e) => {
                 metrics::counter!(mn::REJECTED, "endpoint" => EP, "reason" => e.reason())
                     .increment(1);
@@ -520,9 +555,9 @@ mod tests {
         let body = b"{\"uid\":\"a\",\"ts\":1}\n\n  \n{\"uid\":\"\"}\r\n{\"uid\":\"b\",\"ts\":2}";
         let items = ndjson_events(body, 10, &EventLimits::default(), 100);
         assert_eq!(items.len(), 3);
-        assert_eq!(items[0].as_ref().unwrap().uid, "a");
+        assert_eq!(items[0].as_ref().unwrap().uid(), "a");
         assert!(items[1].is_err(), "an empty uid is refused");
-        assert_eq!(items[2].as_ref().unwrap().uid, "b");
+        assert_eq!(items[2].as_ref().unwrap().uid(), "b");
     }
 
     #[test]

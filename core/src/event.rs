@@ -373,6 +373,134 @@ impl Event {
     }
 }
 
+/// One line of input, checked by [`Event::check_line`]: the line itself when it can go on as it
+/// is, else the event parsed out of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckedLine<'a> {
+    /// A valid event, still in its line.
+    Line(EventLine<'a>),
+    /// A valid event the line could not carry on as it is (its `ts` in text, or a form only the
+    /// generic parse takes), with `src` defaulted.
+    Event(Event),
+}
+
+impl CheckedLine<'_> {
+    /// The user id.
+    pub fn uid(&self) -> &str {
+        match self {
+            CheckedLine::Line(l) => &l.uid,
+            CheckedLine::Event(e) => &e.uid,
+        }
+    }
+
+    /// The source (defaulted).
+    pub fn src(&self) -> Option<&str> {
+        match self {
+            CheckedLine::Line(l) => Some(&l.src),
+            CheckedLine::Event(e) => e.src.as_deref(),
+        }
+    }
+
+    /// The event as JSON for the bus: what [`Event::parse`] reads back as this event, given the
+    /// time the line was checked as its arrival time or later.
+    pub fn to_json(&self) -> Vec<u8> {
+        match self {
+            CheckedLine::Line(l) => l.to_json(),
+            CheckedLine::Event(e) => e.to_json(),
+        }
+    }
+}
+
+/// A valid event checked where it stands in its JSON line, borrowing from it. Its JSON is the
+/// line, with `ts` and `src` appended when the line has none (see [`EventLine::to_json`]):
+/// the ingest endpoint sends on what it received instead of an event parsed out of it and
+/// written again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventLine<'a> {
+    /// The line without the whitespace around it: one JSON object, of known fields only.
+    line: &'a str,
+    uid: std::borrow::Cow<'a, str>,
+    /// The line's source, or the default.
+    src: std::borrow::Cow<'a, str>,
+    /// The line's time, or the arrival time.
+    ts: i64,
+    /// Whether the line has no `ts` (or a null one): the JSON appends it.
+    append_ts: bool,
+    /// Whether the line has no `src` (or a null one): the JSON appends the default.
+    append_src: bool,
+}
+
+impl EventLine<'_> {
+    /// The event's time.
+    pub fn ts(&self) -> i64 {
+        self.ts
+    }
+
+    /// The line, with `,"ts":<arrival time>` and `,"src":<default>` before its closing brace when
+    /// it has none. A line with a null `ts` or `src` then holds the key twice: the generic parse
+    /// takes the last, as [`Event::parse`] took the arrival time and the default for the null.
+    pub fn to_json(&self) -> Vec<u8> {
+        let line = self.line.as_bytes();
+        if !self.append_ts && !self.append_src {
+            return line.to_vec();
+        }
+        let mut out = Vec::with_capacity(line.len() + appended_len(&self.src));
+        // A valid line is one object: it ends with its closing brace.
+        out.extend_from_slice(&line[..line.len() - 1]);
+        if self.append_ts {
+            use std::io::Write as _;
+            write!(out, r#","ts":{}"#, self.ts).expect("a vector takes every write");
+        }
+        if self.append_src {
+            out.extend_from_slice(br#","src":"#);
+            serde_json::to_writer(&mut out, &*self.src).expect("a string serialises");
+        }
+        out.push(b'}');
+        out
+    }
+}
+
+/// At most how many bytes [`EventLine::to_json`] appends: `,"ts":` and an i64, `,"src":` and
+/// the default, quoted, every byte escaped as `\u00XX` at worst.
+fn appended_len(default_src: &str) -> usize {
+    6 + 20 + 7 + 2 + 6 * default_src.len()
+}
+
+impl Event {
+    /// Checks one line of input as [`Event::parse`] does, with `default_src` for an event that
+    /// names no source, and keeps a valid event in its line when the line can go on as it is:
+    /// its `ts` a number or none, and room within `max_event_bytes` for what its JSON appends.
+    /// The errors are [`Event::parse`]'s.
+    pub fn check_line<'a>(
+        bytes: &'a [u8],
+        now_ms: i64,
+        default_src: &'a str,
+        limits: &EventLimits,
+    ) -> Result<CheckedLine<'a>, EventError> {
+        let fits = bytes.len() + appended_len(default_src) <= limits.max_event_bytes;
+        if let (true, Ok(text)) = (fits, std::str::from_utf8(bytes)) {
+            if let Ok(fast) = serde_json::from_str::<FastEvent<'a>>(text) {
+                let text_ts = matches!(fast.ts, Some(FastTs::Text(_)));
+                if let (false, Some(ts)) = (text_ts, fast.check(now_ms, limits)) {
+                    return Ok(CheckedLine::Line(EventLine {
+                        line: text.trim_matches([' ', '\t', '\n', '\r']),
+                        append_ts: fast.ts.is_none(),
+                        append_src: fast.src.is_none(),
+                        src: fast.src.unwrap_or(std::borrow::Cow::Borrowed(default_src)),
+                        uid: fast.uid,
+                        ts,
+                    }));
+                }
+            }
+        }
+        let mut ev = Event::parse(bytes, now_ms, limits)?;
+        if ev.src.is_none() {
+            ev.src = Some(default_src.into());
+        }
+        Ok(CheckedLine::Event(ev))
+    }
+}
+
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FastEvent<'a> {
@@ -407,20 +535,21 @@ enum FastTs<'a> {
 }
 
 impl FastEvent<'_> {
-    /// The validated event, `Ok(None)` to let the generic path decide (it names the problem).
-    fn into_event(self, now_ms: i64, limits: &EventLimits) -> Result<Option<Event>, EventError> {
+    /// The event's time when the event is valid, `None` to let the generic path decide (it
+    /// names the problem).
+    fn check(&self, now_ms: i64, limits: &EventLimits) -> Option<i64> {
         let ts = match &self.ts {
             None => now_ms,
             Some(FastTs::Ms(ms)) if *ms >= 0 => *ms,
             Some(FastTs::Text(t)) => match t.parse::<i64>() {
                 Ok(ms) if ms >= 0 => ms,
-                Ok(_) => return Ok(None),
+                Ok(_) => return None,
                 Err(_) => match chrono::DateTime::parse_from_rfc3339(t) {
                     Ok(d) => d.timestamp_millis(),
-                    Err(_) => return Ok(None),
+                    Err(_) => return None,
                 },
             },
-            Some(FastTs::Ms(_)) => return Ok(None),
+            Some(FastTs::Ms(_)) => return None,
         };
         let uid_ok = !self.uid.is_empty()
             && self.uid.len() <= limits.max_uid_bytes
@@ -444,9 +573,14 @@ impl FastEvent<'_> {
                         && v.len() <= limits.max_attr_value_bytes
                 })
         });
-        if !uid_ok || !fields_ok || !attrs_ok || ts - now_ms > limits.max_future_ms {
+        (uid_ok && fields_ok && attrs_ok && ts - now_ms <= limits.max_future_ms).then_some(ts)
+    }
+
+    /// The validated event, `Ok(None)` to let the generic path decide (it names the problem).
+    fn into_event(self, now_ms: i64, limits: &EventLimits) -> Result<Option<Event>, EventError> {
+        let Some(ts) = self.check(now_ms, limits) else {
             return Ok(None);
-        }
+        };
         let own = |f: Option<std::borrow::Cow<'_, str>>| f.map(|s| s.into_owned());
         Ok(Some(Event {
             uid: self.uid.into_owned(),
@@ -578,6 +712,115 @@ mod tests {
             )
             .unwrap();
             assert_eq!(fast, generic, "{i}");
+        }
+    }
+
+    fn check(s: &str) -> Result<CheckedLine<'_>, EventError> {
+        Event::check_line(s.as_bytes(), NOW, "http", &EventLimits::default())
+    }
+
+    #[test]
+    fn given_a_complete_line_when_checked_then_its_json_is_the_line() {
+        let line = r#"{"uid":"0a1b","ts":1795341599500,"type":"search","url":"https://a.example/x","q":"ипотека \"x\"","ip":"203.0.113.7","ua":"Mozilla/5.0","src":"partner"}"#;
+        let padded = format!(" {line}\r");
+        let CheckedLine::Line(l) = check(&padded).unwrap() else {
+            panic!("a complete line stays a line");
+        };
+        assert_eq!(l.to_json(), line.as_bytes(), "trimmed, not rewritten");
+        assert_eq!(l.ts(), 1_795_341_599_500);
+        let c = CheckedLine::Line(l);
+        assert_eq!((c.uid(), c.src()), ("0a1b", Some("partner")));
+    }
+
+    #[test]
+    fn given_lines_without_ts_or_src_when_checked_then_their_json_appends_them() {
+        let c = check(r#"{"uid":"u" }"#).unwrap();
+        assert!(matches!(c, CheckedLine::Line(_)));
+        assert_eq!(c.src(), Some("http"));
+        assert_eq!(
+            String::from_utf8(c.to_json()).unwrap(),
+            format!(r#"{{"uid":"u" ,"ts":{NOW},"src":"http"}}"#)
+        );
+        // A null is not an absent key: the key then appears twice and the last one is read.
+        let c = check(r#"{"uid":"u","ts":null,"src":null}"#).unwrap();
+        let back = parse(std::str::from_utf8(&c.to_json()).unwrap()).unwrap();
+        assert_eq!((back.ts, back.src.as_deref()), (NOW, Some("http")));
+    }
+
+    #[test]
+    fn given_lines_only_the_generic_parse_takes_when_checked_then_events() {
+        for line in [
+            r#"{"uid":"u","ts":"2026-11-22T10:00:00Z"}"#,
+            r#"{"uid":"u","ts":1,"attrs":{"age":31}}"#,
+        ] {
+            let c = check(line).unwrap();
+            assert!(matches!(c, CheckedLine::Event(_)), "{line}");
+            assert_eq!(c.src(), Some("http"), "{line}");
+        }
+        // Within the limit, but without room for what its JSON would append.
+        let attrs: Vec<String> = (0..15)
+            .map(|i| format!(r#""k{i:02}":"{}""#, "v".repeat(4096)))
+            .collect();
+        let mut near_limit = format!(r#"{{"uid":"u","attrs":{{{}}}"#, attrs.join(","));
+        near_limit.push_str(&" ".repeat(65_530 - near_limit.len() - 1));
+        near_limit.push('}');
+        assert!(matches!(check(&near_limit).unwrap(), CheckedLine::Event(_)));
+        assert_eq!(
+            check(r#"{"uid":"u","colour":"red"}"#).unwrap_err(),
+            parse(r#"{"uid":"u","colour":"red"}"#).unwrap_err()
+        );
+    }
+
+    use proptest::prelude::*;
+
+    proptest::proptest! {
+        /// Whatever a line holds, the checked line's JSON is read back as the event
+        /// `Event::parse` makes of the line (with the default source), at a later arrival time.
+        #[test]
+        fn given_any_line_when_checked_then_its_json_parses_as_the_line_does(
+            uid in "[a-z0-9\"\\\\é\u{1F600}]{1,12}",
+            ts in proptest::prop_oneof![
+                proptest::strategy::Just(None),
+                proptest::strategy::Just(Some("null".to_string())),
+                (0i64..NOW + DAY_MS).prop_map(|t| Some(t.to_string())),
+                proptest::strategy::Just(Some(r#""2026-11-22T10:00:00Z""#.to_string())),
+            ],
+            fields in proptest::collection::vec(
+                (proptest::sample::select(&["type", "url", "ref", "q", "ip", "ua", "src"][..]),
+                 proptest::option::of("[ a-zA-Z/:?=&\"\\\\\u{0430}-\u{044F}\n\t]{0,16}")),
+                0..6,
+            ),
+            attrs in proptest::option::of(proptest::collection::btree_map(
+                "[a-z]{1,4}", "[a-z\"]{0,4}", 0..3,
+            )),
+            space in proptest::sample::select(&["", " ", "\t", "\r", " \r"][..]),
+        ) {
+            let mut parts = vec![format!("\"uid\":{}", serde_json::to_string(&uid).unwrap())];
+            if let Some(ts) = ts {
+                parts.push(format!("\"ts\":{ts}"));
+            }
+            for (name, value) in fields {
+                let v = value.map_or("null".into(), |v| serde_json::to_string(&v).unwrap());
+                parts.push(format!("\"{name}\":{v}"));
+            }
+            if let Some(a) = attrs {
+                parts.push(format!("\"attrs\":{}", serde_json::to_string(&a).unwrap()));
+            }
+            let line = format!("{space}{{{}}}{space}", parts.join(","));
+            let want = parse(&line).map(|mut e| {
+                e.src.get_or_insert_with(|| "http".into());
+                e
+            });
+            match (check(&line), want) {
+                (Ok(c), Ok(want)) => {
+                    let back = Event::parse(&c.to_json(), NOW + 5, &EventLimits::default());
+                    prop_assert_eq!(back, Ok(want.clone()), "{}", line);
+                    prop_assert_eq!(c.uid(), want.uid.as_str());
+                    prop_assert_eq!(c.src(), want.src.as_deref());
+                }
+                (Err(e), Err(want)) => prop_assert_eq!(e, want),
+                (got, want) => prop_assert!(false, "{line}: {got:?} against {want:?}"),
+            }
         }
     }
 

@@ -180,6 +180,37 @@ async fn check_http_to_row_and_change(p: &Pipeline, patience: Duration) {
         .unwrap()
         .contains("YandexBot"));
 
+    // NDJSON lines go on to the bus as they came, with the arrival time and the default source
+    // appended when a line has none.
+    let before = dmp_core::clock::now_ms();
+    let lines = format!(
+        "{{\"uid\":\"nd-1\",\"ts\":{ts},\"type\":\"pageview\",\"url\":\"https://a.example/\"}}\r\n\
+         {{\"uid\":\"nd-2\",\"type\":\"pageview\",\"src\":\"partner-7\"}}\n\
+         {{\"uid\":\"nd-3\",\"ts\":null,\"src\":null,\"q\":\"\\\"кот\\\"\"}}\n"
+    );
+    let (status, answer) = post(&p.url, "application/x-ndjson", lines.into_bytes()).await;
+    let after = dmp_core::clock::now_ms();
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(answer["accepted"], 3, "{answer}");
+    let nd1 = wait_for_row(&p.store, "nd-1", patience).await;
+    assert_eq!(nd1.latest("e", "src").unwrap().value.to_vec(), b"http");
+    assert_eq!(nd1.latest("e", "url").unwrap().ts, ts);
+    let nd2 = wait_for_row(&p.store, "nd-2", patience).await;
+    assert_eq!(nd2.latest("e", "src").unwrap().value.to_vec(), b"partner-7");
+    let arrived = nd2.latest("e", "type").unwrap().ts;
+    assert!(
+        (before..=after).contains(&arrived),
+        "{arrived} not in [{before}, {after}]"
+    );
+    let nd3 = wait_for_row(&p.store, "nd-3", patience).await;
+    assert_eq!(nd3.latest("e", "src").unwrap().value.to_vec(), b"http");
+    let q = nd3.latest("e", "q").unwrap();
+    assert_eq!(q.value.to_vec(), "\"кот\"".as_bytes());
+    assert!(
+        (before..=after).contains(&q.ts),
+        "a null ts is the arrival time"
+    );
+
     let changes = read_topic(p.bus.as_ref(), &p.cfg.topics.user_changes, 2, patience).await;
     let uids: BTreeSet<String> = changes
         .iter()
