@@ -53,18 +53,30 @@ pub(crate) struct Entry {
     pub folded: u64,
     /// Bytes of `pending`'s values (kept as they change, so sizing an entry does not walk it).
     pending_bytes: usize,
+    /// Bytes counted for `slots` (kept as they change, so sizing an entry does not read them:
+    /// a write of events would otherwise load the slots' list of every row it appends to).
+    slot_bytes: usize,
 }
 
 impl Entry {
     fn bytes(&self, row: &str) -> usize {
+        debug_assert_eq!(
+            self.slot_bytes,
+            self.slots.iter().map(|(k, _)| slot_bytes(k)).sum::<usize>()
+        );
         ENTRY_OVERHEAD
             + row.len()
             + self.base.len()
             + self.pending_bytes
             + self.pending.len() * std::mem::size_of::<(u64, Bytes)>()
             + self.delta_seqs.len() * 8
-            + self.slots.iter().map(|(k, _)| k.len() + 32).sum::<usize>()
+            + self.slot_bytes
     }
+}
+
+/// Bytes counted for one slot.
+fn slot_bytes(key: &[u8]) -> usize {
+    key.len() + 32
 }
 
 struct Shard {
@@ -212,6 +224,7 @@ impl RowCache {
             .next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let entry = Entry {
+            slot_bytes: slots.iter().map(|(k, _)| slot_bytes(k)).sum(),
             base,
             pending: Vec::new(),
             delta_seqs,
@@ -281,7 +294,10 @@ impl RowCache {
             e.writes += 1;
             match e.slots.iter_mut().find(|(k, _)| *k == key) {
                 Some(slot) => slot.1 = ts,
-                None => e.slots.push((key, ts)),
+                None => {
+                    e.slot_bytes += slot_bytes(&key);
+                    e.slots.push((key, ts));
+                }
             }
         });
     }
@@ -337,6 +353,7 @@ impl RowCache {
                 .count();
             e.delta_seqs.drain(..n);
             e.slots.retain(|(k, _)| !slots.contains(k));
+            e.slot_bytes = e.slots.iter().map(|(k, _)| slot_bytes(k)).sum();
         });
     }
 
