@@ -40,7 +40,7 @@ pub struct Processed {
     /// Dead-letter records of the invalid ones.
     pub dead: Vec<ProduceRecord>,
     /// Newest event time per uid.
-    pub uids: HashMap<String, i64>,
+    pub uids: HashMap<String, i64, foldhash::fast::RandomState>,
 }
 
 /// The role's name in readiness reports.
@@ -90,6 +90,8 @@ impl StorageWriter {
     /// Decodes, validates and enriches a batch of records (no I/O).
     pub fn process(&mut self, records: &[Record]) -> Processed {
         let mut out = Processed::default();
+        out.puts.reserve(records.len());
+        out.uids.reserve(records.len());
         let now = dmp_core::clock::now_ms();
         // Handles looked up once per batch and counts added once, not per event (a lookup hashes
         // the metric's name and labels).
@@ -148,8 +150,8 @@ impl StorageWriter {
         // The write time stamps the rows (m:written) and the change records alike. The cell joins
         // each user's last put of the batch: one delta per event, not one more per user.
         let write_time = next_write_time(&mut self.last_write_time, dmp_core::clock::now_ms());
-        let mut stamped: std::collections::HashSet<&str> =
-            std::collections::HashSet::with_capacity(uids.len());
+        let mut stamped: std::collections::HashSet<&str, foldhash::fast::RandomState> =
+            std::collections::HashSet::with_capacity_and_hasher(uids.len(), Default::default());
         for p in puts.iter_mut().rev() {
             if uids.contains_key(&p.row) && stamped.insert(p.row.as_str()) {
                 p.cells.push(crate::cells::written_cell(write_time));
