@@ -486,7 +486,9 @@ impl Event {
                         line: text.trim_matches([' ', '\t', '\n', '\r']),
                         append_ts: fast.ts.is_none(),
                         append_src: fast.src.is_none(),
-                        src: fast.src.unwrap_or(std::borrow::Cow::Borrowed(default_src)),
+                        src: fast
+                            .src
+                            .map_or(std::borrow::Cow::Borrowed(default_src), |t| t.0),
                         uid: fast.uid,
                         ts,
                     }));
@@ -509,22 +511,29 @@ struct FastEvent<'a> {
     #[serde(default)]
     ts: Option<FastTs<'a>>,
     #[serde(rename = "type", default, borrow)]
-    kind: Option<std::borrow::Cow<'a, str>>,
+    kind: Option<Text<'a>>,
     #[serde(default, borrow)]
-    url: Option<std::borrow::Cow<'a, str>>,
+    url: Option<Text<'a>>,
     #[serde(rename = "ref", default, borrow)]
-    referrer: Option<std::borrow::Cow<'a, str>>,
+    referrer: Option<Text<'a>>,
     #[serde(default, borrow)]
-    q: Option<std::borrow::Cow<'a, str>>,
+    q: Option<Text<'a>>,
     #[serde(default, borrow)]
-    ip: Option<std::borrow::Cow<'a, str>>,
+    ip: Option<Text<'a>>,
     #[serde(default, borrow)]
-    ua: Option<std::borrow::Cow<'a, str>>,
+    ua: Option<Text<'a>>,
     #[serde(default, borrow)]
-    src: Option<std::borrow::Cow<'a, str>>,
+    src: Option<Text<'a>>,
     #[serde(default, borrow)]
-    attrs: Option<BTreeMap<std::borrow::Cow<'a, str>, std::borrow::Cow<'a, str>>>,
+    attrs: Option<BTreeMap<Text<'a>, Text<'a>>>,
 }
+
+/// A string of [`FastEvent`], borrowed from the input unless it holds escapes. serde borrows a
+/// `Cow<str>` field marked `borrow` only when the field's type is exactly that: an
+/// `Option<Cow<str>>` (or a map of them) is always copied, so the optional fields wrap it.
+#[derive(serde::Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(transparent)]
+struct Text<'a>(#[serde(borrow)] std::borrow::Cow<'a, str>);
 
 #[derive(serde::Deserialize)]
 #[serde(untagged)]
@@ -564,13 +573,16 @@ impl FastEvent<'_> {
             &self.src,
         ]
         .iter()
-        .all(|f| f.as_ref().is_none_or(|s| s.len() <= limits.max_field_bytes));
+        .all(|f| {
+            f.as_ref()
+                .is_none_or(|s| s.0.len() <= limits.max_field_bytes)
+        });
         let attrs_ok = self.attrs.as_ref().is_none_or(|a| {
             a.len() <= limits.max_attrs
                 && a.iter().all(|(k, v)| {
-                    !k.is_empty()
-                        && k.len() <= limits.max_attr_key_bytes
-                        && v.len() <= limits.max_attr_value_bytes
+                    !k.0.is_empty()
+                        && k.0.len() <= limits.max_attr_key_bytes
+                        && v.0.len() <= limits.max_attr_value_bytes
                 })
         });
         (uid_ok && fields_ok && attrs_ok && ts - now_ms <= limits.max_future_ms).then_some(ts)
@@ -581,7 +593,7 @@ impl FastEvent<'_> {
         let Some(ts) = self.check(now_ms, limits) else {
             return Ok(None);
         };
-        let own = |f: Option<std::borrow::Cow<'_, str>>| f.map(|s| s.into_owned());
+        let own = |f: Option<Text<'_>>| f.map(|s| s.0.into_owned());
         Ok(Some(Event {
             uid: self.uid.into_owned(),
             ts,
@@ -596,7 +608,7 @@ impl FastEvent<'_> {
                 .attrs
                 .map(|a| {
                     a.into_iter()
-                        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                        .map(|(k, v)| (k.0.into_owned(), v.0.into_owned()))
                         .collect()
                 })
                 .unwrap_or_default(),
@@ -713,6 +725,21 @@ mod tests {
             .unwrap();
             assert_eq!(fast, generic, "{i}");
         }
+    }
+
+    #[test]
+    fn given_strings_without_escapes_when_parsed_fast_then_borrowed_from_the_input() {
+        use std::borrow::Cow;
+        let line = r#"{"uid":"u","url":"https://a.example/","q":"a\"b","attrs":{"k":"v"}}"#;
+        let f: FastEvent<'_> = serde_json::from_str(line).unwrap();
+        assert!(matches!(f.uid, Cow::Borrowed(_)));
+        assert!(matches!(f.url.unwrap().0, Cow::Borrowed(_)));
+        assert!(
+            matches!(f.q.unwrap().0, Cow::Owned(_)),
+            "an escape is undone in a copy"
+        );
+        let (k, v) = f.attrs.unwrap().into_iter().next().unwrap();
+        assert!(matches!((k.0, v.0), (Cow::Borrowed(_), Cow::Borrowed(_))));
     }
 
     fn check(s: &str) -> Result<CheckedLine<'_>, EventError> {
