@@ -7,6 +7,7 @@
 //! `ts` is epoch milliseconds or RFC 3339 and defaults to the arrival time. Every error names the
 //! field at fault, so an HTTP 4xx or a dead-letter record can say exactly what was wrong.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
@@ -77,6 +78,33 @@ pub struct Event {
     /// Custom attributes.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub attrs: BTreeMap<String, String>,
+}
+
+/// A validated event whose strings borrow from the bytes it was parsed from, those that hold no
+/// escapes ([`EventRef::parse`]): for a reader that keeps them in buffers of its own anyway. The
+/// storage writer's cells are slices of one copy of the record instead of a string each.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRef<'a> {
+    /// The user id.
+    pub uid: Cow<'a, str>,
+    /// Event time, epoch milliseconds.
+    pub ts: i64,
+    /// Event type.
+    pub kind: Option<Cow<'a, str>>,
+    /// Page URL.
+    pub url: Option<Cow<'a, str>>,
+    /// Referrer URL.
+    pub referrer: Option<Cow<'a, str>>,
+    /// Search query.
+    pub q: Option<Cow<'a, str>>,
+    /// Client IP address, as text.
+    pub ip: Option<Cow<'a, str>>,
+    /// User agent.
+    pub ua: Option<Cow<'a, str>>,
+    /// Source or partner id.
+    pub src: Option<Cow<'a, str>>,
+    /// Custom attributes, in key order, each key once.
+    pub attrs: Vec<(Cow<'a, str>, Cow<'a, str>)>,
 }
 
 /// Why an event was rejected. The message always names the field.
@@ -180,6 +208,17 @@ impl Event {
     /// Parses and validates one event from raw bytes. `now_ms` is the arrival time: the default
     /// `ts`, and the reference for the "not too far in the future" check.
     pub fn parse(bytes: &[u8], now_ms: i64, limits: &EventLimits) -> Result<Event, EventError> {
+        EventRef::parse(bytes, now_ms, limits).map(EventRef::into_owned)
+    }
+}
+
+impl<'a> EventRef<'a> {
+    /// [`Event::parse`], with the strings that hold no escapes borrowed from `bytes`.
+    pub fn parse(
+        bytes: &'a [u8],
+        now_ms: i64,
+        limits: &EventLimits,
+    ) -> Result<EventRef<'a>, EventError> {
         if bytes.len() > limits.max_event_bytes {
             return Err(EventError::TooLarge {
                 size: bytes.len(),
@@ -191,16 +230,60 @@ impl Event {
         })?;
         // Fast path: a typed, borrowing parse for well-formed events. Anything it does not take
         // (bad types, unknown fields, null uid, …) goes the generic way, whose errors name the field.
-        if let Ok(fast) = serde_json::from_str::<FastEvent<'_>>(text) {
-            if let Some(ev) = fast.into_event(now_ms, limits)? {
+        if let Ok(fast) = serde_json::from_str::<FastEvent<'a>>(text) {
+            if let Some(ev) = fast.into_ref(now_ms, limits) {
                 return Ok(ev);
             }
         }
         let value: serde_json::Value =
             serde_json::from_str(text).map_err(|e| EventError::Malformed(e.to_string()))?;
-        Event::from_json(value, now_ms, limits)
+        Event::from_json(value, now_ms, limits).map(EventRef::from)
     }
 
+    /// The event, its strings owned.
+    pub fn into_owned(self) -> Event {
+        let own = |f: Option<Cow<'_, str>>| f.map(Cow::into_owned);
+        Event {
+            uid: self.uid.into_owned(),
+            ts: self.ts,
+            kind: own(self.kind),
+            url: own(self.url),
+            referrer: own(self.referrer),
+            q: own(self.q),
+            ip: own(self.ip),
+            ua: own(self.ua),
+            src: own(self.src),
+            attrs: self
+                .attrs
+                .into_iter()
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect(),
+        }
+    }
+}
+
+impl From<Event> for EventRef<'static> {
+    fn from(e: Event) -> EventRef<'static> {
+        EventRef {
+            uid: Cow::Owned(e.uid),
+            ts: e.ts,
+            kind: e.kind.map(Cow::Owned),
+            url: e.url.map(Cow::Owned),
+            referrer: e.referrer.map(Cow::Owned),
+            q: e.q.map(Cow::Owned),
+            ip: e.ip.map(Cow::Owned),
+            ua: e.ua.map(Cow::Owned),
+            src: e.src.map(Cow::Owned),
+            attrs: e
+                .attrs
+                .into_iter()
+                .map(|(k, v)| (Cow::Owned(k), Cow::Owned(v)))
+                .collect(),
+        }
+    }
+}
+
+impl Event {
     /// Validates one event already parsed as JSON.
     pub fn from_json(
         value: serde_json::Value,
@@ -543,7 +626,7 @@ enum FastTs<'a> {
     Text(std::borrow::Cow<'a, str>),
 }
 
-impl FastEvent<'_> {
+impl<'a> FastEvent<'a> {
     /// The event's time when the event is valid, `None` to let the generic path decide (it
     /// names the problem).
     fn check(&self, now_ms: i64, limits: &EventLimits) -> Option<i64> {
@@ -588,31 +671,25 @@ impl FastEvent<'_> {
         (uid_ok && fields_ok && attrs_ok && ts - now_ms <= limits.max_future_ms).then_some(ts)
     }
 
-    /// The validated event, `Ok(None)` to let the generic path decide (it names the problem).
-    fn into_event(self, now_ms: i64, limits: &EventLimits) -> Result<Option<Event>, EventError> {
-        let Some(ts) = self.check(now_ms, limits) else {
-            return Ok(None);
-        };
-        let own = |f: Option<Text<'_>>| f.map(|s| s.0.into_owned());
-        Ok(Some(Event {
-            uid: self.uid.into_owned(),
+    /// The validated event, `None` to let the generic path decide (it names the problem).
+    fn into_ref(self, now_ms: i64, limits: &EventLimits) -> Option<EventRef<'a>> {
+        let ts = self.check(now_ms, limits)?;
+        let text = |f: Option<Text<'a>>| f.map(|s| s.0);
+        Some(EventRef {
+            uid: self.uid,
             ts,
-            kind: own(self.kind),
-            url: own(self.url),
-            referrer: own(self.referrer),
-            q: own(self.q),
-            ip: own(self.ip),
-            ua: own(self.ua),
-            src: own(self.src),
+            kind: text(self.kind),
+            url: text(self.url),
+            referrer: text(self.referrer),
+            q: text(self.q),
+            ip: text(self.ip),
+            ua: text(self.ua),
+            src: text(self.src),
             attrs: self
                 .attrs
-                .map(|a| {
-                    a.into_iter()
-                        .map(|(k, v)| (k.0.into_owned(), v.0.into_owned()))
-                        .collect()
-                })
+                .map(|a| a.into_iter().map(|(k, v)| (k.0, v.0)).collect())
                 .unwrap_or_default(),
-        }))
+        })
     }
 }
 

@@ -14,7 +14,11 @@
 //! The user agent string itself is stored once per distinct agent in the dictionary row
 //! [`ua_dictionary_row`] (family `m`, qualifier `ua`).
 
+use std::borrow::Cow;
+
+use bytes::Bytes;
 use dmp_core::cell::{FAMILY_EVENTS, FAMILY_META};
+use dmp_core::event::EventRef;
 use dmp_core::{Cell, Event};
 use dmp_store::Put;
 
@@ -28,6 +32,17 @@ pub fn ua_dictionary_row(id: u64) -> String {
 
 /// The cells of one event (the event's strings move into the cells: no copies).
 pub fn event_cells(ev: Event, en: &Enrichment) -> Vec<Cell> {
+    event_ref_cells(EventRef::from(ev), &Bytes::new(), en)
+}
+
+/// The cells of one event parsed from `buf`: a string the event borrows from `buf` becomes a
+/// slice of it, an owned one moves into its cell. So the cells of an event read from the bus
+/// share one buffer, the record's, instead of a string copied out for each.
+pub fn event_ref_cells(ev: EventRef<'_>, buf: &Bytes, en: &Enrichment) -> Vec<Cell> {
+    let value = |s: Cow<'_, str>| match s {
+        Cow::Borrowed(b) => buf.slice_ref(b.as_bytes()),
+        Cow::Owned(o) => Bytes::from(o.into_bytes()),
+    };
     let ts = ev.ts;
     // Five event fields, ip, geo, the user agent, crawler, first_seen, and the writer's
     // `m:written` (pushed later): no growth.
@@ -40,7 +55,7 @@ pub fn event_cells(ev: Event, en: &Enrichment) -> Vec<Cell> {
         ("src", ev.src),
     ] {
         if let Some(v) = v {
-            cells.push(Cell::new(FAMILY_EVENTS, q, ts, v.into_bytes()));
+            cells.push(Cell::new(FAMILY_EVENTS, q, ts, value(v)));
         }
     }
     if let Some(ip) = &en.ip {
@@ -65,7 +80,7 @@ pub fn event_cells(ev: Event, en: &Enrichment) -> Vec<Cell> {
             FAMILY_EVENTS,
             format!("{}{k}", dmp_core::cell::ATTR_PREFIX),
             ts,
-            v.into_bytes(),
+            value(v),
         ));
     }
     cells.push(Cell::new(
@@ -77,12 +92,11 @@ pub fn event_cells(ev: Event, en: &Enrichment) -> Vec<Cell> {
     cells
 }
 
-/// The put of one event (consumes it).
-pub fn event_put(ev: Event, en: &Enrichment) -> Put {
-    let row = ev.uid.clone();
+/// The put of one event parsed from `buf` (see [`event_ref_cells`]).
+pub fn event_put(ev: EventRef<'_>, buf: &Bytes, en: &Enrichment) -> Put {
     Put {
-        row,
-        cells: event_cells(ev, en),
+        row: ev.uid.to_string(),
+        cells: event_ref_cells(ev, buf, en),
     }
 }
 
@@ -110,4 +124,32 @@ pub fn written_of(row: &dmp_core::Row) -> Option<i64> {
     row.latest(FAMILY_META, "written")
         .filter(|c| c.value.len() == 8)
         .map(|c| i64::from_be_bytes(c.value[..8].try_into().expect("8 bytes")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dmp_core::event::EventLimits;
+
+    #[test]
+    fn given_an_event_read_from_a_buffer_when_made_cells_then_slices_of_it_as_the_owned_cells() {
+        let line = r#"{"uid":"u1","ts":5,"type":"search","q":"a\"b","url":"https://a.example/","src":"web","attrs":{"k":"v"}}"#;
+        let buf = Bytes::from(line.as_bytes().to_vec());
+        let limits = EventLimits::default();
+        let en = Enrichment::default();
+        let cells = event_ref_cells(EventRef::parse(&buf, 0, &limits).unwrap(), &buf, &en);
+        let owned = event_cells(Event::parse(&buf, 0, &limits).unwrap(), &en);
+        assert_eq!(cells, owned);
+        let within = |q: &str| {
+            let c = cells.iter().find(|c| c.qualifier == q).unwrap();
+            buf.as_ptr_range().contains(&c.value.as_ptr())
+        };
+        assert!(within("url") && within("type") && within("src") && within("a.k"));
+        assert!(
+            !within("q"),
+            "an escaped string is undone into a buffer of its own"
+        );
+        let put = event_put(EventRef::parse(&buf, 0, &limits).unwrap(), &buf, &en);
+        assert_eq!((put.row.as_str(), put.cells), ("u1", owned));
+    }
 }

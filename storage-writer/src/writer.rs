@@ -9,8 +9,8 @@ use tokio::sync::watch;
 
 use dmp_bus::{Bus, BusError, OffsetTracker, ProduceRecord, Record, TopicPartition};
 use dmp_core::config::Topics;
-use dmp_core::event::EventLimits;
-use dmp_core::{DeadLetter, Event, UserChange};
+use dmp_core::event::{EventLimits, EventRef};
+use dmp_core::{DeadLetter, UserChange};
 use dmp_store::{Put, StoreError, UserStore};
 
 use crate::cells::{event_put, ua_dictionary_put};
@@ -87,8 +87,9 @@ impl StorageWriter {
         }
     }
 
-    /// Decodes, validates and enriches a batch of records (no I/O).
-    pub fn process(&mut self, records: &[Record]) -> Processed {
+    /// Decodes, validates and enriches a batch of records (no I/O). The records' values move
+    /// into the cells (whose values are slices of them); a refused record keeps its value.
+    pub fn process(&mut self, records: &mut [Record]) -> Processed {
         let mut out = Processed::default();
         out.puts.reserve(records.len());
         out.uids.reserve(records.len());
@@ -97,9 +98,10 @@ impl StorageWriter {
         // the metric's name and labels).
         let wait = metrics::histogram!(m::WAIT);
         let mut written = 0u64;
-        for r in records {
+        for r in records.iter_mut() {
             wait.record(((now - r.timestamp).max(0)) as f64 / 1000.0);
-            match Event::parse(&r.value, r.timestamp, &self.limits) {
+            let buf = bytes::Bytes::from(std::mem::take(&mut r.value));
+            match EventRef::parse(&buf, r.timestamp, &self.limits) {
                 Ok(ev)
                     if self
                         .suppressions
@@ -118,12 +120,17 @@ impl StorageWriter {
                             out.puts.push(ua_dictionary_put(ua.id, s));
                         }
                     }
-                    let e = out.uids.entry(ev.uid.clone()).or_insert(ev.ts);
-                    *e = (*e).max(ev.ts);
-                    out.puts.push(event_put(ev, &en));
+                    match out.uids.get_mut(&*ev.uid) {
+                        Some(t) => *t = (*t).max(ev.ts),
+                        None => {
+                            out.uids.insert(ev.uid.to_string(), ev.ts);
+                        }
+                    }
+                    out.puts.push(event_put(ev, &buf, &en));
                     written += 1;
                 }
                 Err(err) => {
+                    r.value = buf.to_vec();
                     metrics::counter!(m::EVENTS, "outcome" => "dead_letter").increment(1);
                     metrics::counter!(m::DEAD_LETTERS, "reason" => err.reason()).increment(1);
                     out.dead
@@ -324,7 +331,7 @@ impl StorageWriter {
                     reloaded = Some(Instant::now());
                 }
             }
-            let records = tokio::select! {
+            let mut records = tokio::select! {
                 r = consumer.poll(self.batch_max, Duration::from_millis(200)) => match r {
                     Ok(r) => r,
                     Err(e) => break Err(WriterError::Bus(e)),
@@ -348,7 +355,7 @@ impl StorageWriter {
                     r.offset,
                 );
             }
-            let processed = self.process(&records);
+            let processed = self.process(&mut records);
             match self.write(processed, &mut shutdown).await {
                 Ok(_) => {}
                 Err(WriterError::Interrupted) => break Ok(()),
