@@ -360,8 +360,9 @@ enum Format {
 
 /// The events of an NDJSON body (blank lines skipped), or why each line could not be one, in
 /// order, each event still in its line when the line can go to the bus as it is
-/// ([`Event::check_line`], with [`HTTP_SRC`] for a line that names no source). Lines are found with `memchr`, and the vector is sized once from their count, up to
-/// one more than `max_events` (a longer batch is refused after parsing anyway, and a body of
+/// ([`Event::check_line`], with [`HTTP_SRC`] for a line that names no source). Lines are found
+/// with `memchr`, and the vector is sized once from their count, up to one more than
+/// `max_events` (a longer batch is refused after parsing anyway, and a body of
 /// newlines must not reserve room for millions of events): collecting a request's events into a
 /// vector grown from empty was 7% of the API runtime's samples at 100K events/s, most of it
 /// faults of fresh pages.

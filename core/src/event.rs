@@ -502,9 +502,9 @@ impl CheckedLine<'_> {
 pub struct EventLine<'a> {
     /// The line without the whitespace around it: one JSON object, of known fields only.
     line: &'a str,
-    uid: std::borrow::Cow<'a, str>,
+    uid: Cow<'a, str>,
     /// The line's source, or the default.
-    src: std::borrow::Cow<'a, str>,
+    src: Cow<'a, str>,
     /// The line's time, or the arrival time.
     ts: i64,
     /// Whether the line has no `ts` (or a null one): the JSON appends it.
@@ -569,9 +569,7 @@ impl Event {
                         line: text.trim_matches([' ', '\t', '\n', '\r']),
                         append_ts: fast.ts.is_none(),
                         append_src: fast.src.is_none(),
-                        src: fast
-                            .src
-                            .map_or(std::borrow::Cow::Borrowed(default_src), |t| t.0),
+                        src: fast.src.map_or(Cow::Borrowed(default_src), |t| t.0),
                         uid: fast.uid,
                         ts,
                     }));
@@ -590,7 +588,7 @@ impl Event {
 #[serde(deny_unknown_fields)]
 struct FastEvent<'a> {
     #[serde(borrow)]
-    uid: std::borrow::Cow<'a, str>,
+    uid: Cow<'a, str>,
     #[serde(default)]
     ts: Option<FastTs<'a>>,
     #[serde(rename = "type", default, borrow)]
@@ -616,14 +614,14 @@ struct FastEvent<'a> {
 /// `Option<Cow<str>>` (or a map of them) is always copied, so the optional fields wrap it.
 #[derive(serde::Deserialize, PartialEq, Eq, PartialOrd, Ord)]
 #[serde(transparent)]
-struct Text<'a>(#[serde(borrow)] std::borrow::Cow<'a, str>);
+struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
 
 #[derive(serde::Deserialize)]
 #[serde(untagged)]
 enum FastTs<'a> {
     Ms(i64),
     #[serde(borrow)]
-    Text(std::borrow::Cow<'a, str>),
+    Text(Cow<'a, str>),
 }
 
 impl<'a> FastEvent<'a> {
@@ -806,7 +804,7 @@ mod tests {
 
     #[test]
     fn given_strings_without_escapes_when_parsed_fast_then_borrowed_from_the_input() {
-        use std::borrow::Cow;
+        use Cow;
         let line = r#"{"uid":"u","url":"https://a.example/","q":"a\"b","attrs":{"k":"v"}}"#;
         let f: FastEvent<'_> = serde_json::from_str(line).unwrap();
         assert!(matches!(f.uid, Cow::Borrowed(_)));

@@ -36,11 +36,20 @@ pub fn event_cells(ev: Event, en: &Enrichment) -> Vec<Cell> {
 }
 
 /// The cells of one event parsed from `buf`: a string the event borrows from `buf` becomes a
-/// slice of it, an owned one moves into its cell. So the cells of an event read from the bus
-/// share one buffer, the record's, instead of a string copied out for each.
+/// slice of it, an owned one moves into its cell (and a borrowed one from elsewhere is copied).
+/// So the cells of an event read from the bus share one buffer, the record's, instead of a
+/// string copied out for each.
 pub fn event_ref_cells(ev: EventRef<'_>, buf: &Bytes, en: &Enrichment) -> Vec<Cell> {
+    let within = buf.as_ptr_range();
     let value = |s: Cow<'_, str>| match s {
-        Cow::Borrowed(b) => buf.slice_ref(b.as_bytes()),
+        Cow::Borrowed(b)
+            if b.is_empty()
+                || (within.start <= b.as_ptr()
+                    && b.as_bytes().as_ptr_range().end <= within.end) =>
+        {
+            buf.slice_ref(b.as_bytes())
+        }
+        Cow::Borrowed(b) => Bytes::copy_from_slice(b.as_bytes()),
         Cow::Owned(o) => Bytes::from(o.into_bytes()),
     };
     let ts = ev.ts;
@@ -149,6 +158,9 @@ mod tests {
             !within("q"),
             "an escaped string is undone into a buffer of its own"
         );
+        // An event borrowed from other bytes than `buf` is copied, not sliced.
+        let other = EventRef::parse(line.as_bytes(), 0, &limits).unwrap();
+        assert_eq!(event_ref_cells(other, &buf, &en), owned);
         let put = event_put(EventRef::parse(&buf, 0, &limits).unwrap(), &buf, &en);
         assert_eq!((put.row.as_str(), put.cells), ("u1", owned));
     }
