@@ -561,22 +561,31 @@ impl Event {
         limits: &EventLimits,
     ) -> Result<CheckedLine<'a>, EventError> {
         let fits = bytes.len() + appended_len(default_src) <= limits.max_event_bytes;
+        // A valid event the fast parse took but that cannot stay in its line (its `ts` in text):
+        // made owned from that parse, not parsed again.
+        let mut parsed = None;
         if let (true, Ok(text)) = (fits, std::str::from_utf8(bytes)) {
             if let Ok(fast) = serde_json::from_str::<FastEvent<'a>>(text) {
-                let text_ts = matches!(fast.ts, Some(FastTs::Text(_)));
-                if let (false, Some(ts)) = (text_ts, fast.check(now_ms, limits)) {
-                    return Ok(CheckedLine::Line(EventLine {
-                        line: text.trim_matches([' ', '\t', '\n', '\r']),
-                        append_ts: fast.ts.is_none(),
-                        append_src: fast.src.is_none(),
-                        src: fast.src.map_or(Cow::Borrowed(default_src), |t| t.0),
-                        uid: fast.uid,
-                        ts,
-                    }));
+                match fast.check(now_ms, limits) {
+                    Some(ts) if !matches!(fast.ts, Some(FastTs::Text(_))) => {
+                        return Ok(CheckedLine::Line(EventLine {
+                            line: text.trim_matches([' ', '\t', '\n', '\r']),
+                            append_ts: fast.ts.is_none(),
+                            append_src: fast.src.is_none(),
+                            src: fast.src.map_or(Cow::Borrowed(default_src), |t| t.0),
+                            uid: fast.uid,
+                            ts,
+                        }));
+                    }
+                    Some(_) => parsed = fast.into_ref(now_ms, limits),
+                    None => {}
                 }
             }
         }
-        let mut ev = Event::parse(bytes, now_ms, limits)?;
+        let mut ev = match parsed {
+            Some(ev) => ev.into_owned(),
+            None => Event::parse(bytes, now_ms, limits)?,
+        };
         if ev.src.is_none() {
             ev.src = Some(default_src.into());
         }
