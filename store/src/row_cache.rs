@@ -60,10 +60,7 @@ pub(crate) struct Entry {
 
 impl Entry {
     fn bytes(&self, row: &str) -> usize {
-        debug_assert_eq!(
-            self.slot_bytes,
-            self.slots.iter().map(|(k, _)| slot_bytes(k)).sum::<usize>()
-        );
+        debug_assert_eq!(self.slot_bytes, slots_bytes(&self.slots));
         ENTRY_OVERHEAD
             + row.len()
             + self.base.len()
@@ -77,6 +74,11 @@ impl Entry {
 /// Bytes counted for one slot.
 fn slot_bytes(key: &[u8]) -> usize {
     key.len() + 32
+}
+
+/// Bytes counted for a list of slots.
+fn slots_bytes(slots: &[(Vec<u8>, i64)]) -> usize {
+    slots.iter().map(|(k, _)| slot_bytes(k)).sum()
 }
 
 struct Shard {
@@ -224,7 +226,7 @@ impl RowCache {
             .next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let entry = Entry {
-            slot_bytes: slots.iter().map(|(k, _)| slot_bytes(k)).sum(),
+            slot_bytes: slots_bytes(&slots),
             base,
             pending: Vec::new(),
             delta_seqs,
@@ -353,7 +355,7 @@ impl RowCache {
                 .count();
             e.delta_seqs.drain(..n);
             e.slots.retain(|(k, _)| !slots.contains(k));
-            e.slot_bytes = e.slots.iter().map(|(k, _)| slot_bytes(k)).sum();
+            e.slot_bytes = slots_bytes(&e.slots);
         });
     }
 
