@@ -43,9 +43,7 @@ pub fn event_ref_cells(ev: EventRef<'_>, buf: &Bytes, en: &Enrichment) -> Vec<Ce
     let within = buf.as_ptr_range();
     let value = |s: Cow<'_, str>| match s {
         Cow::Borrowed(b)
-            if b.is_empty()
-                || (within.start <= b.as_ptr()
-                    && b.as_bytes().as_ptr_range().end <= within.end) =>
+            if within.start <= b.as_ptr() && b.as_bytes().as_ptr_range().end <= within.end =>
         {
             buf.slice_ref(b.as_bytes())
         }
