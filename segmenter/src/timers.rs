@@ -57,9 +57,9 @@ impl Pending {
     }
 }
 
-/// The pending timer recorded in a user's row.
+/// The pending timer recorded in a user's row (in HBase order, as read from the store).
 pub fn recorded(row: &Row) -> Option<Pending> {
-    row.latest(FAMILY_SEGMENTS, RECHECK)
+    row.latest_in_order(FAMILY_SEGMENTS, RECHECK)
         .and_then(|c| Pending::parse(&c.value))
 }
 

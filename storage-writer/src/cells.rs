@@ -126,9 +126,9 @@ pub fn written_cell(write_time: i64) -> Cell {
     )
 }
 
-/// Reads `m:written` from a row.
+/// Reads `m:written` from a row (in HBase order, as read from the store).
 pub fn written_of(row: &dmp_core::Row) -> Option<i64> {
-    row.latest(FAMILY_META, "written")
+    row.latest_in_order(FAMILY_META, "written")
         .filter(|c| c.value.len() == 8)
         .map(|c| i64::from_be_bytes(c.value[..8].try_into().expect("8 bytes")))
 }
