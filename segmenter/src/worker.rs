@@ -63,6 +63,7 @@ impl RulesSource for FixedRules {
     }
 }
 
+use dmp_core::segment::same_segments;
 pub use dmp_core::segment::{evaluated, memberships, Evaluated, Memberships, EVALUATED};
 
 pub(crate) struct Worker {
@@ -679,6 +680,10 @@ impl Worker {
                     &counters.published_shadow,
                 ),
             ] {
+                // Nearly always the same segments as stored: checked in place, without the map.
+                if same_segments(&row, qualifier, results.keys().map(String::as_str)) {
+                    continue;
+                }
                 let before = memberships(Some(&row), qualifier);
                 let mut after = Memberships::new();
                 for id in results.keys() {
