@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use dmp_bus::{Bus, ProduceRecord, TopicPartition};
 use dmp_core::cell::{FAMILY_META, FAMILY_SEGMENTS};
 use dmp_core::config::{SegmenterConfig, Topics};
+use dmp_core::segment::same_segments;
 use dmp_core::{Cell, DeadLetter, Row, SegmentUpdate, UserChange};
 use dmp_rules::RuleSet;
 use dmp_store::{Get, Put, ReadCursor, StoreError, UserStore};
@@ -63,7 +64,6 @@ impl RulesSource for FixedRules {
     }
 }
 
-use dmp_core::segment::same_segments;
 pub use dmp_core::segment::{evaluated, memberships, Evaluated, Memberships, EVALUATED};
 
 pub(crate) struct Worker {
