@@ -577,7 +577,7 @@ impl Event {
                             ts,
                         }));
                     }
-                    Some(_) => parsed = fast.into_ref(now_ms, limits),
+                    Some(ts) => parsed = Some(fast.checked(ts)),
                     None => {}
                 }
             }
@@ -681,8 +681,13 @@ impl<'a> FastEvent<'a> {
     /// The validated event, `None` to let the generic path decide (it names the problem).
     fn into_ref(self, now_ms: i64, limits: &EventLimits) -> Option<EventRef<'a>> {
         let ts = self.check(now_ms, limits)?;
+        Some(self.checked(ts))
+    }
+
+    /// The event, once [`FastEvent::check`] has passed it with time `ts`.
+    fn checked(self, ts: i64) -> EventRef<'a> {
         let text = |f: Option<Text<'a>>| f.map(|s| s.0);
-        Some(EventRef {
+        EventRef {
             uid: self.uid,
             ts,
             kind: text(self.kind),
@@ -696,7 +701,7 @@ impl<'a> FastEvent<'a> {
                 .attrs
                 .map(|a| a.into_iter().map(|(k, v)| (k.0, v.0)).collect())
                 .unwrap_or_default(),
-        })
+        }
     }
 }
 
@@ -813,7 +818,6 @@ mod tests {
 
     #[test]
     fn given_strings_without_escapes_when_parsed_fast_then_borrowed_from_the_input() {
-        use Cow;
         let line = r#"{"uid":"u","url":"https://a.example/","q":"a\"b","attrs":{"k":"v"}}"#;
         let f: FastEvent<'_> = serde_json::from_str(line).unwrap();
         assert!(matches!(f.uid, Cow::Borrowed(_)));
