@@ -149,8 +149,12 @@ pub fn evaluated(row: &crate::Row) -> Option<Evaluated> {
 /// Reads `s:<qualifier>` (a JSON object of segment -> since) from a row.
 pub fn memberships(row: Option<&crate::Row>, qualifier: &str) -> Memberships {
     row.and_then(|r| r.latest(crate::cell::FAMILY_SEGMENTS, qualifier))
-        .and_then(|c| serde_json::from_slice(&c.value).ok())
-        .unwrap_or_default()
+        .map_or_else(Memberships::new, |c| parse_memberships(&c.value))
+}
+
+/// A stored `s:<qualifier>` value's memberships; none when it cannot be read.
+fn parse_memberships(value: &[u8]) -> Memberships {
+    serde_json::from_slice(value).unwrap_or_default()
 }
 
 /// Whether `s:<qualifier>` of `row` (in HBase order, as read from the store) holds exactly the
@@ -168,7 +172,7 @@ pub fn same_segments<'a>(
     };
     match compact_keys_equal(&cell.value, ids.clone()) {
         Some(same) => same,
-        None => memberships(Some(row), qualifier)
+        None => parse_memberships(&cell.value)
             .keys()
             .map(String::as_str)
             .eq(ids),

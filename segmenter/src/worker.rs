@@ -684,13 +684,11 @@ impl Worker {
                 if same_segments(&row, qualifier, results.keys().map(String::as_str)) {
                     continue;
                 }
+                // Changed: the stored memberships' sinces for the segments the user keeps.
                 let before = memberships(Some(&row), qualifier);
                 let mut after = Memberships::new();
                 for id in results.keys() {
                     after.insert(id.clone(), before.get(id).copied().unwrap_or(now));
-                }
-                if before.keys().eq(after.keys()) {
-                    continue;
                 }
                 let added: Vec<String> = after
                     .keys()
