@@ -199,6 +199,9 @@ pub struct UserView<'a> {
     /// The matches found so far of each event-local condition tested (by its id): the rules
     /// and the pruning of one evaluation test each event against a condition once.
     matches: RefCell<Vec<Matches>>,
+    /// The conditions' matches among `events[start..end]`, known from the evaluation that
+    /// pruned the row to those events ([`crate::history::Seeds`]): not tested again.
+    seeded: Option<(usize, usize, &'a crate::history::Seeds)>,
 }
 
 /// The events found so far matching one event-local condition.
@@ -210,6 +213,11 @@ struct Matches {
     times: Vec<i64>,
     /// How many events (newest first) have been tested.
     tested: usize,
+    /// How many of `times` are the newest matches: all of them, unless the seeded events'
+    /// matches were taken from [`UserView::seeded`] and those were only their `k` newest.
+    valid: usize,
+    /// The seeded events are tested like the others (a scan asked for more than was seeded).
+    unseeded: bool,
 }
 
 impl<'a> UserView<'a> {
@@ -223,6 +231,28 @@ impl<'a> UserView<'a> {
     /// cells no rule reads are not built. `row` stays whole.
     pub fn with_qualifiers(row: &'a Row, now: i64, only: &[String]) -> UserView<'a> {
         UserView::build(row, now, Some(only))
+    }
+
+    /// [`UserView::with_qualifiers`] (every qualifier when `only` is `None`) of a row pruned
+    /// with `seeds` and extended with events newer or older than every event kept: the kept
+    /// events' matches come from `seeds`. Ignored unless the row holds exactly the kept events
+    /// in their span (an event expired, or one added among them).
+    pub fn seeded(
+        row: &'a Row,
+        now: i64,
+        only: Option<&[String]>,
+        seeds: &'a crate::history::Seeds,
+    ) -> UserView<'a> {
+        let mut user = UserView::build(row, now, only);
+        if seeds.events > 0 {
+            // Events come newest first.
+            let start = user.events.partition_point(|e| e.ts > seeds.newest);
+            let end = user.events.partition_point(|e| e.ts >= seeds.oldest);
+            if end - start == seeds.events {
+                user.seeded = Some((start, end, seeds));
+            }
+        }
+        user
     }
 
     fn build(row: &'a Row, now: i64, only: Option<&[String]>) -> UserView<'a> {
@@ -249,6 +279,7 @@ impl<'a> UserView<'a> {
             attrs,
             first_seen,
             matches: RefCell::new(Vec::new()),
+            seeded: None,
         }
     }
 
@@ -677,17 +708,47 @@ impl<'v> Eval<'v> {
                     cond: cond.id,
                     times: Vec::new(),
                     tested: 0,
+                    valid: usize::MAX,
+                    unseeded: false,
                 });
                 all.len() - 1
             }
         };
         let m = &mut all[i];
+        if k > m.valid {
+            // The seeded events gave their k newest matches, and this scan needs more: test
+            // every event from the newest.
+            *m = Matches {
+                cond: cond.id,
+                times: Vec::new(),
+                tested: 0,
+                valid: usize::MAX,
+                unseeded: true,
+            };
+        }
         while m.times.len() < k {
             let Some(ev) = user.events.get(m.tested) else {
                 break;
             };
             if ev.ts < from {
                 break;
+            }
+            if let Some((start, end, seeds)) = user.seeded {
+                if m.tested == start && !m.unseeded {
+                    match seeds.of(cond.id) {
+                        // Every match of the seeded events, or enough of their newest.
+                        Some((times, kept)) if times.len() < kept || m.times.len() + kept >= k => {
+                            m.times.extend_from_slice(times);
+                            if times.len() >= kept {
+                                // Only their k newest: a scan for more starts again.
+                                m.valid = m.times.len();
+                            }
+                            m.tested = end;
+                            continue;
+                        }
+                        _ => m.unseeded = true,
+                    }
+                }
             }
             m.tested += 1;
             // An event-local condition reads no aggregate, so it never looks at the matches.

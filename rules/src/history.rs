@@ -98,9 +98,27 @@ impl HistoryNeeds {
         if let Some(newest) = user.events.first() {
             times.push(newest.ts);
         }
+        // Every condition's newest matches (at most `k`), newest first, in one buffer.
+        let mut seeds = Seeds {
+            conds: Vec::with_capacity(self.conds.len()),
+            ..Seeds::default()
+        };
         for (cond, k) in &self.conds {
-            times.extend(newest_matches(cond, user, *k as usize));
+            let k = *k as usize;
+            if seeds.conds.iter().any(|c| c.cond == cond.id && c.k >= k) {
+                continue;
+            }
+            seeds.conds.retain(|c| c.cond != cond.id);
+            let start = seeds.times.len();
+            seeds.times.extend(newest_matches(cond, user, k));
+            seeds.conds.push(Seed {
+                cond: cond.id,
+                k,
+                start: start as u32,
+                len: (seeds.times.len() - start) as u32,
+            });
         }
+        times.extend_from_slice(&seeds.times);
         for name in &self.attrs {
             // Cells come in HBase order, newest first per qualifier: the first is the value.
             if let Some(c) = row.cells.iter().find(|c| {
@@ -112,9 +130,13 @@ impl HistoryNeeds {
         }
         times.sort_unstable();
         times.dedup();
+        seeds.oldest = times.first().copied().unwrap_or(i64::MAX);
+        seeds.newest = times.last().copied().unwrap_or(i64::MIN);
+        seeds.events = times.len();
         Kept {
             times,
             events: user.events.len(),
+            seeds,
         }
     }
 
@@ -136,6 +158,49 @@ pub struct Kept {
     times: Vec<i64>,
     /// How many events the row held.
     pub events: usize,
+    /// Each condition's matches among the kept events, for the next evaluation of the pruned
+    /// row with new events added ([`crate::RuleSet::evaluate_and_prune_seeded`]).
+    pub seeds: Seeds,
+}
+
+/// What an evaluation found of each event-local condition of a rule set's [`HistoryNeeds`]
+/// among the events its pruning kept: the times of the condition's `k` newest matches (fewer:
+/// every match, the row had no more). The next evaluation of the pruned row with new events
+/// added (newer than every kept event, or older than all of them: the segmenter's summaries)
+/// takes a condition's matches among the kept events from here instead of testing those events
+/// again; the kept events' views are still built, and only tested when a scan asks for more
+/// matches than were kept. Valid only with the rule set that made them (conditions are known by
+/// their id, unique per parse), and only while the row holds exactly the kept events in their
+/// span: [`UserView`] checks that and ignores them otherwise.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Seeds {
+    /// The oldest and newest kept event, and how many were kept.
+    pub(crate) oldest: i64,
+    pub(crate) newest: i64,
+    pub(crate) events: usize,
+    pub(crate) conds: Vec<Seed>,
+    /// Every condition's matches, one run each ([`Seed::start`]), newest first.
+    pub(crate) times: Vec<i64>,
+}
+
+/// One condition's kept matches in [`Seeds::times`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Seed {
+    pub(crate) cond: u64,
+    /// How many newest matches the pruning kept: fewer in the run means every match.
+    pub(crate) k: usize,
+    pub(crate) start: u32,
+    pub(crate) len: u32,
+}
+
+impl Seeds {
+    /// The kept matches of condition `cond`, and whether they are all its matches among the
+    /// kept events (else they are its `k` newest).
+    pub(crate) fn of(&self, cond: u64) -> Option<(&[i64], usize)> {
+        let s = self.conds.iter().find(|s| s.cond == cond)?;
+        let start = s.start as usize;
+        Some((&self.times[start..start + s.len as usize], s.k))
+    }
 }
 
 impl Kept {
@@ -144,5 +209,67 @@ impl Kept {
     pub fn apply(&self, row: &mut Row) {
         row.cells
             .retain(|c| !same(&c.family, FAMILY_EVENTS) || self.times.binary_search(&c.ts).is_ok());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dmp_core::Cell;
+
+    const NOW: i64 = 1_795_341_600_000;
+
+    /// A search at each of `hours` before `NOW`, and a view an hour before.
+    fn row(hours: &[i64]) -> Row {
+        let mut r = Row {
+            key: "u".into(),
+            cells: vec![Cell::new("e", "type", NOW - 3_600_000, "view")],
+        };
+        for h in hours {
+            r.cells
+                .push(Cell::new("e", "type", NOW - h * 3_600_000, "search"));
+        }
+        r.sort();
+        r
+    }
+
+    #[test]
+    fn given_seeds_of_fewer_matches_than_a_scan_asks_when_scanned_then_every_event_is_tested() {
+        // `any` keeps the newest search only: the seeds hold one of the three.
+        let (version, rules) = crate::file::parse_rules(
+            "t.toml",
+            "version = \"t\"\n[[segment]]\nid = \"s\"\nwhen = 'any(type == \"search\", 30d)'\n",
+        )
+        .unwrap();
+        let set = crate::RuleSet::new(version, rules, "t.toml").unwrap();
+        let needs = set.history_needs().unwrap();
+        let cond = &needs.conds[0].0;
+        let whole = row(&[10, 20, 30]);
+        let (_, kept) = set.evaluate_and_prune(&whole, NOW);
+        let seeds = kept.unwrap().seeds;
+        assert_eq!(seeds.of(cond.id), Some((&[NOW - 10 * 3_600_000][..], 1)));
+        // The whole row again, as if the searches had been added to a summary of the row: a
+        // scan for three matches cannot take one from the seeds.
+        let all = newest_matches(cond, &UserView::new(&whole, NOW), 3);
+        assert_eq!(all.len(), 3);
+        let whole_span = Seeds {
+            oldest: NOW - 30 * 3_600_000,
+            newest: NOW - 3_600_000,
+            events: 4,
+            ..seeds.clone()
+        };
+        let seeded = UserView::seeded(&whole, NOW, None, &whole_span);
+        assert_eq!(
+            newest_matches(cond, &seeded, 3),
+            all,
+            "asked for more at once"
+        );
+        let seeded = UserView::seeded(&whole, NOW, None, &whole_span);
+        assert_eq!(newest_matches(cond, &seeded, 1), all[..1]);
+        assert_eq!(
+            newest_matches(cond, &seeded, 3),
+            all,
+            "asked for more after"
+        );
     }
 }

@@ -335,7 +335,25 @@ impl RuleSet {
     /// (applied to `row`, they prune it as [`history::HistoryNeeds::prune`] does), from one view
     /// of the row.
     pub fn evaluate_and_prune(&self, row: &Row, now: i64) -> (Evaluation, Option<history::Kept>) {
-        let user = self.view(row, now, false);
+        self.evaluate_and_prune_seeded(row, now, None)
+    }
+
+    /// [`RuleSet::evaluate_and_prune`] of a row pruned by an evaluation of this rule set, with
+    /// events added newer or older than every event it kept: the conditions' matches among the
+    /// kept events come from that evaluation's [`history::Kept::seeds`] instead of being tested
+    /// again. The same results as without them (`tests/history.rs`).
+    pub fn evaluate_and_prune_seeded(
+        &self,
+        row: &Row,
+        now: i64,
+        seeds: Option<&history::Seeds>,
+    ) -> (Evaluation, Option<history::Kept>) {
+        let user = match seeds {
+            Some(seeds) if self.history.is_some() => {
+                UserView::seeded(row, now, self.event_qualifiers.as_deref(), seeds)
+            }
+            _ => self.view(row, now, false),
+        };
         let kept = self.history.as_ref().map(|h| h.kept(row, &user));
         (self.run(row, &user, false), kept)
     }

@@ -47,6 +47,9 @@ pub(crate) struct Pruned {
     /// Time of the oldest event seen (`i64::MAX` when none): an event older than it cannot merge
     /// into one pruned away.
     pub oldest: i64,
+    /// The rules' conditions' matches among the events kept, from the evaluation that pruned
+    /// the row: the next evaluation does not test those events again.
+    pub seeds: Option<dmp_rules::history::Seeds>,
 }
 
 /// `row` with its cells' values copied into one buffer of its own. A read's cells are slices of
@@ -191,6 +194,7 @@ pub(crate) fn extend(
         cells,
         newest,
         oldest,
+        seeds: s.seeds,
     })
 }
 
@@ -240,6 +244,7 @@ mod tests {
             events,
             newest,
             oldest: newest - 100,
+            seeds: None,
         }
     }
 

@@ -11,6 +11,7 @@ use dmp_core::cell::{FAMILY_META, FAMILY_SEGMENTS};
 use dmp_core::config::{SegmenterConfig, Topics};
 use dmp_core::segment::same_segments;
 use dmp_core::{Cell, DeadLetter, Row, SegmentUpdate, UserChange};
+use dmp_rules::history::Kept;
 use dmp_rules::RuleSet;
 use dmp_store::{Get, Put, ReadCursor, StoreError, UserStore};
 
@@ -646,7 +647,12 @@ impl Worker {
             let started = Instant::now();
             // With the events the user's summary keeps, from the same view, when one is kept.
             let (eval, kept) = if st.summaries.enabled() && !matches!(source, Source::Whole(None)) {
-                rules.evaluate_and_prune(&row, now)
+                // From a summary: its events' matches as its evaluation found them.
+                let seeds = match &source {
+                    Source::Summary(p, _) => p.seeds.as_ref(),
+                    Source::Whole(_) => None,
+                };
+                rules.evaluate_and_prune_seeded(&row, now, seeds)
             } else {
                 (rules.evaluate(&row, now), None)
             };
@@ -770,7 +776,7 @@ impl Worker {
                     &rules,
                     cells,
                     pruned,
-                    kept.events,
+                    kept,
                     (oldest_event_ts, last_event_ts),
                     source,
                 );
@@ -847,14 +853,16 @@ impl Worker {
         rules: &Arc<RuleSet>,
         cells: usize,
         pruned: Row,
-        events: usize,
+        kept: Kept,
         (oldest, newest): (i64, i64),
         source: Source,
     ) {
+        let events = kept.events;
         let (pruned, cursor) = match source {
             Source::Summary(mut p, cursor) => {
                 // The new cells' values are slices of the cache's copies of whole writes.
                 p.row = summaries::compact(pruned);
+                p.seeds = Some(kept.seeds);
                 (p, cursor)
             }
             Source::Whole(Some(cursor)) => {
@@ -869,6 +877,7 @@ impl Worker {
                         cells,
                         newest,
                         oldest,
+                        seeds: Some(kept.seeds),
                     },
                     cursor,
                 )
