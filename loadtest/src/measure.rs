@@ -147,6 +147,9 @@ pub struct Sample {
     pub published: f64,
     /// CPU seconds per role so far.
     pub cpu: BTreeMap<&'static str, f64>,
+    /// Seconds per role so far runnable but waiting for a CPU (empty where the kernel keeps no
+    /// scheduler times).
+    pub cpu_wait: BTreeMap<&'static str, f64>,
     /// The loadtest's own CPU seconds so far (it shares the machine with dmp).
     pub loadtest_cpu: f64,
     /// Resident memory peak so far, bytes.
@@ -158,6 +161,7 @@ pub struct Sample {
 
 /// Fills a [`Sample`] from a scrape.
 pub fn sample_from(s: &Scrape, t: f64, offered: u64, acked: u64, pid: u32) -> Sample {
+    let (cpu, cpu_wait) = crate::process::role_times(pid);
     Sample {
         t,
         offered,
@@ -168,7 +172,8 @@ pub fn sample_from(s: &Scrape, t: f64, offered: u64, acked: u64, pid: u32) -> Sa
         bot: s.sum("dmp_segmenter_changes_skipped_bot_total"),
         evaluated: s.sum_with("dmp_segmenter_users_evaluated_total", "trigger=\"change\""),
         published: s.sum("dmp_segmenter_records_published_total"),
-        cpu: crate::process::cpu_by_role(pid),
+        cpu,
+        cpu_wait,
         loadtest_cpu: crate::process::own_cpu(),
         peak_rss: crate::process::peak_rss(pid).unwrap_or(0),
         memtable_bytes: s.sum("dmp_store_write_buffer_bytes"),

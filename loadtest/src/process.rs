@@ -238,8 +238,17 @@ fn clock_ticks() -> f64 {
 /// CPU seconds used so far by each role of process `pid`, summed over its threads (threads that
 /// ended are in `other` via the process total).
 pub fn cpu_by_role(pid: u32) -> BTreeMap<&'static str, f64> {
+    role_times(pid).0
+}
+
+/// [`cpu_by_role`], and the seconds each role's threads have spent so far runnable but waiting
+/// for a CPU (`/proc/<pid>/task/<tid>/schedstat`, its second field; empty where the kernel
+/// keeps no such times). A role that waits while it has work could have used more CPU than it
+/// got: the machine was full.
+pub fn role_times(pid: u32) -> (BTreeMap<&'static str, f64>, BTreeMap<&'static str, f64>) {
     let tick = clock_ticks();
     let mut out: BTreeMap<&'static str, f64> = BTreeMap::new();
+    let mut waits: BTreeMap<&'static str, f64> = BTreeMap::new();
     let mut threads_total = 0.0;
     if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) {
         for t in dir.flatten() {
@@ -247,8 +256,15 @@ pub fn cpu_by_role(pid: u32) -> BTreeMap<&'static str, f64> {
                 continue;
             };
             if let Some((comm, secs)) = parse_stat(&stat, tick) {
-                *out.entry(role_of(&comm)).or_default() += secs;
+                let role = role_of(&comm);
+                *out.entry(role).or_default() += secs;
                 threads_total += secs;
+                if let Some(wait) = std::fs::read_to_string(t.path().join("schedstat"))
+                    .ok()
+                    .and_then(|s| parse_schedstat_wait(&s))
+                {
+                    *waits.entry(role).or_default() += wait;
+                }
             }
         }
     }
@@ -260,7 +276,14 @@ pub fn cpu_by_role(pid: u32) -> BTreeMap<&'static str, f64> {
             }
         }
     }
-    out
+    (out, waits)
+}
+
+/// Seconds runnable but waiting for a CPU, from a `schedstat` line: on-CPU ns, waiting ns,
+/// timeslices.
+fn parse_schedstat_wait(line: &str) -> Option<f64> {
+    let ns: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(ns as f64 / 1e9)
 }
 
 /// (comm, utime + stime in seconds) of a `/proc/…/stat` line.
@@ -309,6 +332,13 @@ mod tests {
     }
 
     #[test]
+    fn schedstat_lines_give_the_time_waiting_for_a_cpu() {
+        assert_eq!(parse_schedstat_wait("927961 1500000000 2\n"), Some(1.5));
+        assert_eq!(parse_schedstat_wait("927961"), None);
+        assert_eq!(parse_schedstat_wait(""), None);
+    }
+
+    #[test]
     fn this_process_has_cpu_and_memory() {
         let pid = std::process::id();
         let mut x = 0u64;
@@ -317,6 +347,17 @@ mod tests {
         }
         assert!(x != 1);
         assert!(cpu_by_role(pid).values().sum::<f64>() > 0.0);
+        // Where the kernel keeps scheduler times, every role with a thread has a wait, of at
+        // least nothing.
+        let (cpu, waits) = role_times(pid);
+        if std::path::Path::new("/proc/self/schedstat").exists() {
+            assert!(!waits.is_empty());
+            assert!(
+                waits.keys().all(|r| cpu.contains_key(r)),
+                "{waits:?} {cpu:?}"
+            );
+            assert!(waits.values().all(|w| *w >= 0.0));
+        }
         assert!(peak_rss(pid).unwrap() > 1 << 20);
         assert_eq!(role_of("dmp-segmenter-1"), "segmenter");
         assert_eq!(role_of("dmp-writer"), "storage-writer");

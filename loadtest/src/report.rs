@@ -430,6 +430,11 @@ pub fn summary(r: &Report) -> String {
         }
     }
     for p in &r.phases {
+        if let Some(w) = cpu_wait_line(p) {
+            s.push_str(&w);
+        }
+    }
+    for p in &r.phases {
         if let Some(max) = p.max_sustained_rate {
             s.push_str(&format!(
                 "\n{}: highest sustained rate {max:.0} events/s (steps: {}).\n",
@@ -530,9 +535,61 @@ pub fn verdict(r: &Report) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The seconds per second each role waited for a CPU while runnable, the most first (roles that
+/// waited under 0.01 s per s left out), when the kernel keeps them.
+fn cpu_wait_line(p: &Phase) -> Option<String> {
+    let mut roles: Vec<(&String, &f64)> = p
+        .cpu_wait_per_s
+        .iter()
+        .filter(|(_, w)| **w >= 0.01)
+        .collect();
+    if p.cpu_wait_per_s.is_empty() {
+        return None;
+    }
+    roles.sort_by(|a, b| b.1.total_cmp(a.1));
+    let list = if roles.is_empty() {
+        "none".to_string()
+    } else {
+        roles
+            .iter()
+            .map(|(r, w)| format!("{r} {w:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    Some(format!(
+        "\n{}: waiting for a CPU while runnable, seconds per second (a role above 0 could have used more CPU than it got): {list}.\n",
+        p.label
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn given_roles_waiting_for_a_cpu_then_the_summary_lists_them_the_most_first() {
+        let mut p = Phase {
+            label: "main".into(),
+            ..Phase::default()
+        };
+        assert_eq!(cpu_wait_line(&p), None, "no scheduler times");
+        p.cpu_wait_per_s = [
+            ("segmenter".to_string(), 0.93),
+            ("storage-writer".to_string(), 0.57),
+            ("other".to_string(), 0.001),
+            ("embedded-storage".to_string(), 1.39),
+        ]
+        .into();
+        let w = cpu_wait_line(&p).unwrap();
+        assert!(
+            w.contains("main: waiting for a CPU")
+                && w.contains("embedded-storage 1.39, segmenter 0.93, storage-writer 0.57."),
+            "{w}"
+        );
+        assert!(!w.contains("other"), "{w}");
+        p.cpu_wait_per_s = [("segmenter".to_string(), 0.0)].into();
+        assert!(cpu_wait_line(&p).unwrap().contains(": none."));
+    }
 
     #[test]
     fn given_memtables_over_their_bound_then_the_summary_says_so() {

@@ -125,6 +125,10 @@ pub struct Phase {
     pub cpu_per_1k_events: BTreeMap<String, f64>,
     /// The loadtest's own CPU seconds per 1000 events (it shares the machine).
     pub loadtest_cpu_per_1k_events: f64,
+    /// Seconds per second each role's threads spent runnable but waiting for a CPU, after the
+    /// warmup (over the same samples as the CPU): above 0, that role could have used more CPU
+    /// than it got. Empty where the kernel keeps no scheduler times.
+    pub cpu_wait_per_s: BTreeMap<String, f64>,
     /// Peak resident memory of dmp, MiB.
     pub peak_rss_mib: f64,
     /// Most bytes the embedded database's memtables held at a sample, MiB.
@@ -467,6 +471,13 @@ async fn phase(
             phase
                 .cpu_per_1k_events
                 .insert("total".into(), per_1k(total));
+            let wall = (b.t - a.t).max(1e-9);
+            for (role, wait) in &b.cpu_wait {
+                let waited = wait - a.cpu_wait.get(role).copied().unwrap_or(0.0);
+                phase
+                    .cpu_wait_per_s
+                    .insert(role.to_string(), waited.max(0.0) / wall);
+            }
             // Over the same samples as dmp's: until 2026-11-23 this was the whole run's CPU
             // prorated, which counted the generation of the sessions under way at the start and
             // the correctness check's lookups after the drain.
