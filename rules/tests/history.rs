@@ -255,8 +255,8 @@ fn given_seeds_that_do_not_fit_the_row_when_evaluated_then_its_events_are_tested
         outcome(&s, &lost, NOW)
     );
     assert_eq!(again, s.evaluate_and_prune(&lost, NOW).1);
-    // And seeds of another row whose span the row happens to fill: still the same answer as
-    // the evaluation from seeds the row's own pruning made.
+    // The row's own seeds with its pruned row, as the segmenter keeps a summary: the same
+    // answer as the whole row's.
     let (_, own) = s.evaluate_and_prune(&lost, NOW);
     let own = own.unwrap();
     let mut pruned = lost.clone();
