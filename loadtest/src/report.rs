@@ -58,6 +58,9 @@ pub fn write(report: &Report, dir: &Path) -> anyhow::Result<()> {
         latency_chart(p, &dir.join(format!("{}-latency.png", p.label)))?;
         shares_chart(p, &dir.join(format!("{}-shares.png", p.label)))?;
         cpu_chart(p, &dir.join(format!("{}-cpu.png", p.label)))?;
+        if p.samples.iter().any(|s| !s.cpu_wait.is_empty()) {
+            cpu_wait_chart(p, &dir.join(format!("{}-cpu-wait.png", p.label)))?;
+        }
         if !p.audience.is_empty() {
             audience_chart(p, &dir.join(format!("{}-audience.png", p.label)))?;
         }
@@ -149,19 +152,21 @@ fn throughput_chart(p: &Phase, path: &Path) -> Res {
     line_chart(p, path, "events per second", "per second", series, false)
 }
 
+/// dmp's roles (`crate::process::role_of`) and their colours in the charts.
+const ROLES: [(&str, RGBColor); 7] = [
+    ("segmenter", RED),
+    ("storage-writer", BLUE),
+    ("api", GREEN),
+    ("embedded-storage", MAGENTA),
+    ("kafka-client", CYAN),
+    ("counters", RGBColor(230, 140, 0)),
+    ("other", RGBColor(128, 128, 128)),
+];
+
 /// Cores used per second by each of dmp's roles (`crate::process::role_of`) and by the loadtest
 /// itself: which role took the CPU when the latency spiked (the embedded storage's bursts of
 /// flushes and compactions showed this way).
 fn cpu_chart(p: &Phase, path: &Path) -> Res {
-    const ROLES: [(&str, RGBColor); 7] = [
-        ("segmenter", RED),
-        ("storage-writer", BLUE),
-        ("api", GREEN),
-        ("embedded-storage", MAGENTA),
-        ("kafka-client", CYAN),
-        ("counters", RGBColor(230, 140, 0)),
-        ("other", RGBColor(128, 128, 128)),
-    ];
     let mut series: Vec<Series> = ROLES
         .iter()
         .filter(|(role, _)| {
@@ -179,6 +184,34 @@ fn cpu_chart(p: &Phase, path: &Path) -> Res {
         .collect();
     series.push(("loadtest", rates(p, |s| s.loadtest_cpu), BLACK));
     line_chart(p, path, "CPU by role", "cores", series, false)
+}
+
+/// Seconds per second each role's threads were runnable but waiting for a CPU: when the machine
+/// was full, and whose work waited for it.
+fn cpu_wait_chart(p: &Phase, path: &Path) -> Res {
+    let series: Vec<Series> = ROLES
+        .iter()
+        .filter(|(role, _)| {
+            p.samples
+                .iter()
+                .any(|s| s.cpu_wait.get(role).is_some_and(|w| *w > 0.0))
+        })
+        .map(|&(role, color)| {
+            (
+                role,
+                rates(p, |s| s.cpu_wait.get(role).copied().unwrap_or(0.0)),
+                color,
+            )
+        })
+        .collect();
+    line_chart(
+        p,
+        path,
+        "waiting for a CPU while runnable, by role",
+        "seconds per second",
+        series,
+        false,
+    )
 }
 
 fn latency_chart(p: &Phase, path: &Path) -> Res {
@@ -557,8 +590,8 @@ fn cpu_wait_line(p: &Phase) -> Option<String> {
             .join(", ")
     };
     Some(format!(
-        "\n{}: waiting for a CPU while runnable, seconds per second (a role above 0 could have used more CPU than it got): {list}.\n",
-        p.label
+        "\n{}: waiting for a CPU while runnable, seconds per second (a role above 0 could have used more CPU than it got; over time in {}-cpu-wait.png): {list}.\n",
+        p.label, p.label
     ))
 }
 
@@ -586,7 +619,10 @@ mod tests {
                 && w.contains("embedded-storage 1.39, segmenter 0.93, storage-writer 0.57."),
             "{w}"
         );
-        assert!(!w.contains("other"), "{w}");
+        assert!(
+            !w.contains("other") && w.contains("main-cpu-wait.png"),
+            "{w}"
+        );
         p.cpu_wait_per_s = [("segmenter".to_string(), 0.0)].into();
         assert!(cpu_wait_line(&p).unwrap().contains(": none."));
     }
