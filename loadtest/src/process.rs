@@ -347,8 +347,7 @@ mod tests {
         }
         assert!(x != 1);
         assert!(cpu_by_role(pid).values().sum::<f64>() > 0.0);
-        // Where the kernel keeps scheduler times, every role with a thread has a wait, of at
-        // least nothing.
+        // Where the kernel keeps scheduler times, the roles' waits are there, none negative.
         let (cpu, waits) = role_times(pid);
         if std::path::Path::new("/proc/self/schedstat").exists() {
             assert!(!waits.is_empty());

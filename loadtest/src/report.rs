@@ -571,14 +571,14 @@ pub fn verdict(r: &Report) -> anyhow::Result<()> {
 /// The seconds per second each role waited for a CPU while runnable, the most first (roles that
 /// waited under 0.01 s per s left out), when the kernel keeps them.
 fn cpu_wait_line(p: &Phase) -> Option<String> {
+    if p.cpu_wait_per_s.is_empty() {
+        return None;
+    }
     let mut roles: Vec<(&String, &f64)> = p
         .cpu_wait_per_s
         .iter()
         .filter(|(_, w)| **w >= 0.01)
         .collect();
-    if p.cpu_wait_per_s.is_empty() {
-        return None;
-    }
     roles.sort_by(|a, b| b.1.total_cmp(a.1));
     let list = if roles.is_empty() {
         "none".to_string()
