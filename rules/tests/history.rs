@@ -2,7 +2,8 @@
 //! segments and the same recheck time, at any time, and pruning a pruned row with newer events
 //! added, or events older than all of its own, is the same as pruning the whole row. The matches
 //! of a condition that one evaluation remembers for its rules and its pruning agree with testing
-//! every event (as an explanation does).
+//! every event (as an explanation does), and so do the matches a pruning hands on to the next
+//! evaluation of its summary (the seeds).
 
 use dmp_core::clock::DAY_MS;
 use dmp_core::{Cell, Row};
