@@ -163,25 +163,34 @@ const ROLES: [(&str, RGBColor); 7] = [
     ("other", RGBColor(128, 128, 128)),
 ];
 
-/// Cores used per second by each of dmp's roles (`crate::process::role_of`) and by the loadtest
-/// itself: which role took the CPU when the latency spiked (the embedded storage's bursts of
-/// flushes and compactions showed this way).
-fn cpu_chart(p: &Phase, path: &Path) -> Res {
-    let mut series: Vec<Series> = ROLES
+/// One line per role of a per-role counter of the samples (`field`: the CPU, the waits), as a
+/// rate per second; roles whose counter never moved are left out.
+fn role_series(
+    p: &Phase,
+    field: impl Fn(&crate::measure::Sample) -> &std::collections::BTreeMap<&'static str, f64>,
+) -> Vec<Series> {
+    ROLES
         .iter()
         .filter(|(role, _)| {
             p.samples
                 .iter()
-                .any(|s| s.cpu.get(role).is_some_and(|c| *c > 0.0))
+                .any(|s| field(s).get(role).is_some_and(|v| *v > 0.0))
         })
         .map(|&(role, color)| {
             (
                 role,
-                rates(p, |s| s.cpu.get(role).copied().unwrap_or(0.0)),
+                rates(p, |s| field(s).get(role).copied().unwrap_or(0.0)),
                 color,
             )
         })
-        .collect();
+        .collect()
+}
+
+/// Cores used per second by each of dmp's roles (`crate::process::role_of`) and by the loadtest
+/// itself: which role took the CPU when the latency spiked (the embedded storage's bursts of
+/// flushes and compactions showed this way).
+fn cpu_chart(p: &Phase, path: &Path) -> Res {
+    let mut series = role_series(p, |s| &s.cpu);
     series.push(("loadtest", rates(p, |s| s.loadtest_cpu), BLACK));
     line_chart(p, path, "CPU by role", "cores", series, false)
 }
@@ -189,27 +198,12 @@ fn cpu_chart(p: &Phase, path: &Path) -> Res {
 /// Seconds per second each role's threads were runnable but waiting for a CPU: when the machine
 /// was full, and whose work waited for it.
 fn cpu_wait_chart(p: &Phase, path: &Path) -> Res {
-    let series: Vec<Series> = ROLES
-        .iter()
-        .filter(|(role, _)| {
-            p.samples
-                .iter()
-                .any(|s| s.cpu_wait.get(role).is_some_and(|w| *w > 0.0))
-        })
-        .map(|&(role, color)| {
-            (
-                role,
-                rates(p, |s| s.cpu_wait.get(role).copied().unwrap_or(0.0)),
-                color,
-            )
-        })
-        .collect();
     line_chart(
         p,
         path,
         "waiting for a CPU while runnable, by role",
         "seconds per second",
-        series,
+        role_series(p, |s| &s.cpu_wait),
         false,
     )
 }
